@@ -1,0 +1,92 @@
+"""CPU inference with one shared onnxruntime session.
+
+The engine talks tensors only: it z-scores windows, runs the model on ``N×1×L`` float32 batches
+and maps the output back. HTTP, keys and storage live elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT_NAME = "ecg"
+OUTPUT_NAME = "denoised"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+
+    ``os.cpu_count()`` reports the host, so a container limited to 1 CPU would start one thread
+    per host core and thrash.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota() -> float | None:
+    """CPU quota in CPUs from cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``; None when unlimited."""
+    v2 = Path("/sys/fs/cgroup/cpu.max")
+    try:
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if v1.exists():
+            quota_us = int(v1.read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Z-score each row with its own mean and standard deviation (a deviation of 0 counts as 1).
+
+    Returns the normalized ``N×1×L`` float32 tensor and the per-window ``μ`` and ``σ`` (``N×1``)
+    that map the model's output back to the input's units: ``output·σ + μ``.
+    """
+    windows = np.asarray(windows, dtype=np.float64)
+    mu = windows.mean(axis=1, keepdims=True)
+    sigma = windows.std(axis=1, keepdims=True)
+    sigma[sigma == 0] = 1.0
+    z = ((windows - mu) / sigma).astype(np.float32)
+    return z[:, None, :], mu, sigma
+
+
+class Engine:
+    """One onnxruntime CPU session shared by all request threads (``run`` is thread-safe)."""
+
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning workers burn a core while the service idles; requests are milliseconds apart.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.threads = options.intra_op_num_threads
+        self._session = ort.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        shape = self._session.get_inputs()[0].shape
+        self.window = int(shape[-1])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model call on a normalized ``N×1×L`` float32 batch."""
+        return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def denoise(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
+        """Denoise ``N×L`` windows; the result is in normalized units unless ``input_units``."""
+        z, mu, sigma = normalize(windows)
+        out = self.run(z)[:, 0, :].astype(np.float64)
+        return out * sigma + mu if input_units else out
