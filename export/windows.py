@@ -1,0 +1,101 @@
+"""Noisy/clean window pairs: random augmented ones for training, a fixed grid for validation.
+
+A noisy window is clean + noise scaled to an input SNR (dB, over the window). The model sees the
+noisy window z-scored with its own μ and σ and learns to output (clean − μ)/σ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.data import NOISE_TYPES, Corpus, Record
+from export.model import SAMPLING_RATE_HZ, WINDOW
+
+EVAL_NOISE = ("bw", "em", "ma", "mixture")
+EVAL_SNR_DB = (-6, 0, 6, 12)
+TRAIN_SNR_DB = (-8.0, 24.0)
+
+
+def scale_to_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """``noise`` scaled so that 10·log10(Σclean² / Σnoise²) = ``snr_db`` over the window."""
+    power = np.sum(clean**2) / max(np.sum(noise**2), 1e-12)
+    return noise * np.sqrt(power / 10 ** (snr_db / 10))
+
+
+def _segment(rng: np.random.Generator, channels: np.ndarray, n: int = WINDOW) -> np.ndarray:
+    channel = channels[rng.integers(len(channels))]
+    start = rng.integers(0, channel.size - n)
+    return channel[start : start + n].astype(np.float64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean()
+    return x / max(np.sqrt(np.mean(x**2)), 1e-12)
+
+
+def mixture(rng: np.random.Generator, noise: dict[str, np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted sum of one unit-power segment of each recorded noise type."""
+    weights = np.full(len(NOISE_TYPES), 1 / len(NOISE_TYPES)) if weights is None else weights
+    return sum(w * _unit(_segment(rng, noise[k])) for w, k in zip(weights, NOISE_TYPES))
+
+
+def _clean_segment(rng: np.random.Generator, records: list[Record], n: int = WINDOW) -> np.ndarray:
+    """A random stretch of a random lead, records drawn by length; flat stretches are redrawn."""
+    leads = [s for r in records for s in r.signals]
+    sizes = np.array([s.size for s in leads], dtype=np.float64)
+    while True:
+        clean = _segment(rng, [leads[rng.choice(len(leads), p=sizes / sizes.sum())]], n)
+        if clean.std() > 0.02:  # mV: leads-off or flat-line stretches carry no ECG
+            return clean
+
+
+@dataclass
+class TrainingWindows:
+    """Random training pairs with the augmentations a chest strap meets."""
+
+    corpus: Corpus
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._pair(rng) for _ in range(count)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def _pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        clean = _clean_segment(rng, self.corpus.train)
+        clean = clean * rng.choice([-1.0, 1.0], p=[0.3, 0.7]) * np.exp(rng.uniform(np.log(0.3), np.log(3)))
+        noise = self._noise(rng)
+        noisy = clean + scale_to_snr(clean, noise, rng.uniform(*TRAIN_SNR_DB))
+        t = np.arange(WINDOW) / SAMPLING_RATE_HZ
+        if rng.random() < 0.3:  # powerline hum
+            amp = rng.uniform(0.02, 0.5) * clean.std()
+            noisy += amp * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t + rng.uniform(0, 2 * np.pi))
+        if rng.random() < 0.1:  # a short saturation or dropout of the amplifier
+            start, length = rng.integers(0, WINDOW - 65), rng.integers(6, 65)
+            level = rng.choice([noisy.max(), noisy.min(), 0.0])
+            noisy[start : start + length] = level
+        noisy += rng.uniform(-5, 5) * clean.std()  # electrode offset
+        return noisy, clean
+
+    def _noise(self, rng: np.random.Generator) -> np.ndarray:
+        kind = rng.choice(["bw", "em", "ma", "mixture", "white"], p=[0.2, 0.2, 0.2, 0.3, 0.1])
+        if kind == "white":
+            return rng.standard_normal(WINDOW) + 0.5 * _unit(mixture(rng, self.corpus.noise_train))
+        if kind == "mixture":
+            return mixture(rng, self.corpus.noise_train, rng.dirichlet(np.ones(len(NOISE_TYPES))))
+        return _segment(rng, self.corpus.noise_train[kind])
+
+
+def validation_grid(corpus: Corpus, per_case: int, seed: int = 2026) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Fixed (noisy, clean) windows per (noise type, input SNR) from validation records and noise."""
+    rng = np.random.default_rng(seed)
+    grid = {}
+    for kind in EVAL_NOISE:
+        for snr in EVAL_SNR_DB:
+            noisy, clean = [], []
+            for _ in range(per_case):
+                c = _clean_segment(rng, corpus.validation)
+                n = mixture(rng, corpus.noise_validation) if kind == "mixture" else _segment(rng, corpus.noise_validation[kind])
+                noisy.append(c + scale_to_snr(c, n, snr))
+                clean.append(c)
+            grid[(kind, snr)] = (np.stack(noisy), np.stack(clean))
+    return grid
