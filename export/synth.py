@@ -42,3 +42,13 @@ def noise(rng: np.random.Generator, n: int = WINDOW, fs: int = SAMPLING_RATE_HZ)
 def noisy_windows(rng: np.random.Generator, count: int, n: int = WINDOW) -> np.ndarray:
     """``count × n`` noisy synthetic ECG windows, float64, in mV."""
     return np.stack([clean_ecg(rng, n) + noise(rng, n) for _ in range(count)])
+
+
+def synthetic_corpus(rng: np.random.Generator, records: int = 4, seconds: int = 60):
+    """A tiny stand-in for the real corpus, so training and evaluation run in CI without data."""
+    from export.data import NOISE_TYPES, Corpus, Record
+
+    n = seconds * SAMPLING_RATE_HZ
+    made = [Record(f"synthetic/{i}", f"synthetic/{i}", (clean_ecg(rng, n),)) for i in range(records)]
+    noise_of = lambda: {k: np.stack([noise(rng, n), noise(rng, n)]).astype(np.float32) for k in NOISE_TYPES}
+    return Corpus(train=made[1:], validation=made[:1], noise_train=noise_of(), noise_validation=noise_of())
