@@ -1,7 +1,9 @@
 """Noisy/clean window pairs: random augmented ones for training, a fixed grid for validation.
 
-A noisy window is clean + noise scaled to an input SNR (dB, over the window). The model sees the
-noisy window z-scored with its own μ and σ and learns to output (clean − μ)/σ.
+A noisy window is clean + noise scaled to an input SNR (dB, over the window). The noise is made
+zero-mean over the window: the model sees the noisy window z-scored with its own μ and σ and
+learns to output (clean − μ)/σ, and no model can recover a constant offset that z-scoring removed,
+so an offset in the noise would only add an error that no denoiser could avoid.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ TRAIN_SNR_DB = (-8.0, 24.0)
 
 
 def scale_to_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """``noise`` scaled so that 10·log10(Σclean² / Σnoise²) = ``snr_db`` over the window."""
+    """``noise``, made zero-mean, scaled so that 10·log10(Σclean² / Σnoise²) = ``snr_db``."""
+    noise = noise - noise.mean()
     power = np.sum(clean**2) / max(np.sum(noise**2), 1e-12)
     return noise * np.sqrt(power / 10 ** (snr_db / 10))
 
@@ -73,7 +76,7 @@ class TrainingWindows:
             start, length = rng.integers(0, WINDOW - 65), rng.integers(6, 65)
             level = rng.choice([noisy.max(), noisy.min(), 0.0])
             noisy[start : start + length] = level
-        noisy += rng.uniform(-5, 5) * clean.std()  # electrode offset
+        noisy -= (noisy - clean).mean()  # keep the added noise zero-mean (see the module docstring)
         return noisy, clean
 
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
