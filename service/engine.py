@@ -85,8 +85,14 @@ class Engine:
         """Raw model call on a normalized ``N×1×L`` float32 batch."""
         return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
-    def denoise(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
-        """Denoise ``N×L`` windows; the result is in normalized units unless ``input_units``."""
+    def denoise(self, windows: np.ndarray, input_units: bool | np.ndarray = False) -> np.ndarray:
+        """Denoise ``N×L`` windows; the result is in normalized units unless ``input_units``.
+
+        ``input_units`` may also be one flag per window, so one batched run can serve requests
+        that asked for different units.
+        """
         z, mu, sigma = normalize(windows)
         out = self.run(z)[:, 0, :].astype(np.float64)
-        return out * sigma + mu if input_units else out
+        if np.ndim(input_units) == 0:
+            return out * sigma + mu if input_units else out
+        return np.where(np.reshape(input_units, (-1, 1)), out * sigma + mu, out)

@@ -1,0 +1,58 @@
+"""``python -m service``: serve the API with waitress, configured from the environment.
+
+Start-up failures print one sentence to stderr and exit 1. SIGTERM (``docker stop``) and Ctrl-C
+stop accepting requests, let the batcher finish, flush ``last_used`` and close the database.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import waitress
+
+from service.app import create_app
+from service.config import Config, ConfigError
+from service.runtime import Runtime, StartupError
+
+log = logging.getLogger("service")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # waitress's run loop catches it and shuts its threads down
+
+
+def main() -> int:
+    try:
+        config = Config.from_env()
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        runtime = Runtime(config)
+    except (ConfigError, StartupError) as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server = waitress.create_server(
+            create_app(runtime.deps),
+            host=config.host,
+            port=config.port,
+            threads=config.web_threads,
+            max_request_body_size=config.max_body_bytes,
+            ident="heartify",
+        )
+    except OSError as exc:
+        runtime.close()
+        print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    log.info("Serving on http://%s:%s with %d threads", config.host, server.effective_port, config.web_threads)
+    try:
+        server.run()
+    finally:
+        server.close()
+        runtime.close()
+        log.info("Stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

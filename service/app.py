@@ -1,0 +1,114 @@
+"""The WSGI application: routes, JSON codec and error mapping over injected collaborators.
+
+``create_app`` only wires; what the collaborators are (a loaded model, a database, a mail
+worker) is decided by ``runtime`` in production and by the tests.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import falcon
+import orjson
+from falcon.media import JSONHandler
+
+from service import openapi, validation
+from service.batcher import Batcher, ModelUnavailable
+from service.config import Config
+from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Verification
+from service.store import Store
+from service.validation import ValidationError
+
+_REFUSAL_STATUS = {InvalidKey: 401, EmailTaken: 409, NoActiveKey: 404, BadToken: 400}
+
+
+@dataclass(frozen=True)
+class Deps:
+    config: Config
+    keys: KeyService
+    store: Store
+    batcher: Batcher | None  # None: no model loaded, denoising answers 503
+    model_version: int
+
+
+def loads(text: str) -> Any:
+    """orjson, falling back to the stdlib for what the old Flask service also accepted.
+
+    Old clients may send ``NaN``/``Infinity`` literals; they must reach validation and get the
+    "finite number" 400 naming the index, not the "not JSON" 400.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(text)
+        except RecursionError:  # absurdly deep nesting is just malformed JSON
+            raise ValueError("JSON nested too deeply") from None
+
+
+def create_app(deps: Deps) -> falcon.App:
+    config = deps.config
+    app = falcon.App(middleware=[_ReleaseConnection(deps.store)])
+    handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.set_error_serializer(_serialize_error)
+    app.add_error_handler(ValidationError, _validation_error)
+    app.add_error_handler(Refused, _refused)
+    app.add_error_handler(ModelUnavailable, _model_unavailable)
+
+    limit = config.max_body_bytes
+    app.add_route(
+        "/api/v1/denoising",
+        Denoising(deps.keys, deps.batcher, deps.model_version, limit, validation.ecg_signal,
+                  lambda out: {"denoised_signal": out[0]}),
+    )
+    app.add_route(
+        "/api/v1/denoising/batch",
+        Denoising(deps.keys, deps.batcher, deps.model_version, limit,
+                  partial(validation.ecg_signals, limit=config.max_batch_windows),
+                  lambda out: {"denoised_signals": out}),
+    )
+    app.add_route("/api/v1/api-keys/generation", KeyRequest(deps.keys.request_key, limit))
+    app.add_route("/api/v1/api-keys/deactivation", KeyRequest(deps.keys.request_deactivation, limit))
+    app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
+    app.add_route("/healthz", Health())
+    app.add_route("/readyz", Readiness(deps.batcher, deps.store))
+    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows)))
+    return app
+
+
+class _ReleaseConnection:
+    """Hands the request thread's pooled database connection back after every response."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        self._store.release()
+
+
+def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """Every error body has the contract's shape ``{"error": "…"}``, Falcon's own ones included."""
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps({"error": exc.description or exc.title})
+
+
+def _validation_error(req: falcon.Request, resp: falcon.Response, exc: ValidationError, params: dict) -> None:
+    resp.status = falcon.HTTP_400
+    resp.media = exc.body
+
+
+def _refused(req: falcon.Request, resp: falcon.Response, exc: Refused, params: dict) -> None:
+    resp.status = next(status for kind, status in _REFUSAL_STATUS.items() if isinstance(exc, kind))
+    resp.media = {"error": str(exc)}
+
+
+def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUnavailable, params: dict) -> None:
+    resp.status = falcon.HTTP_503
+    resp.media = {"error": "Model not loaded"}

@@ -1,0 +1,101 @@
+"""Configuration from the environment: one frozen dataclass, read once at start.
+
+Every variable has a default that works on a laptop (SQLite file, the shipped model, mails to the
+log and an outbox folder), so ``python -m service`` needs no setup; ``.env.example`` lists them.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from service.engine import usable_cpus
+
+ROOT = Path(__file__).resolve().parent.parent
+SMTP_SECURITY = ("starttls", "ssl", "none")
+DEFAULT_SMTP_PORT = {"starttls": 587, "ssl": 465, "none": 25}
+
+
+class ConfigError(ValueError):
+    """A variable that cannot be used; the message is one sentence naming it."""
+
+
+def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
+    return {"env": name, "parse": parse, "low": low}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Field metadata names the variable; ``from_env`` reads exactly those."""
+
+    database_url: str = field(default="sqlite:///heartify.db", metadata=_env("DATABASE_URL"))
+    model_path: Path = field(default=ROOT / "artifacts" / "attention_unet.onnx", metadata=_env("MODEL_PATH", Path))
+    manifest_path: Path | None = field(default=None, metadata=_env("MANIFEST_PATH", Path))
+    model_version: int | None = field(default=None, metadata=_env("MODEL_VERSION", int, 0))
+    base_url: str | None = field(default=None, metadata=_env("BASE_URL"))
+    host: str = field(default="127.0.0.1", metadata=_env("HOST"))
+    port: int = field(default=8000, metadata=_env("PORT", int, 0))
+    # Requests wait on the batcher while the model runs, so more threads than cores keep batches
+    # full; a waiting thread costs little.
+    web_threads: int = field(default_factory=lambda: max(4, 4 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
+    ort_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_THREADS", int, 1))
+    batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
+    batch_max_wait_ms: float = field(default=2.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
+    max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
+    smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
+    smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1))
+    smtp_user: str | None = field(default=None, metadata=_env("SMTP_USER"))
+    smtp_password: str | None = field(default=None, metadata=_env("SMTP_PASSWORD"))
+    smtp_security: str = field(default="starttls", metadata=_env("SMTP_SECURITY", str.lower))
+    smtp_timeout_s: float = field(default=10.0, metadata=_env("SMTP_TIMEOUT_SECONDS", float, 0.1))
+    sender_email: str = field(default="Heartify <no-reply@heartify.local>", metadata=_env("SENDER_EMAIL"))
+    outbox_dir: Path = field(default=Path("outbox"), metadata=_env("OUTBOX_DIR", Path))
+    mail_retry_min_s: float = field(default=5.0, metadata=_env("MAIL_RETRY_MIN_SECONDS", float, 0.01))
+    mail_retry_max_s: float = field(default=300.0, metadata=_env("MAIL_RETRY_MAX_SECONDS", float, 0.01))
+    last_used_flush_s: float = field(default=30.0, metadata=_env("LAST_USED_FLUSH_SECONDS", float, 0.01))
+    log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", str.upper))
+
+    def __post_init__(self) -> None:
+        if self.smtp_security not in SMTP_SECURITY:
+            raise ConfigError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)} (got {self.smtp_security!r}).")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Read every variable that is set and not empty; the rest keep their defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            raw = env.get(meta["env"], "").strip()
+            if not raw:
+                continue
+            try:
+                value = meta["parse"](raw)
+            except ValueError:
+                kind = "an integer" if meta["parse"] is int else "a number"
+                raise ConfigError(f"{meta['env']} must be {kind} (got {raw!r}).") from None
+            if meta["low"] is not None and value < meta["low"]:
+                raise ConfigError(f"{meta['env']} must be at least {meta['low']} (got {raw!r}).")
+            values[f.name] = value
+        return cls(**values)
+
+    @property
+    def manifest(self) -> Path:
+        """The manifest beside the model unless MANIFEST_PATH names another."""
+        return self.manifest_path or self.model_path.parent / "manifest.json"
+
+    @property
+    def public_url(self) -> str:
+        """Base of the links in mails: BASE_URL, else this server's own address."""
+        return (self.base_url or f"http://localhost:{self.port}").rstrip("/")
+
+    @property
+    def mail_port(self) -> int:
+        return self.smtp_port or DEFAULT_SMTP_PORT[self.smtp_security]
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body worth reading: a full batch written with long numbers."""
+        return max(1 << 20, self.max_batch_windows * 1300 * 32)

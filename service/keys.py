@@ -1,0 +1,139 @@
+"""API keys and verification tokens: generation, hashing, and the flows of the key endpoints.
+
+Keys and tokens are 32 random bytes, URL-safe; only their sha256 is stored. Each flow writes its
+rows and the mail that carries the secret in one transaction, so a key never exists without the
+mail that delivers it (the outbox worker retries that mail until it goes through).
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import peewee as pw
+
+from service import mail
+from service.mail import Mail, Outbox
+from service.store import DEACTIVATION, GENERATION, Store, utcnow
+from service.usage import LastUsed
+
+TOKEN_TTL = timedelta(hours=24)
+VERIFY_PATH = "/api/v1/api-keys/verify"
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Refused(Exception):
+    """A request the key flows turn down; ``message`` is the text clients see."""
+
+    message = ""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+
+
+class EmailTaken(Refused):
+    message = "Email already has an active API key. Please deactivate it first."
+
+
+class NoActiveKey(Refused):
+    message = "No active API key found for this email"
+
+
+class InvalidKey(Refused):
+    message = "Invalid or inactive API key"
+
+
+class BadToken(Refused):
+    message = "Invalid or expired token"
+
+
+class ExpiredToken(BadToken):
+    message = "Token has expired"
+
+
+class NoToken(BadToken):
+    message = "Invalid verification link"
+
+
+class KeyService:
+    def __init__(self, store: Store, outbox: Outbox, usage: LastUsed, base_url: str) -> None:
+        self._store = store
+        self._outbox = outbox
+        self._usage = usage
+        self._base_url = base_url
+
+    def authenticate(self, key: str) -> int:
+        """The id of the active key ``key``; one indexed read, no write."""
+        key_id = self._store.active_key_id(digest(key))
+        if key_id is None:
+            raise InvalidKey()
+        return key_id
+
+    def used(self, key_id: int) -> None:
+        self._usage.touch(key_id)
+
+    def request_key(self, email: str) -> None:
+        """Mail a generation link, unless the email already has an active key."""
+        if self._store.has_active_key(email):
+            raise EmailTaken()
+        self._mail_token(email, GENERATION, mail.key_request_mail)
+
+    def request_deactivation(self, email: str) -> None:
+        """Mail a deactivation link for the email's active key."""
+        if not self._store.has_active_key(email):
+            raise NoActiveKey()
+        self._mail_token(email, DEACTIVATION, mail.deactivation_request_mail)
+
+    def verify(self, token: str | None) -> tuple[str, str]:
+        """Spend a token once; returns its kind and email.
+
+        A generation token deactivates every key of its email and mails a new one; a deactivation
+        token deactivates the active key and mails a confirmation.
+        """
+        if not token:
+            raise NoToken()
+        try:
+            result = self._verify(token)
+        except pw.IntegrityError:
+            # Two generation tokens of one email verified at once: the unique index on active
+            # keys let one win; running again deactivates the winner's key and issues ours.
+            result = self._verify(token)
+        self._outbox.wake()
+        return result
+
+    def _verify(self, token: str) -> tuple[str, str]:
+        now = utcnow()
+        with self._store.transaction():
+            row = self._store.find_token(digest(token))
+            if row is None or row.used_at is not None:
+                raise BadToken()
+            if row.expires_at <= now:
+                raise ExpiredToken()
+            if not self._store.use_token(row.id, now):
+                raise BadToken()
+            self._store.deactivate_keys(row.email, now)
+            if row.kind == GENERATION:
+                key = new_secret()
+                self._store.add_key(row.email, digest(key), now)
+                self._store.enqueue_mail(mail.new_key_mail(row.email, key), now)
+            else:
+                self._store.enqueue_mail(mail.deactivated_mail(row.email), now)
+        return row.kind, row.email
+
+    def _mail_token(self, email: str, kind: str, build: Callable[[str, str], Mail]) -> None:
+        token = new_secret()
+        link = f"{self._base_url}{VERIFY_PATH}?{urlencode({'token': token})}"
+        now = utcnow()
+        with self._store.transaction():
+            self._store.add_token(digest(token), kind, email, now, TOKEN_TTL)
+            self._store.enqueue_mail(build(email, link), now)
+        self._outbox.wake()

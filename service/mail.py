@@ -1,0 +1,231 @@
+"""Mails: what they say (HTML with a plain-text part), how they are sent, and the outbox worker.
+
+Every mail is first written to the outbox table in the same transaction as the key or token it
+carries (see ``keys``); the worker here delivers it, retrying with backoff until the mail server
+takes it, so a server that is down at request time still gets the mail once it is back.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import smtplib
+import ssl
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from service.background import Loop
+
+if TYPE_CHECKING:
+    from service.store import OutboxMail, Store
+
+log = logging.getLogger(__name__)
+
+PRODUCT = "Heartify Denoising API"
+# Mails claimed per step; the worker comes straight back while more are due.
+CLAIM_BATCH = 20
+# Upper bound on an idle worker's sleep, so mails left by a crashed replica are picked up.
+IDLE_POLL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Mail:
+    recipient: str
+    subject: str
+    text: str
+    html: str
+
+
+def _page(title: str, *paragraphs: str) -> str:
+    """Minimal HTML body; paragraphs are already-escaped HTML."""
+    body = "".join(f"<p>{p}</p>" for p in paragraphs)
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
+        f'<body style="font-family:sans-serif;max-width:36em;margin:auto">'
+        f"<h2>{html.escape(title)}</h2>{body}</body></html>"
+    )
+
+
+def _link_mail(email: str, link: str, subject: str, action: str, ignore: str) -> Mail:
+    text = (
+        f"{action}, open this link:\n\n{link}\n\n"
+        f"The link works once and expires in 24 hours. {ignore}\n\n-- {PRODUCT}\n"
+    )
+    href = html.escape(link)
+    body = _page(
+        subject,
+        f"{html.escape(action)}, open this link:",
+        f'<a href="{href}">{href}</a>',
+        f"The link works once and expires in 24 hours. {html.escape(ignore)}",
+    )
+    return Mail(email, f"{PRODUCT}: {subject}", text, body)
+
+
+def key_request_mail(email: str, link: str) -> Mail:
+    return _link_mail(
+        email, link, "verify your email", "To verify your email and receive your API key",
+        "If you did not ask for a key, ignore this mail.",
+    )
+
+
+def deactivation_request_mail(email: str, link: str) -> Mail:
+    return _link_mail(
+        email, link, "confirm API key deactivation", "To deactivate your API key",
+        "If you did not ask for this, ignore this mail and your key keeps working.",
+    )
+
+
+def new_key_mail(email: str, key: str) -> Mail:
+    text = (
+        f"Your API key: {key}\n\n"
+        "Send it in the x-api-key header of every denoising request. Keep it secret: we store "
+        "only its hash and cannot show it again. Any key you had before is now deactivated.\n\n"
+        f"-- {PRODUCT}\n"
+    )
+    body = _page(
+        "your API key",
+        f"Your API key: <code>{html.escape(key)}</code>",
+        "Send it in the <code>x-api-key</code> header of every denoising request. Keep it secret: "
+        "we store only its hash and cannot show it again. Any key you had before is now deactivated.",
+    )
+    return Mail(email, f"{PRODUCT}: your API key", text, body)
+
+
+def deactivated_mail(email: str) -> Mail:
+    text = f"Your API key has been deactivated. You can request a new one at any time.\n\n-- {PRODUCT}\n"
+    body = _page("API key deactivated", "Your API key has been deactivated. You can request a new one at any time.")
+    return Mail(email, f"{PRODUCT}: API key deactivated", text, body)
+
+
+def compose(mail: Mail, sender: str) -> EmailMessage:
+    """multipart/alternative: the plain-text part first, the HTML part preferred by readers."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = mail.recipient
+    message["Subject"] = mail.subject
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = make_msgid(domain="heartify.local")
+    message.set_content(mail.text)
+    message.add_alternative(mail.html, subtype="html")
+    return message
+
+
+Send = Callable[[EmailMessage], None]
+
+
+class Sender(Protocol):
+    """Opens a delivery session; the yielded callable sends one message."""
+
+    def session(self) -> AbstractContextManager[Send]: ...
+
+
+class SmtpSender:
+    """Delivers through an SMTP server; one connection per batch of due mails."""
+
+    def __init__(
+        self, host: str, port: int, security: str, user: str | None, password: str | None, timeout_s: float
+    ) -> None:
+        self._host, self._port, self._security = host, port, security
+        self._user, self._password, self._timeout_s = user, password, timeout_s
+
+    @contextmanager
+    def session(self) -> Iterator[Send]:
+        context = ssl.create_default_context()
+        if self._security == "ssl":
+            client = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout_s, context=context)
+        else:
+            client = smtplib.SMTP(self._host, self._port, timeout=self._timeout_s)
+        try:
+            if self._security == "starttls":
+                client.starttls(context=context)
+            if self._user:
+                client.login(self._user, self._password or "")
+            yield client.send_message
+        finally:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
+
+
+class FolderSender:
+    """No mail server configured: each mail goes to the log and to ``<folder>/<id>.eml``."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+
+    @contextmanager
+    def session(self) -> Iterator[Send]:
+        self._folder.mkdir(parents=True, exist_ok=True)
+        yield self._write
+
+    def _write(self, message: EmailMessage) -> None:
+        path = self._folder / f"{uuid.uuid4().hex}.eml"
+        path.write_bytes(message.as_bytes())
+        text = message.get_body(("plain",))
+        log.info(
+            "Mail to %s (no SMTP_HOST; saved as %s)\nSubject: %s\n\n%s",
+            message["To"], path, message["Subject"], text.get_content() if text else "",
+        )
+
+
+class Outbox:
+    """Delivers the outbox table in the background, with exponential backoff per mail."""
+
+    def __init__(
+        self, store: Store, sender: Sender, from_address: str, retry_min_s: float, retry_max_s: float
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self._from = from_address
+        self._retry_min_s = retry_min_s
+        self._retry_max_s = retry_max_s
+        self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def wake(self) -> None:
+        """Called after a transaction that queued a mail commits: deliver it now."""
+        self._loop.wake()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def _step(self) -> float:
+        due = self._store.claim_due_mails(CLAIM_BATCH)
+        if due:
+            self._deliver(due)
+        wait = self._store.seconds_to_next_mail()
+        return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
+
+    def _deliver(self, due: list[OutboxMail]) -> None:
+        done: set[int] = set()
+        try:
+            with self._sender.session() as send:
+                for row in due:
+                    try:
+                        send(compose(row.as_mail(), self._from))
+                    except (OSError, smtplib.SMTPException) as exc:
+                        self._retry_later(row, exc)
+                    else:
+                        self._store.mark_sent(row.id)
+                        log.info("Mail %d to %s delivered", row.id, row.recipient)
+                    done.add(row.id)
+        except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
+            for row in due:
+                if row.id not in done:
+                    self._retry_later(row, exc)
+
+    def _retry_later(self, row: OutboxMail, exc: Exception) -> None:
+        attempts = row.attempts + 1
+        delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("Mail %d to %s not delivered (attempt %d, %s); retrying in %.3g s",
+                    row.id, row.recipient, attempts, error, delay)
+        self._store.retry_mail(row.id, attempts, delay, error)

@@ -1,0 +1,200 @@
+"""The OpenAPI 3.1 description served at ``/openapi.json``.
+
+A test compares its paths and methods with the app's routes, so it cannot silently drift.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from service.validation import MAX_ABS, WINDOW
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _response(description: str, schema: str, media: str = _JSON) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": _ref(schema)}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _response(description, "Error")
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {_JSON: {"schema": _ref(schema)}}}
+
+
+_UNITS = {
+    "name": "units",
+    "in": "query",
+    "required": False,
+    "description": "`normalized` (default, as the original service): the model's output for the z-scored "
+    "window. `input`: the output mapped back to the input's units, `output·σ + μ`.",
+    "schema": {"type": "string", "enum": ["normalized", "input"], "default": "normalized"},
+}
+
+_DENOISE_ERRORS = {
+    "400": _error("Body missing or not JSON, a missing field, wrong length, or an element that is not a finite "
+                  "number (the message names it)"),
+    "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
+    "413": _error("Request body too large"),
+    "503": _error("Model not loaded"),
+}
+
+
+def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
+    status, description = conflict
+    return {
+        "post": {
+            "summary": summary,
+            "tags": ["API keys"],
+            "requestBody": _body("EmailRequest"),
+            "responses": {
+                "200": _response("Mail queued; it is retried until delivered", "MailSent"),
+                "400": _error("`Missing required field: email` or `Invalid email format`"),
+                status: _error(description),
+            },
+        }
+    }
+
+
+def document(max_batch_windows: int) -> dict[str, Any]:
+    window = {
+        "type": "array",
+        "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
+        "minItems": WINDOW,
+        "maxItems": WINDOW,
+        "description": f"{WINDOW} finite numbers: 10 seconds of one ECG lead at 130 Hz",
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Heartify Denoising API",
+            "version": "1.0.0",
+            "description": "Attention U-Net denoising of 10-second single-lead ECG windows; API keys by email.",
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": {
+                "Window": window,
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "expected_format": {"type": "object"},
+                        "note": {"type": "string"},
+                    },
+                },
+                "DenoiseRequest": {
+                    "type": "object",
+                    "required": ["ecg_signal"],
+                    "properties": {"ecg_signal": _ref("Window")},
+                },
+                "DenoiseResponse": {
+                    "type": "object",
+                    "required": ["modelVersion", "denoised_signal"],
+                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("Window")},
+                },
+                "BatchRequest": {
+                    "type": "object",
+                    "required": ["ecg_signals"],
+                    "properties": {
+                        "ecg_signals": {"type": "array", "items": _ref("Window"), "minItems": 1,
+                                        "maxItems": max_batch_windows}
+                    },
+                },
+                "BatchResponse": {
+                    "type": "object",
+                    "required": ["modelVersion", "denoised_signals"],
+                    "properties": {
+                        "modelVersion": {"type": "integer"},
+                        "denoised_signals": {"type": "array", "items": _ref("Window")},
+                    },
+                },
+                "EmailRequest": {
+                    "type": "object",
+                    "required": ["email"],
+                    "properties": {"email": {"type": "string", "format": "email"}},
+                },
+                "MailSent": {
+                    "type": "object",
+                    "required": ["message", "email"],
+                    "properties": {"message": {"type": "string"}, "email": {"type": "string"}},
+                },
+                "Status": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {
+                        "status": {"type": "string"},
+                        "model": {"type": "boolean"},
+                        "database": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+        "paths": {
+            "/api/v1/denoising": {
+                "post": {
+                    "summary": "Denoise one window",
+                    "tags": ["Denoising"],
+                    "security": [{"apiKey": []}],
+                    "parameters": [_UNITS],
+                    "requestBody": _body("DenoiseRequest"),
+                    "responses": {"200": _response("Denoised window", "DenoiseResponse"), **_DENOISE_ERRORS},
+                }
+            },
+            "/api/v1/denoising/batch": {
+                "post": {
+                    "summary": f"Denoise 1 to {max_batch_windows} windows in one request",
+                    "description": "Each window is validated as in `/api/v1/denoising`; errors name the window, "
+                    "e.g. `ecg_signals[3][17] must be a finite number (got null)`.",
+                    "tags": ["Denoising"],
+                    "security": [{"apiKey": []}],
+                    "parameters": [_UNITS],
+                    "requestBody": _body("BatchRequest"),
+                    "responses": {"200": _response("Denoised windows, in order", "BatchResponse"),
+                                  **_DENOISE_ERRORS},
+                }
+            },
+            "/api/v1/api-keys/generation": _key_request(
+                "Mail a link that creates an API key",
+                ("409", "Email already has an active API key. Please deactivate it first."),
+            ),
+            "/api/v1/api-keys/deactivation": _key_request(
+                "Mail a link that deactivates the active API key",
+                ("404", "No active API key found for this email"),
+            ),
+            "/api/v1/api-keys/verify": {
+                "get": {
+                    "summary": "Follow a mailed link (single use, valid 24 hours)",
+                    "tags": ["API keys"],
+                    "parameters": [{"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "Key created and mailed, or key deactivated",
+                                "content": {"text/html": {"schema": {"type": "string"}}}},
+                        "400": _error("`Invalid verification link`, `Invalid or expired token` or `Token has expired`"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "The process answers", "tags": ["Operations"],
+                        "responses": {"200": _response("Alive", "Status")}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Model loaded and database reachable",
+                    "tags": ["Operations"],
+                    "responses": {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
+                }
+            },
+            "/openapi.json": {
+                "get": {"summary": "This document", "tags": ["Operations"],
+                        "responses": {"200": {"description": "OpenAPI 3.1",
+                                              "content": {_JSON: {"schema": {"type": "object"}}}}}}
+            },
+        },
+    }

@@ -1,0 +1,119 @@
+"""HTTP resources: thin adapters from requests to the key flows, the batcher and the store.
+
+Errors travel as exceptions (``ValidationError``, ``keys.Refused``, ``ModelUnavailable``) and
+become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import falcon
+import numpy as np
+
+from service import pages, validation
+from service.batcher import Batcher, ModelUnavailable
+from service.keys import KeyService
+from service.store import Store
+
+SENT = "Verification email sent. Please check your inbox."
+
+
+def json_body(req: falcon.Request, limit: int) -> Any:
+    """The parsed JSON body, or None when it is missing or not JSON (the contract's 400 case)."""
+    if (req.content_length or 0) > limit:
+        raise falcon.HTTPPayloadTooLarge(description=f"Request body too large (limit {limit} bytes)")
+    try:
+        return req.get_media()
+    except (falcon.MediaNotFoundError, falcon.MediaMalformedError, falcon.HTTPUnsupportedMediaType):
+        return None
+
+
+class Denoising:
+    """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher."""
+
+    def __init__(
+        self,
+        keys: KeyService,
+        batcher: Batcher | None,
+        model_version: int,
+        body_limit: int,
+        parse: Callable[[Any], np.ndarray],
+        render: Callable[[np.ndarray], dict[str, Any]],
+    ) -> None:
+        self._keys = keys
+        self._batcher = batcher
+        self._model_version = model_version
+        self._body_limit = body_limit
+        self._parse = parse
+        self._render = render
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        key = req.get_header("x-api-key")
+        if not key:
+            raise falcon.HTTPUnauthorized(description="Missing x-api-key header")
+        key_id = self._keys.authenticate(key)
+        windows = self._parse(json_body(req, self._body_limit))
+        input_units = validation.input_units(req.get_param("units"))
+        if self._batcher is None:
+            raise ModelUnavailable("Model not loaded")
+        denoised = self._batcher.denoise(windows, input_units)
+        self._keys.used(key_id)
+        resp.media = {"modelVersion": self._model_version, **self._render(denoised)}
+
+
+class KeyRequest:
+    """``POST /api/v1/api-keys/generation`` and ``/deactivation``: both mail a link for an email."""
+
+    def __init__(self, action: Callable[[str], None], body_limit: int) -> None:
+        self._action = action
+        self._body_limit = body_limit
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        email = validation.email(json_body(req, self._body_limit))
+        self._action(email)
+        resp.media = {"message": SENT, "email": email}
+
+
+class Verification:
+    """``GET /api/v1/api-keys/verify?token=…``: the link in the mails; answers with a page."""
+
+    def __init__(self, keys: KeyService) -> None:
+        self._keys = keys
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        kind, email = self._keys.verify(req.get_param("token"))
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = pages.verified(kind, email)
+
+
+class Health:
+    """``GET /healthz``: the process answers."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class Readiness:
+    """``GET /readyz``: 200 only while the model is loaded and the database answers."""
+
+    def __init__(self, batcher: Batcher | None, store: Store) -> None:
+        self._batcher = batcher
+        self._store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        model = self._batcher is not None and self._batcher.ready
+        database = self._store.ping()
+        ready = model and database
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"status": "ready" if ready else "not ready", "model": model, "database": database}
+
+
+class Document:
+    """Serves a prebuilt JSON document (the OpenAPI description)."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self._document = document
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._document

@@ -1,0 +1,92 @@
+"""Builds the production collaborators from a ``Config``, starts their threads, stops them.
+
+Every expected start-up failure (model, manifest, database) becomes a ``StartupError`` whose
+message is one sentence, which ``__main__`` prints instead of a traceback.
+"""
+from __future__ import annotations
+
+import logging
+
+import peewee as pw
+
+from service.app import Deps
+from service.batcher import Batcher
+from service.config import Config
+from service.engine import Engine
+from service.keys import KeyService
+from service.mail import FolderSender, Outbox, Sender, SmtpSender
+from service.manifest import ModelError, verify_model
+from service.store import Store, redact
+from service.usage import LastUsed
+
+log = logging.getLogger(__name__)
+
+# Connections beyond the request threads: the mail worker and the last_used flusher.
+BACKGROUND_CONNECTIONS = 2
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is one sentence."""
+
+
+def load_engine(config: Config) -> tuple[Engine, int]:
+    """The verified model in one onnxruntime session, and the version to report."""
+    try:
+        manifest_version = verify_model(config.model_path, config.manifest)
+    except ModelError as exc:
+        raise StartupError(str(exc)) from None
+    version = config.model_version if config.model_version is not None else manifest_version
+    if version is None:
+        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
+    try:
+        engine = Engine(config.model_path, threads=config.ort_threads)
+    except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
+        raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
+    return engine, version
+
+
+def open_store(config: Config) -> Store:
+    store = Store(config.database_url, max_connections=config.web_threads + BACKGROUND_CONNECTIONS)
+    try:
+        store.create_tables()
+    except pw.PeeweeException as exc:
+        raise StartupError(f"Database {redact(config.database_url)} cannot be used: {_first_line(exc)}") from None
+    return store
+
+
+def mail_sender(config: Config) -> Sender:
+    if config.smtp_host:
+        return SmtpSender(config.smtp_host, config.mail_port, config.smtp_security, config.smtp_user,
+                          config.smtp_password, config.smtp_timeout_s)
+    log.warning("SMTP_HOST is not set: mails go to the log and to %s/ (fine for a local run only)",
+                config.outbox_dir)
+    return FolderSender(config.outbox_dir)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Runtime:
+    """The running collaborators; ``close`` stops them in reverse order of start."""
+
+    def __init__(self, config: Config) -> None:
+        engine, version = load_engine(config)
+        self.store = open_store(config)
+        self.outbox = Outbox(self.store, mail_sender(config), config.sender_email,
+                             config.mail_retry_min_s, config.mail_retry_max_s)
+        self.usage = LastUsed(self.store, config.last_used_flush_s)
+        self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000)
+        self.outbox.start()
+        self.usage.start()
+        keys = KeyService(self.store, self.outbox, self.usage, config.public_url)
+        self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
+        log.info("Model %s (version %d, %d onnxruntime threads) and database %s ready",
+                 config.model_path.name, version, engine.threads, redact(config.database_url))
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.usage.stop()
+        self.outbox.stop()
+        self.store.close()

@@ -1,0 +1,105 @@
+"""Request bodies and parameters → clean values, or a ``ValidationError`` carrying the 400 body.
+
+Messages are the API contract's; new endpoints follow the same style and name the bad window or
+element (``ecg_signals[3][17] must be a finite number (got null)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+WINDOW = 1300
+# Values beyond this overflow the z-score (squares exceed float64) and would come back as NaN.
+MAX_ABS = 1e100
+WINDOW_NOTE = "The model expects 10 seconds of ECG sampled at 130 Hz: exactly 1300 values."
+UNITS = {"normalized": False, "input": True}
+
+
+class ValidationError(ValueError):
+    """A bad request; ``body`` is the JSON error document."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.body = {"error": message, **extra}
+
+
+def ecg_signal(body: Any) -> np.ndarray:
+    """``{"ecg_signal": [1300 numbers]}`` → a 1×1300 float64 array."""
+    value = _field(body, "ecg_signal", "array of 1300 float values (10 seconds @ 130Hz)")
+    return _window(value, "ecg_signal")[None, :]
+
+
+def ecg_signals(body: Any, limit: int) -> np.ndarray:
+    """``{"ecg_signals": [[1300 numbers], …]}`` with 1 to ``limit`` windows → an N×1300 array."""
+    value = _field(body, "ecg_signals", f"array of 1 to {limit} arrays of 1300 float values (10 seconds @ 130Hz each)")
+    if not isinstance(value, list):
+        raise ValidationError("ecg_signals must be an array")
+    if not 1 <= len(value) <= limit:
+        raise ValidationError(f"ecg_signals must hold 1 to {limit} windows (got {len(value)})")
+    return np.stack([_window(window, f"ecg_signals[{i}]") for i, window in enumerate(value)])
+
+
+def email(body: Any) -> str:
+    """Trimmed and lower-cased, as the old service did; also refuses what cannot be a mail header."""
+    value = body.get("email") if isinstance(body, dict) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValidationError("Missing required field: email")
+    if not isinstance(value, str):
+        raise ValidationError("Invalid email format")
+    value = value.strip().lower()
+    if "@" not in value or "." not in value or len(value) > 254 or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValidationError("Invalid email format")
+    return value
+
+
+def input_units(units: str | None) -> bool:
+    """The ``units`` query parameter: ``normalized`` (default, as before) or ``input``."""
+    if units is None:
+        return False
+    if units not in UNITS:
+        raise ValidationError(f"units must be 'normalized' or 'input' (got {units!r})")
+    return UNITS[units]
+
+
+def _field(body: Any, name: str, expected: str) -> Any:
+    value = body.get(name) if isinstance(body, dict) else None
+    if value is None:
+        raise ValidationError(f"Missing required field: {name}", expected_format={name: expected})
+    return value
+
+
+def _window(value: Any, label: str) -> np.ndarray:
+    if not isinstance(value, list):
+        raise ValidationError(f"{label} must be an array")
+    if len(value) != WINDOW:
+        raise ValidationError(f"{label} must have exactly {WINDOW} values (got {len(value)})", note=WINDOW_NOTE)
+    # Fast path for the normal request; bool is an int subclass, so compare exact types.
+    if all(type(v) is float or type(v) is int for v in value):
+        try:
+            window = np.array(value, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            window = None
+        # NaN compares False, so this one test refuses NaN, ±Infinity and huge values.
+        if window is not None and bool(np.all(np.abs(window) <= MAX_ABS)):
+            return window
+    index, problem = next((i, p) for i, v in enumerate(value) if (p := _element_problem(v)))
+    raise ValidationError(f"{label}[{index}] {problem}")
+
+
+def _element_problem(value: Any) -> str | None:
+    kind = {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(type(value))
+    if kind:
+        return f"must be a finite number (got {kind})"
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number):
+        return "must be a finite number (got NaN)"
+    if math.isinf(number) and isinstance(value, float):
+        return f"must be a finite number (got {'-' if number < 0 else ''}Infinity)"
+    if not abs(number) <= MAX_ABS:
+        return f"must be a finite number of magnitude at most {MAX_ABS:g}"
+    return None
