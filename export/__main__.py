@@ -18,7 +18,7 @@ import torch
 from export import manifest
 from export.checkpoint import CheckpointError, load_model
 from export.model import SAMPLING_RATE_HZ, WINDOW
-from export.onnx_export import OPSET, ParityError, check_parity, to_onnx_bytes
+from export.onnx_export import OPSET, PARITY_TOLERANCE, ParityError, check_parity, to_onnx_bytes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--manifest", type=Path, help="manifest to update (default: manifest.json beside --out)")
     parser.add_argument("--model-version", type=int, default=1, help="version reported by the service")
+    parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest allowed abs difference")
     parser.add_argument("--verify-only", action="store_true", help="check parity of an existing --out, write nothing")
     return parser.parse_args(argv)
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> str:
     if args.verify_only:
         if not args.out.is_file():
             raise CheckpointError(f"ONNX model not found: {args.out}")
-        parity = check_parity(model, args.out)
+        parity = check_parity(model, args.out, tolerance=args.tolerance)
         return f"parity ok: max abs diff {parity.max_abs_diff:.3g}, mean {parity.mean_abs_diff:.3g}"
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(to_onnx_bytes(model))
-        parity = check_parity(model, tmp)
+        parity = check_parity(model, tmp, tolerance=args.tolerance)
         os.replace(tmp, args.out)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""The data protocol: patient-wise split, SNR scaling, and (when present) the real recordings."""
+from __future__ import annotations
+
+import numpy as np
+
+from export.data import NOISE_TRAIN_FRACTION, is_validation, load_corpus, patient_group
+from export.metrics import bandpass, scores, snr_db
+from export.synth import synthetic_corpus
+from export.windows import EVAL_NOISE, EVAL_SNR_DB, TrainingWindows, scale_to_snr, validation_grid
+
+
+def test_excerpts_and_same_patient_records_share_a_group():
+    assert patient_group("qtdb", "sel100") == patient_group("mitdb", "100") == "mitdb/100"
+    assert patient_group("mitdb", "202") == patient_group("mitdb", "201") == patient_group("qtdb", "sel202")
+    assert patient_group("qtdb", "sele0104") == "qtdb/sele0104"
+    assert patient_group("qtdb", "sel16265") == "qtdb/sel16265"
+
+
+def test_scale_to_snr_hits_the_requested_snr_with_zero_mean_noise():
+    rng = np.random.default_rng(0)
+    clean = rng.standard_normal(1300)
+    for target in (-6, 0, 12):
+        noise = scale_to_snr(clean, 3 + rng.standard_normal(1300), target)
+        assert abs(noise.mean()) < 1e-9
+        assert abs(snr_db(clean, clean + noise) - target) < 1e-9
+
+
+def test_training_windows_are_finite_pairs_with_zero_mean_noise():
+    sampler = TrainingWindows(synthetic_corpus(np.random.default_rng(0)))
+    noisy, clean = sampler.sample(np.random.default_rng(1), 64)
+    assert noisy.shape == clean.shape == (64, 1300)
+    assert np.isfinite(noisy).all()
+    assert np.abs((noisy - clean).mean(axis=1)).max() < 1e-9
+
+
+def test_validation_grid_covers_every_case_at_its_snr():
+    grid = validation_grid(synthetic_corpus(np.random.default_rng(0)), per_case=3)
+    assert sorted(grid) == sorted((k, s) for k in EVAL_NOISE for s in EVAL_SNR_DB)
+    for (_, snr), (noisy, clean) in grid.items():
+        assert np.allclose(snr_db(clean, noisy), snr, atol=1e-6)
+
+
+def test_scores_of_a_perfect_and_of_a_baseline_estimate():
+    grid = validation_grid(synthetic_corpus(np.random.default_rng(0)), per_case=4)
+    noisy, clean = grid[("ma", 0)]
+    perfect = scores(noisy, clean, clean)
+    assert perfect["cosine"] > 0.999 and perfect["rmse"] == 0
+    assert np.isfinite(scores(noisy, clean, bandpass(noisy))["snr_improvement_db"])
+
+
+def test_real_corpus_is_split_by_patient(real_data):
+    corpus = load_corpus(real_data)
+    train_groups = {r.group for r in corpus.train}
+    validation_groups = {r.group for r in corpus.validation}
+    assert train_groups and validation_groups and not train_groups & validation_groups
+    assert all(is_validation(g) for g in validation_groups)
+    for kind, train_noise in corpus.noise_train.items():
+        total = train_noise.shape[1] + corpus.noise_validation[kind].shape[1]
+        assert abs(train_noise.shape[1] / total - NOISE_TRAIN_FRACTION) < 1e-3

@@ -1,0 +1,26 @@
+"""The evaluation command on synthetic data: a full table, a verdict, figures."""
+from __future__ import annotations
+
+import numpy as np
+
+from export.evaluate import beat_agreement, evaluate, figures, table
+from export.synth import synthetic_corpus
+from service.engine import Engine
+
+
+def test_evaluation_covers_16_cases_for_model_and_baseline(exported, tmp_path):
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    result = evaluate(Engine(exported), corpus, per_case=2)
+    assert len(result["cases"]) == 16
+    assert {"model", "bandpass"} <= result["cases"][0].keys()
+    summary = result["summary"]
+    assert summary["targets_met"] is False  # random weights cannot beat a band-pass filter
+    assert summary["cases_better_than_bandpass"] < 16
+    assert "| mixture | 12 dB |" in table(result)
+    checks = figures(Engine(exported), corpus, tmp_path / "no-data", tmp_path)
+    assert (tmp_path / "examples.png").stat().st_size > 10_000 and checks == {}
+
+
+def test_beat_agreement_counts_matches_within_tolerance():
+    agreement = beat_agreement(np.array([10, 100, 200]), np.array([12, 150, 205]))
+    assert agreement == {"beats_before": 3, "beats_after": 3, "matched": 2, "f1": 2 * 2 / 6}

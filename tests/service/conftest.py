@@ -1,0 +1,256 @@
+"""Real collaborators for the service tests: the shipped model, SQLite files or a PostgreSQL
+schema of their own, an aiosmtpd server that keeps what it receives, and ``python -m service``
+subprocesses on free loopback ports."""
+from __future__ import annotations
+
+import email
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import falcon.testing
+import orjson
+import pytest
+from aiosmtpd.controller import Controller
+
+from service.app import create_app
+from service.config import Config
+from service.runtime import Runtime
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "artifacts" / "attention_unet.onnx"
+MANIFEST = REPO / "artifacts" / "manifest.json"
+PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": "postgres"}
+LINK = re.compile(r"https?://\S+/api/v1/api-keys/verify\?token=[A-Za-z0-9_-]+")
+KEY = re.compile(r"Your API key: ([A-Za-z0-9_-]{43})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One request with the stdlib; returns the status and the JSON (or text) body."""
+    data = orjson.dumps(body) if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw, kind = response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers.get_content_type()
+    return status, orjson.loads(raw) if kind == "application/json" else raw.decode()
+
+
+# -- mail ----------------------------------------------------------------------------------------
+class Mailbox:
+    """aiosmtpd handler that parses and keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=policy.default)
+        with self._lock:
+            self.messages.append(message)
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout_s: float = 20.0) -> list[EmailMessage]:
+        wait_until(lambda: len(self.messages) >= count, timeout_s, f"{count} mail(s)")
+        return self.messages[:count]
+
+
+def text_of(message: EmailMessage) -> str:
+    return message.get_body(("plain",)).get_content()
+
+
+def verify_link(message: EmailMessage) -> str:
+    return LINK.search(text_of(message)).group(0)
+
+
+def key_in(message: EmailMessage) -> str:
+    return KEY.search(text_of(message)).group(1)
+
+
+class SmtpServer:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.mailbox = Mailbox()
+        self._controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> SmtpServer:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+def smtp_env(port: int) -> dict[str, str]:
+    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SECURITY": "none",
+            "SENDER_EMAIL": "Heartify <no-reply@heartify.test>"}
+
+
+# -- databases -----------------------------------------------------------------------------------
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'heartify.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the ``test`` database, dropped afterwards; CI must have PostgreSQL."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        reason = f"PostgreSQL at {PG['host']}:{PG['port']}/{PG['dbname']} does not answer ({str(exc).strip()})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI requires it")
+        pytest.skip(reason)
+    admin.autocommit = True
+    schema = f"hf_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield (f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{PG['dbname']}"
+               f"?options=-c%20search_path%3D{schema}")
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+# -- the service in this process -----------------------------------------------------------------
+def make_config(tmp_path: Path, database_url: str, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "model_path": MODEL,
+        "outbox_dir": tmp_path / "outbox",
+        "base_url": "http://testserver",
+        "web_threads": 4,
+        "ort_threads": 1,
+        "mail_retry_min_s": 0.05,
+        "mail_retry_max_s": 0.2,
+        "last_used_flush_s": 3600.0,  # flushed explicitly by the tests that look at it
+    }
+    return Config(**{**values, **overrides})
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, sqlite_url: str, smtp: SmtpServer) -> Iterator[Runtime]:
+    """The production runtime on SQLite, mailing the test SMTP server."""
+    config = make_config(tmp_path, sqlite_url, smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none")
+    rt = Runtime(config)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(runtime.deps))
+
+
+def obtain_key(client: falcon.testing.TestClient, smtp: SmtpServer, address: str) -> str:
+    """The whole mailed flow: request, follow the link, read the key from the second mail."""
+    seen = len(smtp.mailbox.messages)
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": address}).status_code == 200
+    link = verify_link(smtp.mailbox.wait_for(seen + 1)[-1])
+    assert client.simulate_get(link.replace("http://testserver", "")).status_code == 200
+    return key_in(smtp.mailbox.wait_for(seen + 2)[-1])
+
+
+# -- the service as a process --------------------------------------------------------------------
+class ServiceProcess:
+    """``python -m service`` with a given environment; ``start`` returns once /readyz is 200."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, python: str = sys.executable,
+                 cwd: Path = REPO) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {"PATH": os.environ.get("PATH", ""), "HOST": "127.0.0.1", "PORT": str(self.port),
+                     "BASE_URL": self.url, "WEB_THREADS": "4", "ORT_THREADS": "1", **env}
+        self._log_path = log_path
+        self._python = python
+        self._cwd = cwd
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen([self._python, "-m", "service"], cwd=self._cwd, env=self._env,
+                                             stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self._process.poll() is not None:
+                raise AssertionError(f"service exited with {self._process.returncode}:\n{self.log()}")
+            try:
+                return http("GET", f"{self.url}/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout_s, "/readyz")
+        return self
+
+    def stop(self) -> int:
+        assert self._process is not None
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            self._process.wait(30)
+        return self._process.returncode
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def service_process(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def start(env: dict[str, str], **kwargs: Any) -> ServiceProcess:
+        process = ServiceProcess(env, tmp_path / f"service-{len(started)}.log", **kwargs)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()
