@@ -22,7 +22,7 @@ SENT = "Verification email sent. Please check your inbox."
 def json_body(req: falcon.Request, limit: int) -> Any:
     """The parsed JSON body, or None when it is missing or not JSON (the contract's 400 case)."""
     if (req.content_length or 0) > limit:
-        raise falcon.HTTPPayloadTooLarge(description=f"Request body too large (limit {limit} bytes)")
+        raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
     try:
         return req.get_media()
     except (falcon.MediaNotFoundError, falcon.MediaMalformedError, falcon.HTTPUnsupportedMediaType):

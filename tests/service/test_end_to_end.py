@@ -1,0 +1,136 @@
+"""``python -m service`` (waitress) on a free loopback port, mailing a real SMTP server (aiosmtpd),
+on SQLite and on PostgreSQL: the path a new user takes, a restart, and a mail server that is down."""
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from .conftest import MODEL, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
+
+WINDOW = (np.sin(np.arange(1300) / 20) + 0.1 * np.cos(np.arange(1300) * 3)).tolist()
+
+
+def denoise(url: str, key: str) -> tuple[int, dict]:
+    return http("POST", f"{url}/api/v1/denoising", {"ecg_signal": WINDOW}, {"x-api-key": key})
+
+
+def test_key_lifecycle(service_process, smtp, database_url):
+    """Request a key, follow the mailed link, denoise with the mailed key, deactivate by mail, refused."""
+    server = service_process({"DATABASE_URL": database_url, **smtp_env(smtp.port)})
+    status, body = http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "New.User@Example.org"})
+    assert (status, body["email"]) == (200, "new.user@example.org")
+
+    link = verify_link(smtp.mailbox.wait_for(1)[0])
+    assert link.startswith(f"{server.url}/api/v1/api-keys/verify?token=")
+    status, page = http("GET", link)
+    assert status == 200 and "<html" in page
+    key_mail = smtp.mailbox.wait_for(2)[1]
+    assert key_mail["To"] == "new.user@example.org" and key_mail.get_body(("html",)) is not None
+    key = key_in(key_mail)
+
+    status, body = denoise(server.url, key)
+    assert status == 200 and body["modelVersion"] == 1 and len(body["denoised_signal"]) == 1300
+
+    status, _ = http("POST", f"{server.url}/api/v1/api-keys/deactivation", {"email": "new.user@example.org"})
+    assert status == 200
+    status, page = http("GET", verify_link(smtp.mailbox.wait_for(3)[2]))
+    assert status == 200 and "deactivated" in page
+    assert "deactivated" in smtp.mailbox.wait_for(4)[3]["Subject"]
+
+    assert denoise(server.url, key) == (401, {"error": "Invalid or inactive API key"})
+
+
+def test_restart_keeps_pending_tokens_and_keys(service_process, smtp, tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'restart.db'}", **smtp_env(smtp.port)}
+    first = service_process(env)
+    http("POST", f"{first.url}/api/v1/api-keys/generation", {"email": "keeper@example.org"})
+    http("POST", f"{first.url}/api/v1/api-keys/generation", {"email": "pending@example.org"})
+    links = {m["To"]: verify_link(m) for m in smtp.mailbox.wait_for(2)}
+    assert http("GET", links["keeper@example.org"])[0] == 200
+    key = key_in(smtp.mailbox.wait_for(3)[2])
+    assert first.stop() == 0
+
+    second = service_process(env)  # same database, new process, new port
+    assert denoise(second.url, key)[0] == 200
+    pending = links["pending@example.org"].replace(first.url, second.url)
+    assert http("GET", pending)[0] == 200
+    assert denoise(second.url, key_in(smtp.mailbox.wait_for(4)[3]))[0] == 200
+
+
+def test_mail_server_down_at_request_time_gets_the_mail_later(service_process, tmp_path):
+    database = tmp_path / "outbox.db"
+    smtp_port = free_port()  # nothing listens there yet
+    env = {"DATABASE_URL": f"sqlite:///{database}", **smtp_env(smtp_port),
+           "MAIL_RETRY_MIN_SECONDS": "0.1", "MAIL_RETRY_MAX_SECONDS": "0.3"}
+    server = service_process(env)
+
+    status, body = http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "patient@example.org"})
+    assert (status, body["message"]) == (200, "Verification email sent. Please check your inbox.")
+
+    def failed_attempts() -> int:
+        with sqlite3.connect(database) as db:
+            return db.execute("SELECT attempts FROM outbox_mail WHERE sent_at IS NULL").fetchone()[0]
+
+    wait_until(lambda: failed_attempts() >= 2, what="failed delivery attempts")
+    smtp = SmtpServer(smtp_port).start()
+    try:
+        link = verify_link(smtp.mailbox.wait_for(1)[0])
+        assert http("GET", link)[0] == 200
+        assert denoise(server.url, key_in(smtp.mailbox.wait_for(2)[1]))[0] == 200
+    finally:
+        smtp.stop()
+
+
+def test_local_run_without_smtp_writes_mails_to_log_and_folder(service_process, tmp_path):
+    outbox = tmp_path / "outbox"
+    server = service_process({"DATABASE_URL": f"sqlite:///{tmp_path / 'local.db'}", "OUTBOX_DIR": str(outbox)})
+    assert http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "dev@example.org"})[0] == 200
+    eml = wait_until(lambda: list(outbox.glob("*.eml")), what="an .eml file")
+    assert "verify?token=" in eml[0].read_text()
+    assert wait_until(lambda: "api-keys/verify?token=" in server.log(), what="the mail in the log")
+
+
+def test_health_and_readiness(service_process, tmp_path):
+    server = service_process({"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}", "OUTBOX_DIR": str(tmp_path)})
+    assert http("GET", f"{server.url}/healthz") == (200, {"status": "ok"})
+    assert http("GET", f"{server.url}/readyz") == (200, {"status": "ready", "model": True, "database": True})
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "does not exist"),
+    ("corrupt", "does not match its manifest"),
+    ("unlisted", "has no sha256 for"),
+])
+def test_bad_model_stops_the_start_with_one_sentence(service_process, tmp_path, problem, expected):
+    model = tmp_path / MODEL.name
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text((MODEL.parent / "manifest.json").read_text())
+    if problem == "corrupt":
+        data = bytearray(MODEL.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif problem == "unlisted":
+        model = tmp_path / "other.onnx"
+        model.write_bytes(MODEL.read_bytes())
+    env = {"MODEL_PATH": str(model), "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    with pytest.raises(AssertionError, match="service exited with 1") as failure:
+        service_process(env)
+    output = str(failure.value).split(":\n", 1)[1].strip()
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1 and expected in output, output
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL must start with sqlite:/// or postgresql://"),
+    ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "cannot be used"),
+    ({"PORT": "eighty"}, "PORT must be an integer"),
+    ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY must be one of"),
+])
+def test_bad_configuration_stops_the_start_with_one_sentence(service_process, tmp_path, env, expected):
+    with pytest.raises(AssertionError, match="service exited with 1") as failure:
+        service_process({"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", **env})
+    output = str(failure.value).split(":\n", 1)[1].strip()
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1 and expected in output, output

@@ -1,0 +1,171 @@
+"""The service's output is the model's: compared with a direct onnxruntime session on the same
+windows, in both units, one window or a batch, alone or amid concurrent requests."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.batcher import Batcher, ModelUnavailable
+from service.engine import Engine
+
+from .conftest import MODEL, obtain_key
+
+TOLERANCE = 1e-5
+
+
+def noisy_windows(n: int, seed: int = 1) -> np.ndarray:
+    """ECG-like windows in ADC-like units (large offset and scale), so the units really differ."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(1300) / 130
+    beats = np.sin(2 * np.pi * rng.uniform(0.8, 2.0, (n, 1)) * t) ** 15
+    return 512 + 300 * beats + 20 * rng.standard_normal((n, 1300))
+
+
+def reference(windows: np.ndarray, input_units: bool) -> np.ndarray:
+    """Direct onnxruntime inference with the contract's z-score written out independently."""
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    mu = windows.mean(axis=1, keepdims=True)
+    sigma = windows.std(axis=1, keepdims=True)
+    sigma[sigma == 0] = 1
+    z = ((windows - mu) / sigma).astype(np.float32)[:, None, :]
+    out = session.run(["denoised"], {"ecg": z})[0][:, 0, :].astype(np.float64)
+    return out * sigma + mu if input_units else out
+
+
+@pytest.fixture
+def key(client, smtp) -> str:
+    return obtain_key(client, smtp, "parity@example.org")
+
+
+@pytest.mark.parametrize("units, input_units", [(None, False), ("normalized", False), ("input", True)])
+def test_single_window_equals_direct_inference(client, key, units, input_units):
+    windows = noisy_windows(3)
+    expected = reference(windows, input_units)
+    for window, want in zip(windows, expected):
+        params = {"units": units} if units else None
+        result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": window.tolist()},
+                                      params=params, headers={"x-api-key": key})
+        assert result.status_code == 200
+        np.testing.assert_allclose(result.json["denoised_signal"], want, rtol=0, atol=TOLERANCE)
+    assert not input_units or np.abs(expected).mean() > 100  # input units really are not normalized
+
+
+@pytest.mark.parametrize("units, input_units", [("normalized", False), ("input", True)])
+def test_batch_equals_direct_inference(client, key, units, input_units):
+    windows = noisy_windows(5, seed=2)
+    result = client.simulate_post("/api/v1/denoising/batch", json={"ecg_signals": windows.tolist()},
+                                  params={"units": units}, headers={"x-api-key": key})
+    assert result.status_code == 200
+    assert set(result.json) == {"modelVersion", "denoised_signals"}
+    np.testing.assert_allclose(result.json["denoised_signals"], reference(windows, input_units), rtol=0, atol=TOLERANCE)
+
+
+def test_concurrent_requests_get_their_own_windows(client, key):
+    """Requests coalesced into one batch each get their own rows back, in their own units."""
+    windows = noisy_windows(12, seed=3)
+    normalized, original = reference(windows, False), reference(windows, True)
+
+    def call(i: int) -> np.ndarray:
+        units = "input" if i % 2 else "normalized"
+        result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": windows[i].tolist()},
+                                      params={"units": units}, headers={"x-api-key": key})
+        assert result.status_code == 200
+        return np.array(result.json["denoised_signal"])
+
+    with ThreadPoolExecutor(6) as pool:
+        outputs = list(pool.map(call, range(len(windows))))
+    for i, out in enumerate(outputs):
+        np.testing.assert_allclose(out, (original if i % 2 else normalized)[i], rtol=0, atol=TOLERANCE)
+
+
+def test_invalid_units(client, key):
+    result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": noisy_windows(1)[0].tolist()},
+                                  params={"units": "mV"}, headers={"x-api-key": key})
+    assert result.status_code == 400
+    assert result.json == {"error": "units must be 'normalized' or 'input' (got 'mV')"}
+
+
+@pytest.mark.parametrize("signals, error", [
+    (None, "Missing required field: ecg_signals"),
+    ("x", "ecg_signals must be an array"),
+    ([], "ecg_signals must hold 1 to 64 windows (got 0)"),
+    ([[0.0] * 1300] * 65, "ecg_signals must hold 1 to 64 windows (got 65)"),
+    ([[0.0] * 1300, "x"], "ecg_signals[1] must be an array"),
+    ([[0.0] * 1300, [0.0] * 1300, [0.0] * 12], "ecg_signals[2] must have exactly 1300 values (got 12)"),
+    ([[0.0] * 1300, [0.0] * 17 + [None] + [0.0] * 1282], "ecg_signals[1][17] must be a finite number (got null)"),
+])
+def test_batch_errors_name_the_window(client, key, signals, error):
+    body = {} if signals is None else {"ecg_signals": signals}
+    result = client.simulate_post("/api/v1/denoising/batch", json=body, headers={"x-api-key": key})
+    assert result.status_code == 400
+    assert result.json["error"] == error
+
+
+def test_batch_requires_a_key(client):
+    result = client.simulate_post("/api/v1/denoising/batch", json={"ecg_signals": [[0.0] * 1300]})
+    assert result.status_code == 401
+
+
+# -- the batcher on its own ----------------------------------------------------------------------
+class CountingEngine(Engine):
+    """The real engine, recording the size of each run."""
+
+    def __init__(self) -> None:
+        super().__init__(MODEL, threads=1)
+        self.runs: list[int] = []
+
+    def denoise(self, windows, input_units=False):
+        self.runs.append(len(windows))
+        return super().denoise(windows, input_units)
+
+
+def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
+    with ThreadPoolExecutor(len(windows)) as pool:
+        return list(pool.map(lambda w: batcher.denoise(w[None, :]), windows))
+
+
+def test_batcher_coalesces_concurrent_requests():
+    engine = CountingEngine()
+    # A wait far longer than the submissions take: the batch closes because it is full.
+    batcher = Batcher(engine, max_size=4, max_wait_s=30)
+    windows = noisy_windows(4, seed=4)
+    try:
+        outputs = submit_together(batcher, windows)
+    finally:
+        batcher.close()
+    assert engine.runs == [4]
+    np.testing.assert_allclose(np.concatenate(outputs), reference(windows, False), rtol=0, atol=TOLERANCE)
+
+
+def test_batch_size_one_runs_each_request_alone():
+    engine = CountingEngine()
+    batcher = Batcher(engine, max_size=1, max_wait_s=30)
+    try:
+        submit_together(batcher, noisy_windows(3))
+    finally:
+        batcher.close()
+    assert engine.runs == [1, 1, 1]
+
+
+def test_large_request_runs_in_slices_of_max_size():
+    engine = CountingEngine()
+    batcher = Batcher(engine, max_size=4, max_wait_s=0)
+    windows = noisy_windows(10, seed=5)
+    try:
+        out = batcher.denoise(windows, input_units=True)
+    finally:
+        batcher.close()
+    assert engine.runs == [4, 4, 2]
+    np.testing.assert_allclose(out, reference(windows, True), rtol=0, atol=TOLERANCE)
+
+
+def test_closed_batcher_refuses_work():
+    batcher = Batcher(Engine(MODEL, threads=1), max_size=4, max_wait_s=0)
+    assert batcher.ready
+    batcher.close()
+    assert not batcher.ready
+    with pytest.raises(ModelUnavailable):
+        batcher.denoise(noisy_windows(1))
