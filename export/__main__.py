@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--manifest", type=Path, help="manifest to update (default: manifest.json beside --out)")
     parser.add_argument("--model-version", type=int, default=1, help="version reported by the service")
+    parser.add_argument("--conv1d", action="store_true", help="keep 1-D convolutions (slower; for comparison)")
     parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest allowed abs difference")
     parser.add_argument("--verify-only", action="store_true", help="check parity of an existing --out, write nothing")
     return parser.parse_args(argv)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> str:
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".onnx")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(to_onnx_bytes(model))
+            fh.write(to_onnx_bytes(model, conv2d=not args.conv1d))
         parity = check_parity(model, tmp, tolerance=args.tolerance)
         os.replace(tmp, args.out)
     finally:
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> str:
                     "bytes": args.out.stat().st_size,
                     "opset": OPSET,
                     "precision": "fp32",
+                    "layout": "conv1d" if args.conv1d else "conv2d (N×C×1×L inside, N×1×1300 at the interface)",
                     "parity": parity.as_dict(),
                 }
             },

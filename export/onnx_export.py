@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import torch
 
+from export.conv2d import as_conv2d
 from export.model import WINDOW, AttentionUNet
 from export.synth import noisy_windows
 from service.engine import INPUT_NAME, OUTPUT_NAME, Engine, normalize
@@ -34,8 +35,11 @@ class Parity:
         return asdict(self)
 
 
-def to_onnx_bytes(model: AttentionUNet) -> bytes:
-    """Serialized ONNX model: input ``ecg`` [N, 1, 1300] with a dynamic batch, output ``denoised``."""
+def to_onnx_bytes(model: AttentionUNet, conv2d: bool = True) -> bytes:
+    """Serialized ONNX model: input ``ecg`` [N, 1, 1300] with a dynamic batch, output ``denoised``.
+
+    With ``conv2d`` the graph runs its convolutions as 2-D over ``N×C×1×L`` (see export/conv2d.py).
+    """
     model = model.eval()
     example = torch.zeros(2, 1, WINDOW)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -53,6 +57,8 @@ def to_onnx_bytes(model: AttentionUNet) -> bytes:
             dynamic_shapes={"x": {0: batch}},
         )
         proto = onnx.load(str(path))
+    if conv2d:
+        proto = as_conv2d(proto)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 

@@ -146,3 +146,13 @@ def test_bad_checkpoints_fail_with_one_sentence_and_write_nothing(tmp_path, make
 def test_missing_checkpoint_is_one_sentence(tmp_path):
     result = run_export("--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "m.onnx"))
     assert_one_sentence_failure(result, "checkpoint not found")
+
+
+def test_conv1d_and_conv2d_exports_compute_the_same_function(exported, checkpoint, tmp_path):
+    out = tmp_path / "conv1d.onnx"
+    result = run_export("--weights", str(checkpoint), "--out", str(out), "--conv1d")
+    assert result.returncode == 0, result.stderr
+    kernels = {len(a.ints) for n in onnx.load(str(exported)).graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "kernel_shape"}
+    assert kernels == {2}
+    windows = parity_windows(32, seed=9)
+    assert np.abs(Engine(out).run(windows) - Engine(exported).run(windows)).max() <= 1e-5
