@@ -63,17 +63,34 @@ def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z[:, None, :], mu, sigma
 
 
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(threads: int | None = None, spinning: bool = False, level: str = "all") -> ort.SessionOptions:
+    """Session settings of the engine; the benchmarks vary the same knobs through here.
+
+    Spinning is off by default: spinning workers burn a core while the service idles, and
+    requests arrive milliseconds apart.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or usable_cpus()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class Engine:
     """One onnxruntime CPU session shared by all request threads (``run`` is thread-safe)."""
 
-    def __init__(self, model_path: str | os.PathLike, threads: int | None = None) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or usable_cpus()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning workers burn a core while the service idles; requests are milliseconds apart.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None, spinning: bool = False) -> None:
+        options = session_options(threads, spinning)
         self.threads = options.intra_op_num_threads
         self._session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
