@@ -1,0 +1,237 @@
+"""HTTP benchmark: the real service under concurrent clients, driven by `wrk`.
+
+`python -m benchmarks.http` starts `python -m service` on a free loopback port (SQLite, mails to
+an outbox folder), obtains a real API key through the mailed links, and posts realistic windows
+with wrk (compiled, one thread, so the load generator takes as little CPU from the server as
+possible) at 1, 4, 16 and 64 connections: requests/s, p50/p95/p99 latency, errors, the server's
+resident memory under load and its CPU use while idle. ``--soak 600`` adds a 10-minute run at 16
+connections with the memory sampled every minute. Install wrk with `apt-get install wrk`.
+"""
+from __future__ import annotations
+
+import argparse
+import email
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, machine, markdown_table, save
+from export.synth import noisy_windows
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = "%(key)s"
+local f = io.open("%(body)s", "r"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  io.write(string.format('{"requests": %%d, "duration_us": %%d, "errors": %%d, "p50_us": %%d, "p95_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m service` in a subprocess with its own database and outbox folder."""
+
+    def __init__(self, folder: Path, model: Path, extra_env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.outbox = folder / "outbox"
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}", "OUTBOX_DIR": str(self.outbox),
+               "MODEL_PATH": str(model), "PORT": str(self.port), "HOST": "127.0.0.1", "BASE_URL": self.url,
+               "LOG_LEVEL": "WARNING", "MAIL_RETRY_MIN_SECONDS": "0.05", **extra_env}
+        env.pop("SMTP_HOST", None)
+        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the service did not become ready")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            return urllib.request.urlopen(f"{self.url}/readyz", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def _post(self, path: str, payload: dict) -> None:
+        request = urllib.request.Request(f"{self.url}{path}", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+    def _next_mail_text(self, seen: set[Path]) -> str:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            new = sorted(set(self.outbox.glob("*.eml")) - seen)
+            if new:
+                seen.add(new[0])
+                message = email.message_from_bytes(new[0].read_bytes())
+                return next(p.get_payload(decode=True).decode() for p in message.walk() if p.get_content_type() == "text/plain")
+            time.sleep(0.05)
+        raise RuntimeError("no mail arrived in the outbox")
+
+    def api_key(self, address: str = "bench@example.com") -> str:
+        """A real key: request it, follow the mailed link, read the key from the second mail."""
+        seen: set[Path] = set(self.outbox.glob("*.eml")) if self.outbox.exists() else set()
+        self._post("/api/v1/api-keys/generation", {"email": address})
+        link = re.search(r"https?://\S+token=[\w-]+", self._next_mail_text(seen)).group(0)
+        urllib.request.urlopen(link, timeout=10).read()
+        return re.search(r"Your API key: (\S+)", self._next_mail_text(seen)).group(1)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def wrk(server: Server, script: Path, connections: int, seconds: int) -> dict:
+    """One wrk run; the server's resident memory is sampled while it runs."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
+               f"{server.url}/api/v1/denoising"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak = 0.0
+    while process.poll() is None:
+        peak = max(peak, server.rss_mb())
+        time.sleep(0.25)
+    line = next(l for l in process.stdout.read().splitlines() if l.startswith("{"))
+    r = json.loads(line)
+    return {
+        "connections": connections,
+        "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+        "errors": r["errors"], "requests": r["requests"], "rss_peak_mb": peak,
+    }
+
+
+def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        body = folder / "body.json"
+        window = noisy_windows(np.random.default_rng(0), 1)[0]
+        body.write_text(json.dumps({"ecg_signal": [round(float(v), 4) for v in window]}))
+        server = Server(folder, model, extra_env)
+        try:
+            script = folder / "post.lua"
+            script.write_text(LUA % {"key": server.api_key(), "body": body})
+            wrk(server, script, 4, 2)  # warm-up
+            rows = []
+            for c in connections:
+                rows.append(wrk(server, script, c, seconds))
+                print(f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
+                      f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB", flush=True)
+            time.sleep(2)
+            before = server.cpu_seconds()
+            time.sleep(10)
+            idle_cpu = (server.cpu_seconds() - before) / 10 * 100
+            soak_rows = []
+            for minute in range(soak // 60):
+                soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60), "rss_after_mb": server.rss_mb()})
+                print(f"{label}: soak minute {minute + 1}: rss {soak_rows[-1]['rss_after_mb']:.1f} MB", flush=True)
+        finally:
+            server.stop()
+    result = {"label": label, "model": model.name, "env": extra_env, "rows": rows, "idle_cpu_percent": idle_cpu}
+    if soak_rows:
+        first, last = soak_rows[0]["rss_after_mb"], soak_rows[-1]["rss_after_mb"]
+        result["soak"] = {"minutes": soak_rows, "rss_growth_percent": (last - first) / first * 100}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, nargs="+",
+                        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"])
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--soak", type=int, default=0, help="seconds of an extra run at 16 connections (memory growth)")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (batcher settings, threads)")
+    parser.add_argument("--name", default="http", help="results file name")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env) for m in args.models]
+    engine = RESULTS / "engine.json"
+    if engine.exists():
+        best = json.loads(engine.read_text())["best"]
+        for run in runs:
+            key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
+            single = min((r for r in json.loads(engine.read_text())["rows"] if r["engine"] == key and r["batch"] == 1), key=lambda r: r["p50_ms"])
+            at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
+            at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
+            run["vs_engine"] = {
+                "engine_best_windows_per_s": best[key]["windows_per_s"],
+                "throughput_ratio_at_16": at16 and at16["requests_per_s"] / best[key]["windows_per_s"],
+                "engine_batch1_p50_ms": single["p50_ms"],
+                "p50_overhead_at_1_ms": at1 and at1["p50_ms"] - single["p50_ms"],
+            }
+    payload = {"machine": machine(), "load_generator": "wrk 4.1, 1 thread, same machine", "runs": runs}
+    path = save(args.name, payload)
+    chart(payload, RESULTS / f"{args.name}.png")
+    for run in runs:
+        print(f"\n{run['label']} {run['env'] or ''} (idle CPU {run['idle_cpu_percent']:.2f} %)")
+        print(markdown_table(run["rows"], [("connections", "connections"), ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"),
+                                           ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("errors", "errors"), ("rss_peak_mb", "RSS MB")]))
+        for key in ("vs_engine", "soak"):
+            if key in run:
+                print(key, json.dumps({k: v for k, v in run[key].items() if k != "minutes"}))
+    print(f"wrote {path}")
+    return 0
+
+
+def chart(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in payload["runs"]:
+        c = [r["connections"] for r in run["rows"]]
+        left.plot(c, [r["requests_per_s"] for r in run["rows"]], marker="o", label=run["label"])
+        right.plot(c, [r["p50_ms"] for r in run["rows"]], marker="o", label=f"{run['label']} p50")
+        right.plot(c, [r["p99_ms"] for r in run["rows"]], marker="x", ls="--", label=f"{run['label']} p99")
+    for ax, ylabel in ((left, "requests / s"), (right, "latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connections")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    m = payload["machine"]
+    fig.suptitle(f"POST /api/v1/denoising — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
