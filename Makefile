@@ -33,10 +33,15 @@ train: $(VENV)/.full
 	$(BIN)/python -m export.train --data $(DATA) --out $(WEIGHTS)
 
 evaluate: $(VENV)/.full
-	$(BIN)/python -m export.evaluate --model artifacts/attention_unet.onnx --data $(DATA)
+	$(BIN)/python -m export.evaluate --model artifacts/attention_unet.onnx --data $(DATA) --manifest artifacts/manifest.json
 
 quantize: $(VENV)/.full
 	$(BIN)/python -m export.quantize --model artifacts/attention_unet.onnx --data $(DATA)
+
+# Needs wrk for the HTTP part (apt-get install wrk); run on an otherwise idle machine.
+bench: $(VENV)/.full
+	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.http
 
 clean:
 	rm -rf $(VENV) .pytest_cache
