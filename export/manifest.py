@@ -5,20 +5,15 @@ updates merge into the existing file and are written atomically.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from service.manifest import sha256  # the same checksum the service verifies at start
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["sha256", "read", "atomic_write_bytes", "update"]
 
 
 def read(path: str | Path) -> dict[str, Any]:
