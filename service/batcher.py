@@ -4,6 +4,11 @@ One worker thread owns the onnxruntime session: it blocks on a queue (no spinnin
 takes the first request, gathers more until ``max_size`` windows or ``max_wait_s`` have passed,
 runs the engine once and hands each request its rows through a future. Requests pile up while a
 batch runs, so under load batches form without any wait; ``max_size=1`` disables coalescing.
+
+Measured with waitress on 2 cores (a training job sharing them), 8 s per point, requests/s:
+clients 1/4/16 → max_size=1: 141/138/150; max_size=8, wait 0: 138/174/178; wait 2 ms: 104/153/158.
+A batched run costs about as much per window as single ones on this CPU, so the gain is fewer
+threads contending and less per-call overhead; a wait only delays lone requests, hence 0 by default.
 """
 from __future__ import annotations
 

@@ -12,11 +12,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import urlencode
 
-import peewee as pw
-
 from service import mail
 from service.mail import Mail, Outbox
-from service.store import DEACTIVATION, GENERATION, Store, utcnow
+from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
 from service.usage import LastUsed
 
 TOKEN_TTL = timedelta(hours=24)
@@ -103,7 +101,7 @@ class KeyService:
             raise NoToken()
         try:
             result = self._verify(token)
-        except pw.IntegrityError:
+        except KeyConflict:
             # Two generation tokens of one email verified at once: the unique index on active
             # keys let one win; running again deactivates the winner's key and issues ours.
             result = self._verify(token)

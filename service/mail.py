@@ -10,6 +10,7 @@ import html
 import logging
 import smtplib
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -165,7 +166,7 @@ class FolderSender:
         yield self._write
 
     def _write(self, message: EmailMessage) -> None:
-        path = self._folder / f"{uuid.uuid4().hex}.eml"
+        path = self._folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.eml"
         path.write_bytes(message.as_bytes())
         text = message.get_body(("plain",))
         log.info(

@@ -56,6 +56,7 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
                 "200": _response("Mail queued; it is retried until delivered", "MailSent"),
                 "400": _error("`Missing required field: email` or `Invalid email format`"),
                 status: _error(description),
+                "413": _error("Request body too large"),
             },
         }
     }

@@ -29,6 +29,10 @@ POOL_WAIT_S = 10
 _proxy = pw.DatabaseProxy()
 
 
+class KeyConflict(Exception):
+    """A concurrent transaction activated a key for the same email first (the unique index)."""
+
+
 def utcnow() -> datetime:
     """Naive UTC: the one form stored in both SQLite and PostgreSQL ``timestamp`` columns."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -40,7 +44,7 @@ class _Model(pw.Model):
 
 
 class ApiKey(_Model):
-    email = pw.CharField(max_length=254, index=True)
+    email = pw.CharField(max_length=254)  # queried with is_active: served by the index below
     key_hash = pw.CharField(max_length=64, unique=True)
     is_active = pw.BooleanField(default=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -52,7 +56,9 @@ class ApiKey(_Model):
 
 
 # At most one active key per email, whatever the interleaving of concurrent verifications.
-ApiKey.add_index(ApiKey.index(ApiKey.email, unique=True).where(ApiKey.is_active == True))  # noqa: E712
+ApiKey.add_index(
+    ApiKey.index(ApiKey.email, unique=True, name="api_key_one_active_per_email").where(ApiKey.is_active == True)  # noqa: E712
+)
 
 
 class Token(_Model):
@@ -176,7 +182,10 @@ class Store:
         )
 
     def add_key(self, email: str, key_hash: str, now: datetime) -> None:
-        ApiKey.create(email=email, key_hash=key_hash, created_at=now)
+        try:
+            ApiKey.create(email=email, key_hash=key_hash, created_at=now)
+        except pw.IntegrityError as exc:
+            raise KeyConflict(email) from exc
 
     def record_last_used(self, times: dict[int, datetime]) -> None:
         with self.db.connection_context(), self.db.atomic():

@@ -2,15 +2,17 @@
 hot path, and tables that can be created again; on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import threading
+
 import falcon.testing
 import pytest
 
 from service.app import create_app
 from service.keys import digest
 from service.runtime import Runtime
-from service.store import ApiKey, OutboxMail, Token
+from service.store import ApiKey, KeyConflict, OutboxMail, Token, utcnow
 
-from .conftest import make_config, obtain_key, verify_link, wait_until
+from .conftest import key_in, make_config, obtain_key, verify_link, wait_until
 
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
 
@@ -65,3 +67,57 @@ def test_creating_tables_again_is_harmless(runtime_on):
     runtime_on.store.create_tables()
     runtime_on.store.create_tables()
     assert runtime_on.store.ping()
+
+
+def test_database_refuses_a_second_active_key_for_an_email(runtime_on):
+    store = runtime_on.store
+    with store.transaction():
+        store.add_key("one@example.org", digest("first"), utcnow())
+    with pytest.raises(KeyConflict), store.transaction():
+        store.add_key("one@example.org", digest("second"), utcnow())
+    with store.transaction():
+        store.deactivate_keys("one@example.org", utcnow())
+        store.add_key("one@example.org", digest("second"), utcnow())
+    store.release()
+
+
+def test_concurrent_activation_for_one_email_keeps_one_active_key(tmp_path, postgres_url, smtp):
+    """Another transaction activates a key for the same email while a verification runs: the
+    unique index on active keys makes the verification retry, and one active key remains."""
+    import psycopg2
+
+    rt = Runtime(make_config(tmp_path, postgres_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
+                             smtp_security="none"))
+    rival = psycopg2.connect(postgres_url)
+    probe = psycopg2.connect(postgres_url)
+    probe.autocommit = True
+    try:
+        client = falcon.testing.TestClient(create_app(rt.deps))
+        client.simulate_post("/api/v1/api-keys/generation", json={"email": "race@example.org"})
+        path = verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", "")
+
+        with rival.cursor() as cur:  # an open transaction holding the index entry
+            cur.execute("INSERT INTO api_key (email, key_hash, is_active, created_at) "
+                        "VALUES ('race@example.org', 'rival', true, now())")
+        results: list[int] = []
+        verifier = threading.Thread(target=lambda: results.append(client.simulate_get(path).status_code))
+        verifier.start()
+
+        def blocked() -> bool:
+            with probe.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE 'INSERT INTO \"api_key\"%'")
+                return cur.fetchone()[0] > 0
+
+        wait_until(blocked, what="the verification to wait on the rival's index entry")
+        rival.commit()
+        verifier.join(30)
+        assert results == [200]
+        key = key_in(smtp.mailbox.wait_for(2)[1])
+        with rt.store.db.connection_context():
+            active = list(ApiKey.select().where((ApiKey.email == "race@example.org") & ApiKey.is_active))
+        assert [k.key_hash for k in active] == [digest(key)]
+    finally:
+        rival.close()
+        probe.close()
+        rt.close()
