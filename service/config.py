@@ -16,6 +16,7 @@ from service.engine import usable_cpus
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SECURITY = ("starttls", "ssl", "none")
 DEFAULT_SMTP_PORT = {"starttls": 587, "ssl": 465, "none": 25}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.smtp_security not in SMTP_SECURITY:
             raise ConfigError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)} (got {self.smtp_security!r}).")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

@@ -92,10 +92,14 @@ def test_local_run_without_smtp_writes_mails_to_log_and_folder(service_process, 
     assert wait_until(lambda: "api-keys/verify?token=" in server.log(), what="the mail in the log")
 
 
-def test_health_and_readiness(service_process, tmp_path):
-    server = service_process({"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}", "OUTBOX_DIR": str(tmp_path)})
+def test_health_readiness_and_oversized_body(service_process, tmp_path):
+    server = service_process({"DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}", "OUTBOX_DIR": str(tmp_path),
+                              "MAX_BATCH_WINDOWS": "1"})
     assert http("GET", f"{server.url}/healthz") == (200, {"status": "ok"})
     assert http("GET", f"{server.url}/readyz") == (200, {"status": "ready", "model": True, "database": True})
+    limit = 1 << 20  # the floor of the body limit
+    status, body = http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "a@b.c", "pad": "x" * limit})
+    assert (status, body) == (413, {"error": f"Request body too large (limit {limit} bytes)"})
 
 
 @pytest.mark.parametrize("problem, expected", [
@@ -127,6 +131,8 @@ def test_bad_model_stops_the_start_with_one_sentence(service_process, tmp_path, 
     ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "cannot be used"),
     ({"PORT": "eighty"}, "PORT must be an integer"),
     ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY must be one of"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of"),
+    ({"BATCH_MAX_SIZE": "0"}, "BATCH_MAX_SIZE must be at least 1"),
 ])
 def test_bad_configuration_stops_the_start_with_one_sentence(service_process, tmp_path, env, expected):
     with pytest.raises(AssertionError, match="service exited with 1") as failure:
