@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> str:
         with os.fdopen(fd, "wb") as fh:
             fh.write(to_onnx_bytes(model, conv2d=not args.conv1d))
         parity = check_parity(model, tmp, tolerance=args.tolerance)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service may run as another user
         os.replace(tmp, args.out)
     finally:
         Path(tmp).unlink(missing_ok=True)
