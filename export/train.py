@@ -21,10 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from export import manifest
+from export.checkpoint import read_state_dict
 from export.data import Corpus, load_corpus
 from export.metrics import snr_db
 from export.model import AttentionUNet
-from export.windows import TrainingWindows, validation_grid
+from export.windows import TRAIN_SNR_DB, TrainingWindows, validation_grid
 from service.engine import normalize
 
 
@@ -41,6 +42,9 @@ class Config:
     precision: str = "bf16"  # autocast dtype for forward/backward; validation runs in fp32
     val_per_case: int = 32
     max_minutes: float = 0.0  # stop (resumably) after the epoch that crosses it; 0 = no limit
+    snr_min_db: float = TRAIN_SNR_DB[0]
+    snr_max_db: float = TRAIN_SNR_DB[1]
+    init: str = ""  # start a fresh run (new optimizer and schedule) from these weights: fine-tuning
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -91,6 +95,8 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = AttentionUNet().to(device)
+    if cfg.init:
+        model.load_state_dict(read_state_dict(cfg.init), strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     state = {"epoch": 0, "best": -math.inf, "best_result": None}
@@ -104,7 +110,7 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         state = saved["state"]
         print(f"resumed from {last} after epoch {state['epoch']}", file=sys.stderr)
 
-    sampler = TrainingWindows(corpus)
+    sampler = TrainingWindows(corpus, (cfg.snr_min_db, cfg.snr_max_db))
     grid = validation_grid(corpus, cfg.val_per_case)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     started = time.monotonic()

@@ -58,6 +58,7 @@ class TrainingWindows:
     """Random training pairs with the augmentations a chest strap meets."""
 
     corpus: Corpus
+    snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
 
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._pair(rng) for _ in range(count)]
@@ -67,7 +68,7 @@ class TrainingWindows:
         clean = _clean_segment(rng, self.corpus.train)
         clean = clean * rng.choice([-1.0, 1.0], p=[0.3, 0.7]) * np.exp(rng.uniform(np.log(0.3), np.log(3)))
         noise = self._noise(rng)
-        noisy = clean + scale_to_snr(clean, noise, rng.uniform(*TRAIN_SNR_DB))
+        noisy = clean + scale_to_snr(clean, noise, rng.uniform(*self.snr_db))
         t = np.arange(WINDOW) / SAMPLING_RATE_HZ
         if rng.random() < 0.3:  # powerline hum
             amp = rng.uniform(0.02, 0.5) * clean.std()
