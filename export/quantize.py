@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -46,7 +47,20 @@ def calibration_windows(corpus: Corpus, count: int, seed: int = 11) -> np.ndarra
     return normalize(noisy)[0]
 
 
-def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percentile") -> None:
+def full_resolution_nodes(model: Path) -> list[str]:
+    """Nodes whose output keeps the full time resolution: the outermost U-Net level.
+
+    Its activations carry the fine detail of the output (the first encoder block, the last
+    attention gate and decoder block, the final 1×1 convolution); 8-bit activations there cost
+    up to 0.9 dB on clean-ish windows, for about 3 % of the model's arithmetic.
+    """
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(model)))
+    last_dim = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in inferred.graph.value_info if v.type.tensor_type.shape.dim}
+    full = max(last_dim.values())
+    return [n.name for n in inferred.graph.node if n.output and last_dim.get(n.output[0]) == full]
+
+
+def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percentile", keep_full_resolution: bool = True) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
@@ -59,6 +73,7 @@ def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percenti
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["Conv", "MaxPool", "Add", "Mul", "Concat", "Relu", "LeakyRelu", "Sigmoid"],
+            nodes_to_exclude=full_resolution_nodes(prepared) if keep_full_resolution else None,
             calibrate_method=_METHODS[method],
             extra_options={"CalibPercentile": 99.999} if method == "percentile" else None,
         )
