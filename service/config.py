@@ -23,6 +23,16 @@ class ConfigError(ValueError):
     """A variable that cannot be used; the message is one sentence naming it."""
 
 
+_FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def _flag(raw: str) -> bool:
+    try:
+        return _FLAGS[raw.lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
 def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
     return {"env": name, "parse": parse, "low": low}
 
@@ -42,6 +52,9 @@ class Config:
     # full; a waiting thread costs little.
     web_threads: int = field(default_factory=lambda: max(4, 4 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
     ort_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_THREADS", int, 1))
+    # Spinning onnxruntime workers answer the next batch sooner (measured in the README) and
+    # go to sleep once the service idles; off trades that for a little less CPU under light load.
+    ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
@@ -78,7 +91,7 @@ class Config:
             try:
                 value = meta["parse"](raw)
             except ValueError:
-                kind = "an integer" if meta["parse"] is int else "a number"
+                kind = {int: "an integer", _flag: "on or off"}.get(meta["parse"], "a number")
                 raise ConfigError(f"{meta['env']} must be {kind} (got {raw!r}).") from None
             if meta["low"] is not None and value < meta["low"]:
                 raise ConfigError(f"{meta['env']} must be at least {meta['low']} (got {raw!r}).")

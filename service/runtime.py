@@ -39,7 +39,7 @@ def load_engine(config: Config) -> tuple[Engine, int]:
     if version is None:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
     try:
-        engine = Engine(config.model_path, threads=config.ort_threads)
+        engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning)
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
     return engine, version

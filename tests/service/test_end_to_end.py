@@ -133,6 +133,7 @@ def test_bad_model_stops_the_start_with_one_sentence(service_process, tmp_path, 
     ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY must be one of"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of"),
     ({"BATCH_MAX_SIZE": "0"}, "BATCH_MAX_SIZE must be at least 1"),
+    ({"ORT_SPINNING": "maybe"}, "ORT_SPINNING must be on or off"),
 ])
 def test_bad_configuration_stops_the_start_with_one_sentence(service_process, tmp_path, env, expected):
     with pytest.raises(AssertionError, match="service exited with 1") as failure:
