@@ -98,6 +98,14 @@ class Engine:
         shape = self._session.get_inputs()[0].shape
         self.window = int(shape[-1])
 
+    def warm_up(self, max_batch: int) -> None:
+        """Run the largest batch once, so onnxruntime's memory arena reaches its peak at start.
+
+        The arena grows for each new largest batch and never shrinks; without this, resident
+        memory steps up the first time load fills a batch, long after start.
+        """
+        self.run(np.zeros((max_batch, 1, self.window), dtype=np.float32))
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw model call on a normalized ``N×1×L`` float32 batch."""
         return self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

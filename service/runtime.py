@@ -40,6 +40,7 @@ def load_engine(config: Config) -> tuple[Engine, int]:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
     try:
         engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning)
+        engine.warm_up(config.batch_max_size)
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
     return engine, version

@@ -156,3 +156,14 @@ def test_conv1d_and_conv2d_exports_compute_the_same_function(exported, checkpoin
     assert kernels == {2}
     windows = parity_windows(32, seed=9)
     assert np.abs(Engine(out).run(windows) - Engine(exported).run(windows)).max() <= 1e-5
+
+
+def test_upsampling_as_conv_computes_the_same_function(exported, tmp_path):
+    from export.conv2d import upsampling_as_conv
+
+    rewritten = upsampling_as_conv(onnx.load(str(exported)))
+    assert not [n for n in rewritten.graph.node if n.op_type == "ConvTranspose"]
+    path = tmp_path / "rewritten.onnx"
+    onnx.save(rewritten, str(path))
+    windows = parity_windows(16, seed=2)
+    assert np.abs(Engine(path).run(windows) - Engine(exported).run(windows)).max() <= 1e-5
