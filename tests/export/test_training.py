@@ -57,3 +57,15 @@ def test_learning_rate_warms_up_then_decays():
     factors = [lr_factor(s, cfg) for s in range(100)]
     assert factors[0] < factors[9] == 1.0
     assert factors[10] > factors[50] > factors[99] >= 0.01
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    from .conftest import random_state_dict
+
+    start = tmp_path / "start.pth"
+    torch.save(random_state_dict(seed=3), start)
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    cfg = Config(epochs=1, steps_per_epoch=0, val_per_case=1, warmup_epochs=0, init=str(start), snr_min_db=0, snr_max_db=24)
+    train(corpus, cfg, tmp_path / "run", tmp_path / "best.pth", progress=False)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    assert torch.equal(saved["final.weight"], torch.load(start)["final.weight"])
