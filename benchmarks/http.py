@@ -183,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env) for m in args.models]
     engine = RESULTS / "engine.json"
     if engine.exists():
-        best = json.loads(engine.read_text())["best"]
+        engine_results = json.loads(engine.read_text())
+        best = engine_results["best"]
         for run in runs:
             key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
-            single = min((r for r in json.loads(engine.read_text())["rows"] if r["engine"] == key and r["batch"] == 1), key=lambda r: r["p50_ms"])
+            single = min((r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1), key=lambda r: r["p50_ms"])
             at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
             at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
             run["vs_engine"] = {

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import signal
 
 from export import manifest
 from export.data import Corpus, load_corpus
@@ -81,8 +82,6 @@ def denoise_strip(engine: Engine, x: np.ndarray) -> np.ndarray:
 
 def r_peaks(x: np.ndarray, fs: float = 130.0) -> np.ndarray:
     """A plain R-peak detector (5–25 Hz band energy), for reference-free before/after checks."""
-    from scipy import signal
-
     sos = signal.butter(2, [5, 25], btype="bandpass", fs=fs, output="sos")
     energy = np.abs(signal.sosfiltfilt(sos, x))
     peaks, _ = signal.find_peaks(energy, height=0.3 * np.percentile(energy, 99), distance=int(0.3 * fs))

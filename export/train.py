@@ -8,6 +8,7 @@ is written to ``--out`` as a bare state dict that the export stage loads strictl
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -154,8 +155,6 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()

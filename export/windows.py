@@ -43,14 +43,20 @@ def mixture(rng: np.random.Generator, noise: dict[str, np.ndarray], weights: np.
     return sum(w * _unit(_segment(rng, noise[k])) for w, k in zip(weights, NOISE_TYPES))
 
 
-def _clean_segment(rng: np.random.Generator, records: list[Record], n: int = WINDOW) -> np.ndarray:
-    """A random stretch of a random lead, records drawn by length; flat stretches are redrawn."""
-    leads = [s for r in records for s in r.signals]
-    sizes = np.array([s.size for s in leads], dtype=np.float64)
-    while True:
-        clean = _segment(rng, [leads[rng.choice(len(leads), p=sizes / sizes.sum())]], n)
-        if clean.std() > 0.02:  # mV: leads-off or flat-line stretches carry no ECG
-            return clean
+class LeadPool:
+    """Every lead of some records, drawn in proportion to its length (computed once, drawn often)."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self._leads = [s for r in records for s in r.signals]
+        sizes = np.array([s.size for s in self._leads], dtype=np.float64)
+        self._p = sizes / sizes.sum()
+
+    def clean_segment(self, rng: np.random.Generator, n: int = WINDOW) -> np.ndarray:
+        """A random stretch of a random lead; flat stretches are redrawn."""
+        while True:
+            clean = _segment(rng, [self._leads[rng.choice(len(self._leads), p=self._p)]], n)
+            if clean.std() > 0.02:  # mV: leads-off or flat-line stretches carry no ECG
+                return clean
 
 
 @dataclass
@@ -60,12 +66,15 @@ class TrainingWindows:
     corpus: Corpus
     snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
 
+    def __post_init__(self) -> None:
+        self._pool = LeadPool(self.corpus.train)
+
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._pair(rng) for _ in range(count)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def _pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        clean = _clean_segment(rng, self.corpus.train)
+        clean = self._pool.clean_segment(rng)
         clean = clean * rng.choice([-1.0, 1.0], p=[0.3, 0.7]) * np.exp(rng.uniform(np.log(0.3), np.log(3)))
         noise = self._noise(rng)
         noisy = clean + scale_to_snr(clean, noise, rng.uniform(*self.snr_db))
@@ -92,12 +101,13 @@ class TrainingWindows:
 def validation_grid(corpus: Corpus, per_case: int, seed: int = 2026) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Fixed (noisy, clean) windows per (noise type, input SNR) from validation records and noise."""
     rng = np.random.default_rng(seed)
+    pool = LeadPool(corpus.validation)
     grid = {}
     for kind in EVAL_NOISE:
         for snr in EVAL_SNR_DB:
             noisy, clean = [], []
             for _ in range(per_case):
-                c = _clean_segment(rng, corpus.validation)
+                c = pool.clean_segment(rng)
                 n = mixture(rng, corpus.noise_validation) if kind == "mixture" else _segment(rng, corpus.noise_validation[kind])
                 noisy.append(c + scale_to_snr(c, n, snr))
                 clean.append(c)
