@@ -5,6 +5,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,17 +30,23 @@ def machine() -> dict:
     }
 
 
-def time_calls(call: Callable[[], object], seconds: float, warmup: int = 3) -> np.ndarray:
-    """Per-call wall times (s) of ``call`` repeated for about ``seconds`` after a warm-up."""
-    for _ in range(warmup):
-        call()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return np.array(times)
+def time_calls(call: Callable[[], object], seconds: float, warmup: int = 3, streams: int = 1) -> np.ndarray:
+    """Per-call wall times (s) of ``call`` repeated for about ``seconds`` after a warm-up, in
+    ``streams`` threads calling at once (their times pooled; each thread is busy the whole time,
+    so throughput is ``streams`` × calls / total time)."""
+    def loop(_: int) -> list[float]:
+        for _ in range(warmup):
+            call()
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 5:
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return times
+
+    with ThreadPoolExecutor(streams) as pool:
+        return np.concatenate([np.array(t) for t in pool.map(loop, range(streams))])
 
 
 def save(name: str, payload: dict) -> Path:

@@ -1,8 +1,9 @@
 """In-process engine benchmark: PyTorch eager vs onnxruntime fp32 (1-D and 2-D) vs int8.
 
 `python -m benchmarks.engine` measures throughput (windows/s) and per-call latency (p50, p99)
-over batch sizes and thread settings, the model's floating-point work per window and the
-achieved GFLOP/s next to this machine's measured single-precision matrix-multiply peak.
+over batch sizes, thread settings and concurrent runs on one session (streams), the model's
+floating-point work per window and the achieved GFLOP/s next to this machine's measured
+single-precision matrix-multiply peak.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from export.synth import noisy_windows
 from service.engine import INPUT_NAME, OUTPUT_NAME, normalize, session_options, usable_cpus
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+LEVEL_BATCH = 16  # batch of the graph-optimization-level comparison
 
 
 def flops_per_window(path: Path) -> float:
@@ -60,9 +62,11 @@ def matmul_peak(threads: int, seconds: float) -> dict:
     return {"onnxruntime_gflops": ort_best, "numpy_gflops": numpy_best, "peak_gflops": max(ort_best, numpy_best), "n": n}
 
 
-def ort_case(path: Path, batch: np.ndarray, threads: int, spinning: bool, seconds: float, level: str = "all") -> np.ndarray:
+def ort_case(path: Path, batch: np.ndarray, threads: int, spinning: bool, seconds: float, level: str = "all",
+             streams: int = 1) -> np.ndarray:
+    """Call times of one shared session, run by ``streams`` threads at once (as the batcher's workers do)."""
     session = ort.InferenceSession(str(path), session_options(threads, spinning, level), providers=["CPUExecutionProvider"])
-    return time_calls(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), seconds)
+    return time_calls(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), seconds, streams=streams)
 
 
 def torch_case(weights: Path, batch: np.ndarray, threads: int, seconds: float) -> np.ndarray:
@@ -81,8 +85,8 @@ def torch_case(weights: Path, batch: np.ndarray, threads: int, seconds: float) -
     return time_calls(call, seconds)
 
 
-def summarize(times: np.ndarray, batch: int, flops: float) -> dict:
-    throughput = batch * len(times) / times.sum()
+def summarize(times: np.ndarray, batch: int, flops: float, streams: int = 1) -> dict:
+    throughput = streams * batch * len(times) / times.sum()
     return {
         "windows_per_s": float(throughput),
         "p50_ms": float(np.percentile(times, 50) * 1e3),
@@ -110,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = usable_cpus()
     thread_counts = sorted({1, cpus})
-    windows = normalize(noisy_windows(np.random.default_rng(0), max(args.batches)))[0]
+    # (intra-op threads, concurrent runs on the one session): one run on every core, one
+    # single-threaded run, and as many runs as cores, single-threaded or sharing the full pool.
+    settings = sorted({(t, s) for t in thread_counts for s in sorted({1, cpus})})
+    windows = normalize(noisy_windows(np.random.default_rng(0), max(*args.batches, LEVEL_BATCH)))[0]
     peak = matmul_peak(cpus, args.seconds)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,20 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         flops = flops_per_window(models["onnxruntime fp32"])
         for threads in thread_counts:
-            rows.append({"engine": "PyTorch eager", "batch": 1, "threads": threads, "spinning": "-",
+            rows.append({"engine": "PyTorch eager", "batch": 1, "threads": threads, "streams": 1, "spinning": "-",
                          **summarize(torch_case(args.weights, windows[:1], threads, args.seconds), 1, flops)})
         for name, path in models.items():
             for batch in args.batches:
-                for threads in thread_counts:
+                for threads, streams in settings:
                     for spinning in (False, True):
-                        times = ort_case(path, windows[:batch], threads, spinning, args.seconds)
-                        rows.append({"engine": name, "batch": batch, "threads": threads, "spinning": "on" if spinning else "off",
-                                     **summarize(times, batch, flops)})
-                        print(f"{name:28s} batch {batch:3d} threads {threads} spinning {spinning!s:5s} {rows[-1]['windows_per_s']:8.1f} windows/s", flush=True)
+                        times = ort_case(path, windows[:batch], threads, spinning, args.seconds, streams=streams)
+                        rows.append({"engine": name, "batch": batch, "threads": threads, "streams": streams,
+                                     "spinning": "on" if spinning else "off", **summarize(times, batch, flops, streams)})
+                        print(f"{name:28s} batch {batch:3d} threads {threads} streams {streams} spinning {spinning!s:5s} "
+                              f"{rows[-1]['windows_per_s']:8.1f} windows/s", flush=True)
         levels = []
         for level in ("disable", "basic", "extended", "all"):
-            times = ort_case(models["onnxruntime fp32"], windows[:16], cpus, False, args.seconds, level)
-            levels.append({"level": level, **summarize(times, 16, flops)})
+            times = ort_case(models["onnxruntime fp32"], windows[:LEVEL_BATCH], cpus, False, args.seconds, level)
+            levels.append({"level": level, **summarize(times, LEVEL_BATCH, flops)})
 
     best = {name: max((r for r in rows if r["engine"] == name), key=lambda r: r["windows_per_s"]) for name in dict.fromkeys(r["engine"] for r in rows)}
     fp32, int8 = best["onnxruntime fp32"], best["onnxruntime int8"]
@@ -150,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     path = save("engine", payload)
     chart(payload, RESULTS / "engine.png")
 
-    columns = [("engine", "engine"), ("batch", "batch"), ("threads", "threads"), ("spinning", "spinning"), ("windows_per_s", "windows/s"),
+    columns = [("engine", "engine"), ("batch", "batch"), ("threads", "threads"), ("streams", "streams"), ("spinning", "spinning"), ("windows_per_s", "windows/s"),
                ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("gflops", "GFLOP/s")]
     print(markdown_table(list(best.values()), columns))
     print()
-    print(markdown_table(levels, [("level", "graph optimization"), ("windows_per_s", "windows/s (batch 16)"), ("p50_ms", "p50 ms")]))
+    print(markdown_table(levels, [("level", "graph optimization"), ("windows_per_s", f"windows/s (batch {LEVEL_BATCH})"), ("p50_ms", "p50 ms")]))
     print(f"\nmodel: {flops / 1e9:.3f} GFLOP per window; matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
           f"(onnxruntime {peak['onnxruntime_gflops']:.1f}, NumPy {peak['numpy_gflops']:.1f})")
     print(", ".join(f"{k} {v:.2f}" for k, v in verdict.items() if k not in ("matmul_peak", "flops_per_window")))

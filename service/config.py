@@ -49,15 +49,20 @@ class Config:
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
     port: int = field(default=8000, metadata=_env("PORT", int, 0))
     # Requests wait on the batcher while the model runs, so more threads than cores keep batches
-    # full; a waiting thread costs little.
-    web_threads: int = field(default_factory=lambda: max(4, 4 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
-    ort_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_THREADS", int, 1))
+    # full; a waiting thread costs little, and fewer threads than connections queue requests
+    # inside waitress (which then logs a warning for each one).
+    web_threads: int = field(default_factory=lambda: max(8, 8 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
+    # One single-threaded run per core beats one run spread over all cores: a run alternates
+    # between parallel and serial stretches, and concurrent runs fill each other's gaps.
+    ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
     # Spinning onnxruntime workers answer the next batch sooner (measured in the README) and
     # go to sleep once the service idles; off trades that for a little less CPU under light load.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
+    # Batches that run at once on the shared session (see service.batcher).
+    batch_workers: int = field(default_factory=usable_cpus, metadata=_env("BATCH_WORKERS", int, 1))
     max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
     smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1))

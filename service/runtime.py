@@ -40,7 +40,7 @@ def load_engine(config: Config) -> tuple[Engine, int]:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
     try:
         engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning)
-        engine.warm_up(config.batch_max_size)
+        engine.warm_up(config.batch_max_size, config.batch_workers)
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
     return engine, version
@@ -78,7 +78,7 @@ class Runtime:
         self.outbox = Outbox(self.store, mail_sender(config), config.sender_email,
                              config.mail_retry_min_s, config.mail_retry_max_s)
         self.usage = LastUsed(self.store, config.last_used_flush_s)
-        self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000)
+        self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
         self.outbox.start()
         self.usage.start()
         keys = KeyService(self.store, self.outbox, self.usage, config.public_url)

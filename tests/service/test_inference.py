@@ -2,6 +2,7 @@
 windows, in both units, one window or a batch, alone or amid concurrent requests."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -117,9 +118,9 @@ class CountingEngine(Engine):
         super().__init__(MODEL, threads=1)
         self.runs: list[int] = []
 
-    def denoise(self, windows, input_units=False):
-        self.runs.append(len(windows))
-        return super().denoise(windows, input_units)
+    def run(self, batch):
+        self.runs.append(len(batch))
+        return super().run(batch)
 
 
 def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
@@ -160,6 +161,40 @@ def test_large_request_runs_in_slices_of_max_size():
         batcher.close()
     assert engine.runs == [4, 4, 2]
     np.testing.assert_allclose(out, reference(windows, True), rtol=0, atol=TOLERANCE)
+
+
+class MeetingEngine(Engine):
+    """The real engine, whose runs only proceed once two of them are under way at the same time."""
+
+    def __init__(self) -> None:
+        super().__init__(MODEL, threads=1)
+        self.meeting = threading.Barrier(2, timeout=10)
+
+    def run(self, batch):
+        self.meeting.wait()
+        return super().run(batch)
+
+
+def test_two_workers_run_two_batches_at_once():
+    batcher = Batcher(MeetingEngine(), max_size=1, max_wait_s=0, workers=2)
+    windows = noisy_windows(4, seed=6)
+    try:
+        outputs = submit_together(batcher, windows)
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(np.concatenate(outputs), reference(windows, False), rtol=0, atol=TOLERANCE)
+
+
+def test_close_stops_every_worker():
+    engine = CountingEngine()
+    batcher = Batcher(engine, max_size=1, max_wait_s=0, workers=3)
+    with ThreadPoolExecutor(6) as pool:
+        pending = [pool.submit(batcher.denoise, w[None, :]) for w in noisy_windows(6, seed=7)]
+        for future in pending:
+            future.result(timeout=30)
+    batcher.close()
+    assert not batcher.ready
+    assert sorted(engine.runs) == [1] * 6
 
 
 def test_closed_batcher_refuses_work():
