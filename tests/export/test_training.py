@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from export.checkpoint import load_model
 from export.synth import synthetic_corpus
-from export.train import Config, lr_factor, to_batch, train
+from export.train import Config, loss_fn, lr_factor, to_batch, train
 
 TINY = dict(steps_per_epoch=3, batch_size=4, val_per_case=1, warmup_epochs=0)
 
@@ -69,3 +70,20 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     train(corpus, cfg, tmp_path / "run", tmp_path / "best.pth", progress=False)
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     assert torch.equal(saved["final.weight"], torch.load(start)["final.weight"])
+
+
+def test_snr_term_makes_every_window_count_per_decibel():
+    """Without the term, halving the error of a nearly clean window barely moves the loss next
+    to halving a noisy window's error; with it, both are worth the same 3 dB."""
+    target = torch.sin(torch.linspace(0, 20, 1300)).repeat(2, 1, 1)
+    error = torch.stack([torch.full((1, 1300), 0.05), torch.full((1, 1300), 0.5)])
+
+    def gain(weight: float, window: int) -> float:
+        halved = error.clone()
+        halved[window] /= 2
+        return float(loss_fn(target + error, target, weight) - loss_fn(target + halved, target, weight))
+
+    assert gain(0.0, 0) < 0.15 * gain(0.0, 1)
+    # A weight that dwarfs the recipe: each halving gains 10·log10(4) ≈ 6 dB in one of two windows.
+    assert gain(100.0, 0) == pytest.approx(gain(100.0, 1), rel=0.05)
+    assert gain(100.0, 0) == pytest.approx(100 * 6.02 / 2, rel=0.05)
