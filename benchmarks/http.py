@@ -114,10 +114,11 @@ class Server:
             self.process.kill()
 
 
-def wrk(server: Server, script: Path, connections: int, seconds: int) -> dict:
-    """One wrk run; the server's resident memory is sampled while it runs."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-               f"{server.url}/api/v1/denoising"]
+def wrk(server: Server, script: Path, connections: int, seconds: int, windows: int = 1) -> dict:
+    """One wrk run; the server's resident memory is sampled while it runs. ``windows`` > 1:
+    the script posts that many windows per request to the batch endpoint."""
+    path = "/api/v1/denoising/batch" if windows > 1 else "/api/v1/denoising"
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), f"{server.url}{path}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0.0
     while process.poll() is None:
@@ -128,25 +129,27 @@ def wrk(server: Server, script: Path, connections: int, seconds: int) -> dict:
     return {
         "connections": connections,
         "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
+        "windows_per_s": windows * r["requests"] / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
         "errors": r["errors"], "requests": r["requests"], "rss_peak_mb": peak,
     }
 
 
-def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str]) -> dict:
+def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str],
+            windows: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = folder / "body.json"
-        window = noisy_windows(np.random.default_rng(0), 1)[0]
-        body.write_text(json.dumps({"ecg_signal": [round(float(v), 4) for v in window]}))
+        signals = [[round(float(v), 4) for v in w] for w in noisy_windows(np.random.default_rng(0), windows)]
+        body.write_text(json.dumps({"ecg_signals": signals} if windows > 1 else {"ecg_signal": signals[0]}))
         server = Server(folder, model, extra_env)
         try:
             script = folder / "post.lua"
             script.write_text(LUA % {"key": server.api_key(), "body": body})
-            wrk(server, script, 4, 2)  # warm-up
+            wrk(server, script, 4, 2, windows)  # warm-up
             rows = []
             for c in connections:
-                rows.append(wrk(server, script, c, seconds))
+                rows.append(wrk(server, script, c, seconds, windows))
                 print(f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
                       f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB", flush=True)
             time.sleep(2)
@@ -155,11 +158,12 @@ def measure(model: Path, label: str, connections: list[int], seconds: int, soak:
             idle_cpu = (server.cpu_seconds() - before) / 10 * 100
             soak_rows = []
             for minute in range(soak // 60):
-                soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60), "rss_after_mb": server.rss_mb()})
+                soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60, windows), "rss_after_mb": server.rss_mb()})
                 print(f"{label}: soak minute {minute + 1}: rss {soak_rows[-1]['rss_after_mb']:.1f} MB", flush=True)
         finally:
             server.stop()
-    result = {"label": label, "model": model.name, "env": extra_env, "rows": rows, "idle_cpu_percent": idle_cpu}
+    result = {"label": label, "model": model.name, "env": extra_env, "windows_per_request": windows, "rows": rows,
+              "idle_cpu_percent": idle_cpu}
     if soak_rows:
         first, last = soak_rows[0]["rss_after_mb"], soak_rows[-1]["rss_after_mb"]
         result["soak"] = {"minutes": soak_rows, "rss_growth_percent": (last - first) / first * 100}
@@ -175,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=0, help="seconds of an extra run at 16 connections (memory growth)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (batcher settings, threads)")
     parser.add_argument("--name", default="http", help="results file name")
+    parser.add_argument("--windows-per-request", type=int, default=1,
+                        help="> 1: post that many windows per request to /api/v1/denoising/batch")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 1
     extra_env = dict(item.split("=", 1) for item in args.env)
-    runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env) for m in args.models]
+    runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env, args.windows_per_request) for m in args.models]
     engine = RESULTS / "engine.json"
     if engine.exists():
         engine_results = json.loads(engine.read_text())
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
             run["vs_engine"] = {
                 "engine_best_windows_per_s": best[key]["windows_per_s"],
-                "throughput_ratio_at_16": at16 and at16["requests_per_s"] / best[key]["windows_per_s"],
+                "throughput_ratio_at_16": at16 and at16["windows_per_s"] / best[key]["windows_per_s"],
                 "engine_batch1_p50_ms": single["p50_ms"],
                 "p50_overhead_at_1_ms": at1 and at1["p50_ms"] - single["p50_ms"],
                 "engine_batch1_p50_ms_service_setting": alike["p50_ms"],
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     chart(payload, RESULTS / f"{args.name}.png")
     for run in runs:
         print(f"\n{run['label']} {run['env'] or ''} (idle CPU {run['idle_cpu_percent']:.2f} %)")
-        print(markdown_table(run["rows"], [("connections", "connections"), ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"),
+        print(markdown_table(run["rows"], [("connections", "connections"), ("requests_per_s", "req/s"), ("windows_per_s", "windows/s"), ("p50_ms", "p50 ms"),
                                            ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("errors", "errors"), ("rss_peak_mb", "RSS MB")]))
         for key in ("vs_engine", "soak"):
             if key in run:
@@ -224,16 +230,18 @@ def chart(payload: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for run in payload["runs"]:
         c = [r["connections"] for r in run["rows"]]
-        left.plot(c, [r["requests_per_s"] for r in run["rows"]], marker="o", label=run["label"])
+        left.plot(c, [r["windows_per_s"] for r in run["rows"]], marker="o", label=run["label"])
         right.plot(c, [r["p50_ms"] for r in run["rows"]], marker="o", label=f"{run['label']} p50")
         right.plot(c, [r["p99_ms"] for r in run["rows"]], marker="x", ls="--", label=f"{run['label']} p99")
-    for ax, ylabel in ((left, "requests / s"), (right, "latency (ms)")):
+    for ax, ylabel in ((left, "windows / s"), (right, "latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("connections")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     m = payload["machine"]
-    fig.suptitle(f"POST /api/v1/denoising — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
+    per_request = payload["runs"][0]["windows_per_request"]
+    endpoint = f"/api/v1/denoising/batch, {per_request} windows per request" if per_request > 1 else "/api/v1/denoising"
+    fig.suptitle(f"POST {endpoint} — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
