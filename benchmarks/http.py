@@ -119,11 +119,13 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
     the script posts that many windows per request to the batch endpoint."""
     path = "/api/v1/denoising/batch" if windows > 1 else "/api/v1/denoising"
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), f"{server.url}{path}"]
+    cpu_before = server.cpu_seconds()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0.0
     while process.poll() is None:
         peak = max(peak, server.rss_mb())
         time.sleep(0.25)
+    cpu = server.cpu_seconds() - cpu_before
     line = next(l for l in process.stdout.read().splitlines() if l.startswith("{"))
     r = json.loads(line)
     return {
@@ -132,6 +134,7 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
         "windows_per_s": windows * r["requests"] / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
         "errors": r["errors"], "requests": r["requests"], "rss_peak_mb": peak,
+        "server_cpu_ms_per_request": cpu / max(r["requests"], 1) * 1e3,  # all its threads, user + system
     }
 
 
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         print(f"\n{run['label']} {run['env'] or ''} (idle CPU {run['idle_cpu_percent']:.2f} %)")
         print(markdown_table(run["rows"], [("connections", "connections"), ("requests_per_s", "req/s"), ("windows_per_s", "windows/s"), ("p50_ms", "p50 ms"),
-                                           ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("errors", "errors"), ("rss_peak_mb", "RSS MB")]))
+                                           ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("errors", "errors"), ("rss_peak_mb", "RSS MB"),
+                                           ("server_cpu_ms_per_request", "server CPU ms/request")]))
         for key in ("vs_engine", "soak"):
             if key in run:
                 print(key, json.dumps({k: v for k, v in run[key].items() if k != "minutes"}))
