@@ -4,9 +4,9 @@ Worker threads share the onnxruntime session: each blocks on one queue (no spinn
 takes the first request, gathers more until ``max_size`` windows or ``max_wait_s`` have passed,
 runs the engine once and hands each request its rows through a future. Requests pile up while a
 batch runs, so under load batches form without any wait; ``max_size=1`` disables coalescing.
-With ``workers=2`` a second batch runs while the first one does: a lone request still gets the
-whole intra-op thread pool, and under load the two runs keep both cores busy through the serial
-parts of the graph where one run leaves a core waiting (measured in the README).
+Several workers run batches side by side (by default one single-threaded run per core): one run
+spread over all cores leaves cores waiting in its serial stretches, runs side by side do not
+(measured in the README).
 
 Measured with waitress on 2 cores (a training job sharing them), 8 s per point, requests/s:
 clients 1/4/16 → max_size=1: 141/138/150; max_size=8, wait 0: 138/174/178; wait 2 ms: 104/153/158.
