@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data
 WEIGHTS ?= artifacts/best_attention_unet.pth
+# modelVersion in responses: bump it when the shipped weights change.
+MODEL_VERSION ?= 2
 
 .PHONY: run test export train evaluate quantize bench clean
 
@@ -27,7 +29,7 @@ test: $(VENV)/.full
 	$(BIN)/python -m pytest -q
 
 export: $(VENV)/.full
-	$(BIN)/python -m export --weights $(WEIGHTS) --out artifacts/attention_unet.onnx
+	$(BIN)/python -m export --weights $(WEIGHTS) --out artifacts/attention_unet.onnx --model-version $(MODEL_VERSION)
 
 train: $(VENV)/.full
 	$(BIN)/python -m export.train --data $(DATA) --out $(WEIGHTS)

@@ -32,6 +32,8 @@ from service.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "artifacts" / "attention_unet.onnx"
+# The version the shipped manifest gives the model: what responses must carry by default.
+SHIPPED_VERSION = orjson.loads((REPO / "artifacts" / "manifest.json").read_bytes())["model_version"]
 MANIFEST = REPO / "artifacts" / "manifest.json"
 PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": "postgres"}
 LINK = re.compile(r"https?://\S+/api/v1/api-keys/verify\?token=[A-Za-z0-9_-]+")

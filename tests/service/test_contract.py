@@ -12,7 +12,7 @@ import pytest
 from service.app import create_app
 from service.store import Token, utcnow
 
-from .conftest import key_in, obtain_key, verify_link
+from .conftest import SHIPPED_VERSION, key_in, obtain_key, verify_link
 
 EXPECTED_FORMAT = {"ecg_signal": "array of 1300 float values (10 seconds @ 130Hz)"}
 DENOISE = "/api/v1/denoising"
@@ -111,7 +111,7 @@ def test_success(client, key, runtime):
     result = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key})
     assert result.status_code == 200
     assert set(result.json) == {"modelVersion", "denoised_signal"}
-    assert result.json["modelVersion"] == runtime.deps.model_version == 1
+    assert result.json["modelVersion"] == runtime.deps.model_version == SHIPPED_VERSION
     signal = result.json["denoised_signal"]
     assert len(signal) == 1300 and all(isinstance(v, float) for v in signal)
 

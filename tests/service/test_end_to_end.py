@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from .conftest import MODEL, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
+from .conftest import MODEL, SHIPPED_VERSION, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
 
 WINDOW = (np.sin(np.arange(1300) / 20) + 0.1 * np.cos(np.arange(1300) * 3)).tolist()
 
@@ -31,7 +31,7 @@ def test_key_lifecycle(service_process, smtp, database_url):
     key = key_in(key_mail)
 
     status, body = denoise(server.url, key)
-    assert status == 200 and body["modelVersion"] == 1 and len(body["denoised_signal"]) == 1300
+    assert status == 200 and body["modelVersion"] == SHIPPED_VERSION and len(body["denoised_signal"]) == 1300
 
     status, _ = http("POST", f"{server.url}/api/v1/api-keys/deactivation", {"email": "new.user@example.org"})
     assert status == 200
