@@ -173,6 +173,28 @@ def measure(model: Path, label: str, connections: list[int], seconds: int, soak:
     return result
 
 
+def vs_engine(run: dict, engine_results: dict) -> dict:
+    """The service against the in-process engine of the same model (``benchmarks.engine``'s results):
+    throughput at 16 connections over the engine's best, and p50 at 1 connection over the
+    engine's single-window latency, both its fastest and at the service's own setting."""
+    key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
+    best = engine_results["best"][key]["windows_per_s"]
+    # A lone call: one stream, batch 1; the service's setting is single-threaded, spinning off.
+    singles = [r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1 and r.get("streams", 1) == 1]
+    fastest = min(singles, key=lambda r: r["p50_ms"])
+    alike = next(r for r in singles if r["threads"] == 1 and r["spinning"] == "off")
+    at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
+    at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
+    return {
+        "engine_best_windows_per_s": best,
+        "throughput_ratio_at_16": at16 and at16["windows_per_s"] / best,
+        "engine_batch1_p50_ms": fastest["p50_ms"],
+        "p50_overhead_at_1_ms": at1 and at1["p50_ms"] - fastest["p50_ms"],
+        "engine_batch1_p50_ms_service_setting": alike["p50_ms"],
+        "p50_overhead_at_1_ms_service_setting": at1 and at1["p50_ms"] - alike["p50_ms"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http", description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, nargs="+",
@@ -193,23 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = RESULTS / "engine.json"
     if engine.exists():
         engine_results = json.loads(engine.read_text())
-        best = engine_results["best"]
         for run in runs:
-            key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
-            singles = [r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1]
-            single = min(singles, key=lambda r: r["p50_ms"])
-            # The service's own setting: single-threaded runs (ORT_THREADS=1), spinning off.
-            alike = next(r for r in singles if r["threads"] == 1 and r.get("streams", 1) == 1 and r["spinning"] == "off")
-            at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
-            at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
-            run["vs_engine"] = {
-                "engine_best_windows_per_s": best[key]["windows_per_s"],
-                "throughput_ratio_at_16": at16 and at16["windows_per_s"] / best[key]["windows_per_s"],
-                "engine_batch1_p50_ms": single["p50_ms"],
-                "p50_overhead_at_1_ms": at1 and at1["p50_ms"] - single["p50_ms"],
-                "engine_batch1_p50_ms_service_setting": alike["p50_ms"],
-                "p50_overhead_at_1_ms_service_setting": at1 and at1["p50_ms"] - alike["p50_ms"],
-            }
+            run["vs_engine"] = vs_engine(run, engine_results)
     payload = {"machine": machine(), "load_generator": "wrk 4.1, 1 thread, same machine", "runs": runs}
     path = save(args.name, payload)
     chart(payload, RESULTS / f"{args.name}.png")

@@ -6,8 +6,10 @@ stop accepting requests, let the batcher finish, flush ``last_used`` and close t
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
+import time
 
 import waitress
 
@@ -18,6 +20,27 @@ from service.runtime import Runtime, StartupError
 log = logging.getLogger("service")
 
 
+class QueueDepthSummary(logging.Filter):
+    """waitress warns once per request that waits for a free web thread: under steady load that
+    is hundreds of lines a minute. Let one through per ``interval_s``, naming the deepest queue."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._last = -math.inf
+        self._deepest = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        depth = record.args[0] if isinstance(record.args, tuple) and record.args else 0
+        self._deepest = max(self._deepest, depth)
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            return False
+        record.msg, record.args = "Requests are queuing for a web thread: %d deep at most since the last report (WEB_THREADS)", (self._deepest,)
+        self._last, self._deepest = now, 0
+        return True
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(0)  # waitress's run loop catches it and shuts its threads down
 
@@ -26,6 +49,7 @@ def main() -> int:
     try:
         config = Config.from_env()
         logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("waitress.queue").addFilter(QueueDepthSummary())
         runtime = Runtime(config)
     except (ConfigError, StartupError) as exc:
         print(f"heartify: {exc}", file=sys.stderr)

@@ -1,0 +1,22 @@
+"""waitress's per-request queue warnings reach the log as one summary per interval."""
+from __future__ import annotations
+
+import logging
+import time
+
+from service.__main__ import QueueDepthSummary
+
+
+def queue_warning(depth: int) -> logging.LogRecord:
+    return logging.LogRecord("waitress.queue", logging.WARNING, __file__, 1, "Task queue depth is %d", (depth,), None)
+
+
+def test_one_summary_per_interval_with_the_deepest_queue():
+    summary = QueueDepthSummary(interval_s=0.2)
+    first = queue_warning(1)
+    assert summary.filter(first) and first.getMessage().startswith("Requests are queuing for a web thread: 1 deep")
+    assert [summary.filter(queue_warning(d)) for d in (3, 5, 2)] == [False, False, False]
+    time.sleep(0.25)
+    later = queue_warning(1)
+    assert summary.filter(later)
+    assert "5 deep at most" in later.getMessage()
