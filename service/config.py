@@ -55,6 +55,8 @@ class Config:
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
+    # A request that finds the service idle runs alone, fastest over all cores (service.engine).
+    ort_lone_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_LONE_THREADS", int, 1))
     # Spinning onnxruntime workers answer the next batch sooner (measured in the README) and
     # go to sleep once the service idles; off trades that for a little less CPU under light load.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))

@@ -39,7 +39,8 @@ def load_engine(config: Config) -> tuple[Engine, int]:
     if version is None:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
     try:
-        engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning)
+        engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning,
+                        lone_threads=config.ort_lone_threads)
         engine.warm_up(config.batch_max_size, config.batch_workers)
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
@@ -83,8 +84,8 @@ class Runtime:
         self.usage.start()
         keys = KeyService(self.store, self.outbox, self.usage, config.public_url)
         self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
-        log.info("Model %s (version %d, %d onnxruntime threads) and database %s ready",
-                 config.model_path.name, version, engine.threads, redact(config.database_url))
+        log.info("Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",
+                 config.model_path.name, version, engine.threads, engine.lone_threads, redact(config.database_url))
 
     def close(self) -> None:
         self.batcher.close()

@@ -118,9 +118,9 @@ class CountingEngine(Engine):
         super().__init__(MODEL, threads=1)
         self.runs: list[int] = []
 
-    def run(self, batch):
+    def run(self, batch, lone=False):
         self.runs.append(len(batch))
-        return super().run(batch)
+        return super().run(batch, lone)
 
 
 def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
@@ -170,9 +170,9 @@ class MeetingEngine(Engine):
         super().__init__(MODEL, threads=1)
         self.meeting = threading.Barrier(2, timeout=10)
 
-    def run(self, batch):
+    def run(self, batch, lone=False):
         self.meeting.wait()
-        return super().run(batch)
+        return super().run(batch, lone)
 
 
 def test_two_workers_run_two_batches_at_once():
@@ -195,6 +195,52 @@ def test_close_stops_every_worker():
     batcher.close()
     assert not batcher.ready
     assert sorted(engine.runs) == [1] * 6
+
+
+class ThreadRecordingEngine(Engine):
+    """The real engine, recording which thread ran each batch and on which session; its first run
+    can be made to fail."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        super().__init__(MODEL, threads=1)
+        self.calls: list[tuple[int, bool]] = []
+        self._fail = fail_first
+
+    def run(self, batch, lone=False):
+        self.calls.append((threading.get_ident(), lone))
+        if self._fail:
+            self._fail = False
+            raise RuntimeError("the model broke")
+        return super().run(batch, lone)
+
+
+def test_request_to_an_idle_batcher_runs_in_its_own_thread():
+    engine = ThreadRecordingEngine()
+    batcher = Batcher(engine, max_size=8, max_wait_s=0, workers=2)
+    try:
+        batcher.denoise(noisy_windows(1))
+    finally:
+        batcher.close()
+    assert engine.calls == [(threading.get_ident(), True)]
+
+
+def test_lone_session_gives_the_batch_sessions_rows():
+    engine = Engine(MODEL, threads=1, lone_threads=2)
+    windows = noisy_windows(3, seed=9)
+    z = ((windows - windows.mean(axis=1, keepdims=True)) / windows.std(axis=1, keepdims=True)).astype(np.float32)[:, None, :]
+    np.testing.assert_allclose(engine.run(z, lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(engine.run(z)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
+
+
+def test_failed_run_reaches_its_request_and_the_next_one_is_served():
+    engine = ThreadRecordingEngine(fail_first=True)
+    batcher = Batcher(engine, max_size=8, max_wait_s=0)
+    windows = noisy_windows(1, seed=8)
+    with pytest.raises(RuntimeError, match="the model broke"):
+        batcher.denoise(windows)
+    out = batcher.denoise(windows)
+    batcher.close()
+    np.testing.assert_allclose(out, reference(windows, False), rtol=0, atol=TOLERANCE)
 
 
 def test_closed_batcher_refuses_work():
