@@ -44,6 +44,7 @@ quantize: $(VENV)/.full
 bench: $(VENV)/.full
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.http
+	$(BIN)/python -m benchmarks.latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +140,9 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
     }
 
 
-def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str],
-            windows: int = 1) -> dict:
+@contextmanager
+def serving(model: Path, extra_env: dict[str, str], windows: int = 1) -> Iterator[tuple[Server, Path]]:
+    """A running service and a wrk script that posts ``windows`` realistic windows with a real key."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = folder / "body.json"
@@ -150,21 +153,27 @@ def measure(model: Path, label: str, connections: list[int], seconds: int, soak:
             script = folder / "post.lua"
             script.write_text(LUA % {"key": server.api_key(), "body": body})
             wrk(server, script, 4, 2, windows)  # warm-up
-            rows = []
-            for c in connections:
-                rows.append(wrk(server, script, c, seconds, windows))
-                print(f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
-                      f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB", flush=True)
-            time.sleep(2)
-            before = server.cpu_seconds()
-            time.sleep(10)
-            idle_cpu = (server.cpu_seconds() - before) / 10 * 100
-            soak_rows = []
-            for minute in range(soak // 60):
-                soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60, windows), "rss_after_mb": server.rss_mb()})
-                print(f"{label}: soak minute {minute + 1}: rss {soak_rows[-1]['rss_after_mb']:.1f} MB", flush=True)
+            yield server, script
         finally:
             server.stop()
+
+
+def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str],
+            windows: int = 1) -> dict:
+    with serving(model, extra_env, windows) as (server, script):
+        rows = []
+        for c in connections:
+            rows.append(wrk(server, script, c, seconds, windows))
+            print(f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
+                  f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB", flush=True)
+        time.sleep(5)  # requests that wrk left in flight finish (at 64 connections × 8 windows, seconds)
+        before = server.cpu_seconds()
+        time.sleep(10)
+        idle_cpu = (server.cpu_seconds() - before) / 10 * 100
+        soak_rows = []
+        for minute in range(soak // 60):
+            soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60, windows), "rss_after_mb": server.rss_mb()})
+            print(f"{label}: soak minute {minute + 1}: rss {soak_rows[-1]['rss_after_mb']:.1f} MB", flush=True)
     result = {"label": label, "model": model.name, "env": extra_env, "windows_per_request": windows, "rows": rows,
               "idle_cpu_percent": idle_cpu}
     if soak_rows:
@@ -179,10 +188,12 @@ def vs_engine(run: dict, engine_results: dict) -> dict:
     engine's single-window latency, both its fastest and at the service's own setting."""
     key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
     best = engine_results["best"][key]["windows_per_s"]
-    # A lone call: one stream, batch 1; the service's setting is single-threaded, spinning off.
+    # A lone call: one stream, batch 1. The service runs a lone request on ORT_LONE_THREADS
+    # threads (default all usable CPUs), spinning off.
     singles = [r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1 and r.get("streams", 1) == 1]
     fastest = min(singles, key=lambda r: r["p50_ms"])
-    alike = next(r for r in singles if r["threads"] == 1 and r["spinning"] == "off")
+    threads = int(run["env"].get("ORT_LONE_THREADS", engine_results["machine"]["usable_cpus"]))
+    alike = next(r for r in singles if r["threads"] == threads and r["spinning"] == "off")
     at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
     at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
     return {

@@ -1,0 +1,73 @@
+"""Lone-request latency, paired: the service at 1 connection against the engine on one window.
+
+The target "p50 at 1 connection ≤ the engine's single-window latency + 1.5 ms" compares two
+numbers that this shared machine moves by ±0.5 ms from one minute to the next. So each round
+measures both back to back — the in-process engine on one window at each lone setting, then the
+running service under wrk at 1 connection — and the overhead is taken per round; the table
+gives every round and the median. Run `python -m benchmarks.latency` on an otherwise idle
+machine (wrk: `apt-get install wrk`).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine, markdown_table, save
+from benchmarks.engine import ort_case
+from benchmarks.http import ROOT, serving, wrk
+from export.synth import noisy_windows
+from service.engine import normalize, usable_cpus
+
+
+def rounds(model: Path, count: int, seconds: int) -> list[dict]:
+    cpus = usable_cpus()
+    # (threads, spinning): the batch workers' setting, the service's lone setting, the fastest.
+    settings = sorted({(1, False), (cpus, False), (cpus, True)})
+    window = normalize(noisy_windows(np.random.default_rng(0), 1))[0]
+    rows = []
+    with serving(model, {}) as (server, script):
+        for i in range(count):
+            row: dict = {"round": i + 1}
+            for threads, spinning in settings:
+                times = ort_case(model, window, threads, spinning, seconds)
+                row[f"engine_{threads}t{'_spin' if spinning else ''}_p50_ms"] = float(np.percentile(times, 50) * 1e3)
+            row["service_p50_ms"] = wrk(server, script, 1, seconds)["p50_ms"]
+            engine = {k: v for k, v in row.items() if k.startswith("engine_")}
+            row["overhead_vs_fastest_ms"] = row["service_p50_ms"] - min(engine.values())
+            row["overhead_vs_lone_setting_ms"] = row["service_p50_ms"] - row[f"engine_{cpus}t_p50_ms"]
+            print(f"{model.name} round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, nargs="+",
+                        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=4, help="per measurement")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    runs = []
+    for model in args.models:
+        rows = rounds(model, args.rounds, args.seconds)
+        median = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "round"}
+        runs.append({"model": model.name, "rounds": rows, "median": median})
+    path = save("latency", {"machine": machine(), "load_generator": "wrk 4.1, 1 thread, 1 connection", "runs": runs})
+    for run in runs:
+        print(f"\n{run['model']} (median of {len(run['rounds'])} rounds)")
+        columns = [(k, k.replace("_ms", " (ms)").replace("_", " ")) for k in run["rounds"][0]]
+        print(markdown_table(run["rounds"] + [{"round": "median", **run["median"]}], columns))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
