@@ -121,12 +121,12 @@ class Batcher:
 
     def _run(self, jobs: list[_Job], lone: bool = False) -> None:
         """Run the jobs as one batch, then count the run as over (its caller counted it in)."""
-        batch = np.concatenate([job.batch for job in jobs])
         try:
+            batch = np.concatenate([job.batch for job in jobs])
             # A batch request larger than max_size runs in slices, bounding the session's memory.
             out = np.concatenate([self._engine.run(batch[i : i + self._max_size], lone) for i in range(0, len(batch), self._max_size)])
         except Exception as exc:
-            log.exception("Inference failed for a batch of %d windows", len(batch))
+            log.exception("Inference failed for a batch of %d requests", len(jobs))
             for job in jobs:
                 job.result.set_exception(exc)
             return

@@ -57,8 +57,8 @@ class Config:
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
     # A request that finds the service idle runs alone, fastest over all cores (service.engine).
     ort_lone_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_LONE_THREADS", int, 1))
-    # Spinning onnxruntime workers answer the next batch sooner (measured in the README) and
-    # go to sleep once the service idles; off trades that for a little less CPU under light load.
+    # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
+    # from the request threads, alone and under load (measured in the README): off by default.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
