@@ -139,7 +139,7 @@ class Engine:
         self.window = int(shape[-1])
 
     def warm_up(self, max_batch: int, concurrent: int = 1) -> None:
-        """Run the largest batch ``concurrent`` times at once (and once alone) before serving.
+        """Run the largest batch ``concurrent`` times at once (and once on the lone session) before serving.
 
         A session's first run prepares its kernels, which would otherwise delay the first
         request; and the process reaches its working memory at start, not under the first load.
@@ -147,7 +147,8 @@ class Engine:
         batch = np.zeros((max_batch, 1, self.window), dtype=np.float32)
         with ThreadPoolExecutor(concurrent) as pool:
             list(pool.map(lambda _: self.run(batch), range(concurrent)))
-        self.run(batch, lone=True)
+        if self._lone is not self._session:
+            self.run(batch, lone=True)
 
     def run(self, batch: np.ndarray, lone: bool = False) -> np.ndarray:
         """Raw model call on a normalized ``N×1×L`` float32 batch; ``lone``: nothing else runs."""
