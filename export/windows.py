@@ -7,9 +7,7 @@ so an offset in the noise would only add an error that no denoiser could avoid.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -39,31 +37,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / max(np.sqrt(np.mean(x**2)), 1e-12)
 
 
-def varied_segment(rng: np.random.Generator, channels: np.ndarray, variation: float, n: int = WINDOW) -> np.ndarray:
-    """A noise segment unlike any recorded one: time-stretched by a factor drawn log-uniformly
-    within e^±``variation``, seen through a random mix of the recording's channels (another
-    electrode pair sees another projection of the same motion) and reversed half the time.
-
-    Three noise recordings are all the noise there is to train on; the service meets others.
-    """
-    length = int(round(n * np.exp(rng.uniform(-variation, variation))))
-    start = rng.integers(0, channels.shape[1] - length)
-    weights = rng.standard_normal(len(channels))
-    stretch = (weights / np.linalg.norm(weights)) @ channels[:, start : start + length].astype(np.float64)
-    if rng.random() < 0.5:
-        stretch = stretch[::-1]
-    return np.interp(np.linspace(0, length - 1, n), np.arange(length), stretch)
-
-
-def mixture(
-    rng: np.random.Generator,
-    noise: dict[str, np.ndarray],
-    weights: np.ndarray | None = None,
-    segment: Callable[[np.random.Generator, np.ndarray], np.ndarray] = _segment,
-) -> np.ndarray:
+def mixture(rng: np.random.Generator, noise: dict[str, np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
     """Weighted sum of one unit-power segment of each recorded noise type."""
     weights = np.full(len(NOISE_TYPES), 1 / len(NOISE_TYPES)) if weights is None else weights
-    return sum(w * _unit(segment(rng, noise[k])) for w, k in zip(weights, NOISE_TYPES))
+    return sum(w * _unit(_segment(rng, noise[k])) for w, k in zip(weights, NOISE_TYPES))
 
 
 class LeadPool:
@@ -88,11 +65,9 @@ class TrainingWindows:
 
     corpus: Corpus
     snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
-    noise_variation: float = 0.0  # see varied_segment; 0 = the recorded segments as they are
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
-        self._segment = partial(varied_segment, variation=self.noise_variation) if self.noise_variation else _segment
 
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._pair(rng) for _ in range(count)]
@@ -117,10 +92,10 @@ class TrainingWindows:
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         kind = rng.choice(["bw", "em", "ma", "mixture", "white"], p=[0.2, 0.2, 0.2, 0.3, 0.1])
         if kind == "white":
-            return rng.standard_normal(WINDOW) + 0.5 * _unit(mixture(rng, self.corpus.noise_train, segment=self._segment))
+            return rng.standard_normal(WINDOW) + 0.5 * _unit(mixture(rng, self.corpus.noise_train))
         if kind == "mixture":
-            return mixture(rng, self.corpus.noise_train, rng.dirichlet(np.ones(len(NOISE_TYPES))), self._segment)
-        return self._segment(rng, self.corpus.noise_train[kind])
+            return mixture(rng, self.corpus.noise_train, rng.dirichlet(np.ones(len(NOISE_TYPES))))
+        return _segment(rng, self.corpus.noise_train[kind])
 
 
 def validation_grid(corpus: Corpus, per_case: int, seed: int = 2026) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
