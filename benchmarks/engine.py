@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per measured setting")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--weights", type=Path, default=ARTIFACTS / "best_attention_unet.pth")
+    parser.add_argument("--name", default="engine", help="results file name (the HTTP benchmark's --engine reads it)")
     args = parser.parse_args(argv)
 
     cpus = usable_cpus()
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_speedup_over_pytorch_eager_batch1": fp32["windows_per_s"] / best["PyTorch eager"]["windows_per_s"],
     }
     payload = {"machine": machine(), "rows": rows, "best": best, "optimization_levels": levels, "summary": verdict}
-    path = save("engine", payload)
-    chart(payload, RESULTS / "engine.png")
+    path = save(args.name, payload)
+    chart(payload, RESULTS / f"{args.name}.png")
 
     columns = [("engine", "engine"), ("batch", "batch"), ("threads", "threads"), ("streams", "streams"), ("spinning", "spinning"), ("windows_per_s", "windows/s"),
                ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("gflops", "GFLOP/s")]
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel: {flops / 1e9:.3f} GFLOP per window; matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
           f"(onnxruntime {peak['onnxruntime_gflops']:.1f}, NumPy {peak['numpy_gflops']:.1f})")
     print(", ".join(f"{k} {v:.2f}" for k, v in verdict.items() if k not in ("matmul_peak", "flops_per_window")))
-    print(f"wrote {path} and {RESULTS / 'engine.png'}")
+    print(f"wrote {path} and {RESULTS / f'{args.name}.png'}")
     return 0
 
 

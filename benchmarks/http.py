@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=0, help="seconds of an extra run at 16 connections (memory growth)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (batcher settings, threads)")
     parser.add_argument("--name", default="http", help="results file name")
+    parser.add_argument("--engine", type=Path, default=RESULTS / "engine.json",
+                        help="engine results to compare with (vs_engine): the same machine, the same hour")
     parser.add_argument("--windows-per-request", type=int, default=1,
                         help="> 1: post that many windows per request to /api/v1/denoising/batch")
     args = parser.parse_args(argv)
@@ -223,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     extra_env = dict(item.split("=", 1) for item in args.env)
     runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env, args.windows_per_request) for m in args.models]
-    engine = RESULTS / "engine.json"
-    if engine.exists():
-        engine_results = json.loads(engine.read_text())
+    if args.engine.exists():
+        engine_results = json.loads(args.engine.read_text())
         for run in runs:
             run["vs_engine"] = vs_engine(run, engine_results)
     payload = {"machine": machine(), "load_generator": "wrk 4.1, 1 thread, same machine", "runs": runs}
