@@ -65,6 +65,9 @@ class Config:
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
     # Batches that run at once on the shared session (see service.batcher).
     batch_workers: int = field(default_factory=usable_cpus, metadata=_env("BATCH_WORKERS", int, 1))
+    # How long a key found active is trusted without reading the database (service.keys);
+    # 0 reads it on every request.
+    key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", float, 0))
     max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
     smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1))

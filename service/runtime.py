@@ -82,7 +82,7 @@ class Runtime:
         self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
         self.outbox.start()
         self.usage.start()
-        keys = KeyService(self.store, self.outbox, self.usage, config.public_url)
+        keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
         self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
         log.info("Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",
                  config.model_path.name, version, engine.threads, engine.lone_threads, redact(config.database_url))

@@ -177,6 +177,8 @@ def test_deactivation_without_active_key(client):
 
 
 def test_deactivation_mails_a_link_then_key_is_refused(client, smtp, key):
+    served = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key})
+    assert served.status_code == 200  # and the key is now in the service's cache of active keys
     result = client.simulate_post("/api/v1/api-keys/deactivation", json={"email": "owner@example.org"})
     assert result.status_code == 200
     assert result.json == {"message": "Verification email sent. Please check your inbox.", "email": "owner@example.org"}
@@ -231,6 +233,8 @@ def test_verify_generation_replaces_every_key_of_the_email(client, smtp):
     first_link, second_link = (verify_link(m).replace("http://testserver", "") for m in smtp.mailbox.wait_for(2))
     assert client.simulate_get(first_link).status_code == 200
     first_key = key_in(smtp.mailbox.wait_for(3)[-1])
+    used = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": first_key})
+    assert used.status_code == 200
     assert client.simulate_get(second_link).status_code == 200
     second_key = key_in(smtp.mailbox.wait_for(4)[-1])
     assert second_key != first_key

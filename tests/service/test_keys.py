@@ -1,0 +1,90 @@
+"""The cache of active keys: what it spares the database, and how soon a deactivation reaches it,
+on SQLite and PostgreSQL. Deactivations through the service itself are in ``test_contract``."""
+from __future__ import annotations
+
+import falcon.testing
+import pytest
+
+from service.app import create_app
+from service.keys import ActiveKeys, digest
+from service.runtime import Runtime
+from service.store import utcnow
+
+from .conftest import make_config, obtain_key
+
+DENOISE = "/api/v1/denoising"
+WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
+
+
+@pytest.fixture
+def runtime_with(tmp_path, database_url, smtp):
+    """A runtime factory on this test's database, mailing the test SMTP server."""
+    started: list[Runtime] = []
+
+    def start(**overrides) -> Runtime:
+        started.append(Runtime(make_config(tmp_path, database_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
+                                           smtp_security="none", **overrides)))
+        return started[-1]
+
+    yield start
+    for rt in started:
+        rt.close()
+
+
+def deactivate_elsewhere(rt: Runtime, email: str) -> None:
+    """What another service process on the same database does when a deactivation link is followed."""
+    with rt.store.db.connection_context():
+        assert rt.store.deactivate_keys(email, utcnow()) == 1
+
+
+def test_a_key_deactivated_elsewhere_is_trusted_until_its_entry_expires(runtime_with, smtp):
+    rt = runtime_with()
+    key = obtain_key(falcon.testing.TestClient(create_app(rt.deps)), smtp, "shared@example.org")
+    now = [0.0]
+    cache = ActiveKeys(30.0, clock=lambda: now[0])
+    with rt.store.db.connection_context():
+        key_id = cache.get(digest(key), rt.store.active_key_id)
+    assert key_id is not None
+    deactivate_elsewhere(rt, "shared@example.org")
+    now[0] = 29.9
+    with rt.store.db.connection_context():
+        assert cache.get(digest(key), rt.store.active_key_id) == key_id
+        now[0] = 30.0
+        assert cache.get(digest(key), rt.store.active_key_id) is None
+
+
+@pytest.mark.parametrize("cache_s, after", [(0.0, 401), (3600.0, 200)])
+def test_key_cache_setting_decides_when_the_service_sees_a_deactivation_made_elsewhere(runtime_with, smtp, cache_s, after):
+    rt = runtime_with(key_cache_s=cache_s)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = obtain_key(client, smtp, "elsewhere@example.org")
+    assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 200
+    deactivate_elsewhere(rt, "elsewhere@example.org")
+    assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == after
+
+
+def test_a_lookup_overtaken_by_a_deactivation_is_not_kept():
+    """The deactivation commits while a request reads the key as still active: the request may pass,
+    the next one must read the database again."""
+    cache = ActiveKeys(30.0)
+
+    def read_then_deactivated(key_hash: str) -> int:
+        cache.forget()  # the deactivation lands between the read and the write-back
+        return 7
+
+    assert cache.get("h", read_then_deactivated) == 7
+    assert cache.get("h", lambda key_hash: None) is None
+
+
+def test_unknown_keys_are_not_kept():
+    cache = ActiveKeys(30.0)
+    lookups: list[str] = []
+
+    def lookup(key_hash: str) -> int | None:
+        lookups.append(key_hash)
+        return None if key_hash == "unknown" else 1
+
+    for _ in range(3):
+        cache.get("unknown", lookup)
+        cache.get("known", lookup)
+    assert lookups == ["unknown", "known", "unknown", "unknown"]
