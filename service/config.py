@@ -55,8 +55,9 @@ class Config:
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
-    # A request that finds the service idle runs alone, fastest over all cores (service.engine).
-    ort_lone_threads: int = field(default_factory=usable_cpus, metadata=_env("ORT_LONE_THREADS", int, 1))
+    # A request that finds the service idle runs alone; unset, the start times one window on
+    # ORT_THREADS and on all usable CPUs and keeps the faster (service.engine).
+    ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1))
     # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
     # from the request threads, alone and under load (measured in the README): off by default.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,10 +117,12 @@ class Engine:
     """onnxruntime CPU sessions shared by all request threads (``run`` is thread-safe).
 
     Batches run on a session of ``threads`` threads, several side by side under load. A lone
-    window runs faster spread over all cores (fp32 on 2 cores: 5.7 ms instead of 8.5 ms), so
-    when ``lone_threads`` differs from ``threads`` a second session with that many threads serves
-    the runs the batcher starts while nothing else runs. It costs a second copy of the weights
-    (about 15 MB for the fp32 model).
+    window (one that the batcher runs while nothing else runs) may run faster spread over all
+    cores, or not: on the development machines fp32 did (3.75 against 4.67 ms on 2 cores), while
+    int8 did on one CPU and ran slower on another (2.24 against 1.85 ms). So with
+    ``lone_threads=None`` ``warm_up`` times one window on ``threads`` and on all usable CPUs and
+    keeps the faster for lone runs; a second session costs a second copy of the weights (about
+    15 MB for the fp32 model) and is dropped when it loses.
     """
 
     def __init__(
@@ -130,16 +134,18 @@ class Engine:
     ) -> None:
         self._session = _open(model_path, session_options(threads, spinning))
         self.threads = threads or usable_cpus()
-        self.lone_threads = lone_threads or self.threads
-        self._lone = (
-            self._session if self.lone_threads == self.threads
-            else _open(model_path, session_options(self.lone_threads, spinning))
-        )
+        counts = [lone_threads] if lone_threads else sorted({self.threads, usable_cpus()})
+        self._lone_candidates = {
+            n: self._session if n == self.threads else _open(model_path, session_options(n, spinning)) for n in counts
+        }
+        self.lone_threads = counts[-1]  # until warm_up has timed the candidates
+        self._lone = self._lone_candidates[self.lone_threads]
         shape = self._session.get_inputs()[0].shape
         self.window = int(shape[-1])
 
-    def warm_up(self, max_batch: int, concurrent: int = 1) -> None:
-        """Run the largest batch ``concurrent`` times at once (and once on the lone session) before serving.
+    def warm_up(self, max_batch: int, concurrent: int = 1, lone_rounds: int = 15) -> None:
+        """Run the largest batch ``concurrent`` times at once and once on each lone candidate, then
+        choose the lone session (the median of ``lone_rounds`` interleaved single-window runs).
 
         A session's first run prepares its kernels, which would otherwise delay the first
         request; and the process reaches its working memory at start, not under the first load.
@@ -147,18 +153,33 @@ class Engine:
         batch = np.zeros((max_batch, 1, self.window), dtype=np.float32)
         with ThreadPoolExecutor(concurrent) as pool:
             list(pool.map(lambda _: self.run(batch), range(concurrent)))
-        if self._lone is not self._session:
-            self.run(batch, lone=True)
+        candidates = self._lone_candidates
+        for session in candidates.values():
+            if session is not self._session:
+                _run(session, batch)
+        if len(candidates) > 1:
+            times: dict[int, list[float]] = {n: [] for n in candidates}
+            for _ in range(lone_rounds):
+                for n, session in candidates.items():
+                    start = time.perf_counter()
+                    _run(session, batch[:1])
+                    times[n].append(time.perf_counter() - start)
+            self.lone_threads = min(times, key=lambda n: statistics.median(times[n]))
+            self._lone = candidates[self.lone_threads]
+        self._lone_candidates = {self.lone_threads: self._lone}  # the loser's weights are freed
 
     def run(self, batch: np.ndarray, lone: bool = False) -> np.ndarray:
         """Raw model call on a normalized ``N×1×L`` float32 batch; ``lone``: nothing else runs."""
-        session = self._lone if lone else self._session
-        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return _run(self._lone if lone else self._session, batch)
 
     def denoise(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
         """Denoise ``N×L`` windows; the result is in normalized units unless ``input_units``."""
         z, mu, sigma = normalize(windows)
         return restore(self.run(z), mu, sigma, input_units)
+
+
+def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
 def _open(model_path: str | os.PathLike, options: ort.SessionOptions) -> ort.InferenceSession:

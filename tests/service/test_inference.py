@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from service.batcher import Batcher, ModelUnavailable
-from service.engine import Engine
+from service.engine import Engine, usable_cpus
 
 from .conftest import MODEL, obtain_key
 
@@ -230,6 +230,17 @@ def test_lone_session_gives_the_batch_sessions_rows():
     z = ((windows - windows.mean(axis=1, keepdims=True)) / windows.std(axis=1, keepdims=True)).astype(np.float32)[:, None, :]
     np.testing.assert_allclose(engine.run(z, lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(engine.run(z)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("lone_threads, choices", [(None, {1, usable_cpus()}), (2, {2})])
+def test_warm_up_settles_the_lone_session(lone_threads, choices):
+    """Unset, the lone thread count is timed at warm-up among 1 and all CPUs; set, it is kept."""
+    engine = Engine(MODEL, threads=1, lone_threads=lone_threads)
+    engine.warm_up(max_batch=2)
+    assert engine.lone_threads in choices
+    windows = noisy_windows(2, seed=10)
+    z = ((windows - windows.mean(axis=1, keepdims=True)) / windows.std(axis=1, keepdims=True)).astype(np.float32)[:, None, :]
+    np.testing.assert_allclose(engine.run(z, lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
 
 
 def test_failed_run_reaches_its_request_and_the_next_one_is_served():
