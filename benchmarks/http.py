@@ -192,7 +192,8 @@ def vs_engine(run: dict, engine_results: dict) -> dict:
     # threads, spinning off; unset, on 1 thread or all usable CPUs, whichever it timed faster.
     singles = [r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1 and r.get("streams", 1) == 1]
     fastest = min(singles, key=lambda r: r["p50_ms"])
-    threads = {int(run["env"]["ORT_LONE_THREADS"])} if "ORT_LONE_THREADS" in run["env"] else {1, engine_results["machine"]["usable_cpus"]}
+    lone = run["env"].get("ORT_LONE_THREADS")
+    threads = {int(lone)} if lone else {1, engine_results["machine"]["usable_cpus"]}
     alike = min((r for r in singles if r["threads"] in threads and r["spinning"] == "off"), key=lambda r: r["p50_ms"])
     at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
     at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
