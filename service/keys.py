@@ -106,7 +106,7 @@ class ActiveKeys:
 
 
 class KeyService:
-    def __init__(self, store: Store, outbox: Outbox, usage: LastUsed, base_url: str, key_cache_s: float = 0.0) -> None:
+    def __init__(self, store: Store, outbox: Outbox, usage: LastUsed, base_url: str, key_cache_s: float) -> None:
         self._store = store
         self._outbox = outbox
         self._usage = usage
