@@ -60,11 +60,19 @@ def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     that map the model's output back to the input's units: ``output·σ + μ``.
     """
     windows = np.asarray(windows, dtype=np.float64)
-    mu = windows.mean(axis=1, keepdims=True)
-    sigma = windows.std(axis=1, keepdims=True)
+    n = windows.shape[1]
+    # Four passes over the window, where ``mean``, ``std``, subtract, divide and ``astype`` made
+    # nine: each NumPy call on more than 500 values lets go of the GIL, and under load the request
+    # thread then queues for it again behind the others. With a model that does nothing, at 16
+    # connections, this and the one-pass bound check in validation took the service from 1480 to
+    # 1680 requests/s and from 38 to 23 thread switches per request (README, levers).
+    mu = windows.sum(axis=1, keepdims=True) / n
+    centered = windows - mu
+    sigma = np.sqrt(np.einsum("ij,ij->i", centered, centered)[:, None] / n)
     sigma[sigma == 0] = 1.0
-    z = ((windows - mu) / sigma).astype(np.float32)
-    return z[:, None, :], mu, sigma
+    z = np.empty((len(windows), 1, n), dtype=np.float32)
+    np.divide(centered, sigma, out=z[:, 0, :], casting="same_kind")
+    return z, mu, sigma
 
 
 OPTIMIZATION_LEVELS = {

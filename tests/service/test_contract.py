@@ -11,6 +11,7 @@ import pytest
 
 from service.app import create_app
 from service.store import Token, utcnow
+from service.validation import MAX_ABS
 
 from .conftest import SHIPPED_VERSION, key_in, obtain_key, verify_link
 
@@ -90,6 +91,15 @@ def test_element_not_a_finite_number_names_first_bad_index(client, key, literal,
     result = post_raw(client, key, '{"ecg_signal": [' + ",".join(values) + "]}")
     assert result.status_code == 400
     assert result.json == {"error": f"ecg_signal[{index}] must be a finite number (got {got})"}
+
+
+def test_values_at_the_magnitude_limit_are_served(client, key):
+    """Their sum of squares exceeds MAX_ABS², so the one-pass check cannot settle them: the exact one does."""
+    values = [MAX_ABS * (1 if i % 2 else -1) for i in range(1300)]
+    result = client.simulate_post(DENOISE, json={"ecg_signal": values}, headers={"x-api-key": key},
+                                  params={"units": "input"})
+    assert result.status_code == 200
+    assert np.isfinite(result.json["denoised_signal"]).all()
 
 
 def test_huge_values_refused_instead_of_overflowing(client, key):
