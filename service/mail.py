@@ -166,8 +166,13 @@ class FolderSender:
         yield self._write
 
     def _write(self, message: EmailMessage) -> None:
-        path = self._folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.eml"
-        path.write_bytes(message.as_bytes())
+        """Written under another name and renamed, so whoever watches the folder for ``*.eml``
+        never reads half a mail (the HTTP benchmark once took a key mail that was still empty)."""
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        path = self._folder / f"{name}.eml"
+        partial = self._folder / f".{name}.partial"
+        partial.write_bytes(message.as_bytes())
+        partial.replace(path)
         text = message.get_body(("plain",))
         log.info(
             "Mail to %s (no SMTP_HOST; saved as %s)\nSubject: %s\n\n%s",
