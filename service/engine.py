@@ -93,8 +93,8 @@ def _register_arena() -> None:
     onnxruntime's default arena doubles whenever it runs short and never shrinks, so under load
     resident memory stepped up ~20 MB at once, 15 s or minutes after start; with no arena at all
     (plain malloc) it wandered by ±50 MB. Extending by the requested size only, it settles during
-    the first minute of load and then stays flat (+0.6 % and +0.3 % over two 10-minute soaks,
-    README), at the same throughput.
+    the first minute of load and then stays flat (+0.2 % to +0.6 % over four 10-minute soaks on
+    two machines, README), at the same throughput.
     """
     global _arena_registered
     with _arena_lock:
