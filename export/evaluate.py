@@ -15,7 +15,8 @@ import numpy as np
 from scipy import signal
 
 from export import manifest
-from export.data import Corpus, load_corpus
+from export.cli import corpus_or_exit, model_or_exit
+from export.data import Corpus
 from export.metrics import bandpass, scores
 from export.windows import validation_grid
 from service.engine import Engine
@@ -153,15 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-case", type=int, default=100, help="validation windows per noise × SNR case")
     parser.add_argument("--manifest", type=Path, help="record the table in this manifest (e.g. artifacts/manifest.json)")
     args = parser.parse_args(argv)
-    if not args.model.is_file():
-        print(f"error: ONNX model not found: {args.model}", file=sys.stderr)
-        return 1
-    try:
-        corpus = load_corpus(args.data)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    engine = Engine(args.model)
+    engine = Engine(model_or_exit(args.model))
+    corpus = corpus_or_exit(args.data)
     result = evaluate(engine, corpus, args.per_case)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result["polar_h10_beats"] = figures(engine, corpus, args.data, args.out_dir)

@@ -20,8 +20,9 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export import manifest
+from export.cli import corpus_or_exit, model_or_exit
 from export.conv2d import upsampling_as_conv
-from export.data import Corpus, load_corpus
+from export.data import Corpus
 from export.evaluate import evaluate
 from service.engine import INPUT_NAME, Engine, normalize
 
@@ -105,14 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=sorted(_METHODS), default="percentile")
     parser.add_argument("--per-case", type=int, default=100, help="validation windows per case for the gate")
     args = parser.parse_args(argv)
-    try:
-        corpus = load_corpus(args.data)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not args.model.is_file():
-        print(f"error: ONNX model not found: {args.model}", file=sys.stderr)
-        return 1
+    corpus = corpus_or_exit(args.data)
+    model_or_exit(args.model)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     try:
         quantize(args.model, tmp, calibration_windows(corpus, args.calibration_windows), args.method)

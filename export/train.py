@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from export import manifest
 from export.checkpoint import read_state_dict
-from export.data import Corpus, load_corpus
+from export.cli import corpus_or_exit
+from export.data import Corpus
 from export.metrics import snr_db
 from export.model import AttentionUNet
 from export.windows import TRAIN_SNR_DB, TrainingWindows, validation_grid
@@ -183,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = Config(**{f: getattr(args, f) for f in asdict(Config())})
-    try:
-        corpus = load_corpus(args.data)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    corpus = corpus_or_exit(args.data)
     best = train(corpus, cfg, args.run_dir, args.out, progress=not args.no_progress)
     manifest.update(
         args.manifest or args.out.parent / "manifest.json",
