@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,3 +63,31 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def require_wrk() -> None:
+    """The HTTP benchmarks drive the service with wrk: compiled, so it takes little of the CPUs."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk is not installed (apt-get install wrk)")
+
+
+def subplots(*args, **kwargs):
+    """``plt.subplots`` on the off-screen backend: benchmarks run on machines without a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_chart(fig, path: Path, payload: dict, what: str) -> None:
+    """Titles ``fig`` with what it shows and the machine and date of the run, so a chart is never
+    read apart from where it was measured; writes it and frees it."""
+    import matplotlib.pyplot as plt
+
+    m = payload["machine"]
+    fig.suptitle(f"{what} — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from benchmarks.common import machine, markdown_table, save, time_calls, RESULTS
+from benchmarks.common import RESULTS, machine, markdown_table, save, save_chart, subplots, time_calls
 from export.synth import noisy_windows
 from service.engine import INPUT_NAME, OUTPUT_NAME, normalize, session_options, usable_cpus
 
@@ -172,13 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chart(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = payload["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = subplots(figsize=(9, 4.5))
     engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "PyTorch eager"]
     batches = sorted({r["batch"] for r in rows if r["engine"] in engines})
     width = 0.8 / len(engines)
@@ -189,12 +184,8 @@ def chart(payload: dict, path: Path) -> None:
     ax.axhline(eager, color="k", ls="--", lw=1, label=f"PyTorch eager, batch 1 ({eager:.0f}/s)")
     ax.set_xticks(np.arange(len(batches)) + width * (len(engines) - 1) / 2, [f"batch {b}" for b in batches])
     ax.set_ylabel("windows / s (best thread setting)")
-    m = payload["machine"]
-    ax.set_title(f"Engine throughput — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_chart(fig, path, payload, "Engine throughput")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import email
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, markdown_table, save
+from benchmarks.common import RESULTS, machine, markdown_table, require_wrk, save, save_chart, subplots
 from export.synth import noisy_windows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows-per-request", type=int, default=1,
                         help="> 1: post that many windows per request to /api/v1/denoising/batch")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 1
+    require_wrk()
     extra_env = dict(item.split("=", 1) for item in args.env)
     runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env, args.windows_per_request) for m in args.models]
     if args.engine.exists():
@@ -246,12 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chart(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = subplots(1, 2, figsize=(10, 4))
     for run in payload["runs"]:
         c = [r["connections"] for r in run["rows"]]
         left.plot(c, [r["windows_per_s"] for r in run["rows"]], marker="o", label=run["label"])
@@ -262,13 +254,9 @@ def chart(payload: dict, path: Path) -> None:
         ax.set_xlabel("connections")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    m = payload["machine"]
     per_request = payload["runs"][0]["windows_per_request"]
     endpoint = f"/api/v1/denoising/batch, {per_request} windows per request" if per_request > 1 else "/api/v1/denoising"
-    fig.suptitle(f"POST {endpoint} — {m['cpu']}, {m['usable_cpus']} CPUs, {m['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_chart(fig, path, payload, f"POST {endpoint}")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ machine (wrk: `apt-get install wrk`).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, markdown_table, save
+from benchmarks.common import machine, markdown_table, require_wrk, save
 from benchmarks.engine import ort_case
 from benchmarks.http import ROOT, serving, wrk
 from export.synth import noisy_windows
@@ -54,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4, help="per measurement")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 1
+    require_wrk()
     runs = []
     for model in args.models:
         rows = rounds(model, args.rounds, args.seconds)
