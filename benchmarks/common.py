@@ -31,16 +31,20 @@ def machine() -> dict:
     }
 
 
-def time_calls(call: Callable[[], object], seconds: float, warmup: int = 3, streams: int = 1) -> np.ndarray:
+def time_calls(call: Callable[[], object], seconds: float, warmup: int = 3, streams: int = 1,
+               idle_s: float = 0.0) -> np.ndarray:
     """Per-call wall times (s) of ``call`` repeated for about ``seconds`` after a warm-up, in
     ``streams`` threads calling at once (their times pooled; each thread is busy the whole time,
-    so throughput is ``streams`` × calls / total time)."""
+    so throughput is ``streams`` × calls / total time). ``idle_s`` > 0: the thread sleeps that
+    long before each call, as a service at one connection waits for the client's next request."""
     def loop(_: int) -> list[float]:
         for _ in range(warmup):
             call()
         times: list[float] = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 5:
+            if idle_s:
+                time.sleep(idle_s)
             start = time.perf_counter()
             call()
             times.append(time.perf_counter() - start)

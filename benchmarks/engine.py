@@ -63,10 +63,10 @@ def matmul_peak(threads: int, seconds: float) -> dict:
 
 
 def ort_case(path: Path, batch: np.ndarray, threads: int, spinning: bool, seconds: float, level: str = "all",
-             streams: int = 1) -> np.ndarray:
+             streams: int = 1, idle_s: float = 0.0) -> np.ndarray:
     """Call times of one shared session, run by ``streams`` threads at once (as the batcher's workers do)."""
     session = ort.InferenceSession(str(path), session_options(threads, spinning, level), providers=["CPUExecutionProvider"])
-    return time_calls(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), seconds, streams=streams)
+    return time_calls(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), seconds, streams=streams, idle_s=idle_s)
 
 
 def torch_case(weights: Path, batch: np.ndarray, threads: int, seconds: float) -> np.ndarray:
