@@ -56,8 +56,7 @@ class Config:
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
     # A request that finds the service idle runs alone; unset, the start times one window on
-    # ORT_THREADS and on all usable CPUs and keeps more threads only if clearly faster
-    # (service.engine.lone_choice).
+    # ORT_THREADS and on all usable CPUs and keeps the faster (service.engine.lone_choice).
     ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1))
     # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
     # from the request threads, alone and under load (measured in the README): off by default.

@@ -121,21 +121,13 @@ def session_options(threads: int | None = None, spinning: bool = False, level: s
     return options
 
 
-# More threads for a lone window must take at most this share of the time on fewer to be kept.
-# A run spread over threads wakes the pool threads at every parallel section (int8 on 2 threads:
-# about 83 thread switches per request against 4 on 1), which costs more inside the service than
-# in warm-up's loop: on an AMD EPYC, int8 timed 10 % faster on 2 threads there, yet answered at
-# 1 connection in 3.82 ms p50 on 1 thread against 4.15 on 2 (medians of 5 rounds, at 25 % less
-# CPU). fp32 timed 20 % (Intel) and 31 % (AMD) faster on 2 threads, and kept that in the service.
-LONE_SPREAD_WORTH = 0.85
-
-
 def lone_choice(medians: dict[int, float]) -> int:
-    """The thread count for lone runs from each candidate's median time: the fewest threads,
-    unless more are faster by the margin above."""
-    fewest = min(medians)
-    fastest = min(medians, key=medians.__getitem__)
-    return fastest if medians[fastest] <= LONE_SPREAD_WORTH * medians[fewest] else fewest
+    """The thread count for lone runs, from each candidate's median time: the fastest.
+
+    One place for the rule, which the benchmarks apply too when they compare the service with
+    the engine at the service's own setting.
+    """
+    return min(medians, key=medians.__getitem__)
 
 
 class Engine:
@@ -146,8 +138,8 @@ class Engine:
     cores, or not: on the development machines fp32 did (3.75 against 4.67 ms on 2 cores), while
     int8 did on one CPU and ran slower on another (2.24 against 1.85 ms). So with
     ``lone_threads=None`` ``warm_up`` times one window on ``threads`` and on all usable CPUs and
-    keeps the more threads only when they are clearly faster (``lone_choice``); a second session
-    costs a second copy of the weights (about 15 MB for the fp32 model) and is dropped when it loses.
+    keeps the faster for lone runs (``lone_choice``); a second session costs a second copy of the
+    weights (about 15 MB for the fp32 model) and is dropped when it loses.
     """
 
     def __init__(
