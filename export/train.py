@@ -48,6 +48,7 @@ class Config:
     snr_max_db: float = TRAIN_SNR_DB[1]
     init: str = ""  # start a fresh run (new optimizer and schedule) from these weights: fine-tuning
     snr_loss_weight: float = 0.0  # weight of the per-window output-SNR term (see loss_fn); 0 = old recipe
+    clean_fraction: float = 0.0  # share of training windows with no noise added (TrainingWindows)
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor, snr_weight: float = 0.0) -> torch.Tensor:
@@ -124,7 +125,7 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         state = saved["state"]
         print(f"resumed from {last} after epoch {state['epoch']}", file=sys.stderr)
 
-    sampler = TrainingWindows(corpus, (cfg.snr_min_db, cfg.snr_max_db))
+    sampler = TrainingWindows(corpus, (cfg.snr_min_db, cfg.snr_max_db), cfg.clean_fraction)
     grid = validation_grid(corpus, cfg.val_per_case)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     started = time.monotonic()

@@ -65,6 +65,7 @@ class TrainingWindows:
 
     corpus: Corpus
     snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
+    clean_fraction: float = 0.0  # share of windows given with no noise: a clean window is to be left as it is
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
@@ -76,6 +77,8 @@ class TrainingWindows:
     def _pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         clean = self._pool.clean_segment(rng)
         clean = clean * rng.choice([-1.0, 1.0], p=[0.3, 0.7]) * np.exp(rng.uniform(np.log(0.3), np.log(3)))
+        if self.clean_fraction and rng.random() < self.clean_fraction:  # no draw at 0: old runs replay
+            return clean.copy(), clean
         noise = self._noise(rng)
         noisy = clean + scale_to_snr(clean, noise, rng.uniform(*self.snr_db))
         t = np.arange(WINDOW) / SAMPLING_RATE_HZ

@@ -33,6 +33,15 @@ def test_training_windows_are_finite_pairs_with_zero_mean_noise():
     assert np.abs((noisy - clean).mean(axis=1)).max() < 1e-9
 
 
+def test_clean_fraction_leaves_that_share_of_windows_without_noise():
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    noisy, clean = TrainingWindows(corpus, clean_fraction=0.25).sample(np.random.default_rng(1), 400)
+    untouched = np.all(noisy == clean, axis=1)
+    assert 60 < untouched.sum() < 140  # about a quarter of 400
+    default_noisy, default_clean = TrainingWindows(corpus).sample(np.random.default_rng(1), 400)
+    assert not np.any(np.all(default_noisy == default_clean, axis=1))
+
+
 def test_validation_grid_covers_every_case_at_its_snr():
     grid = validation_grid(synthetic_corpus(np.random.default_rng(0)), per_case=3)
     assert sorted(grid) == sorted((k, s) for k in EVAL_NOISE for s in EVAL_SNR_DB)
