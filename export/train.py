@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from export import manifest
@@ -49,6 +50,7 @@ class Config:
     init: str = ""  # start a fresh run (new optimizer and schedule) from these weights: fine-tuning
     snr_loss_weight: float = 0.0  # weight of the per-window output-SNR term (see loss_fn); 0 = old recipe
     clean_fraction: float = 0.0  # share of training windows with no noise added (TrainingWindows)
+    ema_decay: float = 0.0  # validate and save a moving average of the weights (see train); 0 = the raw weights
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor, snr_weight: float = 0.0) -> torch.Tensor:
@@ -106,7 +108,12 @@ def validation_score(model: nn.Module, grid: dict, device: torch.device) -> dict
 
 
 def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool = True) -> dict:
-    """Train (or resume) and return the best validation result; writes ``out`` on improvement."""
+    """Train (or resume) and return the best validation result; writes ``out`` on improvement.
+
+    With ``ema_decay`` the weights validated and saved are an exponential moving average of the
+    trained ones (BatchNorm statistics included), which smooths the step-to-step noise of small
+    batches; the optimizer still steps the raw weights.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = AttentionUNet().to(device)
@@ -114,6 +121,8 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         model.load_state_dict(read_state_dict(cfg.init), strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    scored = ema.module if ema else model
     state = {"epoch": 0, "best": -math.inf, "best_result": None}
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "last.pt"
@@ -122,6 +131,8 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if ema:
+            ema.load_state_dict(saved["ema"])
         state = saved["state"]
         print(f"resumed from {last} after epoch {state['epoch']}", file=sys.stderr)
 
@@ -145,17 +156,19 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema:
+                ema.update_parameters(model)
             running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        result = validation_score(model, grid, device)
+        result = validation_score(scored, grid, device)
         improved = result["mean_snr_improvement_db"] > state["best"]
         if improved:
             state["best"], state["best_result"] = result["mean_snr_improvement_db"], {"epoch": epoch + 1, **result}
             out.parent.mkdir(parents=True, exist_ok=True)
-            manifest.atomic_write_bytes(out, _state_dict_bytes(model))
+            manifest.atomic_write_bytes(out, _state_dict_bytes(scored))
         state["epoch"] = epoch + 1
         torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state, "config": asdict(cfg)},
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema and ema.state_dict(), "state": state, "config": asdict(cfg)},
             run_dir / "last.tmp",
         )
         (run_dir / "last.tmp").replace(last)

@@ -87,3 +87,14 @@ def test_snr_term_makes_every_window_count_per_decibel():
     # A weight that dwarfs the recipe: each halving gains 10·log10(4) ≈ 6 dB in one of two windows.
     assert gain(100.0, 0) == pytest.approx(gain(100.0, 1), rel=0.05)
     assert gain(100.0, 0) == pytest.approx(100 * 6.02 / 2, rel=0.05)
+
+
+def test_the_moving_average_of_the_weights_is_what_is_saved_and_it_resumes(tmp_path):
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    run, best = tmp_path / "run", tmp_path / "best.pth"
+    train(corpus, Config(epochs=1, ema_decay=0.5, **TINY), run, best, progress=False)
+    last, saved = torch.load(run / "last.pt", weights_only=False), torch.load(best)
+    assert all(torch.equal(saved[k], last["ema"][f"module.{k}"]) for k in saved)
+    assert not torch.equal(saved["final.weight"], last["model"]["final.weight"])
+    train(corpus, Config(epochs=2, ema_decay=0.5, **TINY), run, best, progress=False)
+    assert torch.load(run / "last.pt", weights_only=False)["ema"]["n_averaged"] == 2 * TINY["steps_per_epoch"]
