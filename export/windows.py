@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import resample_poly
 
 from export.data import NOISE_TYPES, Corpus, Record
 from export.model import SAMPLING_RATE_HZ, WINDOW
@@ -66,6 +67,7 @@ class TrainingWindows:
     corpus: Corpus
     snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
     clean_fraction: float = 0.0  # share of windows given with no noise: a clean window is to be left as it is
+    time_stretch: float = 0.0  # clean ECG played up to this fraction faster or slower (see _clean)
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
@@ -75,7 +77,7 @@ class TrainingWindows:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def _pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        clean = self._pool.clean_segment(rng)
+        clean = self._clean(rng)
         clean = clean * rng.choice([-1.0, 1.0], p=[0.3, 0.7]) * np.exp(rng.uniform(np.log(0.3), np.log(3)))
         if self.clean_fraction and rng.random() < self.clean_fraction:  # no draw at 0: old runs replay
             return clean.copy(), clean
@@ -91,6 +93,19 @@ class TrainingWindows:
             noisy[start : start + length] = level
         noisy -= (noisy - clean).mean()  # keep the added noise zero-mean (see the module docstring)
         return noisy, clean
+
+    def _clean(self, rng: np.random.Generator) -> np.ndarray:
+        """A clean window; with ``time_stretch``, a stretch of 0.9…1.1× its length (for 0.1) resampled
+        to the window, as if the heart beat slower or faster: other heart rates and QRS widths
+        than the training patients show. No draw at 0, so earlier runs replay.
+        """
+        if not self.time_stretch:
+            return self._pool.clean_segment(rng)
+        # Steps of 1 % keep resample_poly's filter short; 10 % extra on each side absorbs its edges.
+        down = int(round(100 * rng.uniform(1 - self.time_stretch, 1 + self.time_stretch)))
+        segment = self._pool.clean_segment(rng, WINDOW * (down + 20) // 100)
+        margin = WINDOW // 10
+        return resample_poly(segment, 100, down)[margin : margin + WINDOW]
 
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         kind = rng.choice(["bw", "em", "ma", "mixture", "white"], p=[0.2, 0.2, 0.2, 0.3, 0.1])

@@ -66,3 +66,20 @@ def test_real_corpus_is_split_by_patient(real_data):
     for kind, train_noise in corpus.noise_train.items():
         total = train_noise.shape[1] + corpus.noise_validation[kind].shape[1]
         assert abs(train_noise.shape[1] / total - NOISE_TRAIN_FRACTION) < 1e-3
+
+
+def test_time_stretch_plays_the_clean_ecg_up_to_that_much_faster_or_slower():
+    """A 5 Hz tone stands in for the heart: stretched by up to ±10 % it comes out at 4.5–5.5 Hz."""
+    from export.data import NOISE_TYPES, Corpus, Record
+
+    tone = np.sin(2 * np.pi * 5 * np.arange(60 * 130) / 130)
+    noise = {k: np.random.default_rng(0).standard_normal((2, 60 * 130)) for k in NOISE_TYPES}
+    corpus = Corpus(train=[Record("tone", "tone", (tone,))], validation=[], noise_train=noise, noise_validation=noise)
+
+    def peak_hz(stretch: float) -> np.ndarray:
+        _, clean = TrainingWindows(corpus, time_stretch=stretch).sample(np.random.default_rng(2), 200)
+        return np.argmax(np.abs(np.fft.rfft(clean, axis=1)), axis=1) * 130 / 1300
+
+    assert set(peak_hz(0.0)) == {5.0}
+    stretched = peak_hz(0.1)
+    assert stretched.min() >= 4.4 and stretched.max() <= 5.6 and len(set(stretched)) >= 9
