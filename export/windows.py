@@ -102,7 +102,7 @@ class TrainingWindows:
         if not self.time_stretch:
             return self._pool.clean_segment(rng)
         # Steps of 1 % keep resample_poly's filter short; 10 % extra on each side absorbs its edges.
-        down = int(round(100 * rng.uniform(1 - self.time_stretch, 1 + self.time_stretch)))
+        down = round(100 * rng.uniform(1 - self.time_stretch, 1 + self.time_stretch))
         segment = self._pool.clean_segment(rng, WINDOW * (down + 20) // 100)
         margin = WINDOW // 10
         return resample_poly(segment, 100, down)[margin : margin + WINDOW]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.data import NOISE_TRAIN_FRACTION, is_validation, load_corpus, patient_group
+from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, load_corpus, patient_group
 from export.metrics import bandpass, scores, snr_db
 from export.synth import synthetic_corpus
 from export.windows import EVAL_NOISE, EVAL_SNR_DB, TrainingWindows, scale_to_snr, validation_grid
@@ -70,8 +70,6 @@ def test_real_corpus_is_split_by_patient(real_data):
 
 def test_time_stretch_plays_the_clean_ecg_up_to_that_much_faster_or_slower():
     """A 5 Hz tone stands in for the heart: stretched by up to ±10 % it comes out at 4.5–5.5 Hz."""
-    from export.data import NOISE_TYPES, Corpus, Record
-
     tone = np.sin(2 * np.pi * 5 * np.arange(60 * 130) / 130)
     noise = {k: np.random.default_rng(0).standard_normal((2, 60 * 130)) for k in NOISE_TYPES}
     corpus = Corpus(train=[Record("tone", "tone", (tone,))], validation=[], noise_train=noise, noise_validation=noise)
