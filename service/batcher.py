@@ -11,9 +11,10 @@ spread over all cores leaves cores waiting in its serial stretches, runs side by
 A request that finds the batcher idle (no run under way, nothing queued) runs in its own thread,
 on the engine's session for lone runs (the thread count it timed fastest): there is nothing to
 coalesce it with (unless ``max_wait_s`` asks to wait for more), and the hand-off to a worker and
-back costs a lone request about 0.15 ms on this CPU. Under load every request goes through the queue, where workers that
-are already awake take it (running them in request threads instead passed the lead to a sleeping
-thread after each batch: 6–9 % fewer requests/s at 16 connections, int8).
+back costs a lone request about 0.15 ms on this CPU. Under load every request goes through the
+queue, where workers that are already awake take it (running them in request threads instead
+passed the lead to a sleeping thread after each batch: 6–9 % fewer requests/s at 16 connections,
+int8).
 
 Measured with waitress on 2 cores (a training job sharing them), 8 s per point, requests/s:
 clients 1/4/16 → max_size=1: 141/138/150; max_size=8, wait 0: 138/174/178; wait 2 ms: 104/153/158.
