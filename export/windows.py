@@ -51,13 +51,32 @@ class LeadPool:
         self._leads = [s for r in records for s in r.signals]
         sizes = np.array([s.size for s in self._leads], dtype=np.float64)
         self._p = sizes / sizes.sum()
+        self._pairs = [r.signals[:2] for r in records if len(r.signals) >= 2]
+        sizes = np.array([a.size for a, _ in self._pairs], dtype=np.float64)
+        self._pair_p = sizes / sizes.sum() if self._pairs else sizes
 
     def clean_segment(self, rng: np.random.Generator, n: int = WINDOW) -> np.ndarray:
         """A random stretch of a random lead; flat stretches are redrawn."""
         while True:
             clean = _segment(rng, [self._leads[rng.choice(len(self._leads), p=self._p)]], n)
-            if clean.std() > 0.02:  # mV: leads-off or flat-line stretches carry no ECG
+            if _carries_ecg(clean):
                 return clean
+
+    def mixed_segment(self, rng: np.random.Generator, n: int = WINDOW) -> np.ndarray:
+        """cos θ·lead 1 + sin θ·lead 2 of one record over the same stretch, θ uniform: under the
+        heart-dipole model a lead is a projection of one heart vector, so this is a lead that
+        electrodes placed elsewhere (a chest strap's, say) could have recorded."""
+        while True:
+            first, second = self._pairs[rng.choice(len(self._pairs), p=self._pair_p)]
+            start = rng.integers(0, min(first.size, second.size) - n)
+            theta = rng.uniform(0, 2 * np.pi)
+            clean = np.cos(theta) * first[start : start + n] + np.sin(theta) * second[start : start + n]
+            if _carries_ecg(clean):
+                return clean.astype(np.float64)
+
+
+def _carries_ecg(clean: np.ndarray) -> bool:
+    return clean.std() > 0.02  # mV: leads-off or flat-line stretches carry no ECG
 
 
 @dataclass
@@ -68,6 +87,7 @@ class TrainingWindows:
     snr_db: tuple[float, float] = TRAIN_SNR_DB  # input SNR drawn uniformly from this range
     clean_fraction: float = 0.0  # share of windows given with no noise: a clean window is to be left as it is
     time_stretch: float = 0.0  # clean ECG played up to this fraction faster or slower (see _clean)
+    lead_mix: float = 0.0  # share of clean windows that mix a record's two leads (LeadPool.mixed_segment)
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
@@ -100,12 +120,17 @@ class TrainingWindows:
         than the training patients show. No draw at 0, so earlier runs replay.
         """
         if not self.time_stretch:
-            return self._pool.clean_segment(rng)
+            return self._lead(rng, WINDOW)
         # Steps of 1 % keep resample_poly's filter short; 10 % extra on each side absorbs its edges.
         down = round(100 * rng.uniform(1 - self.time_stretch, 1 + self.time_stretch))
-        segment = self._pool.clean_segment(rng, WINDOW * (down + 20) // 100)
+        segment = self._lead(rng, WINDOW * (down + 20) // 100)
         margin = WINDOW // 10
         return resample_poly(segment, 100, down)[margin : margin + WINDOW]
+
+    def _lead(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.lead_mix and rng.random() < self.lead_mix:  # no draw at 0: old runs replay
+            return self._pool.mixed_segment(rng, n)
+        return self._pool.clean_segment(rng, n)
 
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         kind = rng.choice(["bw", "em", "ma", "mixture", "white"], p=[0.2, 0.2, 0.2, 0.3, 0.1])

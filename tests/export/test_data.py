@@ -81,3 +81,23 @@ def test_time_stretch_plays_the_clean_ecg_up_to_that_much_faster_or_slower():
     assert set(peak_hz(0.0)) == {5.0}
     stretched = peak_hz(0.1)
     assert stretched.min() >= 4.4 and stretched.max() <= 5.6 and len(set(stretched)) >= 9
+
+
+def test_lead_mix_gives_that_share_of_windows_a_projection_of_both_leads():
+    """Lead 1 a 3 Hz tone, lead 2 a 7 Hz tone: a mixed window holds both in the ratio tan θ."""
+    t = np.arange(60 * 130) / 130
+    leads = (np.sin(2 * np.pi * 3 * t), np.sin(2 * np.pi * 7 * t))
+    noise = {k: np.random.default_rng(0).standard_normal((2, t.size)) for k in NOISE_TYPES}
+    corpus = Corpus(train=[Record("tones", "tones", leads)], validation=[], noise_train=noise, noise_validation=noise)
+
+    def angles(mix: float) -> np.ndarray:
+        _, clean = TrainingWindows(corpus, lead_mix=mix).sample(np.random.default_rng(3), 400)
+        spectrum = np.abs(np.fft.rfft(clean, axis=1))
+        return np.arctan2(spectrum[:, 70], spectrum[:, 30])  # 0: lead 1 alone, π/2: lead 2 alone
+
+    single = angles(0.0)
+    assert np.all((single < 1e-6) | (single > np.pi / 2 - 1e-6))
+    mixed = angles(1.0)
+    assert mixed.min() < 0.2 and mixed.max() > np.pi / 2 - 0.2 and np.mean((mixed > 0.2) & (mixed < 1.37)) > 0.6
+    half = angles(0.5)
+    assert 140 < np.sum((half > 1e-6) & (half < np.pi / 2 - 1e-6)) < 260
