@@ -51,9 +51,9 @@ class LeadPool:
         self._leads = [s for r in records for s in r.signals]
         sizes = np.array([s.size for s in self._leads], dtype=np.float64)
         self._p = sizes / sizes.sum()
-        self._pairs = [r.signals[:2] for r in records if len(r.signals) >= 2]
-        sizes = np.array([a.size for a, _ in self._pairs], dtype=np.float64)
-        self._pair_p = sizes / sizes.sum() if self._pairs else sizes
+        self.pairs = [r.signals[:2] for r in records if len(r.signals) >= 2]
+        pair_sizes = np.array([a.size for a, _ in self.pairs], dtype=np.float64)
+        self._pair_p = pair_sizes / pair_sizes.sum() if self.pairs else pair_sizes
 
     def clean_segment(self, rng: np.random.Generator, n: int = WINDOW) -> np.ndarray:
         """A random stretch of a random lead; flat stretches are redrawn."""
@@ -67,7 +67,7 @@ class LeadPool:
         heart-dipole model a lead is a projection of one heart vector, so this is a lead that
         electrodes placed elsewhere (a chest strap's, say) could have recorded."""
         while True:
-            first, second = self._pairs[rng.choice(len(self._pairs), p=self._pair_p)]
+            first, second = self.pairs[rng.choice(len(self.pairs), p=self._pair_p)]
             start = rng.integers(0, min(first.size, second.size) - n)
             theta = rng.uniform(0, 2 * np.pi)
             clean = np.cos(theta) * first[start : start + n] + np.sin(theta) * second[start : start + n]
@@ -91,6 +91,8 @@ class TrainingWindows:
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
+        if self.lead_mix and not self._pool.pairs:
+            raise ValueError("lead_mix needs training records with two leads")
 
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self._pair(rng) for _ in range(count)]

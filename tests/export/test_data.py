@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, load_corpus, patient_group
 from export.metrics import bandpass, scores, snr_db
@@ -101,3 +102,8 @@ def test_lead_mix_gives_that_share_of_windows_a_projection_of_both_leads():
     assert mixed.min() < 0.2 and mixed.max() > np.pi / 2 - 0.2 and np.mean((mixed > 0.2) & (mixed < 1.37)) > 0.6
     half = angles(0.5)
     assert 140 < np.sum((half > 1e-6) & (half < np.pi / 2 - 1e-6)) < 260
+
+
+def test_lead_mix_refuses_records_with_one_lead():
+    with pytest.raises(ValueError, match="two leads"):
+        TrainingWindows(synthetic_corpus(np.random.default_rng(0)), lead_mix=0.5)
