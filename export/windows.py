@@ -49,11 +49,9 @@ class LeadPool:
 
     def __init__(self, records: list[Record]) -> None:
         self._leads = [s for r in records for s in r.signals]
-        sizes = np.array([s.size for s in self._leads], dtype=np.float64)
-        self._p = sizes / sizes.sum()
+        self._p = _by_length(self._leads)
         self.pairs = [r.signals[:2] for r in records if len(r.signals) >= 2]
-        pair_sizes = np.array([a.size for a, _ in self.pairs], dtype=np.float64)
-        self._pair_p = pair_sizes / pair_sizes.sum() if self.pairs else pair_sizes
+        self._pair_p = _by_length([first for first, _ in self.pairs])
 
     def clean_segment(self, rng: np.random.Generator, n: int = WINDOW) -> np.ndarray:
         """A random stretch of a random lead; flat stretches are redrawn."""
@@ -73,6 +71,12 @@ class LeadPool:
             clean = np.cos(theta) * first[start : start + n] + np.sin(theta) * second[start : start + n]
             if _carries_ecg(clean):
                 return clean.astype(np.float64)
+
+
+def _by_length(leads: list[np.ndarray]) -> np.ndarray:
+    """Drawing probabilities proportional to the leads' lengths (empty for no leads)."""
+    sizes = np.array([lead.size for lead in leads], dtype=np.float64)
+    return sizes / sizes.sum() if leads else sizes
 
 
 def _carries_ecg(clean: np.ndarray) -> bool:
