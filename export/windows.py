@@ -76,7 +76,7 @@ class LeadPool:
 def _by_length(leads: list[np.ndarray]) -> np.ndarray:
     """Drawing probabilities proportional to the leads' lengths (empty for no leads)."""
     sizes = np.array([lead.size for lead in leads], dtype=np.float64)
-    return sizes / sizes.sum() if leads else sizes
+    return sizes / sizes.sum()
 
 
 def _carries_ecg(clean: np.ndarray) -> bool:

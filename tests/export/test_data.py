@@ -69,11 +69,17 @@ def test_real_corpus_is_split_by_patient(real_data):
         assert abs(train_noise.shape[1] / total - NOISE_TRAIN_FRACTION) < 1e-3
 
 
+def _tone_corpus(*lead_hz: float) -> Corpus:
+    """One training record of 60 s whose leads are pure tones at ``lead_hz``: stand-ins for the heart."""
+    t = np.arange(60 * 130) / 130
+    leads = tuple(np.sin(2 * np.pi * hz * t) for hz in lead_hz)
+    noise = {k: np.random.default_rng(0).standard_normal((2, t.size)) for k in NOISE_TYPES}
+    return Corpus(train=[Record("tones", "tones", leads)], validation=[], noise_train=noise, noise_validation=noise)
+
+
 def test_time_stretch_plays_the_clean_ecg_up_to_that_much_faster_or_slower():
     """A 5 Hz tone stands in for the heart: stretched by up to ±10 % it comes out at 4.5–5.5 Hz."""
-    tone = np.sin(2 * np.pi * 5 * np.arange(60 * 130) / 130)
-    noise = {k: np.random.default_rng(0).standard_normal((2, 60 * 130)) for k in NOISE_TYPES}
-    corpus = Corpus(train=[Record("tone", "tone", (tone,))], validation=[], noise_train=noise, noise_validation=noise)
+    corpus = _tone_corpus(5)
 
     def peak_hz(stretch: float) -> np.ndarray:
         _, clean = TrainingWindows(corpus, time_stretch=stretch).sample(np.random.default_rng(2), 200)
@@ -86,10 +92,7 @@ def test_time_stretch_plays_the_clean_ecg_up_to_that_much_faster_or_slower():
 
 def test_lead_mix_gives_that_share_of_windows_a_projection_of_both_leads():
     """Lead 1 a 3 Hz tone, lead 2 a 7 Hz tone: a mixed window holds both in the ratio tan θ."""
-    t = np.arange(60 * 130) / 130
-    leads = (np.sin(2 * np.pi * 3 * t), np.sin(2 * np.pi * 7 * t))
-    noise = {k: np.random.default_rng(0).standard_normal((2, t.size)) for k in NOISE_TYPES}
-    corpus = Corpus(train=[Record("tones", "tones", leads)], validation=[], noise_train=noise, noise_validation=noise)
+    corpus = _tone_corpus(3, 7)
 
     def angles(mix: float) -> np.ndarray:
         _, clean = TrainingWindows(corpus, lead_mix=mix).sample(np.random.default_rng(3), 400)
