@@ -54,7 +54,7 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
             "requestBody": _body("EmailRequest"),
             "responses": {
                 "200": _response("Mail queued; it is retried until delivered", "MailSent"),
-                "400": _error("`Missing required field: email` or `Invalid email format`"),
+                "400": _error("`Missing required field: email` or `Invalid email format` (with a `reason`)"),
                 status: _error(description),
                 "413": _error("Request body too large"),
             },
@@ -88,6 +88,7 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                         "error": {"type": "string"},
                         "expected_format": {"type": "object"},
                         "note": {"type": "string"},
+                        "reason": {"type": "string", "description": "why an email address was refused"},
                     },
                 },
                 "DenoiseRequest": {
