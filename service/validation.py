@@ -38,6 +38,8 @@ def ecg_signals(body: Any, limit: int) -> np.ndarray:
     value = _field(body, "ecg_signals", f"array of 1 to {limit} arrays of 1300 float values (10 seconds @ 130Hz each)")
     if not isinstance(value, list):
         raise ValidationError("ecg_signals must be an array")
+    if value and not isinstance(value[0], list):  # one window sent flat: name it, not its length
+        raise ValidationError("ecg_signals[0] must be an array")
     if not 1 <= len(value) <= limit:
         raise ValidationError(f"ecg_signals must hold 1 to {limit} windows (got {len(value)})")
     return np.stack([_window(window, f"ecg_signals[{i}]") for i, window in enumerate(value)])

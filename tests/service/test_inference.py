@@ -95,6 +95,7 @@ def test_invalid_units(client, key):
     ([], "ecg_signals must hold 1 to 64 windows (got 0)"),
     ([[0.0] * 1300] * 65, "ecg_signals must hold 1 to 64 windows (got 65)"),
     ([[0.0] * 1300, "x"], "ecg_signals[1] must be an array"),
+    ([0.0] * 1300, "ecg_signals[0] must be an array"),  # one window, not wrapped in a list
     ([[0.0] * 1300, [0.0] * 1300, [0.0] * 12], "ecg_signals[2] must have exactly 1300 values (got 12)"),
     ([[0.0] * 1300, [0.0] * 17 + [None] + [0.0] * 1282], "ecg_signals[1][17] must be a finite number (got null)"),
 ])
