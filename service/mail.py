@@ -217,7 +217,7 @@ class Outbox:
                 for row in due:
                     try:
                         send(compose(row.as_mail(), self._from))
-                    except (OSError, smtplib.SMTPException) as exc:
+                    except Exception as exc:  # whatever one mail raises must not hold back the others
                         self._retry_later(row, exc)
                     else:
                         self._store.mark_sent(row.id)

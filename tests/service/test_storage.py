@@ -9,6 +9,7 @@ import pytest
 
 from service.app import create_app
 from service.keys import digest
+from service.mail import Mail
 from service.runtime import Runtime
 from service.store import ApiKey, KeyConflict, OutboxMail, Token, utcnow
 
@@ -47,6 +48,25 @@ def test_database_holds_digests_only_and_no_delivered_body(runtime_on, smtp):
     assert digest(key) in rows and digest(token) in rows
     with store.db.connection_context():
         assert all(m.text_body is None and m.html_body is None for m in OutboxMail.select())
+
+
+def test_a_mail_that_cannot_be_composed_does_not_hold_back_the_others(runtime_on, smtp):
+    """A row queued before addresses were checked strictly (``john.doe@`` has no domain, and the
+    mail library raises on it, not with an SMTP error) is retried on its own, with its error kept."""
+    store = runtime_on.store
+    with store.db.connection_context():
+        store.enqueue_mail(Mail("john.doe@", "Bad", "text", "<p>html</p>"), utcnow())
+        for n in range(3):
+            store.enqueue_mail(Mail(f"good{n}@example.org", "Good", "text", "<p>html</p>"), utcnow())
+    runtime_on.outbox.wake()
+    assert sorted(m["To"] for m in smtp.mailbox.wait_for(3)) == [f"good{n}@example.org" for n in range(3)]
+
+    def bad_row() -> OutboxMail:
+        with store.db.connection_context():
+            return OutboxMail.get(OutboxMail.recipient == "john.doe@")
+
+    wait_until(lambda: bad_row().attempts >= 1, what="the bad mail's attempt counted")
+    assert bad_row().sent_at is None and bad_row().last_error
 
 
 def test_last_used_is_recorded_in_memory_and_flushed(runtime_on, smtp):
