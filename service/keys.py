@@ -139,7 +139,8 @@ class KeyService:
         """Spend a token once; returns its kind and email.
 
         A generation token deactivates every key of its email and mails a new one; a deactivation
-        token deactivates the active key and mails a confirmation.
+        token deactivates the active key and mails a confirmation. Either spends the email's other
+        deactivation tokens, which were for the keys now gone.
         """
         if not token:
             raise NoToken()
@@ -164,6 +165,9 @@ class KeyService:
             if not self._store.use_token(row.id, now):
                 raise BadToken()
             self._store.deactivate_keys(row.email, now)
+            # Deactivation links still out were for the keys just deactivated: followed later,
+            # they must not deactivate the key that replaces them.
+            self._store.spend_tokens(row.email, DEACTIVATION, now)
             if row.kind == GENERATION:
                 key = new_secret()
                 self._store.add_key(row.email, digest(key), now)

@@ -209,6 +209,11 @@ class Store:
         query = Token.update(used_at=now).where((Token.id == token_id) & Token.used_at.is_null())
         return query.execute() == 1
 
+    def spend_tokens(self, email: str, kind: str, now: datetime) -> int:
+        """Mark the email's unused tokens of ``kind`` used."""
+        query = Token.update(used_at=now).where((Token.email == email) & (Token.kind == kind) & Token.used_at.is_null())
+        return query.execute()
+
     # -- outbox -----------------------------------------------------------------------------
     def enqueue_mail(self, mail: Mail, now: datetime) -> None:
         OutboxMail.create(
