@@ -53,7 +53,8 @@ def create_app(deps: Deps) -> falcon.App:
     config = deps.config
     app = falcon.App(middleware=[_ReleaseConnection(deps.store)])
     handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
-    app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
+    # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
+    app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(ValidationError, _validation_error)

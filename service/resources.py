@@ -23,6 +23,8 @@ def json_body(req: falcon.Request, limit: int) -> Any:
     """The parsed JSON body, or None when it is missing or not JSON (the contract's 400 case)."""
     if (req.content_length or 0) > limit:
         raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
+    if req.content_type:  # media types are case-insensitive (RFC 9110); Falcon's lookup is not
+        req.content_type = req.content_type.lower()
     try:
         return req.get_media()
     except (falcon.MediaNotFoundError, falcon.MediaMalformedError, falcon.HTTPUnsupportedMediaType):
