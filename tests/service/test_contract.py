@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.store import Token, utcnow
+from service.store import OutboxMail, Token, utcnow
 from service.validation import MAX_ABS
 
 from .conftest import SHIPPED_VERSION, key_in, obtain_key, verify_link
@@ -28,6 +28,11 @@ def window(seed: int = 0) -> list[float]:
 @pytest.fixture
 def key(client, smtp) -> str:
     return obtain_key(client, smtp, "owner@example.org")
+
+
+def queued_mails(runtime) -> int:
+    with runtime.store.db.connection_context():
+        return OutboxMail.select().count()
 
 
 def post_raw(client, key: str, body: str | bytes, content_type: str = "application/json"):
@@ -57,10 +62,24 @@ def test_body_missing_not_json_or_without_field(client, key, body):
     assert result.json == {"error": "Missing required field: ecg_signal", "expected_format": EXPECTED_FORMAT}
 
 
-def test_body_that_is_not_declared_json(client, key):
-    result = post_raw(client, key, json.dumps({"ecg_signal": window()}), content_type="text/plain")
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_body_that_is_not_declared_json(client, key, content_type):
+    result = post_raw(client, key, json.dumps({"ecg_signal": window()}), content_type=content_type)
+    assert result.status_code == 400
+    assert result.json == {"error": "Missing required field: ecg_signal", "expected_format": EXPECTED_FORMAT}
+
+
+def test_form_body_is_not_json(client, key):
+    """Falcon parses forms by default; the contract knows JSON bodies only."""
+    result = post_raw(client, key, "ecg_signal=1&ecg_signal=2", content_type="application/x-www-form-urlencoded")
     assert result.status_code == 400
     assert result.json["error"] == "Missing required field: ecg_signal"
+
+
+@pytest.mark.parametrize("content_type", ["APPLICATION/JSON", "Application/Json; Charset=UTF-8"])
+def test_media_type_is_case_insensitive(client, key, content_type):
+    result = post_raw(client, key, json.dumps({"ecg_signal": window()}), content_type=content_type)
+    assert result.status_code == 200
 
 
 @pytest.mark.parametrize("value", ["1,2,3", 5, {"a": 1}, True])
@@ -150,18 +169,34 @@ def test_email_missing(client, path, body):
 
 
 @pytest.mark.parametrize("path", ["/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation"])
-def test_email_body_not_json(client, path):
-    result = client.simulate_post(path, body="email=a@b.c", headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_email_body_not_json(client, runtime, path, content_type):
+    result = client.simulate_post(path, body="email=a@b.c", headers={"Content-Type": content_type})
     assert result.status_code == 400
     assert result.json == {"error": "Missing required field: email"}
+    assert queued_mails(runtime) == 0
 
 
 @pytest.mark.parametrize("path", ["/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation"])
-@pytest.mark.parametrize("address", ["nobody", "no-at.example.org", "no-dot@example", 42, "a@b.c\r\nBcc: x@y.z"])
-def test_email_invalid(client, path, address):
+@pytest.mark.parametrize("address", [
+    "nobody", "no-at.example.org", "no-dot@example", 42, "a@b.c\r\nBcc: x@y.z",
+    # "@" and "." present, yet no mail could ever be sent, or it would go to several mailboxes
+    "john.doe@", ".@", "a.@example.org", "x@y.", "a@b@c.d", "a@b.c,d@e.f", "<a@b.c>", '"x"@b.c',
+    "x" * 65 + "@example.org", "owner@localhost", "jürgen@example.com", "me@bücher.de",
+])
+def test_email_invalid(client, runtime, path, address):
     result = client.simulate_post(path, json={"email": address})
     assert result.status_code == 400
-    assert result.json == {"error": "Invalid email format"}
+    assert result.json["error"] == "Invalid email format"
+    assert set(result.json) <= {"error", "reason"}
+    assert queued_mails(runtime) == 0
+
+
+@pytest.mark.parametrize("address", ["first.last+tag@mail.example.co.uk", "o'brien@example.ie", "a@b.c"])
+def test_email_unusual_but_valid(client, address):
+    result = client.simulate_post("/api/v1/api-keys/generation", json={"email": address})
+    assert result.status_code == 200
+    assert result.json["email"] == address
 
 
 def test_generation_trims_lowercases_and_mails_a_link(client, smtp):
@@ -200,6 +235,22 @@ def test_deactivation_mails_a_link_then_key_is_refused(client, smtp, key):
     refused = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key})
     assert refused.status_code == 401
     assert refused.json == {"error": "Invalid or inactive API key"}
+
+
+def test_a_deactivation_link_dies_with_the_key_it_was_for(client, smtp, key):
+    """Two deactivation links for one key: the first deactivates it; the second, followed after a
+    new key was issued, must not deactivate the new one."""
+    for _ in range(2):
+        client.simulate_post("/api/v1/api-keys/deactivation", json={"email": "owner@example.org"})
+    first, second = (verify_link(m).replace("http://testserver", "") for m in smtp.mailbox.wait_for(4)[2:])
+    assert client.simulate_get(first).status_code == 200
+    smtp.mailbox.wait_for(5)  # the confirmation
+    new_key = obtain_key(client, smtp, "owner@example.org")
+    stale = client.simulate_get(second)
+    assert stale.status_code == 400
+    assert stale.json == {"error": "Invalid or expired token"}
+    served = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": new_key})
+    assert served.status_code == 200
 
 
 # -- GET /api/v1/api-keys/verify -----------------------------------------------------------------
