@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", required=True, type=Path, help="PyTorch checkpoint (.pth)")
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--manifest", type=Path, help="manifest to update (default: manifest.json beside --out)")
-    parser.add_argument("--model-version", type=int, default=1, help="version reported by the service")
+    parser.add_argument("--model-version", type=int,
+                        help="version reported by the service (default: the manifest's, else 1)")
     parser.add_argument("--conv1d", action="store_true", help="keep 1-D convolutions (slower; for comparison)")
     parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest allowed abs difference")
     parser.add_argument("--verify-only", action="store_true", help="check parity of an existing --out, write nothing")
@@ -53,10 +54,14 @@ def run(args: argparse.Namespace) -> str:
         Path(tmp).unlink(missing_ok=True)
 
     manifest_path = args.manifest or args.out.parent / "manifest.json"
+    # Re-exporting without a version must not turn the shipped version back into 1.
+    version = args.model_version
+    if version is None:
+        version = manifest.read(manifest_path).get("model_version", 1)
     manifest.update(
         manifest_path,
         {
-            "model_version": args.model_version,
+            "model_version": version,
             "input": {"name": "ecg", "shape": ["N", 1, WINDOW], "sampling_rate_hz": SAMPLING_RATE_HZ},
             "output": {"name": "denoised", "shape": ["N", 1, WINDOW]},
             "normalization": "input z-scored per window (σ=0 → 1); output·σ + μ is the clean estimate",

@@ -16,7 +16,7 @@ from export.checkpoint import CheckpointError, load_model
 from export.onnx_export import ParityError, check_parity, parity_windows
 from service.engine import Engine
 
-from .conftest import random_state_dict
+from .conftest import export_main, random_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +70,15 @@ def test_export_records_parity_and_checksums_in_the_manifest(exported, checkpoin
     assert entry["opset"] >= 17
     assert manifest["input"]["sampling_rate_hz"] == 130 and manifest["input"]["shape"][-1] == 1300
     assert {"torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
+
+
+def test_a_re_export_keeps_the_manifest_version_unless_given_one(checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    versions = []
+    for extra in ([], ["--model-version", "7"], []):
+        assert export_main(["--weights", str(checkpoint), "--out", str(out), *extra]) == 0
+        versions.append(json.loads((tmp_path / "manifest.json").read_text())["model_version"])
+    assert versions == [1, 7, 7]
 
 
 def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported, checkpoint):
