@@ -62,6 +62,15 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
     }
 
 
+def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    """A health endpoint: GET, and HEAD with the same status and no body."""
+    return {
+        "get": {"summary": summary, "tags": ["Operations"], "responses": responses},
+        "head": {"summary": f"{summary} (status only)", "tags": ["Operations"],
+                 "responses": {status: {"description": r["description"]} for status, r in responses.items()}},
+    }
+
+
 def document(max_batch_windows: int) -> dict[str, Any]:
     window = {
         "type": "array",
@@ -182,17 +191,9 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     },
                 }
             },
-            "/healthz": {
-                "get": {"summary": "The process answers", "tags": ["Operations"],
-                        "responses": {"200": _response("Alive", "Status")}}
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Model loaded and database reachable",
-                    "tags": ["Operations"],
-                    "responses": {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
-                }
-            },
+            "/healthz": _probe("The process answers", {"200": _response("Alive", "Status")}),
+            "/readyz": _probe("Model loaded and database reachable",
+                              {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")}),
             "/openapi.json": {
                 "get": {"summary": "This document", "tags": ["Operations"],
                         "responses": {"200": {"description": "OpenAPI 3.1",

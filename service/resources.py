@@ -95,6 +95,8 @@ class Health:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok"}
 
+    on_head = on_get  # what uptime monitors and some load balancers send; Falcon drops the body
+
 
 class Readiness:
     """``GET /readyz``: 200 only while the model is loaded and the database answers."""
@@ -109,6 +111,8 @@ class Readiness:
         ready = model and database
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = {"status": "ready" if ready else "not ready", "model": model, "database": database}
+
+    on_head = on_get
 
 
 class Document:

@@ -67,7 +67,7 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
             status, raw, kind = response.status, response.read(), response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         status, raw, kind = exc.code, exc.read(), exc.headers.get_content_type()
-    return status, orjson.loads(raw) if kind == "application/json" else raw.decode()
+    return status, orjson.loads(raw) if raw and kind == "application/json" else raw.decode()
 
 
 # -- mail ----------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
                               "MAX_BATCH_WINDOWS": "1"})
     assert http("GET", f"{server.url}/healthz") == (200, {"status": "ok"})
     assert http("GET", f"{server.url}/readyz") == (200, {"status": "ready", "model": True, "database": True})
+    assert http("HEAD", f"{server.url}/healthz") == http("HEAD", f"{server.url}/readyz") == (200, "")
     limit = 1 << 20  # the floor of the body limit
     status, body = http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "a@b.c", "pad": "x" * limit})
     assert (status, body) == (413, {"error": f"Request body too large (limit {limit} bytes)"})
