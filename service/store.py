@@ -227,10 +227,15 @@ class Store:
 
     def claim_due_mails(self, limit: int) -> list[OutboxMail]:
         """Due mails this worker now owns: each is leased by one atomic update, so concurrent
-        workers (threads or replicas) never send the same mail at the same time."""
-        with self.db.connection_context():
+        workers (threads or replicas) never send the same mail at the same time.
+
+        One write transaction, with the rows read before the first update: updating while the
+        select's cursor was still open made SQLite upgrade a read snapshot to a write, which fails
+        at once ("database is locked") when another connection wrote in between.
+        """
+        with self.db.connection_context(), self.db.atomic():
             now = utcnow()
-            due = (
+            due = list(
                 OutboxMail.select()
                 .where(OutboxMail.sent_at.is_null() & (OutboxMail.next_attempt_at <= now))
                 .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
