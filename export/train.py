@@ -52,6 +52,7 @@ class Config:
     clean_fraction: float = 0.0  # share of training windows with no noise added (TrainingWindows)
     time_stretch: float = 0.0  # clean ECG up to this fraction faster or slower (TrainingWindows)
     lead_mix: float = 0.0  # share of clean windows mixing a record's two leads (TrainingWindows)
+    synthetic_noise: float = 0.0  # share of noisy windows with synthetic noise families (TrainingWindows)
     ema_decay: float = 0.0  # validate and save a moving average of the weights (see train); 0 = the raw weights
 
 
@@ -138,7 +139,9 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         state = saved["state"]
         print(f"resumed from {last} after epoch {state['epoch']}", file=sys.stderr)
 
-    sampler = TrainingWindows(corpus, (cfg.snr_min_db, cfg.snr_max_db), cfg.clean_fraction, cfg.time_stretch, cfg.lead_mix)
+    sampler = TrainingWindows(
+        corpus, (cfg.snr_min_db, cfg.snr_max_db), cfg.clean_fraction, cfg.time_stretch, cfg.lead_mix, cfg.synthetic_noise
+    )
     grid = validation_grid(corpus, cfg.val_per_case)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     started = time.monotonic()

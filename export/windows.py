@@ -13,6 +13,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from export.data import NOISE_TYPES, Corpus, Record
+from export.families import HELD_OUT, TRAINED
 from export.model import SAMPLING_RATE_HZ, WINDOW
 
 EVAL_NOISE = ("bw", "em", "ma", "mixture")
@@ -92,6 +93,7 @@ class TrainingWindows:
     clean_fraction: float = 0.0  # share of windows given with no noise: a clean window is to be left as it is
     time_stretch: float = 0.0  # clean ECG played up to this fraction faster or slower (see _clean)
     lead_mix: float = 0.0  # share of clean windows that mix a record's two leads (LeadPool.mixed_segment)
+    synthetic_noise: float = 0.0  # share of noisy windows whose noise is a synthetic family (export.families)
 
     def __post_init__(self) -> None:
         self._pool = LeadPool(self.corpus.train)
@@ -139,6 +141,9 @@ class TrainingWindows:
         return self._pool.clean_segment(rng, n)
 
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
+        if self.synthetic_noise and rng.random() < self.synthetic_noise:  # no draw at 0: old runs replay
+            family = list(TRAINED.values())[rng.integers(len(TRAINED))]
+            return _unit(family(rng)) + rng.uniform(0, 1) * _unit(mixture(rng, self.corpus.noise_train))
         kind = rng.choice(["bw", "em", "ma", "mixture", "white"], p=[0.2, 0.2, 0.2, 0.3, 0.1])
         if kind == "white":
             return rng.standard_normal(WINDOW) + 0.5 * _unit(mixture(rng, self.corpus.noise_train))
@@ -149,16 +154,27 @@ class TrainingWindows:
 
 def validation_grid(corpus: Corpus, per_case: int, seed: int = 2026) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Fixed (noisy, clean) windows per (noise type, input SNR) from validation records and noise."""
+    recorded = {kind: (lambda rng, kind=kind: _segment(rng, corpus.noise_validation[kind])) for kind in NOISE_TYPES}
+    return _grid(corpus, {**recorded, "mixture": lambda rng: mixture(rng, corpus.noise_validation)}, per_case, seed)
+
+
+def family_grid(corpus: Corpus, per_case: int, seed: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Validation records with the synthetic noise families (export.families) and with validation
+    `em` played backwards: its spectrum and bursts, in shapes the recording never shows."""
+    reversed_em = lambda rng: _segment(rng, corpus.noise_validation["em"])[::-1].copy()
+    return _grid(corpus, {**TRAINED, **HELD_OUT, "em reversed": reversed_em}, per_case, seed)
+
+
+def _grid(corpus: Corpus, noises: dict, per_case: int, seed: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     pool = LeadPool(corpus.validation)
     grid = {}
-    for kind in EVAL_NOISE:
+    for kind, draw in noises.items():
         for snr in EVAL_SNR_DB:
             noisy, clean = [], []
             for _ in range(per_case):
                 c = pool.clean_segment(rng)
-                n = mixture(rng, corpus.noise_validation) if kind == "mixture" else _segment(rng, corpus.noise_validation[kind])
-                noisy.append(c + scale_to_snr(c, n, snr))
+                noisy.append(c + scale_to_snr(c, draw(rng), snr))
                 clean.append(c)
             grid[(kind, snr)] = (np.stack(noisy), np.stack(clean))
     return grid

@@ -7,7 +7,8 @@ import pytest
 from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, load_corpus, patient_group
 from export.metrics import bandpass, scores, snr_db
 from export.synth import synthetic_corpus
-from export.windows import EVAL_NOISE, EVAL_SNR_DB, TrainingWindows, scale_to_snr, validation_grid
+from export.families import HELD_OUT, TRAINED
+from export.windows import EVAL_NOISE, EVAL_SNR_DB, TrainingWindows, family_grid, scale_to_snr, validation_grid
 
 
 def test_excerpts_and_same_patient_records_share_a_group():
@@ -48,6 +49,38 @@ def test_validation_grid_covers_every_case_at_its_snr():
     assert sorted(grid) == sorted((k, s) for k in EVAL_NOISE for s in EVAL_SNR_DB)
     for (_, snr), (noisy, clean) in grid.items():
         assert np.allclose(snr_db(clean, noisy), snr, atol=1e-6)
+
+
+def test_noise_families_give_one_window_each_reproducible_from_the_generator():
+    for name, family in {**TRAINED, **HELD_OUT}.items():
+        first, again = family(np.random.default_rng(3)), family(np.random.default_rng(3))
+        assert first.shape == (1300,) and np.isfinite(first).all() and first.std() > 0, name
+        assert np.array_equal(first, again), name
+        assert not np.array_equal(first, family(np.random.default_rng(4))), name
+
+
+def test_synthetic_noise_replaces_that_share_of_the_recorded_noise():
+    made = synthetic_corpus(np.random.default_rng(0))
+    silent = {k: np.zeros_like(v) for k, v in made.noise_train.items()}  # recorded noise that adds nothing
+    corpus = Corpus(train=made.train, validation=made.validation, noise_train=silent, noise_validation=silent)
+
+    def carries_noise(share: float) -> np.ndarray:
+        noisy, clean = TrainingWindows(corpus, synthetic_noise=share).sample(np.random.default_rng(1), 200)
+        return np.any(noisy != clean, axis=1)
+
+    assert carries_noise(1.0).all()
+    assert carries_noise(0.0).mean() < 0.6  # only white noise, hum and dropouts: about 40 %
+    assert 0.6 < carries_noise(0.5).mean() < 0.9
+
+
+def test_family_grid_holds_every_family_and_reversed_em_at_its_snr():
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    grid = family_grid(corpus, per_case=2, seed=7)
+    kinds = [*TRAINED, *HELD_OUT, "em reversed"]
+    assert sorted(grid) == sorted((k, s) for k in kinds for s in EVAL_SNR_DB)
+    for (_, snr), (noisy, clean) in grid.items():
+        assert np.allclose(snr_db(clean, noisy), snr, atol=1e-6)
+    assert not set(TRAINED) & set(HELD_OUT)
 
 
 def test_scores_of_a_perfect_and_of_a_baseline_estimate():

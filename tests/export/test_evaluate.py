@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.evaluate import beat_agreement, evaluate, figures, table
+from export.evaluate import beat_agreement, evaluate, evaluate_families, family_table, figures, table
 from export.synth import synthetic_corpus
 from service.engine import Engine
 
@@ -19,6 +19,16 @@ def test_evaluation_covers_16_cases_for_model_and_baseline(exported, tmp_path):
     assert "| mixture | 12 dB |" in table(result)
     checks = figures(Engine(exported), corpus, tmp_path / "no-data", tmp_path)
     assert (tmp_path / "examples.png").stat().st_size > 10_000 and checks == {}
+
+
+def test_family_evaluation_scores_trained_and_held_out_families_apart(exported):
+    corpus = synthetic_corpus(np.random.default_rng(0))
+    result = evaluate_families(Engine(exported), corpus, per_case=2)
+    held_out = {c["noise"] for c in result["cases"] if c["held_out"]}
+    assert held_out == {"cadence", "spikes", "respiration", "em reversed"}
+    assert result["summary"]["held_out"]["cases"] == 16 and result["summary"]["trained"]["cases"] == 12
+    text = family_table(result)
+    assert "| em reversed (held out) | 12 dB |" in text and "| coloured | -6 dB |" in text
 
 
 def test_beat_agreement_counts_matches_within_tolerance():
