@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 WEIGHTS ?= artifacts/best_attention_unet.pth
 # modelVersion in responses: bump it when the shipped weights change.
-MODEL_VERSION ?= 5
+MODEL_VERSION ?= 6
 
 .PHONY: run test export train evaluate quantize bench clean
 
