@@ -1,7 +1,8 @@
 """`python -m export.train`: train the Attention U-Net on real ECG and real noise.
 
-Reproducible from ``--seed`` (epoch e draws its windows from numpy's generator seeded with
-(seed, e)), resumable from ``<run-dir>/last.pt``, on a GPU when one is present, else on the CPU.
+Reproducible from ``--seed`` (batch i of epoch e draws its windows from numpy's generator seeded
+with (seed, e, i), whatever ``--workers`` draw them), resumable from ``<run-dir>/last.pt``, on a
+GPU when one is present, else on the CPU.
 The best checkpoint by validation score (mean SNR improvement over the 16 noise × SNR cases)
 is written to ``--out`` as a bare state dict that the export stage loads strictly.
 """
@@ -54,6 +55,7 @@ class Config:
     lead_mix: float = 0.0  # share of clean windows mixing a record's two leads (TrainingWindows)
     synthetic_noise: float = 0.0  # share of noisy windows with synthetic noise families (TrainingWindows)
     ema_decay: float = 0.0  # validate and save a moving average of the weights (see train); 0 = the raw weights
+    workers: int = 0  # processes drawing training batches (Batches); 0 = the training process itself
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor, snr_weight: float = 0.0) -> torch.Tensor:
@@ -96,6 +98,24 @@ def to_batch(noisy: np.ndarray, clean: np.ndarray) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(z), torch.from_numpy(target)
 
 
+class Batches(torch.utils.data.Dataset):
+    """One epoch's training batches, batch i drawn from numpy's generator seeded with (seed, epoch, i).
+
+    A batch depends on its index alone, so loader workers (a GPU outruns one process drawing
+    windows) give the very batches the training process would draw itself.
+    """
+
+    def __init__(self, sampler: TrainingWindows, cfg: Config, epoch: int) -> None:
+        self.sampler, self.cfg, self.epoch = sampler, cfg, epoch
+
+    def __len__(self) -> int:
+        return self.cfg.steps_per_epoch
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, step])
+        return to_batch(*self.sampler.sample(rng, self.cfg.batch_size))
+
+
 @torch.inference_mode()
 def validation_score(model: nn.Module, grid: dict, device: torch.device) -> dict[str, float]:
     """Mean SNR improvement (dB) per case and over all cases, in the input's units."""
@@ -118,6 +138,7 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
     batches; the optimizer still steps the raw weights.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
     torch.manual_seed(cfg.seed)
     model = AttentionUNet().to(device)
     if cfg.init:
@@ -147,12 +168,14 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
     started = time.monotonic()
     model.train()
     for epoch in range(state["epoch"], cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        running = 0.0
-        for step in bar:
-            x, y = (t.to(device) for t in to_batch(*sampler.sample(rng, cfg.batch_size)))
+        batches = torch.utils.data.DataLoader(
+            Batches(sampler, cfg, epoch), batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+        )
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        running = torch.zeros((), device=device)  # kept on the device: no wait for the GPU each step
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = model(x)
             loss = loss_fn(pred.float(), y, cfg.snr_loss_weight)
@@ -163,8 +186,10 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
             scheduler.step()
             if ema:
                 ema.update_parameters(model)
-            running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            running = loss.detach() if step == 0 else 0.98 * running + 0.02 * loss.detach()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{running.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        running = running.item()
         result = validation_score(scored, grid, device)
         improved = result["mean_snr_improvement_db"] > state["best"]
         if improved:

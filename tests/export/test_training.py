@@ -34,11 +34,12 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
     assert torch.load(run / "last.pt", weights_only=False)["state"]["epoch"] == 2
 
 
-def test_training_is_reproducible_from_its_seed(tmp_path):
+def test_training_is_reproducible_from_its_seed_whatever_the_loader_workers(tmp_path):
     corpus = synthetic_corpus(np.random.default_rng(0))
     weights = []
-    for name in ("a", "b"):
-        train(corpus, Config(epochs=1, precision="fp32", **TINY), tmp_path / name, tmp_path / f"{name}.pth", progress=False)
+    for name, workers in (("a", 0), ("b", 2)):
+        cfg = Config(epochs=1, precision="fp32", workers=workers, **TINY)
+        train(corpus, cfg, tmp_path / name, tmp_path / f"{name}.pth", progress=False)
         weights.append(torch.load(tmp_path / name / "last.pt", weights_only=False)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
