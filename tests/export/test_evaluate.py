@@ -1,9 +1,13 @@
-"""The evaluation command on synthetic data: a full table, a verdict, figures."""
+"""The evaluation command on synthetic data: a full table, a verdict, figures; and on the real
+data when it is present."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
-from export.evaluate import beat_agreement, evaluate, evaluate_families, family_table, figures, table
+from export.evaluate import beat_agreement, evaluate, evaluate_families, family_table, figures, main, table
 from export.synth import synthetic_corpus
 from service.engine import Engine
 
@@ -34,3 +38,12 @@ def test_family_evaluation_scores_trained_and_held_out_families_apart(exported):
 def test_beat_agreement_counts_matches_within_tolerance():
     agreement = beat_agreement(np.array([10, 100, 200]), np.array([12, 150, 205]))
     assert agreement == {"beats_before": 3, "beats_after": 3, "matched": 2, "f1": 2 * 2 / 6}
+
+
+def test_command_on_real_data_writes_both_tables_and_the_polar_checks(real_data, tmp_path, capsys):
+    shipped = Path(__file__).resolve().parents[2] / "artifacts" / "attention_unet.int8.onnx"
+    assert main(["--model", str(shipped), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "2"]) == 0
+    result = json.loads((tmp_path / "evaluation-attention_unet.int8.json").read_text())
+    assert len(result["cases"]) == 16 and len(result["noise_families"]["cases"]) == 28
+    assert result["polar_h10_beats"]["rest_40s"]["beats_before"] > 0
+    assert "Synthetic noise families" in capsys.readouterr().out
