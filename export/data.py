@@ -3,16 +3,21 @@
 Everything is resampled to 130 Hz. A clean reference is its record high-passed at 0.5 Hz
 (4th-order Butterworth, zero-phase) over the whole record, so the model learns to remove baseline
 wander. Records are split by patient; each noise record is split by time.
+
+The same corpus also travels as one packed file (``write_pack``, ``python -m export.pack``) for
+machines without wfdb or the raw records; ``load_corpus`` reads either.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import wfdb
 from scipy import signal
 
 from export.model import SAMPLING_RATE_HZ
@@ -76,6 +81,8 @@ def is_validation(group: str) -> bool:
 
 
 def _read(path: Path) -> tuple[np.ndarray, float]:
+    import wfdb  # here, so that a machine given a packed corpus needs no wfdb
+
     record = wfdb.rdrecord(str(path))
     x = np.nan_to_num(record.p_signal.T.astype(np.float64))
     return x, float(record.fs)
@@ -102,7 +109,10 @@ def load_noise(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
 
 
 def load_corpus(root: str | Path) -> Corpus:
+    """The corpus of a WFDB data folder, or of a file that ``write_pack`` wrote."""
     root = Path(root)
+    if root.is_file():
+        return read_pack(root)
     if not (root / "mitdb").is_dir() or not (root / "nstdb").is_dir():
         raise FileNotFoundError(f"no ECG data under {root} (expected mitdb/, qtdb/, nstdb/)")
     records = load_records(root)
@@ -113,3 +123,73 @@ def load_corpus(root: str | Path) -> Corpus:
         noise_train=noise_train,
         noise_validation=noise_validation,
     )
+
+
+PACK_STEP_MV = 0.004
+_PACK_FORMAT = "heartify-corpus/1"
+
+
+def write_pack(corpus: Corpus, path: Path) -> None:
+    """``corpus`` in one file: each signal as int16 first differences in 4 µV steps (the records'
+    own ADC step is 5 µV, so nothing they resolve is lost), one ``.npy`` per signal in an
+    xz-compressed tar, and a JSON index. Written beside ``path``, then renamed over it."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def records(side: str, recs: list[Record]) -> list[dict]:
+        for i, record in enumerate(recs):
+            for lead, x in enumerate(record.signals):
+                arrays[f"{side}/{i}/{lead}.npy"] = _encode(x)
+        return [{"name": r.name, "group": r.group, "leads": len(r.signals)} for r in recs]
+
+    index = {"format": _PACK_FORMAT, "train": records("train", corpus.train), "validation": records("validation", corpus.validation)}
+    for side in ("noise_train", "noise_validation"):
+        noise = getattr(corpus, side)
+        index[side] = sorted(noise)
+        arrays.update({f"{side}/{kind}.npy": _encode(channels) for kind, channels in noise.items()})
+    partial = path.with_name(path.name + ".partial")
+    with tarfile.open(partial, "w:xz") as tar:
+        for name, data in {"index.json": json.dumps(index).encode(), **{k: _npy(v) for k, v in arrays.items()}}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    partial.replace(path)
+
+
+def read_pack(path: Path) -> Corpus:
+    refused = ValueError(f"{path} is neither a data folder nor a corpus written by python -m export.pack")
+    try:
+        tar = tarfile.open(path, "r:xz")
+    except tarfile.TarError:
+        raise refused from None
+    with tar:
+        member = lambda name: tar.extractfile(name).read()  # type: ignore[union-attr]
+        try:
+            index = json.loads(member("index.json"))
+        except KeyError:
+            index = {}
+        if index.get("format") != _PACK_FORMAT:
+            raise refused
+        array = lambda name: _decode(np.load(io.BytesIO(member(name)), allow_pickle=False))
+        records = lambda side: [
+            Record(r["name"], r["group"], tuple(array(f"{side}/{i}/{lead}.npy") for lead in range(r["leads"])))
+            for i, r in enumerate(index[side])
+        ]
+        noise = lambda side: {kind: array(f"{side}/{kind}.npy") for kind in index[side]}
+        return Corpus(records("train"), records("validation"), noise("noise_train"), noise("noise_validation"))
+
+
+def _encode(x: np.ndarray) -> np.ndarray:
+    steps = np.diff(np.round(np.asarray(x, np.float64) / PACK_STEP_MV).astype(np.int64), axis=-1, prepend=0)
+    if np.abs(steps).max(initial=0) > np.iinfo(np.int16).max:
+        raise ValueError("a signal changes by more than 131 mV from one sample to the next: not ECG in mV")
+    return steps.astype(np.int16)
+
+
+def _decode(steps: np.ndarray) -> np.ndarray:
+    return (np.cumsum(steps.astype(np.int64), axis=-1) * PACK_STEP_MV).astype(np.float32)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
