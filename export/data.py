@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import signal
 
+from export import manifest
 from export.model import SAMPLING_RATE_HZ
 
 NOISE_TYPES = ("bw", "em", "ma")
@@ -132,7 +133,7 @@ _PACK_FORMAT = "heartify-corpus/1"
 def write_pack(corpus: Corpus, path: Path) -> None:
     """``corpus`` in one file: each signal as int16 first differences in 4 µV steps (the records'
     own ADC step is 5 µV, so nothing they resolve is lost), one ``.npy`` per signal in an
-    xz-compressed tar, and a JSON index. Written beside ``path``, then renamed over it."""
+    xz-compressed tar, and a JSON index. Written atomically, as the manifest is."""
     arrays: dict[str, np.ndarray] = {}
 
     def records(side: str, recs: list[Record]) -> list[dict]:
@@ -146,13 +147,12 @@ def write_pack(corpus: Corpus, path: Path) -> None:
         noise = getattr(corpus, side)
         index[side] = sorted(noise)
         arrays.update({f"{side}/{kind}.npy": _encode(channels) for kind, channels in noise.items()})
-    partial = path.with_name(path.name + ".partial")
-    with tarfile.open(partial, "w:xz") as tar:
-        for name, data in {"index.json": json.dumps(index).encode(), **{k: _npy(v) for k, v in arrays.items()}}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    partial.replace(path)
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:xz") as tar:
+        _add(tar, "index.json", json.dumps(index).encode())
+        for name, array in arrays.items():
+            _add(tar, name, _npy(array))
+    manifest.atomic_write_bytes(path, packed.getvalue())
 
 
 def read_pack(path: Path) -> Corpus:
@@ -187,6 +187,12 @@ def _encode(x: np.ndarray) -> np.ndarray:
 
 def _decode(steps: np.ndarray) -> np.ndarray:
     return (np.cumsum(steps.astype(np.int64), axis=-1) * PACK_STEP_MV).astype(np.float32)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -21,9 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the WFDB data folder")
     parser.add_argument("--out", type=Path, default=Path("runs/corpus.tar.xz"))
     args = parser.parse_args(argv)
-    corpus = corpus_or_exit(args.data)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_pack(corpus, args.out)
+    write_pack(corpus_or_exit(args.data), args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
