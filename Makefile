@@ -8,7 +8,7 @@ WEIGHTS ?= artifacts/best_attention_unet.pth
 # modelVersion in responses: bump it when the shipped weights change.
 MODEL_VERSION ?= 6
 
-.PHONY: run test export train evaluate quantize bench clean
+.PHONY: run test test-fast lint format export train evaluate quantize bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,28 @@ $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.full: requirements.txt requirements-export.txt requirements-dev.txt | $(BIN)/python
-	$(BIN)/pip install -q -r requirements.txt -r requirements-export.txt -r requirements-dev.txt
+	@echo "Installing the development environment into $(VENV) (torch CPU, onnx, pytest, ruff): about a minute the first time"
+	$(BIN)/pip install --progress-bar off -r requirements.txt -r requirements-export.txt -r requirements-dev.txt | grep -E '^(Collecting|Successfully)' || true
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m service
 
+# The whole suite, one line per test file as it goes, the slowest tests at the end.
 test: $(VENV)/.full
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
+
+# The inner loop: everything but the process, export and training tests.
+test-fast: $(VENV)/.full
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(VENV)/.full
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.full
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 export: $(VENV)/.full
 	$(BIN)/python -m export --weights $(WEIGHTS) --out artifacts/attention_unet.onnx --model-version $(MODEL_VERSION)

@@ -1,4 +1,5 @@
 """What every benchmark shares: the machine's description, timing loops, results on disk."""
+
 from __future__ import annotations
 
 import json
@@ -7,36 +8,38 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from service.engine import usable_cpus
+from service.cpus import usable_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "usable_cpus": usable_cpus(),
         "python": platform.python_version(),
     }
 
 
-def time_calls(call: Callable[[], object], seconds: float, warmup: int = 3, streams: int = 1,
-               idle_s: float = 0.0) -> np.ndarray:
+def time_calls(
+    call: Callable[[], object], seconds: float, warmup: int = 3, streams: int = 1, idle_s: float = 0.0
+) -> np.ndarray:
     """Per-call wall times (s) of ``call`` repeated for about ``seconds`` after a warm-up, in
     ``streams`` threads calling at once (their times pooled; each thread is busy the whole time,
     so throughput is ``streams`` × calls / total time). ``idle_s`` > 0: the thread sleeps that
     long before each call, as a service at one connection waits for the client's next request."""
+
     def loop(_: int) -> list[float]:
         for _ in range(warmup):
             call()

@@ -5,6 +5,7 @@ over batch sizes, thread settings and concurrent runs on one session (streams), 
 floating-point work per window and the achieved GFLOP/s next to this machine's measured
 single-precision matrix-multiply peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,9 @@ from onnx import helper, numpy_helper
 
 from benchmarks.common import RESULTS, machine, markdown_table, save, save_chart, subplots, time_calls
 from export.synth import noisy_windows
-from service.engine import INPUT_NAME, OUTPUT_NAME, normalize, session_options, usable_cpus
+from service.contract import INPUT_NAME, OUTPUT_NAME, normalize
+from service.cpus import usable_cpus
+from service.engine import session_options
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 LEVEL_BATCH = 16  # batch of the graph-optimization-level comparison
@@ -27,7 +30,10 @@ LEVEL_BATCH = 16  # batch of the graph-optimization-level comparison
 def flops_per_window(path: Path) -> float:
     """2·MACs of every Conv and ConvTranspose for one window (other ops are negligible)."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.value_info, *model.graph.output)}
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.value_info, *model.graph.output)
+    }
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     total = 0.0
     for node in model.graph.node:
@@ -47,25 +53,42 @@ def matmul_peak(threads: int, seconds: float) -> dict:
     n = 1024
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
         [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [n, n])],
         [numpy_helper.from_array(a, "b")],
     )
     session = ort.InferenceSession(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-        session_options(threads, spinning=True), providers=["CPUExecutionProvider"],
+        session_options(threads, spinning=True),
+        providers=["CPUExecutionProvider"],
     )
     flops = 2 * n**3
     ort_best = flops / time_calls(lambda: session.run(None, {"a": a}), seconds).min() / 1e9
     numpy_best = flops / time_calls(lambda: a @ a, seconds).min() / 1e9
-    return {"onnxruntime_gflops": ort_best, "numpy_gflops": numpy_best, "peak_gflops": max(ort_best, numpy_best), "n": n}
+    return {
+        "onnxruntime_gflops": ort_best,
+        "numpy_gflops": numpy_best,
+        "peak_gflops": max(ort_best, numpy_best),
+        "n": n,
+    }
 
 
-def ort_case(path: Path, batch: np.ndarray, threads: int, spinning: bool, seconds: float, level: str = "all",
-             streams: int = 1, idle_s: float = 0.0) -> np.ndarray:
+def ort_case(
+    path: Path,
+    batch: np.ndarray,
+    threads: int,
+    spinning: bool,
+    seconds: float,
+    level: str = "all",
+    streams: int = 1,
+    idle_s: float = 0.0,
+) -> np.ndarray:
     """Call times of one shared session, run by ``streams`` threads at once (as the batcher's workers do)."""
-    session = ort.InferenceSession(str(path), session_options(threads, spinning, level), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), session_options(threads, spinning, level), providers=["CPUExecutionProvider"]
+    )
     return time_calls(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), seconds, streams=streams, idle_s=idle_s)
 
 
@@ -129,23 +152,45 @@ def main(argv: list[str] | None = None) -> int:
         }
         flops = flops_per_window(models["onnxruntime fp32"])
         for threads in thread_counts:
-            rows.append({"engine": "PyTorch eager", "batch": 1, "threads": threads, "streams": 1, "spinning": "-",
-                         **summarize(torch_case(args.weights, windows[:1], threads, args.seconds), 1, flops)})
+            rows.append(
+                {
+                    "engine": "PyTorch eager",
+                    "batch": 1,
+                    "threads": threads,
+                    "streams": 1,
+                    "spinning": "-",
+                    **summarize(torch_case(args.weights, windows[:1], threads, args.seconds), 1, flops),
+                }
+            )
         for name, path in models.items():
             for batch in args.batches:
                 for threads, streams in settings:
                     for spinning in (False, True):
                         times = ort_case(path, windows[:batch], threads, spinning, args.seconds, streams=streams)
-                        rows.append({"engine": name, "batch": batch, "threads": threads, "streams": streams,
-                                     "spinning": "on" if spinning else "off", **summarize(times, batch, flops, streams)})
-                        print(f"{name:28s} batch {batch:3d} threads {threads} streams {streams} spinning {spinning!s:5s} "
-                              f"{rows[-1]['windows_per_s']:8.1f} windows/s", flush=True)
+                        rows.append(
+                            {
+                                "engine": name,
+                                "batch": batch,
+                                "threads": threads,
+                                "streams": streams,
+                                "spinning": "on" if spinning else "off",
+                                **summarize(times, batch, flops, streams),
+                            }
+                        )
+                        print(
+                            f"{name:28s} batch {batch:3d} threads {threads} streams {streams} spinning {spinning!s:5s} "
+                            f"{rows[-1]['windows_per_s']:8.1f} windows/s",
+                            flush=True,
+                        )
         levels = []
         for level in ("disable", "basic", "extended", "all"):
             times = ort_case(models["onnxruntime fp32"], windows[:LEVEL_BATCH], cpus, False, args.seconds, level)
             levels.append({"level": level, **summarize(times, LEVEL_BATCH, flops)})
 
-    best = {name: max((r for r in rows if r["engine"] == name), key=lambda r: r["windows_per_s"]) for name in dict.fromkeys(r["engine"] for r in rows)}
+    best = {
+        name: max((r for r in rows if r["engine"] == name), key=lambda r: r["windows_per_s"])
+        for name in dict.fromkeys(r["engine"] for r in rows)
+    }
     fp32, int8 = best["onnxruntime fp32"], best["onnxruntime int8"]
     verdict = {
         "flops_per_window": flops,
@@ -159,13 +204,33 @@ def main(argv: list[str] | None = None) -> int:
     path = save(args.name, payload)
     chart(payload, RESULTS / f"{args.name}.png")
 
-    columns = [("engine", "engine"), ("batch", "batch"), ("threads", "threads"), ("streams", "streams"), ("spinning", "spinning"), ("windows_per_s", "windows/s"),
-               ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("gflops", "GFLOP/s")]
+    columns = [
+        ("engine", "engine"),
+        ("batch", "batch"),
+        ("threads", "threads"),
+        ("streams", "streams"),
+        ("spinning", "spinning"),
+        ("windows_per_s", "windows/s"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("gflops", "GFLOP/s"),
+    ]
     print(markdown_table(list(best.values()), columns))
     print()
-    print(markdown_table(levels, [("level", "graph optimization"), ("windows_per_s", f"windows/s (batch {LEVEL_BATCH})"), ("p50_ms", "p50 ms")]))
-    print(f"\nmodel: {flops / 1e9:.3f} GFLOP per window; matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
-          f"(onnxruntime {peak['onnxruntime_gflops']:.1f}, NumPy {peak['numpy_gflops']:.1f})")
+    print(
+        markdown_table(
+            levels,
+            [
+                ("level", "graph optimization"),
+                ("windows_per_s", f"windows/s (batch {LEVEL_BATCH})"),
+                ("p50_ms", "p50 ms"),
+            ],
+        )
+    )
+    print(
+        f"\nmodel: {flops / 1e9:.3f} GFLOP per window; matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
+        f"(onnxruntime {peak['onnxruntime_gflops']:.1f}, NumPy {peak['numpy_gflops']:.1f})"
+    )
     print(", ".join(f"{k} {v:.2f}" for k, v in verdict.items() if k not in ("matmul_peak", "flops_per_window")))
     print(f"wrote {path} and {RESULTS / f'{args.name}.png'}")
     return 0

@@ -7,6 +7,7 @@ possible) at 1, 4, 16 and 64 connections: requests/s, p50/p95/p99 latency, error
 resident memory under load and its CPU use while idle. ``--soak 600`` adds a 10-minute run at 16
 connections with the memory sampled every minute. Install wrk with `apt-get install wrk`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,18 @@ class Server:
         self.port = free_port()
         self.outbox = folder / "outbox"
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}", "OUTBOX_DIR": str(self.outbox),
-               "MODEL_PATH": str(model), "PORT": str(self.port), "HOST": "127.0.0.1", "BASE_URL": self.url,
-               "LOG_LEVEL": "WARNING", "MAIL_RETRY_MIN_SECONDS": "0.05", **extra_env}
+        env = {
+            **os.environ,
+            "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}",
+            "OUTBOX_DIR": str(self.outbox),
+            "MODEL_PATH": str(model),
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "BASE_URL": self.url,
+            "LOG_LEVEL": "WARNING",
+            "MAIL_RETRY_MIN_SECONDS": "0.05",
+            **extra_env,
+        }
         env.pop("SMTP_HOST", None)
         self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
         deadline = time.monotonic() + 60
@@ -76,7 +86,9 @@ class Server:
             return False
 
     def _post(self, path: str, payload: dict) -> None:
-        request = urllib.request.Request(f"{self.url}{path}", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}{path}", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(request, timeout=10).read()
 
     def _next_mail_text(self, seen: set[Path]) -> str:
@@ -86,7 +98,9 @@ class Server:
             if new:
                 seen.add(new[0])
                 message = email.message_from_bytes(new[0].read_bytes())
-                return next(p.get_payload(decode=True).decode() for p in message.walk() if p.get_content_type() == "text/plain")
+                return next(
+                    p.get_payload(decode=True).decode() for p in message.walk() if p.get_content_type() == "text/plain"
+                )
             time.sleep(0.05)
         raise RuntimeError("no mail arrived in the outbox")
 
@@ -120,7 +134,17 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
     """One wrk run; the server's resident memory is sampled while it runs. ``windows`` > 1:
     the script posts that many windows per request to the batch endpoint."""
     path = "/api/v1/denoising/batch" if windows > 1 else "/api/v1/denoising"
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), f"{server.url}{path}"]
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"{server.url}{path}",
+    ]
     cpu_before = server.cpu_seconds()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0.0
@@ -128,14 +152,18 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
         peak = max(peak, server.rss_mb())
         time.sleep(0.25)
     cpu = server.cpu_seconds() - cpu_before
-    line = next(l for l in process.stdout.read().splitlines() if l.startswith("{"))
+    line = next(row for row in process.stdout.read().splitlines() if row.startswith("{"))
     r = json.loads(line)
     return {
         "connections": connections,
         "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
         "windows_per_s": windows * r["requests"] / (r["duration_us"] / 1e6),
-        "p50_ms": r["p50_us"] / 1e3, "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
-        "errors": r["errors"], "requests": r["requests"], "rss_peak_mb": peak,
+        "p50_ms": r["p50_us"] / 1e3,
+        "p95_ms": r["p95_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "errors": r["errors"],
+        "requests": r["requests"],
+        "rss_peak_mb": peak,
         "server_cpu_ms_per_request": cpu / max(r["requests"], 1) * 1e3,  # all its threads, user + system
     }
 
@@ -158,24 +186,42 @@ def serving(model: Path, extra_env: dict[str, str], windows: int = 1) -> Iterato
             server.stop()
 
 
-def measure(model: Path, label: str, connections: list[int], seconds: int, soak: int, extra_env: dict[str, str],
-            windows: int = 1) -> dict:
+def measure(
+    model: Path,
+    label: str,
+    connections: list[int],
+    seconds: int,
+    soak: int,
+    extra_env: dict[str, str],
+    windows: int = 1,
+) -> dict:
     with serving(model, extra_env, windows) as (server, script):
         rows = []
         for c in connections:
             rows.append(wrk(server, script, c, seconds, windows))
-            print(f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
-                  f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB", flush=True)
+            print(
+                f"{label}: {c:3d} connections {rows[-1]['requests_per_s']:8.1f} req/s p50 {rows[-1]['p50_ms']:.2f} ms "
+                f"p99 {rows[-1]['p99_ms']:.2f} ms errors {rows[-1]['errors']} rss {rows[-1]['rss_peak_mb']:.0f} MB",
+                flush=True,
+            )
         time.sleep(5)  # requests that wrk left in flight finish (at 64 connections × 8 windows, seconds)
         before = server.cpu_seconds()
         time.sleep(10)
         idle_cpu = (server.cpu_seconds() - before) / 10 * 100
         soak_rows = []
         for minute in range(soak // 60):
-            soak_rows.append({"minute": minute + 1, **wrk(server, script, 16, 60, windows), "rss_after_mb": server.rss_mb()})
+            soak_rows.append(
+                {"minute": minute + 1, **wrk(server, script, 16, 60, windows), "rss_after_mb": server.rss_mb()}
+            )
             print(f"{label}: soak minute {minute + 1}: rss {soak_rows[-1]['rss_after_mb']:.1f} MB", flush=True)
-    result = {"label": label, "model": model.name, "env": extra_env, "windows_per_request": windows, "rows": rows,
-              "idle_cpu_percent": idle_cpu}
+    result = {
+        "label": label,
+        "model": model.name,
+        "env": extra_env,
+        "windows_per_request": windows,
+        "rows": rows,
+        "idle_cpu_percent": idle_cpu,
+    }
     if soak_rows:
         first, last = soak_rows[0]["rss_after_mb"], soak_rows[-1]["rss_after_mb"]
         result["soak"] = {"minutes": soak_rows, "rss_growth_percent": (last - first) / first * 100}
@@ -210,21 +256,38 @@ def vs_engine(run: dict, engine_results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, nargs="+",
-                        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"])
+    parser.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"],
+    )
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--soak", type=int, default=0, help="seconds of an extra run at 16 connections (memory growth)")
-    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (batcher settings, threads)")
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the service (batcher settings, threads)"
+    )
     parser.add_argument("--name", default="http", help="results file name")
-    parser.add_argument("--engine", type=Path, default=RESULTS / "engine.json",
-                        help="engine results to compare with (vs_engine): the same machine, the same hour")
-    parser.add_argument("--windows-per-request", type=int, default=1,
-                        help="> 1: post that many windows per request to /api/v1/denoising/batch")
+    parser.add_argument(
+        "--engine",
+        type=Path,
+        default=RESULTS / "engine.json",
+        help="engine results to compare with (vs_engine): the same machine, the same hour",
+    )
+    parser.add_argument(
+        "--windows-per-request",
+        type=int,
+        default=1,
+        help="> 1: post that many windows per request to /api/v1/denoising/batch",
+    )
     args = parser.parse_args(argv)
     require_wrk()
     extra_env = dict(item.split("=", 1) for item in args.env)
-    runs = [measure(m, m.name, args.connections, args.seconds, args.soak, extra_env, args.windows_per_request) for m in args.models]
+    runs = [
+        measure(m, m.name, args.connections, args.seconds, args.soak, extra_env, args.windows_per_request)
+        for m in args.models
+    ]
     if args.engine.exists():
         engine_results = json.loads(args.engine.read_text())
         for run in runs:
@@ -234,9 +297,22 @@ def main(argv: list[str] | None = None) -> int:
     chart(payload, RESULTS / f"{args.name}.png")
     for run in runs:
         print(f"\n{run['label']} {run['env'] or ''} (idle CPU {run['idle_cpu_percent']:.2f} %)")
-        print(markdown_table(run["rows"], [("connections", "connections"), ("requests_per_s", "req/s"), ("windows_per_s", "windows/s"), ("p50_ms", "p50 ms"),
-                                           ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("errors", "errors"), ("rss_peak_mb", "RSS MB"),
-                                           ("server_cpu_ms_per_request", "server CPU ms/request")]))
+        print(
+            markdown_table(
+                run["rows"],
+                [
+                    ("connections", "connections"),
+                    ("requests_per_s", "req/s"),
+                    ("windows_per_s", "windows/s"),
+                    ("p50_ms", "p50 ms"),
+                    ("p95_ms", "p95 ms"),
+                    ("p99_ms", "p99 ms"),
+                    ("errors", "errors"),
+                    ("rss_peak_mb", "RSS MB"),
+                    ("server_cpu_ms_per_request", "server CPU ms/request"),
+                ],
+            )
+        )
         for key in ("vs_engine", "soak"):
             if key in run:
                 print(key, json.dumps({k: v for k, v in run[key].items() if k != "minutes"}))

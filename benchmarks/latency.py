@@ -13,6 +13,7 @@ call that follows even a millisecond of idleness is slower (cold caches, a halte
 So each round also times the lone settings with ``--idle-ms`` of sleep before every call, and
 gives the service's overhead over that too: what the HTTP path itself adds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ from benchmarks.common import machine, markdown_table, require_wrk, save
 from benchmarks.engine import ort_case
 from benchmarks.http import ROOT, serving, wrk
 from export.synth import noisy_windows
-from service.engine import lone_choice, normalize, usable_cpus
+from service.contract import normalize
+from service.cpus import usable_cpus
+from service.engine import lone_choice
 
 
 def rounds(model: Path, count: int, seconds: int, idle_ms: float) -> list[dict]:
@@ -51,19 +54,30 @@ def rounds(model: Path, count: int, seconds: int, idle_ms: float) -> list[dict]:
             lone = lone_choice({t: row[f"engine_{t}t_p50_ms"] for t in lone_settings})
             row["overhead_vs_lone_setting_ms"] = row["service_p50_ms"] - row[f"engine_{lone}t_p50_ms"]
             row["overhead_vs_lone_setting_after_idle_ms"] = row["service_p50_ms"] - row[f"after_idle_{lone}t_p50_ms"]
-            print(f"{model.name} round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"), flush=True)
+            print(
+                f"{model.name} round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"),
+                flush=True,
+            )
             rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, nargs="+",
-                        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"])
+    parser.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "artifacts" / "attention_unet.onnx", ROOT / "artifacts" / "attention_unet.int8.onnx"],
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4, help="per measurement")
-    parser.add_argument("--idle-ms", type=float, default=1.0,
-                        help="sleep before each engine call in the after-idle measurement (about the service's turnaround at 1 connection)")
+    parser.add_argument(
+        "--idle-ms",
+        type=float,
+        default=1.0,
+        help="sleep before each engine call in the after-idle measurement (about the service's turnaround at 1 connection)",
+    )
     parser.add_argument("--name", default="latency", help="results file name")
     args = parser.parse_args(argv)
     require_wrk()
@@ -72,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = rounds(model, args.rounds, args.seconds, args.idle_ms)
         median = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "round"}
         runs.append({"model": model.name, "rounds": rows, "median": median})
-    path = save(args.name, {"machine": machine(), "load_generator": "wrk 4.1, 1 thread, 1 connection",
-                            "idle_ms": args.idle_ms, "runs": runs})
+    path = save(
+        args.name,
+        {
+            "machine": machine(),
+            "load_generator": "wrk 4.1, 1 thread, 1 connection",
+            "idle_ms": args.idle_ms,
+            "runs": runs,
+        },
+    )
     for run in runs:
         print(f"\n{run['model']} (median of {len(run['rounds'])} rounds)")
         columns = [(k, k.replace("_ms", " (ms)").replace("_", " ")) for k in run["rounds"][0]]

@@ -3,12 +3,11 @@
 Expected failures (missing or mismatched checkpoint, failed parity) end with exit code 1 and one
 sentence on stderr; the output file and manifest are only replaced once parity has passed.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -17,8 +16,17 @@ import torch
 
 from export import manifest
 from export.checkpoint import CheckpointError, load_model
-from export.model import SAMPLING_RATE_HZ, WINDOW
-from export.onnx_export import OPSET, PARITY_TOLERANCE, ParityError, check_parity, to_onnx_bytes
+from export.onnx_export import (
+    OPSET,
+    PARITY_TOLERANCE,
+    PARITY_WINDOWS,
+    ParityError,
+    check_parity,
+    parity_windows,
+    to_onnx_bytes,
+)
+from service.contract import INPUT_NAME, OUTPUT_NAME, SAMPLING_RATE_HZ, WINDOW
+from service.files import atomic_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,12 +34,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", required=True, type=Path, help="PyTorch checkpoint (.pth)")
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--manifest", type=Path, help="manifest to update (default: manifest.json beside --out)")
-    parser.add_argument("--model-version", type=int,
-                        help="version reported by the service (default: the manifest's, else 1)")
+    parser.add_argument(
+        "--model-version", type=int, help="version reported by the service (default: the manifest's, else 1)"
+    )
     parser.add_argument("--conv1d", action="store_true", help="keep 1-D convolutions (slower; for comparison)")
     parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest allowed abs difference")
+    parser.add_argument(
+        "--parity-windows", type=int, default=PARITY_WINDOWS, help="windows compared in the parity check"
+    )
     parser.add_argument("--verify-only", action="store_true", help="check parity of an existing --out, write nothing")
     return parser.parse_args(argv)
+
+
+def recorded_version(manifest_path: Path, requested: int | None) -> int:
+    """The version to record: the one asked for, else the manifest's, else 1. Re-exporting
+    without a version must not turn the shipped version back into 1."""
+    if requested is not None:
+        return requested
+    return manifest.read(manifest_path).get("model_version", 1)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -39,31 +59,21 @@ def run(args: argparse.Namespace) -> str:
     if args.verify_only:
         if not args.out.is_file():
             raise CheckpointError(f"ONNX model not found: {args.out}")
-        parity = check_parity(model, args.out, tolerance=args.tolerance)
+        parity = check_parity(model, args.out, parity_windows(args.parity_windows), tolerance=args.tolerance)
         return f"parity ok: max abs diff {parity.max_abs_diff:.3g}, mean {parity.mean_abs_diff:.3g}"
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(to_onnx_bytes(model, conv2d=not args.conv1d))
-        parity = check_parity(model, tmp, tolerance=args.tolerance)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service may run as another user
-        os.replace(tmp, args.out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(args.out) as tmp:
+        tmp.write_bytes(to_onnx_bytes(model, conv2d=not args.conv1d))
+        parity = check_parity(model, tmp, parity_windows(args.parity_windows), tolerance=args.tolerance)
 
     manifest_path = args.manifest or args.out.parent / "manifest.json"
-    # Re-exporting without a version must not turn the shipped version back into 1.
-    version = args.model_version
-    if version is None:
-        version = manifest.read(manifest_path).get("model_version", 1)
+    version = recorded_version(manifest_path, args.model_version)
     manifest.update(
         manifest_path,
         {
             "model_version": version,
-            "input": {"name": "ecg", "shape": ["N", 1, WINDOW], "sampling_rate_hz": SAMPLING_RATE_HZ},
-            "output": {"name": "denoised", "shape": ["N", 1, WINDOW]},
+            "input": {"name": INPUT_NAME, "shape": ["N", 1, WINDOW], "sampling_rate_hz": SAMPLING_RATE_HZ},
+            "output": {"name": OUTPUT_NAME, "shape": ["N", 1, WINDOW]},
             "normalization": "input z-scored per window (σ=0 → 1); output·σ + μ is the clean estimate",
             "checkpoint": {"file": args.weights.name, "sha256": manifest.sha256(args.weights)},
             "models": {

@@ -1,4 +1,5 @@
 """Loading `.pth` checkpoints into the Attention U-Net, with one clear sentence for each failure."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """What the offline commands share on their command line: a missing data folder or model file,
 or a data file that is no packed corpus, ends the command with one line on stderr and exit
 status 1, not a traceback."""
+
 from __future__ import annotations
 
 from pathlib import Path

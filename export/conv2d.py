@@ -8,6 +8,7 @@ The model's interface stays ``N×1×1300``: the graph gains an Unsqueeze and a S
 channels followed by a reshape that interleaves them in time. The CPU provider has no int8
 ConvTranspose, but it has int8 Conv, so this lets quantization reach the decoder's upsampling.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,24 +80,44 @@ def upsampling_as_conv(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "ConvTranspose" or list(attrs.get("strides", [])) != [1, 2] or list(attrs.get("kernel_shape", [])) != [1, 2]:
+        if (
+            node.op_type != "ConvTranspose"
+            or list(attrs.get("strides", [])) != [1, 2]
+            or list(attrs.get("kernel_shape", [])) != [1, 2]
+        ):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])  # [I, O, 1, 2]
         bias = numpy_helper.to_array(inits[node.input[2]])
         channels_in, channels_out = weight.shape[:2]
         name = node.name
-        graph.initializer.extend([
-            numpy_helper.from_array(weight[:, :, 0, :].transpose(1, 2, 0).reshape(2 * channels_out, channels_in, 1, 1), f"{name}_weight"),
-            numpy_helper.from_array(np.repeat(bias, 2), f"{name}_bias"),
-            numpy_helper.from_array(np.array([0, channels_out, 2, -1], dtype=np.int64), f"{name}_split"),
-            numpy_helper.from_array(np.array([0, channels_out, 1, -1], dtype=np.int64), f"{name}_merge"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(
+                    weight[:, :, 0, :].transpose(1, 2, 0).reshape(2 * channels_out, channels_in, 1, 1), f"{name}_weight"
+                ),
+                numpy_helper.from_array(np.repeat(bias, 2), f"{name}_bias"),
+                numpy_helper.from_array(np.array([0, channels_out, 2, -1], dtype=np.int64), f"{name}_split"),
+                numpy_helper.from_array(np.array([0, channels_out, 1, -1], dtype=np.int64), f"{name}_merge"),
+            ]
+        )
         nodes += [
-            helper.make_node("Conv", [node.input[0], f"{name}_weight", f"{name}_bias"], [f"{name}_pairs"], name=f"{name}_conv", kernel_shape=[1, 1]),
-            helper.make_node("Reshape", [f"{name}_pairs", f"{name}_split"], [f"{name}_split_out"], name=f"{name}_reshape"),
-            helper.make_node("Transpose", [f"{name}_split_out"], [f"{name}_interleaved"], name=f"{name}_transpose", perm=[0, 1, 3, 2]),
-            helper.make_node("Reshape", [f"{name}_interleaved", f"{name}_merge"], [node.output[0]], name=f"{name}_merge"),
+            helper.make_node(
+                "Conv",
+                [node.input[0], f"{name}_weight", f"{name}_bias"],
+                [f"{name}_pairs"],
+                name=f"{name}_conv",
+                kernel_shape=[1, 1],
+            ),
+            helper.make_node(
+                "Reshape", [f"{name}_pairs", f"{name}_split"], [f"{name}_split_out"], name=f"{name}_reshape"
+            ),
+            helper.make_node(
+                "Transpose", [f"{name}_split_out"], [f"{name}_interleaved"], name=f"{name}_transpose", perm=[0, 1, 3, 2]
+            ),
+            helper.make_node(
+                "Reshape", [f"{name}_interleaved", f"{name}_merge"], [node.output[0]], name=f"{name}_merge"
+            ),
         ]
     del graph.node[:]
     graph.node.extend(nodes)

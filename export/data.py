@@ -7,6 +7,7 @@ wander. Records are split by patient; each noise record is split by time.
 The same corpus also travels as one packed file (``write_pack``, ``python -m export.pack``) for
 machines without wfdb or the raw records; ``load_corpus`` reads either.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import signal
 
-from export import manifest
-from export.model import SAMPLING_RATE_HZ
+from service.contract import SAMPLING_RATE_HZ
+from service.files import atomic_write
 
 NOISE_TYPES = ("bw", "em", "ma")
 VALIDATION_FRACTION = 0.2
@@ -142,7 +143,11 @@ def write_pack(corpus: Corpus, path: Path) -> None:
                 arrays[f"{side}/{i}/{lead}.npy"] = _encode(x)
         return [{"name": r.name, "group": r.group, "leads": len(r.signals)} for r in recs]
 
-    index = {"format": _PACK_FORMAT, "train": records("train", corpus.train), "validation": records("validation", corpus.validation)}
+    index = {
+        "format": _PACK_FORMAT,
+        "train": records("train", corpus.train),
+        "validation": records("validation", corpus.validation),
+    }
     for side in ("noise_train", "noise_validation"):
         noise = getattr(corpus, side)
         index[side] = sorted(noise)
@@ -152,13 +157,13 @@ def write_pack(corpus: Corpus, path: Path) -> None:
         _add(tar, "index.json", json.dumps(index).encode())
         for name, array in arrays.items():
             _add(tar, name, _npy(array))
-    manifest.atomic_write_bytes(path, packed.getvalue())
+    atomic_write(path, packed.getvalue())
 
 
 def read_pack(path: Path) -> Corpus:
     refused = ValueError(f"{path} is neither a data folder nor a corpus written by python -m export.pack")
     try:
-        tar = tarfile.open(path, "r:xz")
+        tar = tarfile.open(path, "r:xz")  # noqa: SIM115 (closed by the with block below)
     except tarfile.TarError:
         raise refused from None
     with tar:

@@ -5,6 +5,7 @@ validation windows that training never saw, next to a 0.5–40 Hz band-pass base
 same windows, over noise type {bw, em, ma, mixture} × input SNR {−6, 0, 6, 12} dB. A second
 table scores the same way noise unlike the three recordings (``evaluate_families``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from scipy import signal
 from export import manifest
 from export.cli import corpus_or_exit, model_or_exit
 from export.data import Corpus
-from export.metrics import bandpass, scores
 from export.families import TRAINED
+from export.metrics import bandpass, scores
 from export.windows import family_grid, validation_grid
 from service.engine import Engine
 
@@ -61,7 +62,9 @@ def evaluate_families(engine: Engine, corpus: Corpus, per_case: int) -> dict:
         summary[name] = {
             "mean_snr_improvement_db": float(np.mean([c["model"]["snr_improvement_db"] for c in chosen])),
             "bandpass_mean_snr_improvement_db": float(np.mean([c["bandpass"]["snr_improvement_db"] for c in chosen])),
-            "cases_better_than_bandpass": int(sum(c["model"]["snr_improvement_db"] > c["bandpass"]["snr_improvement_db"] for c in chosen)),
+            "cases_better_than_bandpass": int(
+                sum(c["model"]["snr_improvement_db"] > c["bandpass"]["snr_improvement_db"] for c in chosen)
+            ),
             "cases": len(chosen),
         }
     return {"summary": summary, "cases": cases}
@@ -72,7 +75,9 @@ def _cases(engine: Engine, grid: dict) -> list[dict]:
     cases = []
     for (kind, snr), (noisy, clean) in grid.items():
         model = scores(noisy, clean, engine.denoise(noisy, input_units=True))
-        cases.append({"noise": kind, "snr_in_db": snr, "model": model, "bandpass": scores(noisy, clean, bandpass(noisy))})
+        cases.append(
+            {"noise": kind, "snr_in_db": snr, "model": model, "bandpass": scores(noisy, clean, bandpass(noisy))}
+        )
     return cases
 
 
@@ -133,8 +138,12 @@ def r_peaks(x: np.ndarray, fs: float = 130.0) -> np.ndarray:
 def beat_agreement(before: np.ndarray, after: np.ndarray, tolerance: int = 8) -> dict:
     """Beats found in both (within ±60 ms at 130 Hz) over those found in either."""
     matched = sum(np.min(np.abs(after - b)) <= tolerance for b in before) if len(after) else 0
-    return {"beats_before": int(len(before)), "beats_after": int(len(after)), "matched": int(matched),
-            "f1": float(2 * matched / max(1, len(before) + len(after)))}
+    return {
+        "beats_before": int(len(before)),
+        "beats_after": int(len(after)),
+        "matched": int(matched),
+        "f1": float(2 * matched / max(1, len(before) + len(after))),
+    }
 
 
 def figures(engine: Engine, corpus: Corpus, data: Path, out_dir: Path) -> dict:
@@ -193,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="evaluation.json and PNG figures")
     parser.add_argument("--per-case", type=int, default=100, help="validation windows per noise × SNR case")
-    parser.add_argument("--manifest", type=Path, help="record the table in this manifest (e.g. artifacts/manifest.json)")
+    parser.add_argument(
+        "--manifest", type=Path, help="record the table in this manifest (e.g. artifacts/manifest.json)"
+    )
     args = parser.parse_args(argv)
-    engine = Engine(model_or_exit(args.model))
+    engine = Engine(model_or_exit(args.model)).start()
     corpus = corpus_or_exit(args.data)
     result = evaluate(engine, corpus, args.per_case)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest:
         manifest.update(args.manifest, {"evaluation": {args.model.name: result}})
     print(table(result))
-    print(f"\nSynthetic noise families and reversed em, on the same validation records:\n{family_table(result['noise_families'])}")
+    print(
+        f"\nSynthetic noise families and reversed em, on the same validation records:\n{family_table(result['noise_families'])}"
+    )
     print(f"Polar H10 beat agreement (raw vs denoised): {json.dumps(result['polar_h10_beats'])}")
     print(f"wrote {args.out_dir}/evaluation-{args.model.stem}.json and figures")
     return 0

@@ -7,14 +7,15 @@ backwards, lost 6.7 dB on average to model version 5, where `em` itself lost 11.
 a probe of how the model meets noise unlike anything it was trained on. Each family returns one
 window of noise at an arbitrary scale (the caller scales it to an input SNR).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import signal
 
-from export.model import SAMPLING_RATE_HZ, WINDOW
+from service.contract import SAMPLING_RATE_HZ, WINDOW
 
 Family = Callable[[np.random.Generator], np.ndarray]
 _T = np.arange(WINDOW) / SAMPLING_RATE_HZ

@@ -1,10 +1,11 @@
 """Denoising quality per window, in the input's units: SNR, RMSE, PRD and cosine similarity."""
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import signal
 
-from export.model import SAMPLING_RATE_HZ
+from service.contract import SAMPLING_RATE_HZ
 
 _BANDPASS = signal.butter(4, [0.5, 40.0], btype="bandpass", fs=SAMPLING_RATE_HZ, output="sos")
 

@@ -3,14 +3,13 @@
 Layer names and order match the old checkpoint `best_attention_unet.pth`, so a state dict saved
 by the old training code loads here with ``strict=True``.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-WINDOW = 1300  # 10 s at 130 Hz
-SAMPLING_RATE_HZ = 130
 _DEPTH_MULTIPLE = 16  # four MaxPool1d(2) stages
 
 
@@ -39,9 +38,7 @@ class AttentionGate(nn.Module):
         super().__init__()
         self.W_g = nn.Sequential(nn.Conv1d(f_g, f_int, kernel_size=1, bias=True), nn.BatchNorm1d(f_int))
         self.W_x = nn.Sequential(nn.Conv1d(f_l, f_int, kernel_size=1, bias=True), nn.BatchNorm1d(f_int))
-        self.psi = nn.Sequential(
-            nn.Conv1d(f_int, 1, kernel_size=1, bias=True), nn.BatchNorm1d(1), nn.Sigmoid()
-        )
+        self.psi = nn.Sequential(nn.Conv1d(f_int, 1, kernel_size=1, bias=True), nn.BatchNorm1d(1), nn.Sigmoid())
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """PyTorch → ONNX export and the numeric parity check that proves both compute the same function."""
+
 from __future__ import annotations
 
 import tempfile
@@ -10,13 +11,15 @@ import onnx
 import torch
 
 from export.conv2d import as_conv2d
-from export.model import WINDOW, AttentionUNet
+from export.model import AttentionUNet
 from export.synth import noisy_windows
-from service.engine import INPUT_NAME, OUTPUT_NAME, Engine, normalize
+from service.contract import INPUT_NAME, OUTPUT_NAME, WINDOW, normalize
+from service.engine import Engine
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 7, 64)
+PARITY_WINDOWS = 256
 
 
 class ParityError(Exception):
@@ -63,7 +66,7 @@ def to_onnx_bytes(model: AttentionUNet, conv2d: bool = True) -> bytes:
     return proto.SerializeToString()
 
 
-def parity_windows(count: int = 256, seed: int = 0) -> np.ndarray:
+def parity_windows(count: int = PARITY_WINDOWS, seed: int = 0) -> np.ndarray:
     """Normalized ``N×1×1300`` inputs: three quarters noisy synthetic ECG, one quarter Gaussian."""
     rng = np.random.default_rng(seed)
     ecg = noisy_windows(rng, count - count // 4)
@@ -83,7 +86,7 @@ def check_parity(
     windows = parity_windows() if windows is None else windows
     with torch.inference_mode():
         expected = model.eval()(torch.from_numpy(windows)).numpy()
-    engine = Engine(onnx_path)
+    engine = Engine(onnx_path).start()
     diffs = []
     for size in batch_sizes:
         got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, len(windows), size)])

@@ -6,6 +6,7 @@ says how) in about a fifth of the records' size, and every command that takes ``
 in place of the folder. It is derived from the recordings: keep it out of the repository (the
 default path is under the ignored ``runs/``).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ upsampling is first rewritten as the equivalent 1×1 Conv + reshape (export/conv
 quantizes. The result ships only if its quality stays within the gate of the fp32 model on the
 same validation windows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,17 @@ from export.cli import corpus_or_exit, model_or_exit
 from export.conv2d import upsampling_as_conv
 from export.data import Corpus
 from export.evaluate import evaluate
-from service.engine import INPUT_NAME, Engine, normalize
+from service.contract import INPUT_NAME, normalize
+from service.engine import Engine
+from service.files import atomic_path
 
 MAX_MEAN_LOSS_DB = 0.3
 MAX_CASE_LOSS_DB = 0.5
-_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
 
 
 class Windows(CalibrationDataReader):
@@ -58,12 +65,18 @@ def full_resolution_nodes(model: Path) -> list[str]:
     up to 0.9 dB on clean-ish windows, for about 3 % of the model's arithmetic.
     """
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(model)))
-    last_dim = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in inferred.graph.value_info if v.type.tensor_type.shape.dim}
+    last_dim = {
+        v.name: v.type.tensor_type.shape.dim[-1].dim_value
+        for v in inferred.graph.value_info
+        if v.type.tensor_type.shape.dim
+    }
     full = max(last_dim.values())
     return [n.name for n in inferred.graph.node if n.output and last_dim.get(n.output[0]) == full]
 
 
-def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percentile", keep_full_resolution: bool = True) -> None:
+def quantize(
+    fp32: Path, out: Path, windows: np.ndarray, method: str = "percentile", keep_full_resolution: bool = True
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rewritten, prepared = Path(tmp) / "rewritten.onnx", Path(tmp) / "prepared.onnx"
         onnx.save(upsampling_as_conv(onnx.load(str(fp32))), str(rewritten))
@@ -76,7 +89,18 @@ def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percenti
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MaxPool", "Add", "Mul", "Concat", "Relu", "LeakyRelu", "Sigmoid", "Reshape", "Transpose"],
+            op_types_to_quantize=[
+                "Conv",
+                "MaxPool",
+                "Add",
+                "Mul",
+                "Concat",
+                "Relu",
+                "LeakyRelu",
+                "Sigmoid",
+                "Reshape",
+                "Transpose",
+            ],
             nodes_to_exclude=full_resolution_nodes(prepared) if keep_full_resolution else None,
             calibrate_method=_METHODS[method],
             extra_options={"CalibPercentile": 99.999} if method == "percentile" else None,
@@ -85,7 +109,10 @@ def quantize(fp32: Path, out: Path, windows: np.ndarray, method: str = "percenti
 
 def quality_gate(fp32: dict, int8: dict) -> tuple[bool, dict]:
     """int8 mean ΔSNR within 0.3 dB of fp32 and no case more than 0.5 dB worse."""
-    losses = [f["model"]["snr_improvement_db"] - q["model"]["snr_improvement_db"] for f, q in zip(fp32["cases"], int8["cases"])]
+    losses = [
+        f["model"]["snr_improvement_db"] - q["model"]["snr_improvement_db"]
+        for f, q in zip(fp32["cases"], int8["cases"])
+    ]
     mean_loss = fp32["summary"]["mean_snr_improvement_db"] - int8["summary"]["mean_snr_improvement_db"]
     figures = {
         "fp32_mean_snr_improvement_db": fp32["summary"]["mean_snr_improvement_db"],
@@ -94,6 +121,10 @@ def quality_gate(fp32: dict, int8: dict) -> tuple[bool, dict]:
         "worst_case_loss_db": float(max(losses)),
     }
     return mean_loss <= MAX_MEAN_LOSS_DB and max(losses) <= MAX_CASE_LOSS_DB, figures
+
+
+class GateFailed(Exception):
+    """The int8 model loses too much quality against the fp32 one."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,19 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     corpus = corpus_or_exit(args.data)
     model_or_exit(args.model)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
     try:
-        quantize(args.model, tmp, calibration_windows(corpus, args.calibration_windows), args.method)
-        passed, figures = quality_gate(
-            evaluate(Engine(args.model), corpus, args.per_case), evaluate(Engine(tmp), corpus, args.per_case)
+        with atomic_path(args.out) as tmp:  # replaced only once the gate has passed
+            quantize(args.model, tmp, calibration_windows(corpus, args.calibration_windows), args.method)
+            passed, figures = quality_gate(
+                evaluate(Engine(args.model).start(), corpus, args.per_case),
+                evaluate(Engine(tmp).start(), corpus, args.per_case),
+            )
+            print(", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+            if not passed:
+                raise GateFailed()
+    except GateFailed:
+        print(
+            f"error: int8 model fails the quality gate (mean loss ≤ {MAX_MEAN_LOSS_DB} dB, every case ≤ {MAX_CASE_LOSS_DB} dB)",
+            file=sys.stderr,
         )
-        print(", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
-        if not passed:
-            print(f"error: int8 model fails the quality gate (mean loss ≤ {MAX_MEAN_LOSS_DB} dB, every case ≤ {MAX_CASE_LOSS_DB} dB)", file=sys.stderr)
-            return 1
-        tmp.replace(args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return 1
     manifest.update(
         args.manifest or args.out.parent / "manifest.json",
         {

@@ -4,11 +4,12 @@ Real recordings never enter the repository, so checks that must run anywhere (CI
 draw their signals from here: beats built from Gaussian P, QRS and T waves with a varying heart
 rate, and the noise kinds a chest strap meets.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from export.model import SAMPLING_RATE_HZ, WINDOW
+from service.contract import SAMPLING_RATE_HZ, WINDOW
 
 # (centre offset in s relative to R, width in s, amplitude in mV) for P, Q, R, S, T.
 _WAVES = ((-0.20, 0.025, 0.15), (-0.03, 0.010, -0.12), (0.0, 0.012, 1.1), (0.03, 0.012, -0.25), (0.28, 0.05, 0.3))
@@ -33,7 +34,9 @@ def clean_ecg(rng: np.random.Generator, n: int = WINDOW, fs: int = SAMPLING_RATE
 def noise(rng: np.random.Generator, n: int = WINDOW, fs: int = SAMPLING_RATE_HZ) -> np.ndarray:
     """Baseline wander, muscle-like white noise and powerline hum, in random proportions."""
     t = np.arange(n) / fs
-    wander = sum(rng.uniform(0, 0.5) * np.sin(2 * np.pi * rng.uniform(0.05, 0.5) * t + rng.uniform(0, 6.3)) for _ in range(3))
+    wander = sum(
+        rng.uniform(0, 0.5) * np.sin(2 * np.pi * rng.uniform(0.05, 0.5) * t + rng.uniform(0, 6.3)) for _ in range(3)
+    )
     muscle = rng.uniform(0, 0.2) * rng.standard_normal(n)
     hum = rng.uniform(0, 0.1) * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t)
     return wander + muscle + hum

@@ -6,6 +6,7 @@ GPU when one is present, else on the CPU.
 The best checkpoint by validation score (mean SNR improvement over the 16 noise × SNR cases)
 is written to ``--out`` as a bare state dict that the export stage loads strictly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,8 @@ from export.data import Corpus
 from export.metrics import snr_db
 from export.model import AttentionUNet
 from export.windows import TRAIN_SNR_DB, TrainingWindows, validation_grid
-from service.engine import normalize
+from service.contract import normalize
+from service.files import atomic_path, atomic_write
 
 
 @dataclass
@@ -145,7 +147,11 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         model.load_state_dict(read_state_dict(cfg.init), strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
     scored = ema.module if ema else model
     state = {"epoch": 0, "best": -math.inf, "best_result": None}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,12 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         print(f"resumed from {last} after epoch {state['epoch']}", file=sys.stderr)
 
     sampler = TrainingWindows(
-        corpus, (cfg.snr_min_db, cfg.snr_max_db), cfg.clean_fraction, cfg.time_stretch, cfg.lead_mix, cfg.synthetic_noise
+        corpus,
+        (cfg.snr_min_db, cfg.snr_max_db),
+        cfg.clean_fraction,
+        cfg.time_stretch,
+        cfg.lead_mix,
+        cfg.synthetic_noise,
     )
     grid = validation_grid(corpus, cfg.val_per_case)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -194,17 +205,26 @@ def train(corpus: Corpus, cfg: Config, run_dir: Path, out: Path, progress: bool 
         improved = result["mean_snr_improvement_db"] > state["best"]
         if improved:
             state["best"], state["best_result"] = result["mean_snr_improvement_db"], {"epoch": epoch + 1, **result}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            manifest.atomic_write_bytes(out, _state_dict_bytes(scored))
+            atomic_write(out, _state_dict_bytes(scored))
         state["epoch"] = epoch + 1
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema and ema.state_dict(), "state": state, "config": asdict(cfg)},
-            run_dir / "last.tmp",
-        )
-        (run_dir / "last.tmp").replace(last)
+        with atomic_path(last) as tmp:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema and ema.state_dict(),
+                    "state": state,
+                    "config": asdict(cfg),
+                },
+                tmp,
+            )
         with open(run_dir / "history.jsonl", "a") as fh:
             fh.write(json.dumps({"epoch": epoch + 1, "train_loss": running, **result}) + "\n")
-        print(f"epoch {epoch + 1}: loss {running:.4f}, validation SNR improvement {result['mean_snr_improvement_db']:.2f} dB{' (best)' if improved else ''}", file=sys.stderr)
+        print(
+            f"epoch {epoch + 1}: loss {running:.4f}, validation SNR improvement {result['mean_snr_improvement_db']:.2f} dB{' (best)' if improved else ''}",
+            file=sys.stderr,
+        )
         if cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes:
             print(f"stopping after {cfg.max_minutes} min; run again to resume", file=sys.stderr)
             break

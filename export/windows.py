@@ -5,6 +5,7 @@ zero-mean over the window: the model sees the noisy window z-scored with its own
 learns to output (clean − μ)/σ, and no model can recover a constant offset that z-scoring removed,
 so an offset in the noise would only add an error that no denoiser could avoid.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from scipy.signal import resample_poly
 
 from export.data import NOISE_TYPES, Corpus, Record
 from export.families import HELD_OUT, TRAINED
-from export.model import SAMPLING_RATE_HZ, WINDOW
+from service.contract import SAMPLING_RATE_HZ, WINDOW
 
 EVAL_NOISE = ("bw", "em", "ma", "mixture")
 EVAL_SNR_DB = (-6, 0, 6, 12)
@@ -152,7 +153,9 @@ class TrainingWindows:
         return _segment(rng, self.corpus.noise_train[kind])
 
 
-def validation_grid(corpus: Corpus, per_case: int, seed: int = 2026) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+def validation_grid(
+    corpus: Corpus, per_case: int, seed: int = 2026
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Fixed (noisy, clean) windows per (noise type, input SNR) from validation records and noise."""
     recorded = {kind: (lambda rng, kind=kind: _segment(rng, corpus.noise_validation[kind])) for kind in NOISE_TYPES}
     return _grid(corpus, {**recorded, "mixture": lambda rng: mixture(rng, corpus.noise_validation)}, per_case, seed)
@@ -165,7 +168,9 @@ def family_grid(corpus: Corpus, per_case: int, seed: int) -> dict[tuple[str, int
     return _grid(corpus, {**TRAINED, **HELD_OUT, "em reversed": reversed_em}, per_case, seed)
 
 
-def _grid(corpus: Corpus, noises: dict, per_case: int, seed: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+def _grid(
+    corpus: Corpus, noises: dict, per_case: int, seed: int
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     pool = LeadPool(corpus.validation)
     grid = {}

@@ -3,6 +3,7 @@
 ``create_app`` only wires; what the collaborators are (a loaded model, a database, a mail
 worker) is decided by ``runtime`` in production and by the tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,14 +65,25 @@ def create_app(deps: Deps) -> falcon.App:
     limit = config.max_body_bytes
     app.add_route(
         "/api/v1/denoising",
-        Denoising(deps.keys, deps.batcher, deps.model_version, limit, validation.ecg_signal,
-                  lambda out: {"denoised_signal": out[0]}),
+        Denoising(
+            deps.keys,
+            deps.batcher,
+            deps.model_version,
+            limit,
+            validation.ecg_signal,
+            lambda out: {"denoised_signal": out[0]},
+        ),
     )
     app.add_route(
         "/api/v1/denoising/batch",
-        Denoising(deps.keys, deps.batcher, deps.model_version, limit,
-                  partial(validation.ecg_signals, limit=config.max_batch_windows),
-                  lambda out: {"denoised_signals": out}),
+        Denoising(
+            deps.keys,
+            deps.batcher,
+            deps.model_version,
+            limit,
+            partial(validation.ecg_signals, limit=config.max_batch_windows),
+            lambda out: {"denoised_signals": out},
+        ),
     )
     app.add_route("/api/v1/api-keys/generation", KeyRequest(deps.keys.request_key, limit))
     app.add_route("/api/v1/api-keys/deactivation", KeyRequest(deps.keys.request_deactivation, limit))

@@ -1,4 +1,5 @@
 """A small daemon loop for the service's background chores (mail delivery, last_used flushes)."""
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ class Loop:
     """Runs ``step`` again and again; ``step`` returns how many seconds to sleep before the next run.
 
     The sleep is a wait on an event, so an idle loop costs nothing, ``wake`` cuts it short when
-    new work arrives and ``stop`` ends it promptly. A failing step is logged and retried after
+    new work arrives and ``close`` ends it promptly. A failing step is logged and retried after
     ``error_delay_s``: a database or mail server that is briefly away must not kill the thread.
     """
 
@@ -29,7 +30,7 @@ class Loop:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         self._wakeup.set()
         if self._thread.is_alive():

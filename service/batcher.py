@@ -5,22 +5,18 @@ takes the first request, gathers more until ``max_size`` windows or ``max_wait_s
 runs the engine once and hands each request its rows through a future. Requests pile up while a
 batch runs, so under load batches form without any wait; ``max_size=1`` disables coalescing.
 Several workers run batches side by side (by default one single-threaded run per core): one run
-spread over all cores leaves cores waiting in its serial stretches, runs side by side do not
-(measured in the README).
+spread over all cores leaves cores waiting in its serial stretches, runs side by side do not.
 
 A request that finds the batcher idle (no run under way, nothing queued) runs in its own thread,
-on the engine's session for lone runs (the thread count it timed fastest): there is nothing to
-coalesce it with (unless ``max_wait_s`` asks to wait for more), and the hand-off to a worker and
-back costs a lone request about 0.15 ms on this CPU. Under load every request goes through the
-queue, where workers that are already awake take it (running them in request threads instead
-passed the lead to a sleeping thread after each batch: 6–9 % fewer requests/s at 16 connections,
-int8).
-
-Measured with waitress on 2 cores (a training job sharing them), 8 s per point, requests/s:
-clients 1/4/16 → max_size=1: 141/138/150; max_size=8, wait 0: 138/174/178; wait 2 ms: 104/153/158.
-A batched run costs about as much per window as single ones on this CPU, so the gain is fewer
-threads contending and less per-call overhead; a wait only delays lone requests, hence 0 by default.
+on the engine's session for lone runs: there is nothing to coalesce it with (unless
+``max_wait_s`` asks to wait for more), and the hand-off to a worker and back would only add
+latency. Under load every request goes through the queue, where workers that are already awake
+take it (running them in request threads instead passed the lead to a sleeping thread after
+each batch). A batched run costs about as much per window as single ones on a CPU, so the gain
+is fewer threads contending and less per-call overhead; a wait only delays lone requests, hence
+0 by default. The measurements behind these choices are in docs/performance.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import Engine, normalize, restore
+from service.contract import normalize, restore
+from service.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +57,11 @@ class Batcher:
         self._closed = False
         self._running = 0  # runs under way, in workers or request threads
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(workers)]
+
+    def start(self) -> Batcher:
         for thread in self._threads:
             thread.start()
+        return self
 
     @property
     def ready(self) -> bool:
@@ -96,7 +96,8 @@ class Batcher:
             for _ in self._threads:
                 self._queue.put(_STOP)
         for thread in self._threads:
-            thread.join()
+            if thread.is_alive():
+                thread.join()
 
     def _work(self) -> None:
         stopping = False
@@ -125,7 +126,9 @@ class Batcher:
         try:
             batch = np.concatenate([job.batch for job in jobs])
             # A batch request larger than max_size runs in slices, bounding the session's memory.
-            out = np.concatenate([self._engine.run(batch[i : i + self._max_size], lone) for i in range(0, len(batch), self._max_size)])
+            out = np.concatenate(
+                [self._engine.run(batch[i : i + self._max_size], lone) for i in range(0, len(batch), self._max_size)]
+            )
         except Exception as exc:
             log.exception("Inference failed for a batch of %d requests", len(jobs))
             for job in jobs:

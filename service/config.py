@@ -3,6 +3,7 @@
 Every variable has a default that works on a laptop (SQLite file, the shipped model, mails to the
 log and an outbox folder), so ``python -m service`` needs no setup; ``.env.example`` lists them.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service.engine import usable_cpus
+from service.contract import WINDOW
+from service.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SECURITY = ("starttls", "ssl", "none")
@@ -59,7 +61,7 @@ class Config:
     # ORT_THREADS and on all usable CPUs and keeps the faster (service.engine.lone_choice).
     ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1))
     # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
-    # from the request threads, alone and under load (measured in the README): off by default.
+    # from the request threads, alone and under load (docs/performance.md): off by default.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
@@ -126,4 +128,4 @@ class Config:
     @property
     def max_body_bytes(self) -> int:
         """Largest request body worth reading: a full batch written with long numbers."""
-        return max(1 << 20, self.max_batch_windows * 1300 * 32)
+        return max(1 << 20, self.max_batch_windows * WINDOW * 32)

@@ -4,6 +4,7 @@ Keys and tokens are 32 random bytes, URL-safe; only their sha256 is stored. Each
 rows and the mail that carries the secret in one transaction, so a key never exists without the
 mail that delivers it (the outbox worker retries that mail until it goes through).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
-from service import mail
-from service.mail import Mail, Outbox
+from service import messages
+from service.mail import Outbox
+from service.messages import Mail
 from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
 from service.usage import LastUsed
 
@@ -68,9 +70,8 @@ class ActiveKeys:
     """Active keys (digest → id) seen in the last ``ttl_s`` seconds, so that a client's requests
     do not each read the database.
 
-    The lookup and the pool hand-off that come with it cost about 0.2 ms of CPU per request at
-    16 connections, under the GIL, with the web threads queuing on it (README, levers). Only keys
-    found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
+    The lookup and the pool hand-off that come with it cost CPU under the GIL on every request,
+    with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
     A key deactivated through this process is refused at once: ``forget`` clears the cache, and
     a lookup that began before it does not write its now stale answer back. A key deactivated
     by another process on the same database works here for ``ttl_s`` more at most.
@@ -106,12 +107,26 @@ class ActiveKeys:
 
 
 class KeyService:
-    def __init__(self, store: Store, outbox: Outbox, usage: LastUsed, base_url: str, key_cache_s: float) -> None:
+    """The key flows over the store; ``clock`` and ``new_secret`` are injected so tests can pin
+    the time and the secrets."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Outbox,
+        usage: LastUsed,
+        base_url: str,
+        key_cache_s: float,
+        clock: Callable[[], datetime] = utcnow,
+        new_secret: Callable[[], str] = new_secret,
+    ) -> None:
         self._store = store
         self._outbox = outbox
         self._usage = usage
         self._base_url = base_url
         self._active = ActiveKeys(key_cache_s)
+        self._clock = clock
+        self._new_secret = new_secret
 
     def authenticate(self, key: str) -> int:
         """The id of the active key ``key``: from the cache, else one indexed read; no write."""
@@ -127,13 +142,13 @@ class KeyService:
         """Mail a generation link, unless the email already has an active key."""
         if self._store.has_active_key(email):
             raise EmailTaken()
-        self._mail_token(email, GENERATION, mail.key_request_mail)
+        self._mail_token(email, GENERATION, messages.key_request_mail)
 
     def request_deactivation(self, email: str) -> None:
         """Mail a deactivation link for the email's active key."""
         if not self._store.has_active_key(email):
             raise NoActiveKey()
-        self._mail_token(email, DEACTIVATION, mail.deactivation_request_mail)
+        self._mail_token(email, DEACTIVATION, messages.deactivation_request_mail)
 
     def verify(self, token: str | None) -> tuple[str, str]:
         """Spend a token once; returns its kind and email.
@@ -155,7 +170,7 @@ class KeyService:
         return result
 
     def _verify(self, token: str) -> tuple[str, str]:
-        now = utcnow()
+        now = self._clock()
         with self._store.transaction():
             row = self._store.find_token(digest(token))
             if row is None or row.used_at is not None:
@@ -169,17 +184,17 @@ class KeyService:
             # they must not deactivate the key that replaces them.
             self._store.spend_tokens(row.email, DEACTIVATION, now)
             if row.kind == GENERATION:
-                key = new_secret()
+                key = self._new_secret()
                 self._store.add_key(row.email, digest(key), now)
-                self._store.enqueue_mail(mail.new_key_mail(row.email, key), now)
+                self._store.enqueue_mail(messages.new_key_mail(row.email, key), now)
             else:
-                self._store.enqueue_mail(mail.deactivated_mail(row.email), now)
+                self._store.enqueue_mail(messages.deactivated_mail(row.email), now)
         return row.kind, row.email
 
     def _mail_token(self, email: str, kind: str, build: Callable[[str, str], Mail]) -> None:
-        token = new_secret()
+        token = self._new_secret()
         link = f"{self._base_url}{VERIFY_PATH}?{urlencode({'token': token})}"
-        now = utcnow()
+        now = self._clock()
         with self._store.transaction():
             self._store.add_token(digest(token), kind, email, now, TOKEN_TTL)
             self._store.enqueue_mail(build(email, link), now)

@@ -1,12 +1,12 @@
-"""Mails: what they say (HTML with a plain-text part), how they are sent, and the outbox worker.
+"""How mails are sent: SMTP or a folder, and the outbox worker that delivers the outbox table.
 
 Every mail is first written to the outbox table in the same transaction as the key or token it
 carries (see ``keys``); the worker here delivers it, retrying with backoff until the mail server
 takes it, so a server that is down at request time still gets the mail once it is back.
 """
+
 from __future__ import annotations
 
-import html
 import logging
 import smtplib
 import ssl
@@ -14,106 +14,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from service.background import Loop
+from service.files import atomic_write
+from service.messages import compose
 
 if TYPE_CHECKING:
     from service.store import OutboxMail, Store
 
 log = logging.getLogger(__name__)
 
-PRODUCT = "Heartify Denoising API"
 # Mails claimed per step; the worker comes straight back while more are due.
 CLAIM_BATCH = 20
 # Upper bound on an idle worker's sleep, so mails left by a crashed replica are picked up.
 IDLE_POLL_S = 60.0
-
-
-@dataclass(frozen=True)
-class Mail:
-    recipient: str
-    subject: str
-    text: str
-    html: str
-
-
-def _page(title: str, *paragraphs: str) -> str:
-    """Minimal HTML body; paragraphs are already-escaped HTML."""
-    body = "".join(f"<p>{p}</p>" for p in paragraphs)
-    return (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
-        f'<body style="font-family:sans-serif;max-width:36em;margin:auto">'
-        f"<h2>{html.escape(title)}</h2>{body}</body></html>"
-    )
-
-
-def _link_mail(email: str, link: str, subject: str, action: str, ignore: str) -> Mail:
-    text = (
-        f"{action}, open this link:\n\n{link}\n\n"
-        f"The link works once and expires in 24 hours. {ignore}\n\n-- {PRODUCT}\n"
-    )
-    href = html.escape(link)
-    body = _page(
-        subject,
-        f"{html.escape(action)}, open this link:",
-        f'<a href="{href}">{href}</a>',
-        f"The link works once and expires in 24 hours. {html.escape(ignore)}",
-    )
-    return Mail(email, f"{PRODUCT}: {subject}", text, body)
-
-
-def key_request_mail(email: str, link: str) -> Mail:
-    return _link_mail(
-        email, link, "verify your email", "To verify your email and receive your API key",
-        "If you did not ask for a key, ignore this mail.",
-    )
-
-
-def deactivation_request_mail(email: str, link: str) -> Mail:
-    return _link_mail(
-        email, link, "confirm API key deactivation", "To deactivate your API key",
-        "If you did not ask for this, ignore this mail and your key keeps working.",
-    )
-
-
-def new_key_mail(email: str, key: str) -> Mail:
-    text = (
-        f"Your API key: {key}\n\n"
-        "Send it in the x-api-key header of every denoising request. Keep it secret: we store "
-        "only its hash and cannot show it again. Any key you had before is now deactivated.\n\n"
-        f"-- {PRODUCT}\n"
-    )
-    body = _page(
-        "your API key",
-        f"Your API key: <code>{html.escape(key)}</code>",
-        "Send it in the <code>x-api-key</code> header of every denoising request. Keep it secret: "
-        "we store only its hash and cannot show it again. Any key you had before is now deactivated.",
-    )
-    return Mail(email, f"{PRODUCT}: your API key", text, body)
-
-
-def deactivated_mail(email: str) -> Mail:
-    text = f"Your API key has been deactivated. You can request a new one at any time.\n\n-- {PRODUCT}\n"
-    body = _page("API key deactivated", "Your API key has been deactivated. You can request a new one at any time.")
-    return Mail(email, f"{PRODUCT}: API key deactivated", text, body)
-
-
-def compose(mail: Mail, sender: str) -> EmailMessage:
-    """multipart/alternative: the plain-text part first, the HTML part preferred by readers."""
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = mail.recipient
-    message["Subject"] = mail.subject
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = make_msgid(domain="heartify.local")
-    message.set_content(mail.text)
-    message.add_alternative(mail.html, subtype="html")
-    return message
 
 
 Send = Callable[[EmailMessage], None]
@@ -166,26 +83,24 @@ class FolderSender:
         yield self._write
 
     def _write(self, message: EmailMessage) -> None:
-        """Written under another name and renamed, so whoever watches the folder for ``*.eml``
-        never reads half a mail (the HTTP benchmark once took a key mail that was still empty)."""
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        path = self._folder / f"{name}.eml"
-        partial = self._folder / f".{name}.partial"
-        partial.write_bytes(message.as_bytes())
-        partial.replace(path)
+        """Written atomically, so whoever watches the folder for ``*.eml`` never reads half a
+        mail; readable by this user only, since key mails carry keys."""
+        path = self._folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.eml"
+        atomic_write(path, message.as_bytes(), mode=0o600)
         text = message.get_body(("plain",))
         log.info(
             "Mail to %s (no SMTP_HOST; saved as %s)\nSubject: %s\n\n%s",
-            message["To"], path, message["Subject"], text.get_content() if text else "",
+            message["To"],
+            path,
+            message["Subject"],
+            text.get_content() if text else "",
         )
 
 
 class Outbox:
     """Delivers the outbox table in the background, with exponential backoff per mail."""
 
-    def __init__(
-        self, store: Store, sender: Sender, from_address: str, retry_min_s: float, retry_max_s: float
-    ) -> None:
+    def __init__(self, store: Store, sender: Sender, from_address: str, retry_min_s: float, retry_max_s: float) -> None:
         self._store = store
         self._sender = sender
         self._from = from_address
@@ -200,8 +115,8 @@ class Outbox:
         """Called after a transaction that queued a mail commits: deliver it now."""
         self._loop.wake()
 
-    def stop(self) -> None:
-        self._loop.stop()
+    def close(self) -> None:
+        self._loop.close()
 
     def _step(self) -> float:
         due = self._store.claim_due_mails(CLAIM_BATCH)
@@ -232,6 +147,12 @@ class Outbox:
         attempts = row.attempts + 1
         delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
         error = f"{type(exc).__name__}: {exc}"
-        log.warning("Mail %d to %s not delivered (attempt %d, %s); retrying in %.3g s",
-                    row.id, row.recipient, attempts, error, delay)
+        log.warning(
+            "Mail %d to %s not delivered (attempt %d, %s); retrying in %.3g s",
+            row.id,
+            row.recipient,
+            attempts,
+            error,
+            delay,
+        )
         self._store.retry_mail(row.id, attempts, delay, error)

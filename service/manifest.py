@@ -2,6 +2,7 @@
 
 A missing, truncated or swapped model must stop the start with one sentence, not serve garbage.
 """
+
 from __future__ import annotations
 
 import hashlib

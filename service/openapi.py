@@ -2,11 +2,13 @@
 
 A test compares its paths and methods with the app's routes, so it cannot silently drift.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from service.validation import MAX_ABS, WINDOW
+from service.contract import WINDOW
+from service.validation import MAX_ABS
 
 _JSON = "application/json"
 
@@ -37,8 +39,10 @@ _UNITS = {
 }
 
 _DENOISE_ERRORS = {
-    "400": _error("Body missing or not JSON, a missing field, wrong length, or an element that is not a finite "
-                  "number (the message names it)"),
+    "400": _error(
+        "Body missing or not JSON, a missing field, wrong length, or an element that is not a finite "
+        "number (the message names it)"
+    ),
     "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
     "413": _error("Request body too large"),
     "503": _error("Model not loaded"),
@@ -66,8 +70,11 @@ def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     """A health endpoint: GET, and HEAD with the same status and no body."""
     return {
         "get": {"summary": summary, "tags": ["Operations"], "responses": responses},
-        "head": {"summary": f"{summary} (status only)", "tags": ["Operations"],
-                 "responses": {status: {"description": r["description"]} for status, r in responses.items()}},
+        "head": {
+            "summary": f"{summary} (status only)",
+            "tags": ["Operations"],
+            "responses": {status: {"description": r["description"]} for status, r in responses.items()},
+        },
     }
 
 
@@ -114,8 +121,12 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     "type": "object",
                     "required": ["ecg_signals"],
                     "properties": {
-                        "ecg_signals": {"type": "array", "items": _ref("Window"), "minItems": 1,
-                                        "maxItems": max_batch_windows}
+                        "ecg_signals": {
+                            "type": "array",
+                            "items": _ref("Window"),
+                            "minItems": 1,
+                            "maxItems": max_batch_windows,
+                        }
                     },
                 },
                 "BatchResponse": {
@@ -167,8 +178,7 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     "security": [{"apiKey": []}],
                     "parameters": [_UNITS],
                     "requestBody": _body("BatchRequest"),
-                    "responses": {"200": _response("Denoised windows, in order", "BatchResponse"),
-                                  **_DENOISE_ERRORS},
+                    "responses": {"200": _response("Denoised windows, in order", "BatchResponse"), **_DENOISE_ERRORS},
                 }
             },
             "/api/v1/api-keys/generation": _key_request(
@@ -185,19 +195,27 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     "tags": ["API keys"],
                     "parameters": [{"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
                     "responses": {
-                        "200": {"description": "Key created and mailed, or key deactivated",
-                                "content": {"text/html": {"schema": {"type": "string"}}}},
+                        "200": {
+                            "description": "Key created and mailed, or key deactivated",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
                         "400": _error("`Invalid verification link`, `Invalid or expired token` or `Token has expired`"),
                     },
                 }
             },
             "/healthz": _probe("The process answers", {"200": _response("Alive", "Status")}),
-            "/readyz": _probe("Model loaded and database reachable",
-                              {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")}),
+            "/readyz": _probe(
+                "Model loaded and database reachable",
+                {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
+            ),
             "/openapi.json": {
-                "get": {"summary": "This document", "tags": ["Operations"],
-                        "responses": {"200": {"description": "OpenAPI 3.1",
-                                              "content": {_JSON: {"schema": {"type": "object"}}}}}}
+                "get": {
+                    "summary": "This document",
+                    "tags": ["Operations"],
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}
+                    },
+                }
             },
         },
     }

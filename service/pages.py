@@ -1,4 +1,5 @@
 """The HTML page a mailed verification link opens."""
+
 from __future__ import annotations
 
 import html

@@ -3,6 +3,7 @@
 Errors travel as exceptions (``ValidationError``, ``keys.Refused``, ``ModelUnavailable``) and
 become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

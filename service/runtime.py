@@ -1,11 +1,13 @@
-"""Builds the production collaborators from a ``Config``, starts their threads, stops them.
+"""Builds the production collaborators from a ``Config``, starts them, and stops them.
 
 Every expected start-up failure (model, manifest, database) becomes a ``StartupError`` whose
 message is one sentence, which ``__main__`` prints instead of a traceback.
 """
+
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 
 import peewee as pw
 
@@ -29,8 +31,8 @@ class StartupError(Exception):
     """The service cannot start; the message is one sentence."""
 
 
-def load_engine(config: Config) -> tuple[Engine, int]:
-    """The verified model in one onnxruntime session, and the version to report."""
+def model_version(config: Config) -> int:
+    """The model file checked against its manifest, and the version responses report."""
     try:
         manifest_version = verify_model(config.model_path, config.manifest)
     except ModelError as exc:
@@ -38,30 +40,45 @@ def load_engine(config: Config) -> tuple[Engine, int]:
     version = config.model_version if config.model_version is not None else manifest_version
     if version is None:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
+    return version
+
+
+def start_engine(config: Config) -> Engine:
+    """The model in onnxruntime sessions, warmed up with the batches the service will run."""
+    engine = Engine(
+        config.model_path,
+        threads=config.ort_threads,
+        spinning=config.ort_spinning,
+        lone_threads=config.ort_lone_threads or "auto",
+        warm_batch=config.batch_max_size,
+        warm_concurrent=config.batch_workers,
+    )
     try:
-        engine = Engine(config.model_path, threads=config.ort_threads, spinning=config.ort_spinning,
-                        lone_threads=config.ort_lone_threads)
-        engine.warm_up(config.batch_max_size, config.batch_workers)
+        return engine.start()
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
-    return engine, version
 
 
-def open_store(config: Config) -> Store:
+def start_store(config: Config) -> Store:
     store = Store(config.database_url, max_connections=config.web_threads + BACKGROUND_CONNECTIONS)
     try:
-        store.create_tables()
+        return store.start()
     except pw.PeeweeException as exc:
+        store.close()
         raise StartupError(f"Database {redact(config.database_url)} cannot be used: {_first_line(exc)}") from None
-    return store
 
 
 def mail_sender(config: Config) -> Sender:
     if config.smtp_host:
-        return SmtpSender(config.smtp_host, config.mail_port, config.smtp_security, config.smtp_user,
-                          config.smtp_password, config.smtp_timeout_s)
-    log.warning("SMTP_HOST is not set: mails go to the log and to %s/ (fine for a local run only)",
-                config.outbox_dir)
+        return SmtpSender(
+            config.smtp_host,
+            config.mail_port,
+            config.smtp_security,
+            config.smtp_user,
+            config.smtp_password,
+            config.smtp_timeout_s,
+        )
+    log.warning("SMTP_HOST is not set: mails go to the log and to %s/ (fine for a local run only)", config.outbox_dir)
     return FolderSender(config.outbox_dir)
 
 
@@ -71,24 +88,62 @@ def _first_line(exc: Exception) -> str:
 
 
 class Runtime:
-    """The running collaborators; ``close`` stops them in reverse order of start."""
+    """The running collaborators. ``start`` (or ``with``) starts them in order and ``close`` stops
+    them in reverse; a start that fails stops what had already started.
 
-    def __init__(self, config: Config) -> None:
-        engine, version = load_engine(config)
-        self.store = open_store(config)
-        self.outbox = Outbox(self.store, mail_sender(config), config.sender_email,
-                             config.mail_retry_min_s, config.mail_retry_max_s)
-        self.usage = LastUsed(self.store, config.last_used_flush_s)
-        self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
-        self.outbox.start()
-        self.usage.start()
-        keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
-        self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
-        log.info("Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",
-                 config.model_path.name, version, engine.threads, engine.lone_threads, redact(config.database_url))
+    ``engine`` may be given already started (the tests share one per model file); the runtime
+    then neither starts nor closes it.
+    """
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        self._engine = engine
+        self._stack = ExitStack()
+        self.store: Store
+        self.outbox: Outbox
+        self.usage: LastUsed
+        self.batcher: Batcher
+        self.deps: Deps
+
+    def start(self) -> Runtime:
+        config = self.config
+        with ExitStack() as stack:
+            version = model_version(config)
+            engine = self._engine
+            if engine is None:
+                engine = start_engine(config)
+                stack.callback(engine.close)
+            self.store = start_store(config)
+            stack.callback(self.store.close)
+            self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
+            stack.callback(self.batcher.close)
+            self.batcher.start()
+            self.outbox = Outbox(
+                self.store, mail_sender(config), config.sender_email, config.mail_retry_min_s, config.mail_retry_max_s
+            )
+            stack.callback(self.outbox.close)
+            self.outbox.start()
+            self.usage = LastUsed(self.store, config.last_used_flush_s)
+            stack.callback(self.usage.close)
+            self.usage.start()
+            keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
+            self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
+            self._stack = stack.pop_all()
+        log.info(
+            "Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",
+            config.model_path.name,
+            version,
+            engine.threads,
+            engine.lone_threads,
+            redact(config.database_url),
+        )
+        return self
 
     def close(self) -> None:
-        self.batcher.close()
-        self.usage.stop()
-        self.outbox.stop()
-        self.store.close()
+        self._stack.close()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -3,6 +3,7 @@
 Requests record the time in memory; a background loop writes the latest time per key in one
 transaction every few seconds, and once more at shutdown.
 """
+
 from __future__ import annotations
 
 import threading
@@ -46,8 +47,8 @@ class LastUsed:
     def start(self) -> None:
         self._loop.start()
 
-    def stop(self) -> None:
-        self._loop.stop()
+    def close(self) -> None:
+        self._loop.close()
         self.flush()
 
     def _step(self) -> float:

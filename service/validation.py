@@ -3,6 +3,7 @@
 Messages are the API contract's; new endpoints follow the same style and name the bad window or
 element (``ecg_signals[3][17] must be a finite number (got null)``).
 """
+
 from __future__ import annotations
 
 import math
@@ -11,10 +12,11 @@ from typing import Any
 import numpy as np
 from email_validator import EmailNotValidError, validate_email
 
-WINDOW = 1300
+from service.contract import SAMPLING_RATE_HZ, WINDOW
+
 # Values beyond this overflow the z-score (squares exceed float64) and would come back as NaN.
 MAX_ABS = 1e100
-WINDOW_NOTE = "The model expects 10 seconds of ECG sampled at 130 Hz: exactly 1300 values."
+WINDOW_NOTE = f"The model expects 10 seconds of ECG sampled at {SAMPLING_RATE_HZ} Hz: exactly {WINDOW} values."
 UNITS = {"normalized": False, "input": True}
 _NUMBERS = {float, int}
 
@@ -90,7 +92,7 @@ def _window(value: Any, label: str) -> np.ndarray:
     if len(value) != WINDOW:
         raise ValidationError(f"{label} must have exactly {WINDOW} values (got {len(value)})", note=WINDOW_NOTE)
     # Fast path for the normal request; bool is an int subclass, so compare exact types (a set of
-    # the types: 39 µs per window, where a per-element test took 58 µs).
+    # the types is faster than a test per element).
     if set(map(type, value)) <= _NUMBERS:
         try:
             window = np.array(value, dtype=np.float64)
@@ -105,7 +107,7 @@ def _window(value: Any, label: str) -> np.ndarray:
 def _bounded(window: np.ndarray) -> bool:
     """Every value finite and within MAX_ABS, in one pass for the normal window.
 
-    Each NumPy pass lets go of the GIL (engine.normalize says what that costs): a sum of squares
+    Each NumPy pass lets go of the GIL (contract.normalize says what that costs): a sum of squares
     within MAX_ABS² bounds every value, and NaN, ±Infinity or an overflow fail the comparison; a
     window it does not settle gets the exact test.
     """
@@ -116,7 +118,9 @@ def _bounded(window: np.ndarray) -> bool:
 
 
 def _element_problem(value: Any) -> str | None:
-    kind = {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(type(value))
+    kind = {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(
+        type(value)
+    )
     if kind:
         return f"must be a finite number (got {kind})"
     try:

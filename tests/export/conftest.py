@@ -1,4 +1,5 @@
 """Fixtures for the offline stage: small random checkpoints and their exports, made in tmp folders."""
+
 from __future__ import annotations
 
 from pathlib import Path

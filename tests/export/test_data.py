@@ -1,13 +1,14 @@
 """The data protocol: patient-wise split, SNR scaling, and (when present) the real recordings."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, load_corpus, patient_group
+from export.families import HELD_OUT, TRAINED
 from export.metrics import bandpass, scores, snr_db
 from export.synth import synthetic_corpus
-from export.families import HELD_OUT, TRAINED
 from export.windows import EVAL_NOISE, EVAL_SNR_DB, TrainingWindows, family_grid, scale_to_snr, validation_grid
 
 

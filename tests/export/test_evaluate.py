@@ -1,33 +1,37 @@
 """The evaluation command on synthetic data: a full table, a verdict, figures; and on the real
 data when it is present."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from export.evaluate import beat_agreement, evaluate, evaluate_families, family_table, figures, main, table
 from export.synth import synthetic_corpus
 from service.engine import Engine
 
+pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
+
 
 def test_evaluation_covers_16_cases_for_model_and_baseline(exported, tmp_path):
     corpus = synthetic_corpus(np.random.default_rng(0))
-    result = evaluate(Engine(exported), corpus, per_case=2)
+    result = evaluate(Engine(exported).start(), corpus, per_case=2)
     assert len(result["cases"]) == 16
     assert {"model", "bandpass"} <= result["cases"][0].keys()
     summary = result["summary"]
     assert summary["targets_met"] is False  # random weights cannot beat a band-pass filter
     assert summary["cases_better_than_bandpass"] < 16
     assert "| mixture | 12 dB |" in table(result)
-    checks = figures(Engine(exported), corpus, tmp_path / "no-data", tmp_path)
+    checks = figures(Engine(exported).start(), corpus, tmp_path / "no-data", tmp_path)
     assert (tmp_path / "examples.png").stat().st_size > 10_000 and checks == {}
 
 
 def test_family_evaluation_scores_trained_and_held_out_families_apart(exported):
     corpus = synthetic_corpus(np.random.default_rng(0))
-    result = evaluate_families(Engine(exported), corpus, per_case=2)
+    result = evaluate_families(Engine(exported).start(), corpus, per_case=2)
     held_out = {c["noise"] for c in result["cases"] if c["held_out"]}
     assert held_out == {"cadence", "spikes", "respiration", "em reversed"}
     assert result["summary"]["held_out"]["cases"] == 16 and result["summary"]["trained"]["cases"] == 12

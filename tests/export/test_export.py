@@ -1,4 +1,5 @@
 """`python -m export`: strict loading, ONNX that passes the checker, parity, manifest, clean failures."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,20 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from export.__main__ import recorded_version
 from export.checkpoint import CheckpointError, load_model
+from export.manifest import update as update_manifest
 from export.onnx_export import ParityError, check_parity, parity_windows
 from service.engine import Engine
 
 from .conftest import export_main, random_state_dict
 
+pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
+
 ROOT = Path(__file__).resolve().parents[2]
+# Tests whose subject is not the parity figure itself compare fewer windows than the default.
+FEW = 32
+FEW_ARGS = ["--parity-windows", str(FEW)]
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -27,13 +35,17 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def assert_one_sentence_failure(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def assert_one_sentence(stderr: str, *words: str) -> None:
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ")
     for word in words:
         assert word in last
+
+
+def assert_one_sentence_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1
+    assert_one_sentence(result.stderr, *words)
 
 
 @pytest.mark.parametrize("nesting", [None, "state_dict", "model_state_dict"])
@@ -72,13 +84,14 @@ def test_export_records_parity_and_checksums_in_the_manifest(exported, checkpoin
     assert {"torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
 
 
-def test_a_re_export_keeps_the_manifest_version_unless_given_one(checkpoint, tmp_path):
-    out = tmp_path / "m.onnx"
-    versions = []
-    for extra in ([], ["--model-version", "7"], []):
-        assert export_main(["--weights", str(checkpoint), "--out", str(out), *extra]) == 0
-        versions.append(json.loads((tmp_path / "manifest.json").read_text())["model_version"])
-    assert versions == [1, 7, 7]
+def test_a_re_export_keeps_the_manifest_version_unless_given_one(exported, tmp_path):
+    """The first export records version 1; later ones keep the recorded one unless given one."""
+    first = json.loads((exported.parent / "manifest.json").read_text())["model_version"]
+    path = tmp_path / "manifest.json"
+    assert (first, recorded_version(path, None)) == (1, 1)
+    update_manifest(path, {"model_version": 7})
+    assert recorded_version(path, None) == 7
+    assert recorded_version(path, 9) == 9
 
 
 def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported, checkpoint):
@@ -86,13 +99,13 @@ def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported, checkpoint
     windows = parity_windows(64, seed=5)
     with torch.no_grad():
         expected = model(torch.from_numpy(windows)).numpy()
-    engine = Engine(exported)
+    engine = Engine(exported).start()
     for size in (1, 3, 64):
         got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, 64, size)])
         assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_a_perturbed_onnx_model_fails_parity(exported, checkpoint, tmp_path):
+def test_a_perturbed_onnx_model_fails_parity(exported, checkpoint, tmp_path, capsys):
     proto = onnx.load(str(exported))
     (init,) = [t for t in proto.graph.initializer if t.name == "final.weight"]
     weights = numpy_helper.to_array(init).copy()
@@ -101,15 +114,15 @@ def test_a_perturbed_onnx_model_fails_parity(exported, checkpoint, tmp_path):
     bad = tmp_path / "perturbed.onnx"
     onnx.save(proto, str(bad))
     with pytest.raises(ParityError):
-        check_parity(load_model(checkpoint), bad)
-    result = run_export("--weights", str(checkpoint), "--out", str(bad), "--verify-only")
-    assert_one_sentence_failure(result, "parity check failed")
+        check_parity(load_model(checkpoint), bad, parity_windows(FEW))
+    assert export_main(["--weights", str(checkpoint), "--out", str(bad), "--verify-only", *FEW_ARGS]) == 1
+    assert_one_sentence(capsys.readouterr().err, "parity check failed")
 
 
-def test_failed_parity_leaves_no_output_behind(checkpoint, tmp_path):
+def test_failed_parity_leaves_no_output_behind(checkpoint, tmp_path, capsys):
     out = tmp_path / "out" / "model.onnx"
-    result = run_export("--weights", str(checkpoint), "--out", str(out), "--tolerance", "0")
-    assert_one_sentence_failure(result, "parity check failed")
+    assert export_main(["--weights", str(checkpoint), "--out", str(out), "--tolerance", "0", *FEW_ARGS]) == 1
+    assert_one_sentence(capsys.readouterr().err, "parity check failed")
     assert list(out.parent.iterdir()) == []
 
 
@@ -142,13 +155,14 @@ def _no_state_dict(path: Path) -> None:
         (_no_state_dict, ("no state dict",)),
     ],
 )
-def test_bad_checkpoints_fail_with_one_sentence_and_write_nothing(tmp_path, make, words):
+def test_bad_checkpoints_fail_with_one_sentence_and_write_nothing(tmp_path, capsys, make, words):
     path = tmp_path / "bad.pth"
     make(path)
     with pytest.raises(CheckpointError):
         load_model(path)
     out = tmp_path / "out" / "model.onnx"
-    assert_one_sentence_failure(run_export("--weights", str(path), "--out", str(out)), *words)
+    assert export_main(["--weights", str(path), "--out", str(out)]) == 1
+    assert_one_sentence(capsys.readouterr().err, *words)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
@@ -159,12 +173,17 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
 
 def test_conv1d_and_conv2d_exports_compute_the_same_function(exported, checkpoint, tmp_path):
     out = tmp_path / "conv1d.onnx"
-    result = run_export("--weights", str(checkpoint), "--out", str(out), "--conv1d")
-    assert result.returncode == 0, result.stderr
-    kernels = {len(a.ints) for n in onnx.load(str(exported)).graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "kernel_shape"}
+    assert export_main(["--weights", str(checkpoint), "--out", str(out), "--conv1d", *FEW_ARGS]) == 0
+    kernels = {
+        len(a.ints)
+        for n in onnx.load(str(exported)).graph.node
+        if n.op_type == "Conv"
+        for a in n.attribute
+        if a.name == "kernel_shape"
+    }
     assert kernels == {2}
     windows = parity_windows(32, seed=9)
-    assert np.abs(Engine(out).run(windows) - Engine(exported).run(windows)).max() <= 1e-5
+    assert np.abs(Engine(out).start().run(windows) - Engine(exported).start().run(windows)).max() <= 1e-5
 
 
 def test_upsampling_as_conv_computes_the_same_function(exported, tmp_path):
@@ -175,4 +194,4 @@ def test_upsampling_as_conv_computes_the_same_function(exported, tmp_path):
     path = tmp_path / "rewritten.onnx"
     onnx.save(rewritten, str(path))
     windows = parity_windows(16, seed=2)
-    assert np.abs(Engine(path).run(windows) - Engine(exported).run(windows)).max() <= 1e-5
+    assert np.abs(Engine(path).start().run(windows) - Engine(exported).start().run(windows)).max() <= 1e-5

@@ -1,12 +1,16 @@
 """int8 static quantization: QDQ graph, upsampling as Conv, a working model, the quality gate."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 from export.onnx_export import parity_windows
 from export.quantize import quality_gate, quantize
 from service.engine import Engine
+
+pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 
 
 def test_quantized_model_is_qdq_per_channel_and_close_to_fp32(exported, tmp_path):
@@ -17,16 +21,23 @@ def test_quantized_model_is_qdq_per_channel_and_close_to_fp32(exported, tmp_path
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert "ConvTranspose" not in ops  # rewritten as Conv + reshape, so that it quantizes
     inits = {t.name: t for t in graph.initializer}
-    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and len(inits.get(n.input[1], onnx.TensorProto()).dims) == 1]
+    per_channel = [
+        n
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and len(inits.get(n.input[1], onnx.TensorProto()).dims) == 1
+    ]
     assert per_channel  # weight scales are vectors: one per output channel
     windows = parity_windows(16, seed=4)
-    fp32, int8 = Engine(exported).run(windows), Engine(out).run(windows)
+    fp32, int8 = Engine(exported).start().run(windows), Engine(out).start().run(windows)
     assert int8.shape == fp32.shape
     assert np.abs(int8 - fp32).mean() < 0.1 * np.abs(fp32).mean() + 1e-3
 
 
 def _result(gains: list[float]) -> dict:
-    return {"summary": {"mean_snr_improvement_db": float(np.mean(gains))}, "cases": [{"model": {"snr_improvement_db": g}} for g in gains]}
+    return {
+        "summary": {"mean_snr_improvement_db": float(np.mean(gains))},
+        "cases": [{"model": {"snr_improvement_db": g}} for g in gains],
+    }
 
 
 def test_quality_gate_limits_mean_and_worst_case_loss():

@@ -1,4 +1,5 @@
 """A few steps of the real training code on tiny synthetic data: it learns, saves, resumes, repeats."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ from export.checkpoint import load_model
 from export.synth import synthetic_corpus
 from export.train import Config, loss_fn, lr_factor, to_batch, train
 
-TINY = dict(steps_per_epoch=3, batch_size=4, val_per_case=1, warmup_epochs=0)
+pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
+
+TINY = {"steps_per_epoch": 3, "batch_size": 4, "val_per_case": 1, "warmup_epochs": 0}
 
 
 def test_training_writes_a_strictly_loadable_best_checkpoint_and_history(tmp_path):
@@ -67,7 +70,9 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     start = tmp_path / "start.pth"
     torch.save(random_state_dict(seed=3), start)
     corpus = synthetic_corpus(np.random.default_rng(0))
-    cfg = Config(epochs=1, steps_per_epoch=0, val_per_case=1, warmup_epochs=0, init=str(start), snr_min_db=0, snr_max_db=24)
+    cfg = Config(
+        epochs=1, steps_per_epoch=0, val_per_case=1, warmup_epochs=0, init=str(start), snr_min_db=0, snr_max_db=24
+    )
     train(corpus, cfg, tmp_path / "run", tmp_path / "best.pth", progress=False)
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     assert torch.equal(saved["final.weight"], torch.load(start)["final.weight"])

@@ -1,6 +1,11 @@
 """Real collaborators for the service tests: the shipped model, SQLite files or a PostgreSQL
 schema of their own, an aiosmtpd server that keeps what it receives, and ``python -m service``
-subprocesses on free loopback ports."""
+subprocesses on free loopback ports.
+
+The model is loaded once per test session (``engine``); each test gets its own database, mail
+server and runtime around it, which start in milliseconds.
+"""
+
 from __future__ import annotations
 
 import email
@@ -16,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -28,7 +34,10 @@ from aiosmtpd.controller import Controller
 
 from service.app import create_app
 from service.config import Config
+from service.engine import Engine
+from service.keys import digest, new_secret
 from service.runtime import Runtime
+from service.store import Store, utcnow
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "artifacts" / "attention_unet.onnx"
@@ -60,8 +69,12 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """One request with the stdlib; returns the status and the JSON (or text) body."""
     data = orjson.dumps(body) if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={
-        **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})})
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             status, raw, kind = response.status, response.read(), response.headers.get_content_type()
@@ -123,8 +136,12 @@ def smtp() -> Iterator[SmtpServer]:
 
 
 def smtp_env(port: int) -> dict[str, str]:
-    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SECURITY": "none",
-            "SENDER_EMAIL": "Heartify <no-reply@heartify.test>"}
+    return {
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "SMTP_SECURITY": "none",
+        "SENDER_EMAIL": "Heartify <no-reply@heartify.test>",
+    }
 
 
 # -- databases -----------------------------------------------------------------------------------
@@ -150,20 +167,30 @@ def postgres_url() -> Iterator[str]:
     with admin.cursor() as cur:
         cur.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield (f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{PG['dbname']}"
-               f"?options=-c%20search_path%3D{schema}")
+        yield (
+            f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{PG['dbname']}?options=-c%20search_path%3D{schema}"
+        )
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP SCHEMA "{schema}" CASCADE')
         admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(f"{request.param}_url")
 
 
 # -- the service in this process -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """The shipped model, loaded once for the whole session; lone runs use the batch session
+    (the tests about the lone-thread choice build their own engine)."""
+    shared = Engine(MODEL, threads=1, warm_batch=8).start()
+    yield shared
+    shared.close()
+
+
 def make_config(tmp_path: Path, database_url: str, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -179,18 +206,44 @@ def make_config(tmp_path: Path, database_url: str, **overrides: Any) -> Config:
     return Config(**{**values, **overrides})
 
 
+def smtp_config(tmp_path: Path, database_url: str, smtp: SmtpServer, **overrides: Any) -> Config:
+    return make_config(
+        tmp_path, database_url, smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none", **overrides
+    )
+
+
 @pytest.fixture
-def runtime(tmp_path: Path, sqlite_url: str, smtp: SmtpServer) -> Iterator[Runtime]:
+def runtime_with(tmp_path: Path, engine: Engine, smtp: SmtpServer) -> Iterator[Callable[..., Runtime]]:
+    """Starts production runtimes around the shared engine, mailing the test SMTP server; each
+    is closed at the end of the test."""
+    with ExitStack() as stack:
+
+        def start(database_url: str, **overrides: Any) -> Runtime:
+            config = smtp_config(tmp_path, database_url, smtp, **overrides)
+            return stack.enter_context(Runtime(config, engine=engine))
+
+        yield start
+
+
+@pytest.fixture
+def runtime(runtime_with: Callable[..., Runtime], sqlite_url: str) -> Runtime:
     """The production runtime on SQLite, mailing the test SMTP server."""
-    config = make_config(tmp_path, sqlite_url, smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none")
-    rt = Runtime(config)
-    yield rt
-    rt.close()
+    return runtime_with(sqlite_url)
 
 
 @pytest.fixture
 def client(runtime: Runtime) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(runtime.deps))
+
+
+def issue_key(store: Store, address: str) -> str:
+    """A key put straight into the store, for tests about what a key is used for, not how it is
+    obtained (that is ``obtain_key``)."""
+    key = new_secret()
+    with store.transaction():
+        store.add_key(address, digest(key), utcnow())
+    store.release()
+    return key
 
 
 def obtain_key(client: falcon.testing.TestClient, smtp: SmtpServer, address: str) -> str:
@@ -206,12 +259,20 @@ def obtain_key(client: falcon.testing.TestClient, smtp: SmtpServer, address: str
 class ServiceProcess:
     """``python -m service`` with a given environment; ``start`` returns once /readyz is 200."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, python: str = sys.executable,
-                 cwd: Path = REPO) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, python: str = sys.executable, cwd: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._env = {"PATH": os.environ.get("PATH", ""), "HOST": "127.0.0.1", "PORT": str(self.port),
-                     "BASE_URL": self.url, "WEB_THREADS": "4", "ORT_THREADS": "1", **env}
+        self._env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "BASE_URL": self.url,
+            "WEB_THREADS": "4",
+            "ORT_THREADS": "1",
+            "ORT_LONE_THREADS": "1",
+            "BATCH_WORKERS": "1",
+            **env,
+        }
         self._log_path = log_path
         self._python = python
         self._cwd = cwd
@@ -219,8 +280,9 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 60.0) -> ServiceProcess:
         with open(self._log_path, "ab") as log:
-            self._process = subprocess.Popen([self._python, "-m", "service"], cwd=self._cwd, env=self._env,
-                                             stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(
+                [self._python, "-m", "service"], cwd=self._cwd, env=self._env, stdout=log, stderr=subprocess.STDOUT
+            )
 
         def ready() -> bool:
             if self._process.poll() is not None:

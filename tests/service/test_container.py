@@ -1,6 +1,7 @@
 """The Dockerfile's steps without Docker: a fresh virtual environment with requirements.txt only,
 the files the image copies, ``python -m service`` configured by environment, /readyz, and the
 image's HEALTHCHECK command."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import REPO, http
 
@@ -21,6 +24,7 @@ def dockerfile_exec_form(instruction: str) -> list[str]:
     return json.loads(re.search(r"CMD\s+(\[.*\])", line).group(1))
 
 
+@pytest.mark.slow
 def test_fresh_venv_with_runtime_requirements_serves(tmp_path, service_process):
     app = tmp_path / "app"
     shutil.copytree(REPO / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__"))
@@ -32,8 +36,9 @@ def test_fresh_venv_with_runtime_requirements_serves(tmp_path, service_process):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=app,
-                             capture_output=True, text=True)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd=app, capture_output=True, text=True
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True)
     assert no_torch.returncode != 0  # the runtime image stays free of the training stack
@@ -44,7 +49,8 @@ def test_fresh_venv_with_runtime_requirements_serves(tmp_path, service_process):
     data.mkdir()
     server = service_process(
         {"DATABASE_URL": f"sqlite:///{data / 'heartify.db'}", "OUTBOX_DIR": str(data / "outbox")},
-        python=python, cwd=app,
+        python=python,
+        cwd=app,
     )
     assert http("GET", f"{server.url}/readyz")[0] == 200
 

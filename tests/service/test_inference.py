@@ -1,7 +1,9 @@
 """The service's output is the model's: compared with a direct onnxruntime session on the same
 windows, in both units, one window or a batch, alone or amid concurrent requests."""
+
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,9 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from service.batcher import Batcher, ModelUnavailable
-from service.engine import Engine, usable_cpus
+from service.engine import Engine, lone_choice
 
-from .conftest import MODEL, obtain_key
+from .conftest import MODEL, issue_key
 
 TOLERANCE = 1e-5
 
@@ -25,9 +27,14 @@ def noisy_windows(n: int, seed: int = 1) -> np.ndarray:
     return 512 + 300 * beats + 20 * rng.standard_normal((n, 1300))
 
 
+@functools.cache
+def direct_session() -> ort.InferenceSession:
+    return ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+
+
 def reference(windows: np.ndarray, input_units: bool) -> np.ndarray:
     """Direct onnxruntime inference with the contract's z-score written out independently."""
-    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    session = direct_session()
     mu = windows.mean(axis=1, keepdims=True)
     sigma = windows.std(axis=1, keepdims=True)
     sigma[sigma == 0] = 1
@@ -37,8 +44,8 @@ def reference(windows: np.ndarray, input_units: bool) -> np.ndarray:
 
 
 @pytest.fixture
-def key(client, smtp) -> str:
-    return obtain_key(client, smtp, "parity@example.org")
+def key(runtime) -> str:
+    return issue_key(runtime.store, "parity@example.org")
 
 
 @pytest.mark.parametrize("units, input_units", [(None, False), ("normalized", False), ("input", True)])
@@ -47,8 +54,9 @@ def test_single_window_equals_direct_inference(client, key, units, input_units):
     expected = reference(windows, input_units)
     for window, want in zip(windows, expected):
         params = {"units": units} if units else None
-        result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": window.tolist()},
-                                      params=params, headers={"x-api-key": key})
+        result = client.simulate_post(
+            "/api/v1/denoising", json={"ecg_signal": window.tolist()}, params=params, headers={"x-api-key": key}
+        )
         assert result.status_code == 200
         np.testing.assert_allclose(result.json["denoised_signal"], want, rtol=0, atol=TOLERANCE)
     assert not input_units or np.abs(expected).mean() > 100  # input units really are not normalized
@@ -57,8 +65,12 @@ def test_single_window_equals_direct_inference(client, key, units, input_units):
 @pytest.mark.parametrize("units, input_units", [("normalized", False), ("input", True)])
 def test_batch_equals_direct_inference(client, key, units, input_units):
     windows = noisy_windows(5, seed=2)
-    result = client.simulate_post("/api/v1/denoising/batch", json={"ecg_signals": windows.tolist()},
-                                  params={"units": units}, headers={"x-api-key": key})
+    result = client.simulate_post(
+        "/api/v1/denoising/batch",
+        json={"ecg_signals": windows.tolist()},
+        params={"units": units},
+        headers={"x-api-key": key},
+    )
     assert result.status_code == 200
     assert set(result.json) == {"modelVersion", "denoised_signals"}
     np.testing.assert_allclose(result.json["denoised_signals"], reference(windows, input_units), rtol=0, atol=TOLERANCE)
@@ -71,8 +83,12 @@ def test_concurrent_requests_get_their_own_windows(client, key):
 
     def call(i: int) -> np.ndarray:
         units = "input" if i % 2 else "normalized"
-        result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": windows[i].tolist()},
-                                      params={"units": units}, headers={"x-api-key": key})
+        result = client.simulate_post(
+            "/api/v1/denoising",
+            json={"ecg_signal": windows[i].tolist()},
+            params={"units": units},
+            headers={"x-api-key": key},
+        )
         assert result.status_code == 200
         return np.array(result.json["denoised_signal"])
 
@@ -83,22 +99,29 @@ def test_concurrent_requests_get_their_own_windows(client, key):
 
 
 def test_invalid_units(client, key):
-    result = client.simulate_post("/api/v1/denoising", json={"ecg_signal": noisy_windows(1)[0].tolist()},
-                                  params={"units": "mV"}, headers={"x-api-key": key})
+    result = client.simulate_post(
+        "/api/v1/denoising",
+        json={"ecg_signal": noisy_windows(1)[0].tolist()},
+        params={"units": "mV"},
+        headers={"x-api-key": key},
+    )
     assert result.status_code == 400
     assert result.json == {"error": "units must be 'normalized' or 'input' (got 'mV')"}
 
 
-@pytest.mark.parametrize("signals, error", [
-    (None, "Missing required field: ecg_signals"),
-    ("x", "ecg_signals must be an array"),
-    ([], "ecg_signals must hold 1 to 64 windows (got 0)"),
-    ([[0.0] * 1300] * 65, "ecg_signals must hold 1 to 64 windows (got 65)"),
-    ([[0.0] * 1300, "x"], "ecg_signals[1] must be an array"),
-    ([0.0] * 1300, "ecg_signals[0] must be an array"),  # one window, not wrapped in a list
-    ([[0.0] * 1300, [0.0] * 1300, [0.0] * 12], "ecg_signals[2] must have exactly 1300 values (got 12)"),
-    ([[0.0] * 1300, [0.0] * 17 + [None] + [0.0] * 1282], "ecg_signals[1][17] must be a finite number (got null)"),
-])
+@pytest.mark.parametrize(
+    "signals, error",
+    [
+        (None, "Missing required field: ecg_signals"),
+        ("x", "ecg_signals must be an array"),
+        ([], "ecg_signals must hold 1 to 64 windows (got 0)"),
+        ([[0.0] * 1300] * 65, "ecg_signals must hold 1 to 64 windows (got 65)"),
+        ([[0.0] * 1300, "x"], "ecg_signals[1] must be an array"),
+        ([0.0] * 1300, "ecg_signals[0] must be an array"),  # one window, not wrapped in a list
+        ([[0.0] * 1300, [0.0] * 1300, [0.0] * 12], "ecg_signals[2] must have exactly 1300 values (got 12)"),
+        ([[0.0] * 1300, [0.0] * 17 + [None] + [0.0] * 1282], "ecg_signals[1][17] must be a finite number (got null)"),
+    ],
+)
 def test_batch_errors_name_the_window(client, key, signals, error):
     body = {} if signals is None else {"ecg_signals": signals}
     result = client.simulate_post("/api/v1/denoising/batch", json=body, headers={"x-api-key": key})
@@ -112,16 +135,16 @@ def test_batch_requires_a_key(client):
 
 
 # -- the batcher on its own ----------------------------------------------------------------------
-class CountingEngine(Engine):
-    """The real engine, recording the size of each run."""
+class CountingEngine:
+    """The shared engine, recording the size of each run."""
 
-    def __init__(self) -> None:
-        super().__init__(MODEL, threads=1)
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self.runs: list[int] = []
 
     def run(self, batch, lone=False):
         self.runs.append(len(batch))
-        return super().run(batch, lone)
+        return self._engine.run(batch, lone)
 
 
 def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
@@ -129,46 +152,46 @@ def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
         return list(pool.map(lambda w: batcher.denoise(w[None, :]), windows))
 
 
-def test_batcher_coalesces_concurrent_requests():
-    engine = CountingEngine()
+def test_batcher_coalesces_concurrent_requests(engine):
+    counting = CountingEngine(engine)
     # A wait far longer than the submissions take: the batch closes because it is full.
-    batcher = Batcher(engine, max_size=4, max_wait_s=30)
+    batcher = Batcher(counting, max_size=4, max_wait_s=30).start()
     windows = noisy_windows(4, seed=4)
     try:
         outputs = submit_together(batcher, windows)
     finally:
         batcher.close()
-    assert engine.runs == [4]
+    assert counting.runs == [4]
     np.testing.assert_allclose(np.concatenate(outputs), reference(windows, False), rtol=0, atol=TOLERANCE)
 
 
-def test_batch_size_one_runs_each_request_alone():
-    engine = CountingEngine()
-    batcher = Batcher(engine, max_size=1, max_wait_s=30)
+def test_batch_size_one_runs_each_request_alone(engine):
+    counting = CountingEngine(engine)
+    batcher = Batcher(counting, max_size=1, max_wait_s=30).start()
     try:
         submit_together(batcher, noisy_windows(3))
     finally:
         batcher.close()
-    assert engine.runs == [1, 1, 1]
+    assert counting.runs == [1, 1, 1]
 
 
-def test_large_request_runs_in_slices_of_max_size():
-    engine = CountingEngine()
-    batcher = Batcher(engine, max_size=4, max_wait_s=0)
+def test_large_request_runs_in_slices_of_max_size(engine):
+    counting = CountingEngine(engine)
+    batcher = Batcher(counting, max_size=4, max_wait_s=0).start()
     windows = noisy_windows(10, seed=5)
     try:
         out = batcher.denoise(windows, input_units=True)
     finally:
         batcher.close()
-    assert engine.runs == [4, 4, 2]
+    assert counting.runs == [4, 4, 2]
     np.testing.assert_allclose(out, reference(windows, True), rtol=0, atol=TOLERANCE)
 
 
-class MeetingEngine(Engine):
-    """The real engine, whose runs only proceed once two of them are under way at the same time."""
+class MeetingEngine(CountingEngine):
+    """The shared engine, whose runs only proceed once two of them are under way at the same time."""
 
-    def __init__(self) -> None:
-        super().__init__(MODEL, threads=1)
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
         self.meeting = threading.Barrier(2, timeout=10)
 
     def run(self, batch, lone=False):
@@ -176,8 +199,8 @@ class MeetingEngine(Engine):
         return super().run(batch, lone)
 
 
-def test_two_workers_run_two_batches_at_once():
-    batcher = Batcher(MeetingEngine(), max_size=1, max_wait_s=0, workers=2)
+def test_two_workers_run_two_batches_at_once(engine):
+    batcher = Batcher(MeetingEngine(engine), max_size=1, max_wait_s=0, workers=2).start()
     windows = noisy_windows(4, seed=6)
     try:
         outputs = submit_together(batcher, windows)
@@ -186,24 +209,30 @@ def test_two_workers_run_two_batches_at_once():
     np.testing.assert_allclose(np.concatenate(outputs), reference(windows, False), rtol=0, atol=TOLERANCE)
 
 
-def test_close_stops_every_worker():
-    engine = CountingEngine()
-    batcher = Batcher(engine, max_size=1, max_wait_s=0, workers=3)
+def batcher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("batcher-")]
+
+
+def test_close_finishes_queued_work_and_stops_every_worker(engine):
+    assert not batcher_threads()  # no batcher of an earlier test is still running
+    counting = CountingEngine(engine)
+    batcher = Batcher(counting, max_size=1, max_wait_s=0, workers=3).start()
+    assert len(batcher_threads()) == 3
     with ThreadPoolExecutor(6) as pool:
         pending = [pool.submit(batcher.denoise, w[None, :]) for w in noisy_windows(6, seed=7)]
         for future in pending:
             future.result(timeout=30)
     batcher.close()
-    assert not batcher.ready
-    assert sorted(engine.runs) == [1] * 6
+    assert batcher_threads() == []
+    assert sorted(counting.runs) == [1] * 6
 
 
-class ThreadRecordingEngine(Engine):
-    """The real engine, recording which thread ran each batch and on which session; its first run
-    can be made to fail."""
+class ThreadRecordingEngine(CountingEngine):
+    """The shared engine, recording which thread ran each batch and on which session; its first
+    run can be made to fail."""
 
-    def __init__(self, fail_first: bool = False) -> None:
-        super().__init__(MODEL, threads=1)
+    def __init__(self, engine: Engine, fail_first: bool = False) -> None:
+        super().__init__(engine)
         self.calls: list[tuple[int, bool]] = []
         self._fail = fail_first
 
@@ -215,38 +244,53 @@ class ThreadRecordingEngine(Engine):
         return super().run(batch, lone)
 
 
-def test_request_to_an_idle_batcher_runs_in_its_own_thread():
-    engine = ThreadRecordingEngine()
-    batcher = Batcher(engine, max_size=8, max_wait_s=0, workers=2)
+def test_request_to_an_idle_batcher_runs_in_its_own_thread(engine):
+    recording = ThreadRecordingEngine(engine)
+    batcher = Batcher(recording, max_size=8, max_wait_s=0, workers=2).start()
     try:
         batcher.denoise(noisy_windows(1))
     finally:
         batcher.close()
-    assert engine.calls == [(threading.get_ident(), True)]
+    assert recording.calls == [(threading.get_ident(), True)]
+
+
+def normalized(windows: np.ndarray) -> np.ndarray:
+    mu, sigma = windows.mean(axis=1, keepdims=True), windows.std(axis=1, keepdims=True)
+    return ((windows - mu) / sigma).astype(np.float32)[:, None, :]
 
 
 def test_lone_session_gives_the_batch_sessions_rows():
-    engine = Engine(MODEL, threads=1, lone_threads=2)
+    engine = Engine(MODEL, threads=1, lone_threads=2).start()
     windows = noisy_windows(3, seed=9)
-    z = ((windows - windows.mean(axis=1, keepdims=True)) / windows.std(axis=1, keepdims=True)).astype(np.float32)[:, None, :]
+    z = normalized(windows)
     np.testing.assert_allclose(engine.run(z, lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(engine.run(z)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
+    engine.close()
 
 
-@pytest.mark.parametrize("lone_threads, choices", [(None, {1, usable_cpus()}), (2, {2})])
-def test_warm_up_settles_the_lone_session(lone_threads, choices):
-    """Unset, the lone thread count is timed at warm-up among 1 and all CPUs; set, it is kept."""
-    engine = Engine(MODEL, threads=1, lone_threads=lone_threads)
-    engine.warm_up(max_batch=2)
-    assert engine.lone_threads in choices
+def test_the_lone_choice_is_the_fastest_candidate():
+    assert lone_choice({1: 0.004, 2: 0.003}) == 2
+    assert lone_choice({1: 0.002, 2: 0.003}) == 1
+
+
+@pytest.mark.parametrize("lone_threads, expected", [("auto", None), (2, 2), (None, 1)])
+def test_start_settles_the_lone_session(lone_threads, expected):
+    """ "auto" times 1 thread against all CPUs and keeps one session for lone runs, whose thread
+    count is the one reported; a number is kept as given; unset, lone runs use the batch session."""
+    engine = Engine(MODEL, threads=1, lone_threads=lone_threads).start()
+    if expected is not None:
+        assert engine.lone_threads == expected
+    assert engine._lone.get_session_options().intra_op_num_threads == engine.lone_threads
+    assert (engine._lone is engine._session) == (engine.lone_threads == engine.threads)
     windows = noisy_windows(2, seed=10)
-    z = ((windows - windows.mean(axis=1, keepdims=True)) / windows.std(axis=1, keepdims=True)).astype(np.float32)[:, None, :]
-    np.testing.assert_allclose(engine.run(z, lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        engine.run(normalized(windows), lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE
+    )
+    engine.close()
 
 
-def test_failed_run_reaches_its_request_and_the_next_one_is_served():
-    engine = ThreadRecordingEngine(fail_first=True)
-    batcher = Batcher(engine, max_size=8, max_wait_s=0)
+def test_failed_run_reaches_its_request_and_the_next_one_is_served(engine):
+    batcher = Batcher(ThreadRecordingEngine(engine, fail_first=True), max_size=8, max_wait_s=0).start()
     windows = noisy_windows(1, seed=8)
     with pytest.raises(RuntimeError, match="the model broke"):
         batcher.denoise(windows)
@@ -255,8 +299,10 @@ def test_failed_run_reaches_its_request_and_the_next_one_is_served():
     np.testing.assert_allclose(out, reference(windows, False), rtol=0, atol=TOLERANCE)
 
 
-def test_closed_batcher_refuses_work():
-    batcher = Batcher(Engine(MODEL, threads=1), max_size=4, max_wait_s=0)
+def test_closed_batcher_refuses_work(engine):
+    batcher = Batcher(engine, max_size=4, max_wait_s=0)
+    assert not batcher.ready  # not started
+    batcher.start()
     assert batcher.ready
     batcher.close()
     assert not batcher.ready

@@ -1,5 +1,6 @@
 """The cache of active keys: what it spares the database, and how soon a deactivation reaches it,
 on SQLite and PostgreSQL. Deactivations through the service itself are in ``test_contract``."""
+
 from __future__ import annotations
 
 import falcon.testing
@@ -10,25 +11,10 @@ from service.keys import ActiveKeys, digest
 from service.runtime import Runtime
 from service.store import utcnow
 
-from .conftest import make_config, obtain_key
+from .conftest import issue_key
 
 DENOISE = "/api/v1/denoising"
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
-
-
-@pytest.fixture
-def runtime_with(tmp_path, database_url, smtp):
-    """A runtime factory on this test's database, mailing the test SMTP server."""
-    started: list[Runtime] = []
-
-    def start(**overrides) -> Runtime:
-        started.append(Runtime(make_config(tmp_path, database_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
-                                           smtp_security="none", **overrides)))
-        return started[-1]
-
-    yield start
-    for rt in started:
-        rt.close()
 
 
 def deactivate_elsewhere(rt: Runtime, email: str) -> None:
@@ -37,9 +23,9 @@ def deactivate_elsewhere(rt: Runtime, email: str) -> None:
         assert rt.store.deactivate_keys(email, utcnow()) == 1
 
 
-def test_a_key_deactivated_elsewhere_is_trusted_until_its_entry_expires(runtime_with, smtp):
-    rt = runtime_with()
-    key = obtain_key(falcon.testing.TestClient(create_app(rt.deps)), smtp, "shared@example.org")
+def test_a_key_deactivated_elsewhere_is_trusted_until_its_entry_expires(database_url, runtime_with):
+    rt = runtime_with(database_url)
+    key = issue_key(rt.store, "shared@example.org")
     now = [0.0]
     cache = ActiveKeys(30.0, clock=lambda: now[0])
     with rt.store.db.connection_context():
@@ -54,10 +40,12 @@ def test_a_key_deactivated_elsewhere_is_trusted_until_its_entry_expires(runtime_
 
 
 @pytest.mark.parametrize("cache_s, after", [(0.0, 401), (3600.0, 200)])
-def test_key_cache_setting_decides_when_the_service_sees_a_deactivation_made_elsewhere(runtime_with, smtp, cache_s, after):
-    rt = runtime_with(key_cache_s=cache_s)
+def test_key_cache_setting_decides_when_the_service_sees_a_deactivation_made_elsewhere(
+    database_url, runtime_with, cache_s, after
+):
+    rt = runtime_with(database_url, key_cache_s=cache_s)
     client = falcon.testing.TestClient(create_app(rt.deps))
-    key = obtain_key(client, smtp, "elsewhere@example.org")
+    key = issue_key(rt.store, "elsewhere@example.org")
     assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 200
     deactivate_elsewhere(rt, "elsewhere@example.org")
     assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == after

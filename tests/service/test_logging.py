@@ -1,10 +1,10 @@
 """waitress's per-request queue warnings reach the log as one summary per interval."""
+
 from __future__ import annotations
 
 import logging
-import time
 
-from service.__main__ import QueueDepthSummary
+from service.logs import QueueDepthSummary
 
 
 def queue_warning(depth: int) -> logging.LogRecord:
@@ -12,11 +12,14 @@ def queue_warning(depth: int) -> logging.LogRecord:
 
 
 def test_one_summary_per_interval_with_the_deepest_queue():
-    summary = QueueDepthSummary(interval_s=0.2)
+    now = [100.0]
+    summary = QueueDepthSummary(interval_s=60.0, clock=lambda: now[0])
     first = queue_warning(1)
     assert summary.filter(first) and first.getMessage().startswith("Requests are queuing for a web thread: 1 deep")
+    now[0] = 159.9
     assert [summary.filter(queue_warning(d)) for d in (3, 5, 2)] == [False, False, False]
-    time.sleep(0.25)
+    now[0] = 160.0
     later = queue_warning(1)
     assert summary.filter(later)
     assert "5 deep at most" in later.getMessage()
+    assert not summary.filter(queue_warning(9))

@@ -1,4 +1,5 @@
 """``/openapi.json`` describes exactly the routes and methods the app serves."""
+
 from __future__ import annotations
 
 from falcon.inspect import inspect_routes

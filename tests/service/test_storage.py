@@ -1,5 +1,6 @@
 """What the database holds: digests only, no mail body after delivery, last_used written off the
 hot path, and tables that can be created again; on SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import threading
@@ -9,21 +10,17 @@ import pytest
 
 from service.app import create_app
 from service.keys import digest
-from service.mail import Mail
-from service.runtime import Runtime
+from service.messages import Mail
 from service.store import ApiKey, KeyConflict, OutboxMail, Token, utcnow
 
-from .conftest import key_in, make_config, obtain_key, verify_link, wait_until
+from .conftest import issue_key, key_in, obtain_key, verify_link, wait_until
 
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
 
 
 @pytest.fixture
-def runtime_on(tmp_path, database_url, smtp):
-    rt = Runtime(make_config(tmp_path, database_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
-                             smtp_security="none"))
-    yield rt
-    rt.close()
+def runtime_on(database_url, runtime_with):
+    return runtime_with(database_url)
 
 
 def dump(store) -> str:
@@ -71,7 +68,7 @@ def test_a_mail_that_cannot_be_composed_does_not_hold_back_the_others(runtime_on
 
 def test_last_used_is_recorded_in_memory_and_flushed(runtime_on, smtp):
     client = falcon.testing.TestClient(create_app(runtime_on.deps))
-    key = obtain_key(client, smtp, "busy@example.org")
+    key = issue_key(runtime_on.store, "busy@example.org")
     assert client.simulate_post("/api/v1/denoising", json=WINDOW, headers={"x-api-key": key}).status_code == 200
 
     def last_used():
@@ -101,13 +98,13 @@ def test_database_refuses_a_second_active_key_for_an_email(runtime_on):
     store.release()
 
 
-def test_concurrent_activation_for_one_email_keeps_one_active_key(tmp_path, postgres_url, smtp):
+@pytest.mark.postgres
+def test_concurrent_activation_for_one_email_keeps_one_active_key(postgres_url, runtime_with, smtp):
     """Another transaction activates a key for the same email while a verification runs: the
     unique index on active keys makes the verification retry, and one active key remains."""
     import psycopg2
 
-    rt = Runtime(make_config(tmp_path, postgres_url, smtp_host="127.0.0.1", smtp_port=smtp.port,
-                             smtp_security="none"))
+    rt = runtime_with(postgres_url)
     rival = psycopg2.connect(postgres_url)
     probe = psycopg2.connect(postgres_url)
     probe.autocommit = True
@@ -117,16 +114,20 @@ def test_concurrent_activation_for_one_email_keeps_one_active_key(tmp_path, post
         path = verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", "")
 
         with rival.cursor() as cur:  # an open transaction holding the index entry
-            cur.execute("INSERT INTO api_key (email, key_hash, is_active, created_at) "
-                        "VALUES ('race@example.org', 'rival', true, now())")
+            cur.execute(
+                "INSERT INTO api_key (email, key_hash, is_active, created_at) "
+                "VALUES ('race@example.org', 'rival', true, now())"
+            )
         results: list[int] = []
         verifier = threading.Thread(target=lambda: results.append(client.simulate_get(path).status_code))
         verifier.start()
 
         def blocked() -> bool:
             with probe.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND query LIKE 'INSERT INTO \"api_key\"%'")
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO \"api_key\"%'"
+                )
                 return cur.fetchone()[0] > 0
 
         wait_until(blocked, what="the verification to wait on the rival's index entry")
@@ -140,4 +141,3 @@ def test_concurrent_activation_for_one_email_keeps_one_active_key(tmp_path, post
     finally:
         rival.close()
         probe.close()
-        rt.close()

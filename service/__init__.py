@@ -1,0 +1,1 @@
+"""The Heartify denoising service: HTTP API, key flows, batched onnxruntime inference."""

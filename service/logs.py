@@ -1,0 +1,38 @@
+"""Logging set-up and filters that keep the service's log readable under load."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class QueueDepthSummary(logging.Filter):
+    """waitress warns once per request that waits for a free web thread: under steady load that
+    is hundreds of lines a minute. Let one through per ``interval_s``, naming the deepest queue."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last = -math.inf
+        self._deepest = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        depth = record.args[0] if isinstance(record.args, tuple) and record.args else 0
+        self._deepest = max(self._deepest, depth)
+        now = self._clock()
+        if now - self._last < self._interval_s:
+            return False
+        record.msg = "Requests are queuing for a web thread: %d deep at most since the last report (WEB_THREADS)"
+        record.args = (self._deepest,)
+        self._last, self._deepest = now, 0
+        return True
+
+
+def configure(level: str) -> None:
+    logging.basicConfig(level=level, format=FORMAT)
+    logging.getLogger("waitress.queue").addFilter(QueueDepthSummary())
