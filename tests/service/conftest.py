@@ -38,6 +38,8 @@ from service.engine import Engine
 from service.keys import digest, new_secret
 from service.runtime import Runtime
 from service.store import Store, utcnow
+from tests import pgcluster
+from tests.pgcluster import PgCluster
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "artifacts" / "attention_unet.onnx"
@@ -318,3 +320,17 @@ def service_process(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+# -- a PostgreSQL cluster of the test's own, for fault tests ---------------------------------------
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster on a free port (never the shared server): stop, freeze and restart it."""
+    reason = pgcluster.missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI requires it")
+        pytest.skip(reason)
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.close()
