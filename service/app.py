@@ -18,11 +18,15 @@ from falcon.media import JSONHandler
 from service import openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
+from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Verification
 from service.store import Store
 from service.validation import ValidationError
 
+# Seconds a client is asked to wait when the database is away; the probe tries every second.
+DATABASE_RETRY_AFTER_S = 5
 _REFUSAL_STATUS = {InvalidKey: 401, EmailTaken: 409, NoActiveKey: 404, BadToken: 400}
 
 
@@ -52,7 +56,15 @@ def loads(text: str) -> Any:
 
 def create_app(deps: Deps) -> falcon.App:
     config = deps.config
-    app = falcon.App(middleware=[_ReleaseConnection(deps.store)])
+    middleware: list[object] = [RequestContext(config.trusted_proxies)]
+    if config.cors_allow_origins:
+        middleware.append(
+            falcon.CORSMiddleware(
+                allow_origins=config.cors_allow_origins, expose_headers=["X-Request-ID", "Retry-After"]
+            )
+        )
+    middleware += [SecurityHeaders(), ReleaseConnection(deps.store.release)]
+    app = falcon.App(middleware=middleware)
     handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
     # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
@@ -61,6 +73,8 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(ValidationError, _validation_error)
     app.add_error_handler(Refused, _refused)
     app.add_error_handler(ModelUnavailable, _model_unavailable)
+    app.add_error_handler(DatabaseUnavailable, _database_unavailable)
+    app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
     limit = config.max_body_bytes
     app.add_route(
@@ -94,18 +108,6 @@ def create_app(deps: Deps) -> falcon.App:
     return app
 
 
-class _ReleaseConnection:
-    """Hands the request thread's pooled database connection back after every response."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    def process_response(
-        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
-    ) -> None:
-        self._store.release()
-
-
 def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     """Every error body has the contract's shape ``{"error": "…"}``, Falcon's own ones included."""
     resp.content_type = falcon.MEDIA_JSON
@@ -125,3 +127,18 @@ def _refused(req: falcon.Request, resp: falcon.Response, exc: Refused, params: d
 def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUnavailable, params: dict) -> None:
     resp.status = falcon.HTTP_503
     resp.media = {"error": "Model not loaded"}
+
+
+def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+    resp.status = falcon.HTTP_503
+    resp.set_header("Retry-After", str(DATABASE_RETRY_AFTER_S))
+    resp.media = {"error": "Service temporarily unavailable: the database does not answer. Try again later."}
+
+
+def _database_error(
+    health: DatabaseHealth, req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict
+) -> None:
+    """A driver error that reached the app without passing the store's guard (a commit or a
+    rollback): the same 503, and the outage is known."""
+    health.failed(exc)
+    _database_unavailable(req, resp, exc, params)

@@ -15,17 +15,23 @@ class Loop:
     The sleep is a wait on an event, so an idle loop costs nothing, ``wake`` cuts it short when
     new work arrives and ``close`` ends it promptly. A failing step is logged and retried after
     ``error_delay_s``: a database or mail server that is briefly away must not kill the thread.
+    Errors of the ``quiet`` types are retried without a log line: whoever raised them reports
+    the outage once (``database.DatabaseHealth``).
     """
 
-    def __init__(self, name: str, step: Callable[[], float], error_delay_s: float) -> None:
+    def __init__(
+        self, name: str, step: Callable[[], float], error_delay_s: float, quiet: tuple[type[Exception], ...] = ()
+    ) -> None:
         self._step = step
+        self._quiet = quiet
         self._error_delay_s = error_delay_s
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> Loop:
         self._thread.start()
+        return self
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -42,6 +48,8 @@ class Loop:
             self._wakeup.clear()
             try:
                 delay = self._step()
+            except self._quiet:
+                delay = self._error_delay_s
             except Exception:
                 log.exception("%s failed; retrying in %.3g s", self._thread.name, self._error_delay_s)
                 delay = self._error_delay_s

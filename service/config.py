@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.clients import Network, parse_networks
 from service.contract import WINDOW
 from service.cpus import usable_cpus
 
@@ -33,6 +34,17 @@ def _flag(raw: str) -> bool:
         return _FLAGS[raw.lower()]
     except KeyError:
         raise ValueError(raw) from None
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in raw.split(","))))
+
+
+_KINDS = {
+    int: "an integer",
+    _flag: "on or off",
+    parse_networks: "a comma-separated list of IP addresses or CIDR blocks",
+}
 
 
 def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
@@ -84,10 +96,35 @@ class Config:
     mail_retry_max_s: float = field(default=300.0, metadata=_env("MAIL_RETRY_MAX_SECONDS", float, 0.01))
     last_used_flush_s: float = field(default=30.0, metadata=_env("LAST_USED_FLUSH_SECONDS", float, 0.01))
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", str.upper))
+    # -- hardening ----------------------------------------------------------------------------
+    # Encrypts the mail bodies waiting in the outbox (they carry keys and links). Comma-separated:
+    # the first encrypts, all decrypt (rotation). Unset on SQLite: generated into a 0600 file
+    # beside the database; required on PostgreSQL, where every replica must share it.
+    secret_key: str | None = field(default=None, repr=False, metadata=_env("SECRET_KEY"))
+    # Reverse proxies whose X-Forwarded-For is believed (rate limits and the access log).
+    trusted_proxies: tuple[Network, ...] = field(default=(), metadata=_env("TRUSTED_PROXIES", parse_networks))
+    # Browser origins allowed to call the API (CORS); empty: none.
+    cors_allow_origins: tuple[str, ...] = field(default=(), metadata=_env("CORS_ALLOW_ORIGINS", _names))
+    # Key mails (generation and deactivation together) per hour; 0 = no limit. Counted in the
+    # database, so they hold across processes and replicas.
+    mail_limit_per_email: int = field(default=3, metadata=_env("MAIL_LIMIT_PER_EMAIL", int, 0))
+    mail_limit_per_client: int = field(default=20, metadata=_env("MAIL_LIMIT_PER_CLIENT", int, 0))
+    # Denoising requests per API key: a token bucket per process; 0 = no limit.
+    denoise_rate_per_s: float = field(default=20.0, metadata=_env("DENOISE_RATE_PER_SECOND", float, 0))
+    denoise_burst: int = field(default=40, metadata=_env("DENOISE_BURST", int, 1))
+    # Every database operation is bounded: a hung server costs a request this long at most.
+    db_connect_timeout_s: float = field(default=3.0, metadata=_env("DB_CONNECT_TIMEOUT_SECONDS", float, 1))
+    db_statement_timeout_s: float = field(default=3.0, metadata=_env("DB_STATEMENT_TIMEOUT_SECONDS", float, 0.1))
+    # A mail refused permanently (SMTP 5xx) is given up after this many attempts.
+    mail_max_attempts: int = field(default=3, metadata=_env("MAIL_MAX_ATTEMPTS", int, 1))
+    # Spent or expired tokens, delivered or failed mails and old mail requests are deleted after this.
+    retention_days: float = field(default=30.0, metadata=_env("RETENTION_DAYS", float, 1))
 
     def __post_init__(self) -> None:
         if self.smtp_security not in SMTP_SECURITY:
             raise ConfigError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)} (got {self.smtp_security!r}).")
+        if self.mail_max_attempts > 5:
+            raise ConfigError(f"MAIL_MAX_ATTEMPTS must be at most 5 (got {self.mail_max_attempts}).")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
 
@@ -104,7 +141,7 @@ class Config:
             try:
                 value = meta["parse"](raw)
             except ValueError:
-                kind = {int: "an integer", _flag: "on or off"}.get(meta["parse"], "a number")
+                kind = _KINDS.get(meta["parse"], "a number")
                 raise ConfigError(f"{meta['env']} must be {kind} (got {raw!r}).") from None
             if meta["low"] is not None and value < meta["low"]:
                 raise ConfigError(f"{meta['env']} must be at least {meta['low']} (got {raw!r}).")

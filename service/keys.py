@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from service import messages
+from service.database import DatabaseUnavailable
 from service.mail import Outbox
 from service.messages import Mail
 from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
@@ -72,7 +73,9 @@ class ActiveKeys:
 
     The lookup and the pool hand-off that come with it cost CPU under the GIL on every request,
     with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
-    A key deactivated through this process is refused at once: ``forget`` clears the cache, and
+    While the database is away, a key whose entry has expired is still trusted: this process
+    verified it, and a deactivation would have had to pass the same database. A key deactivated
+    through this process is refused at once: ``forget`` clears the cache, and
     a lookup that began before it does not write its now stale answer back. A key deactivated
     by another process on the same database works here for ``ttl_s`` more at most.
     """
@@ -91,7 +94,12 @@ class ActiveKeys:
         if entry is not None and entry[1] > now:
             return entry[0]
         epoch = self._epoch
-        key_id = lookup(key_hash)
+        try:
+            key_id = lookup(key_hash)
+        except DatabaseUnavailable:
+            if entry is not None:  # verified here before: it keeps working through an outage
+                return entry[0]
+            raise
         if key_id is not None and self._ttl_s > 0:
             with self._lock:
                 if epoch == self._epoch:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from service.background import Loop
+from service.database import QUIET_ERRORS
 from service.files import atomic_write
 from service.messages import compose
 
@@ -106,7 +107,7 @@ class Outbox:
         self._from = from_address
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
-        self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s)
+        self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
     def start(self) -> None:
         self._loop.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 
+from service.middleware import PAGE_STYLE
 from service.store import DEACTIVATION, GENERATION
 
 _PAGES = {
@@ -23,8 +24,8 @@ def verified(kind: str, email: str) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title} · Heartify</title></head>"
-        '<body style="font-family:sans-serif;max-width:36em;margin:4em auto;text-align:center">'
+        f"<title>{title} · Heartify</title><style>{PAGE_STYLE}</style></head>"
+        "<body>"
         f"<h1>{title}</h1><p>{text.format(email=html.escape(email))}</p>"
         "<p>You can close this page.</p></body></html>"
     )

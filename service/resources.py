@@ -35,6 +35,8 @@ def json_body(req: falcon.Request, limit: int) -> Any:
 class Denoising:
     """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher."""
 
+    no_store = True  # signals or personal data: no cache may keep them
+
     def __init__(
         self,
         keys: KeyService,
@@ -68,6 +70,8 @@ class Denoising:
 class KeyRequest:
     """``POST /api/v1/api-keys/generation`` and ``/deactivation``: both mail a link for an email."""
 
+    no_store = True  # signals or personal data: no cache may keep them
+
     def __init__(self, action: Callable[[str], None], body_limit: int) -> None:
         self._action = action
         self._body_limit = body_limit
@@ -80,6 +84,8 @@ class KeyRequest:
 
 class Verification:
     """``GET /api/v1/api-keys/verify?token=…``: the link in the mails; answers with a page."""
+
+    no_store = True  # signals or personal data: no cache may keep them
 
     def __init__(self, keys: KeyService) -> None:
         self._keys = keys

@@ -14,11 +14,12 @@ import peewee as pw
 from service.app import Deps
 from service.batcher import Batcher
 from service.config import Config
+from service.database import DatabaseProbe, DatabaseUnavailable, redact
 from service.engine import Engine
 from service.keys import KeyService
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import ModelError, verify_model
-from service.store import Store, redact
+from service.store import Store
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,15 @@ def start_engine(config: Config) -> Engine:
 
 
 def start_store(config: Config) -> Store:
-    store = Store(config.database_url, max_connections=config.web_threads + BACKGROUND_CONNECTIONS)
+    store = Store(
+        config.database_url,
+        max_connections=config.web_threads + BACKGROUND_CONNECTIONS,
+        connect_timeout_s=config.db_connect_timeout_s,
+        statement_timeout_s=config.db_statement_timeout_s,
+    )
     try:
         return store.start()
-    except pw.PeeweeException as exc:
+    except (pw.PeeweeException, DatabaseUnavailable) as exc:
         store.close()
         raise StartupError(f"Database {redact(config.database_url)} cannot be used: {_first_line(exc)}") from None
 
@@ -115,6 +121,9 @@ class Runtime:
                 stack.callback(engine.close)
             self.store = start_store(config)
             stack.callback(self.store.close)
+            probe = DatabaseProbe(lambda: self.store.db, self.store.health)
+            stack.callback(probe.close)
+            probe.start()
             self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
             stack.callback(self.batcher.close)
             self.batcher.start()

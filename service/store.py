@@ -10,12 +10,10 @@ import logging
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
-from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from service.config import ConfigError
+from service.database import DatabaseHealth, DatabaseUnavailable, open_database
 from service.messages import Mail
 
 log = logging.getLogger(__name__)
@@ -24,8 +22,6 @@ GENERATION = "generation"
 DEACTIVATION = "deactivation"
 # A process that claimed a mail and died leaves it to other workers after this long.
 CLAIM_LEASE = timedelta(minutes=2)
-# A pooled request thread waits this long for a free connection before failing.
-POOL_WAIT_S = 10
 
 _proxy = pw.DatabaseProxy()
 
@@ -96,54 +92,27 @@ class OutboxMail(_Model):
 MODELS = (ApiKey, Token, OutboxMail)
 
 
-def open_database(url: str, max_connections: int) -> pw.Database:
-    """``sqlite:///path`` (WAL) or ``postgresql://user:pw@host:port/db?param=…``, both pooled."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-        if not path or path == ":memory:":
-            raise ConfigError("DATABASE_URL must name an SQLite file, e.g. sqlite:///heartify.db.")
-        return PooledSqliteDatabase(
-            path,
-            max_connections=max_connections,
-            timeout=POOL_WAIT_S,
-            check_same_thread=False,  # pooled connections move between request threads
-            lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
-            pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000, "foreign_keys": 1},
-        )
-    if parts.scheme in ("postgresql", "postgres"):
-        return PooledPostgresqlDatabase(
-            unquote(parts.path.lstrip("/")) or "postgres",
-            max_connections=max_connections,
-            timeout=POOL_WAIT_S,
-            host=parts.hostname or None,
-            port=parts.port,
-            user=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            **dict(parse_qsl(parts.query)),
-        )
-    raise ConfigError(f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {parts.scheme or 'no'} scheme).")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-
-
 class Store:
     """Queries over one pooled database. Peewee binds models globally: one store per process."""
 
-    def __init__(self, url: str, max_connections: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_connections: int,
+        health: DatabaseHealth | None = None,
+        connect_timeout_s: float = 3.0,
+        statement_timeout_s: float = 3.0,
+    ) -> None:
         self._url = url
         self._max_connections = max_connections
+        self.health = health or DatabaseHealth()
+        self._timeouts = (connect_timeout_s, statement_timeout_s)
         self.db: pw.Database | None = None  # opened by start
 
     def start(self) -> Store:
         """Open the pool and create what is missing (``IF NOT EXISTS`` for every table and index)."""
-        self.db = open_database(self._url, self._max_connections)
+        self.db = open_database(self._url, self._max_connections, self.health, *self._timeouts)
+        self.db.probe()  # a database that cannot be reached fails the start quietly, in one sentence
         _proxy.initialize(self.db)
         # The key lookup runs on every denoising request: peewee writes its SQL once, in the
         # database's own dialect, and each request only executes it.
@@ -162,10 +131,12 @@ class Store:
             self.db.create_tables(MODELS, safe=True)
 
     def ping(self) -> bool:
+        """Whether the database answers now, within the statement timeout (at once when the
+        breaker knows it is away)."""
         try:
             with self.db.connection_context():
                 self.db.execute_sql("SELECT 1")
-        except pw.PeeweeException:
+        except (DatabaseUnavailable, pw.PeeweeException):
             return False
         return True
 

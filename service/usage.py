@@ -6,12 +6,16 @@ transaction every few seconds, and once more at shutdown.
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from service.background import Loop
+from service.database import QUIET_ERRORS
 from service.store import utcnow
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from service.store import Store
@@ -23,7 +27,7 @@ class LastUsed:
         self._pending: dict[int, datetime] = {}
         self._lock = threading.Lock()
         self._every_s = flush_every_s
-        self._loop = Loop("last-used", self._step, error_delay_s=flush_every_s)
+        self._loop = Loop("last-used", self._step, error_delay_s=flush_every_s, quiet=QUIET_ERRORS)
 
     def touch(self, key_id: int) -> None:
         """O(1) and in memory: the only cost a successful denoising call pays for last_used."""
@@ -48,8 +52,12 @@ class LastUsed:
         self._loop.start()
 
     def close(self) -> None:
+        """A last flush; while the database is away the times still held are reported, not raised."""
         self._loop.close()
-        self.flush()
+        try:
+            self.flush()
+        except QUIET_ERRORS:
+            log.warning("%d last_used times not written: the database is unavailable at shutdown", len(self._pending))
 
     def _step(self) -> float:
         self.flush()

@@ -1,4 +1,4 @@
-"""The documentation against the code: the README's configuration table and ``.env.example``
+"""The documentation against the code: the configuration table (docs/configuration.md) and ``.env.example``
 name exactly the variables ``Config`` reads, the README stays short, and no relative link in
 README.md or docs/*.md points to a missing file. Fast: it reads text files only."""
 
@@ -12,6 +12,7 @@ from service.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 ENV_EXAMPLE = ROOT / ".env.example"
 README_MAX_LINES = 250
 
@@ -30,15 +31,8 @@ def config_names() -> set[str]:
     return {f.metadata["env"] for f in fields(Config)}
 
 
-def section(text: str, heading: str) -> str:
-    """The lines under ``## heading`` up to the next heading of that level."""
-    match = re.search(rf"^## {re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no '## {heading}' section"
-    return match.group(1)
-
-
 def readme_table_names() -> list[str]:
-    lines = section(README.read_text(encoding="utf-8"), "Configuration").splitlines()
+    lines = CONFIGURATION.read_text(encoding="utf-8").splitlines()
     return [m.group(1) for line in lines if (m := TABLE_ROW.match(line))]
 
 
@@ -62,12 +56,12 @@ def test_config_has_variables() -> None:
     assert len(config_names()) >= 20
 
 
-def test_readme_configuration_table_lists_exactly_the_config_variables() -> None:
+def test_configuration_table_lists_exactly_the_config_variables() -> None:
     names = readme_table_names()
     assert len(names) == len(set(names)), f"listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
     expected = config_names()
     assert set(names) == expected, (
-        f"missing from README.md: {sorted(expected - set(names))}; not read by Config: {sorted(set(names) - expected)}"
+        f"missing from docs/configuration.md: {sorted(expected - set(names))}; not read by Config: {sorted(set(names) - expected)}"
     )
 
 

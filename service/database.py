@@ -1,0 +1,289 @@
+"""Opening the database, bounding every operation in time, and knowing when it is away.
+
+A database that is down or hung must cost a request a clear 503, quickly, and never a thread
+that waits without limit: connections and statements have deadlines (PostgreSQL through a
+psycopg2 wait callback, which also covers a server that accepts bytes but never answers;
+SQLite through its busy timeout), and ``DatabaseHealth`` is a circuit breaker that fails
+requests at once while the database is known to be away. A probe (``DatabaseProbe``) closes it
+again as soon as the database answers, so recovery needs no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import peewee as pw
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
+
+from service.background import Loop
+from service.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# A pooled request thread waits this long for a free connection before failing.
+POOL_WAIT_S = 5
+# What the driver raises when the database cannot be reached or does not answer in time.
+UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
+
+
+class DatabaseUnavailable(Exception):
+    """The database is down, hung, locked or unwritable: the request gets a 503."""
+
+
+# What background loops retry without logging: the breaker has logged the outage already.
+QUIET_ERRORS = (DatabaseUnavailable, *UNAVAILABLE_ERRORS)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class DatabaseHealth:
+    """Circuit breaker and outage log: one line when an outage starts, one when it ends, and a
+    reminder every ``remind_every_s`` in between, never a traceback per request."""
+
+    def __init__(self, remind_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._remind_every_s = remind_every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._last_log = 0.0
+        self._refused = 0
+        self.on_failure: Callable[[], None] = lambda: None  # the probe's wake-up
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None
+
+    def check(self) -> None:
+        """Fail at once while the database is known to be away (the probe tries for everyone)."""
+        if self._down_since is not None:
+            with self._lock:
+                self._refused += 1
+            raise DatabaseUnavailable("the database is unavailable")
+
+    def failed(self, exc: BaseException, wake_probe: bool = True) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._down_since is None:
+                self._down_since, self._last_log, self._refused = now, now, 0
+                log.error("Database unavailable (%s): requests that need it get 503 until it answers", first_line(exc))
+            elif now - self._last_log >= self._remind_every_s:
+                self._last_log = now
+                log.warning(
+                    "Database still unavailable after %.0f s (%s); %d requests refused so far",
+                    now - self._down_since,
+                    first_line(exc),
+                    self._refused,
+                )
+        if wake_probe:
+            self.on_failure()
+
+    def succeeded(self) -> None:
+        if self._down_since is None:  # the common case: no lock
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            log.warning(
+                "Database available again after %.1f s; %d requests were refused meanwhile",
+                self._clock() - self._down_since,
+                self._refused,
+            )
+            self._down_since = None
+
+
+class _Guarded:
+    """Mixed into the pooled database classes: every connection and statement goes through the
+    breaker, and the driver's unavailability errors become ``DatabaseUnavailable``."""
+
+    health: DatabaseHealth
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        self.health.check()
+        try:
+            return super().connect(reuse_if_open)  # type: ignore[misc]
+        except UNAVAILABLE_ERRORS as exc:
+            self.health.failed(exc)
+            raise DatabaseUnavailable(first_line(exc)) from exc
+
+    def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
+        try:
+            cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
+        except UNAVAILABLE_ERRORS as exc:
+            self.health.failed(exc)
+            raise DatabaseUnavailable(first_line(exc)) from exc
+        self.health.succeeded()
+        return cursor
+
+    def probe(self) -> None:
+        """``SELECT 1`` on a fresh connection, bypassing the breaker and the pool; raises peewee's
+        errors when it fails."""
+        with pw.__exception_wrapper__:
+            conn = self._connect()  # type: ignore[attr-defined]
+            try:
+                cursor = conn.cursor()
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+            finally:
+                conn.close()
+
+
+class GuardedSqlite(_Guarded, PooledSqliteDatabase):
+    pass
+
+
+class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
+    pass
+
+
+# -- deadlines on PostgreSQL -------------------------------------------------------------------
+_deadlines = {"connect": 3.0, "statement": 3.0}
+
+
+def _wait_with_deadline(conn: object) -> None:
+    """psycopg2's wait callback: drives every blocking call through ``poll`` with a deadline.
+
+    A server stopped with SIGSTOP keeps its sockets open and the kernel acknowledges what is
+    sent, so neither TCP timeouts nor the server's own ``statement_timeout`` end the wait; this
+    does. psycopg2 then marks the connection broken, and the pool never hands it out again.
+    """
+    from psycopg2 import OperationalError, extensions
+
+    kind = "connect" if conn.status == extensions.STATUS_SETUP else "statement"
+    deadline = time.monotonic() + _deadlines[kind]
+    while True:
+        state = conn.poll()
+        if state == extensions.POLL_OK:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OperationalError(f"database {kind} timed out after {_deadlines[kind]:g} s")
+        fd = conn.fileno()
+        if state == extensions.POLL_READ:
+            select.select([fd], [], [], remaining)
+        elif state == extensions.POLL_WRITE:
+            select.select([], [fd], [], remaining)
+        else:
+            raise OperationalError(f"unexpected poll state {state}")
+
+
+def _bound_postgres(connect_s: float, statement_s: float) -> None:
+    import psycopg2.extensions
+
+    _deadlines.update(connect=connect_s, statement=statement_s)
+    psycopg2.extensions.set_wait_callback(_wait_with_deadline)
+
+
+def _create_private(path: str) -> None:
+    """A new SQLite file is created readable by this user only; an existing one is narrowed."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    try:
+        if os.stat(path).st_uid == os.getuid():
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
+def sqlite_path(url: str) -> Path | None:
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return None
+    return Path(unquote(parts.path[1:] if parts.path.startswith("/") else parts.path))
+
+
+def open_database(
+    url: str, max_connections: int, health: DatabaseHealth, connect_timeout_s: float, statement_timeout_s: float
+) -> pw.Database:
+    """``sqlite:///path`` (WAL) or ``postgresql://user:pw@host:port/db?param=…``, both pooled."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = str(sqlite_path(url))
+        if not path or path in (".", ":memory:"):
+            raise ConfigError("DATABASE_URL must name an SQLite file, e.g. sqlite:///heartify.db.")
+        try:
+            _create_private(path)
+        except OSError as exc:
+            raise pw.OperationalError(f"cannot create {path}: {exc.strerror or exc}") from None
+        db: pw.Database = GuardedSqlite(
+            path,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_S,
+            check_same_thread=False,  # pooled connections move between request threads
+            lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "busy_timeout": int(statement_timeout_s * 1000),
+                "foreign_keys": 1,
+            },
+        )
+    elif parts.scheme in ("postgresql", "postgres"):
+        params = dict(parse_qsl(parts.query))
+        server_timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+        params["options"] = f"{params['options']} {server_timeout}" if params.get("options") else server_timeout
+        _bound_postgres(connect_timeout_s, statement_timeout_s + 0.5)  # the server's own timeout first
+        db = GuardedPostgres(
+            unquote(parts.path.lstrip("/")) or "postgres",
+            max_connections=max_connections,
+            timeout=POOL_WAIT_S,
+            host=parts.hostname or None,
+            port=parts.port,
+            user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            **params,
+        )
+    else:
+        raise ConfigError(
+            f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {parts.scheme or 'no'} scheme)."
+        )
+    db.health = health
+    return db
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+class DatabaseProbe:
+    """While the breaker is open, tries the database every ``every_s`` and closes the breaker
+    when it answers; idle otherwise (woken by the breaker when an outage starts)."""
+
+    def __init__(self, db_getter: Callable[[], pw.Database], health: DatabaseHealth, every_s: float = 1.0) -> None:
+        self._db = db_getter
+        self._health = health
+        self._every_s = every_s
+        self._loop = Loop("database-probe", self._step, error_delay_s=every_s)
+
+    def start(self) -> DatabaseProbe:
+        self._health.on_failure = self._loop.wake
+        self._loop.start()
+        return self
+
+    def close(self) -> None:
+        self._health.on_failure = lambda: None
+        self._loop.close()
+
+    def _step(self) -> float:
+        if self._health.available:
+            return 3600.0
+        try:
+            self._db().probe()
+        except Exception as exc:  # whatever the driver raises, the database is still away
+            self._health.failed(exc, wake_probe=False)
+            return self._every_s
+        self._health.succeeded()
+        return 3600.0

@@ -1,0 +1,129 @@
+"""A database that goes away: clear 503s with Retry-After, one log line per outage, keys this
+process verified keep denoising, nothing lost, and recovery without a restart. PostgreSQL
+faults use a cluster of the test's own (stopped, or frozen with SIGSTOP); SQLite is locked."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import falcon.testing
+import pytest
+
+from service.app import create_app
+from service.keys import digest
+from service.store import ApiKey, OutboxMail
+
+from .conftest import issue_key, wait_until
+
+DENOISE = "/api/v1/denoising"
+WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
+UNAVAILABLE = {"error": "Service temporarily unavailable: the database does not answer. Try again later."}
+
+pytestmark = pytest.mark.slow
+
+
+def denoise(client, key: str):
+    return client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key})
+
+
+def assert_unavailable(result) -> None:
+    assert result.status_code == 503, result.text
+    assert result.json == UNAVAILABLE
+    assert int(result.headers["retry-after"]) > 0
+
+
+def outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "service.database"]
+
+
+def test_postgres_stopped_and_restarted(pg_cluster, runtime_with, smtp, caplog):
+    caplog.set_level(logging.INFO)
+    rt = runtime_with(pg_cluster.url, key_cache_s=0.2, last_used_flush_s=0.1)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "steady@example.org")
+    assert denoise(client, key).status_code == 200  # now verified by this process
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "before@example.org"}).status_code == 200
+    smtp.mailbox.wait_for(1)
+
+    pg_cluster.stop()
+    time.sleep(0.3)  # the key's cache entry expires: it must be read again, and cannot be
+    started = time.monotonic()
+    assert client.simulate_get("/readyz").status_code == 503
+    assert time.monotonic() - started < 2
+    for _ in range(20):
+        assert_unavailable(denoise(client, "unknown-key"))
+        assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "during@example.org"}))
+        assert_unavailable(client.simulate_get("/api/v1/api-keys/verify", params={"token": "x" * 43}))
+        assert denoise(client, key).status_code == 200
+    lines = outage_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("Database unavailable")
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback, for any request
+
+    pg_cluster.start()
+    wait_until(lambda: client.simulate_get("/readyz").status_code == 200, 10, "readiness after the restart")
+    assert outage_lines(caplog)[-1].startswith("Database available again")
+    assert denoise(client, key).status_code == 200
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "after@example.org"}).status_code == 200
+    assert sorted(m["To"] for m in smtp.mailbox.wait_for(2)) == ["after@example.org", "before@example.org"]
+
+    def last_used():
+        with rt.store.db.connection_context():
+            return ApiKey.get(ApiKey.key_hash == digest(key)).last_used
+
+    wait_until(last_used, 10, "the deferred last_used write")  # touched during the outage, written after
+
+
+def test_postgres_hung_answers_in_bounded_time_and_cached_keys_keep_working(pg_cluster, runtime_with):
+    rt = runtime_with(pg_cluster.url, db_connect_timeout_s=1, db_statement_timeout_s=1)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "cached@example.org")
+    assert denoise(client, key).status_code == 200
+
+    pg_cluster.freeze()
+    try:
+        started = time.monotonic()
+        assert client.simulate_get("/readyz").status_code == 503
+        assert time.monotonic() - started < 5
+
+        def timed(call) -> tuple[int, float]:
+            begin = time.monotonic()
+            status = call().status_code
+            return status, time.monotonic() - begin
+
+        with ThreadPoolExecutor(8) as pool:
+            strangers = [pool.submit(timed, partial(denoise, client, f"unknown-{i}")) for i in range(6)]
+            cached = [timed(lambda: denoise(client, key)) for _ in range(5)]
+            answers = [f.result(timeout=30) for f in strangers]
+        assert [status for status, _ in cached] == [200] * 5
+        assert all(status == 503 and seconds < 15 for status, seconds in answers), answers
+    finally:
+        pg_cluster.thaw()
+    wait_until(lambda: client.simulate_get("/readyz").status_code == 200, 10, "readiness after the thaw")
+    assert denoise(client, issue_key(rt.store, "new@example.org")).status_code == 200
+
+
+def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, smtp):
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    rt = runtime_with(url, db_statement_timeout_s=0.3)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "wait@example.org"}))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_until(lambda: client.simulate_get("/readyz").status_code == 200, 10, "readiness after the lock")
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "wait@example.org"}).status_code == 200
+    assert smtp.mailbox.wait_for(1)[0]["To"] == "wait@example.org"
+    with rt.store.db.connection_context():
+        assert OutboxMail.select().count() == 1  # the refused request queued nothing
+
+
+def test_database_file_is_private(tmp_path, runtime_with):
+    runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
+    assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
