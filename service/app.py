@@ -21,6 +21,7 @@ from service.config import Config
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
+from service.ratelimit import RateLimited
 from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Verification
 from service.store import Store
 from service.validation import ValidationError
@@ -74,6 +75,7 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(Refused, _refused)
     app.add_error_handler(ModelUnavailable, _model_unavailable)
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
+    app.add_error_handler(RateLimited, _rate_limited)
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
     limit = config.max_body_bytes
@@ -142,3 +144,9 @@ def _database_error(
     rollback): the same 503, and the outage is known."""
     health.failed(exc)
     _database_unavailable(req, resp, exc, params)
+
+
+def _rate_limited(req: falcon.Request, resp: falcon.Response, exc: RateLimited, params: dict) -> None:
+    resp.status = falcon.HTTP_429
+    resp.set_header("Retry-After", str(exc.retry_after_s))
+    resp.media = {"error": str(exc)}

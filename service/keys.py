@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
@@ -19,10 +20,14 @@ from service import messages
 from service.database import DatabaseUnavailable
 from service.mail import Outbox
 from service.messages import Mail
+from service.ratelimit import RateLimited, TokenBuckets
+from service.sealing import Sealer
 from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
 from service.usage import LastUsed
 
 TOKEN_TTL = timedelta(hours=24)
+# The window of the key-mail rate limits.
+MAIL_WINDOW = timedelta(hours=1)
 VERIFY_PATH = "/api/v1/api-keys/verify"
 
 
@@ -114,6 +119,14 @@ class ActiveKeys:
             self._entries.clear()
 
 
+@dataclass(frozen=True)
+class MailLimits:
+    """Key mails (generation and deactivation together) per hour; 0 = no limit."""
+
+    per_email: int = 3
+    per_client: int = 20
+
+
 class KeyService:
     """The key flows over the store; ``clock`` and ``new_secret`` are injected so tests can pin
     the time and the secrets."""
@@ -123,47 +136,58 @@ class KeyService:
         store: Store,
         outbox: Outbox,
         usage: LastUsed,
+        sealer: Sealer,
         base_url: str,
         key_cache_s: float,
+        mail_limits: MailLimits = MailLimits(),
+        buckets: TokenBuckets | None = None,
         clock: Callable[[], datetime] = utcnow,
         new_secret: Callable[[], str] = new_secret,
     ) -> None:
         self._store = store
         self._outbox = outbox
         self._usage = usage
+        self._sealer = sealer
         self._base_url = base_url
         self._active = ActiveKeys(key_cache_s)
+        self._limits = mail_limits
+        self._buckets = buckets
         self._clock = clock
         self._new_secret = new_secret
 
     def authenticate(self, key: str) -> int:
-        """The id of the active key ``key``: from the cache, else one indexed read; no write."""
+        """The id of the active key ``key`` (from the cache, else one indexed read; no write),
+        within its rate."""
         key_id = self._active.get(digest(key), self._store.active_key_id)
         if key_id is None:
             raise InvalidKey()
+        if self._buckets is not None and (wait := self._buckets.take(key_id)):
+            raise RateLimited("Too many requests for this API key. Slow down.", wait, "api_key")
         return key_id
 
     def used(self, key_id: int) -> None:
         self._usage.touch(key_id)
 
-    def request_key(self, email: str) -> None:
+    def request_key(self, email: str, client: str) -> None:
         """Mail a generation link, unless the email already has an active key."""
         if self._store.has_active_key(email):
             raise EmailTaken()
-        self._mail_token(email, GENERATION, messages.key_request_mail)
+        self._mail_token(email, client, GENERATION, messages.key_request_mail)
 
-    def request_deactivation(self, email: str) -> None:
+    def request_deactivation(self, email: str, client: str) -> None:
         """Mail a deactivation link for the email's active key."""
         if not self._store.has_active_key(email):
             raise NoActiveKey()
-        self._mail_token(email, DEACTIVATION, messages.deactivation_request_mail)
+        self._mail_token(email, client, DEACTIVATION, messages.deactivation_request_mail)
 
     def verify(self, token: str | None) -> tuple[str, str]:
         """Spend a token once; returns its kind and email.
 
-        A generation token deactivates every key of its email and mails a new one; a deactivation
-        token deactivates the active key and mails a confirmation. Either spends the email's other
-        deactivation tokens, which were for the keys now gone.
+        A generation token deactivates every key of its email and mails a new one, and spends the
+        email's other generation links (a mail scanner that follows an older link later must not
+        replace the key just issued); a deactivation token deactivates the active key and mails a
+        confirmation. Either spends the email's other deactivation tokens, which were for the
+        keys now gone.
         """
         if not token:
             raise NoToken()
@@ -192,18 +216,44 @@ class KeyService:
             # they must not deactivate the key that replaces them.
             self._store.spend_tokens(row.email, DEACTIVATION, now)
             if row.kind == GENERATION:
+                self._store.spend_tokens(row.email, GENERATION, now)
                 key = self._new_secret()
                 self._store.add_key(row.email, digest(key), now)
-                self._store.enqueue_mail(messages.new_key_mail(row.email, key), now)
+                self._store.enqueue_mail(self._sealer.seal(messages.new_key_mail(row.email, key)), now)
             else:
-                self._store.enqueue_mail(messages.deactivated_mail(row.email), now)
+                self._store.enqueue_mail(self._sealer.seal(messages.deactivated_mail(row.email)), now)
         return row.kind, row.email
 
-    def _mail_token(self, email: str, kind: str, build: Callable[[str, str], Mail]) -> None:
+    def _mail_token(self, email: str, client: str, kind: str, build: Callable[[str, str], Mail]) -> None:
         token = self._new_secret()
         link = f"{self._base_url}{VERIFY_PATH}?{urlencode({'token': token})}"
         now = self._clock()
+        client_digest = self._sealer.digest(client)
         with self._store.transaction():
-            self._store.add_token(digest(token), kind, email, now, TOKEN_TTL)
-            self._store.enqueue_mail(build(email, link), now)
+            self._store.lock_mail_requests(email, client_digest)
+            self._check_mail_limits(email, client_digest, now)
+            self._store.add_token(digest(token), kind, email, now, TOKEN_TTL, client=client_digest)
+            self._store.enqueue_mail(self._sealer.seal(build(email, link)), now)
         self._outbox.wake()
+
+    def _check_mail_limits(self, email: str, client_digest: str, now: datetime) -> None:
+        since = now - MAIL_WINDOW
+        checks = (
+            (
+                self._limits.per_email,
+                {"email": email},
+                "Too many key mails for this email address. Try again later.",
+                "email",
+            ),
+            (
+                self._limits.per_client,
+                {"client": client_digest},
+                "Too many key mail requests from this address. Try again later.",
+                "client",
+            ),
+        )
+        for limit, who, message, name in checks:
+            if limit:
+                count, oldest = self._store.mail_requests_since(since, **who)
+                if count >= limit:
+                    raise RateLimited(message, ((oldest or now) + MAIL_WINDOW - now).total_seconds(), name)

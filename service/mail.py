@@ -22,6 +22,7 @@ from service.background import Loop
 from service.database import QUIET_ERRORS
 from service.files import atomic_write
 from service.messages import compose
+from service.sealing import CannotOpen, Sealer
 
 if TYPE_CHECKING:
     from service.store import OutboxMail, Store
@@ -98,19 +99,44 @@ class FolderSender:
         )
 
 
-class Outbox:
-    """Delivers the outbox table in the background, with exponential backoff per mail."""
+def permanent(exc: Exception) -> bool:
+    """Whether sending this mail again cannot help: the server refused it with a 5xx reply, or
+    the mail itself is at fault (it cannot be opened, composed or addressed). A lost connection
+    or a 4xx reply is transient."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return all(code >= 500 for code, _ in exc.recipients.values())
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return exc.smtp_code >= 500
+    return not isinstance(exc, (OSError, smtplib.SMTPException))
 
-    def __init__(self, store: Store, sender: Sender, from_address: str, retry_min_s: float, retry_max_s: float) -> None:
+
+class Outbox:
+    """Delivers the outbox table in the background: transient failures are retried with
+    exponential backoff for as long as it takes; a mail refused permanently is given up after
+    ``max_attempts`` and kept as failed, with the reason."""
+
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        sealer: Sealer,
+        from_address: str,
+        retry_min_s: float,
+        retry_max_s: float,
+        max_attempts: int = 3,
+    ) -> None:
         self._store = store
         self._sender = sender
+        self._sealer = sealer
         self._from = from_address
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
+        self._max_attempts = max_attempts
         self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
-    def start(self) -> None:
+    def start(self) -> Outbox:
         self._loop.start()
+        return self
 
     def wake(self) -> None:
         """Called after a transaction that queued a mail commits: deliver it now."""
@@ -132,9 +158,9 @@ class Outbox:
             with self._sender.session() as send:
                 for row in due:
                     try:
-                        send(compose(row.as_mail(), self._from))
+                        send(compose(self._sealer.open(row.as_mail()), self._from))
                     except Exception as exc:  # whatever one mail raises must not hold back the others
-                        self._retry_later(row, exc)
+                        self._failed(row, exc, permanent(exc))
                     else:
                         self._store.mark_sent(row.id)
                         log.info("Mail %d to %s delivered", row.id, row.recipient)
@@ -142,12 +168,16 @@ class Outbox:
         except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
             for row in due:
                 if row.id not in done:
-                    self._retry_later(row, exc)
+                    self._failed(row, exc, permanent=False)
 
-    def _retry_later(self, row: OutboxMail, exc: Exception) -> None:
+    def _failed(self, row: OutboxMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
-        delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
         error = f"{type(exc).__name__}: {exc}"
+        if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
+            log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.recipient, attempts, error)
+            self._store.give_up_mail(row.id, attempts, error)
+            return
+        delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
         log.warning(
             "Mail %d to %s not delivered (attempt %d, %s); retrying in %.3g s",
             row.id,

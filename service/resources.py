@@ -72,13 +72,13 @@ class KeyRequest:
 
     no_store = True  # signals or personal data: no cache may keep them
 
-    def __init__(self, action: Callable[[str], None], body_limit: int) -> None:
+    def __init__(self, action: Callable[[str, str], None], body_limit: int) -> None:
         self._action = action
         self._body_limit = body_limit
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         email = validation.email(json_body(req, self._body_limit))
-        self._action(email)
+        self._action(email, req.context.client)
         resp.media = {"message": SENT, "email": email}
 
 

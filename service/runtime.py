@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from datetime import timedelta
 
 import peewee as pw
 
 from service.app import Deps
 from service.batcher import Batcher
 from service.config import Config
-from service.database import DatabaseProbe, DatabaseUnavailable, redact
+from service.database import DatabaseProbe, DatabaseUnavailable, redact, sqlite_path
 from service.engine import Engine
-from service.keys import KeyService
+from service.housekeeping import Housekeeping
+from service.keys import KeyService, MailLimits
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import ModelError, verify_model
+from service.ratelimit import TokenBuckets
+from service.sealing import Sealer, secret_beside, split_secrets
 from service.store import Store
 from service.usage import LastUsed
 
@@ -88,6 +92,25 @@ def mail_sender(config: Config) -> Sender:
     return FolderSender(config.outbox_dir)
 
 
+def mail_secrets(config: Config) -> list[str]:
+    """SECRET_KEY, or on SQLite a secret kept beside the database file; PostgreSQL serves
+    replicas that must share one, so there it has to be set."""
+    if config.secret_key and split_secrets(config.secret_key):
+        return split_secrets(config.secret_key)
+    path = sqlite_path(config.database_url)
+    if path is None:
+        raise StartupError(
+            "SECRET_KEY must be set with PostgreSQL (every replica needs the same one), e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'."
+        )
+    try:
+        return [secret_beside(path)]
+    except OSError as exc:
+        raise StartupError(
+            f"SECRET_KEY is not set and {path}.secret cannot be written ({exc.strerror or exc})."
+        ) from None
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -121,6 +144,7 @@ class Runtime:
                 stack.callback(engine.close)
             self.store = start_store(config)
             stack.callback(self.store.close)
+            self.sealer = sealer = Sealer(mail_secrets(config))
             probe = DatabaseProbe(lambda: self.store.db, self.store.health)
             stack.callback(probe.close)
             probe.start()
@@ -128,14 +152,32 @@ class Runtime:
             stack.callback(self.batcher.close)
             self.batcher.start()
             self.outbox = Outbox(
-                self.store, mail_sender(config), config.sender_email, config.mail_retry_min_s, config.mail_retry_max_s
+                self.store,
+                mail_sender(config),
+                sealer,
+                config.sender_email,
+                config.mail_retry_min_s,
+                config.mail_retry_max_s,
+                config.mail_max_attempts,
             )
             stack.callback(self.outbox.close)
             self.outbox.start()
             self.usage = LastUsed(self.store, config.last_used_flush_s)
             stack.callback(self.usage.close)
             self.usage.start()
-            keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
+            self.housekeeping = Housekeeping(self.store, timedelta(days=config.retention_days))
+            stack.callback(self.housekeeping.close)
+            self.housekeeping.start()
+            keys = KeyService(
+                self.store,
+                self.outbox,
+                self.usage,
+                sealer,
+                config.public_url,
+                config.key_cache_s,
+                MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
+                TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
+            )
             self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
             self._stack = stack.pop_all()
         log.info(

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import peewee as pw
+from playhouse.migrate import SchemaMigrator, migrate
 
 from service.database import DatabaseHealth, DatabaseUnavailable, open_database
 from service.messages import Mail
@@ -65,21 +66,27 @@ class Token(_Model):
     created_at = pw.DateTimeField(default=utcnow)
     expires_at = pw.DateTimeField()
     used_at = pw.DateTimeField(null=True)
+    # Who asked for the mail that carries the token: a digest of the client's address, so the
+    # mail rate limits can count per client without the database holding addresses.
+    client = pw.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "verification_token"
+        indexes = ((("email", "created_at"), False), (("client", "created_at"), False))
 
 
 class OutboxMail(_Model):
     recipient = pw.CharField(max_length=254)
     subject = pw.CharField(max_length=200)
-    # Bodies carry plaintext keys and tokens: they are wiped once the mail is delivered.
+    # Bodies carry keys and links: sealed with SECRET_KEY (service.sealing), wiped once the mail
+    # is delivered or given up.
     text_body = pw.TextField(null=True)
     html_body = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(default=utcnow, index=True)
     sent_at = pw.DateTimeField(null=True)
+    failed_at = pw.DateTimeField(null=True)  # given up: refused permanently, or cannot be opened
     last_error = pw.TextField(null=True)
 
     class Meta:
@@ -126,9 +133,18 @@ class Store:
         return self
 
     def create_tables(self) -> None:
-        """Idempotent: ``IF NOT EXISTS`` for every table and index."""
+        """Idempotent: ``IF NOT EXISTS`` for every table and index, and the columns that later
+        versions added to existing tables (all nullable)."""
         with self.db.connection_context():
             self.db.create_tables(MODELS, safe=True)
+            migrator = SchemaMigrator.from_database(self.db)
+            for model in MODELS:
+                present = {column.name for column in self.db.get_columns(model._meta.table_name)}
+                missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+                if missing:
+                    migrate(*(migrator.add_column(model._meta.table_name, f.column_name, f) for f in missing))
+                    log.info("Added %s to %s", ", ".join(f.column_name for f in missing), model._meta.table_name)
+            self.db.create_tables(MODELS, safe=True)  # indexes on the columns just added
 
     def ping(self) -> bool:
         """Whether the database answers now, within the statement timeout (at once when the
@@ -179,8 +195,32 @@ class Store:
                 ApiKey.update(last_used=when).where(ApiKey.id == key_id).execute()
 
     # -- tokens -----------------------------------------------------------------------------
-    def add_token(self, token_hash: str, kind: str, email: str, now: datetime, ttl: timedelta) -> None:
-        Token.create(token_hash=token_hash, kind=kind, email=email, created_at=now, expires_at=now + ttl)
+    def add_token(
+        self, token_hash: str, kind: str, email: str, now: datetime, ttl: timedelta, client: str | None = None
+    ) -> None:
+        Token.create(token_hash=token_hash, kind=kind, email=email, created_at=now, expires_at=now + ttl, client=client)
+
+    def lock_mail_requests(self, *names: str) -> None:
+        """Serialise the rate-limit count and insert of concurrent requests for the same names
+        (an email, a client) until the transaction ends. SQLite's write lock, taken at BEGIN,
+        already does."""
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            for name in sorted(names):
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+
+    def mail_requests_since(
+        self, since: datetime, email: str | None = None, client: str | None = None
+    ) -> tuple[int, datetime | None]:
+        """How many tokens were mailed since ``since`` for this email or this client, and the oldest's time."""
+        where = Token.email == email if email is not None else Token.client == client
+        count, oldest = (
+            Token.select(pw.fn.COUNT(Token.id), pw.fn.MIN(Token.created_at))
+            .where(where & (Token.created_at > since))
+            .scalar(as_tuple=True)
+        )
+        if isinstance(oldest, str):  # SQLite hands aggregates back as text
+            oldest = datetime.fromisoformat(oldest)
+        return count, oldest
 
     def find_token(self, token_hash: str) -> Token | None:
         return Token.get_or_none(Token.token_hash == token_hash)
@@ -218,7 +258,9 @@ class Store:
             now = utcnow()
             due = list(
                 OutboxMail.select()
-                .where(OutboxMail.sent_at.is_null() & (OutboxMail.next_attempt_at <= now))
+                .where(
+                    OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
+                )
                 .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
                 .limit(limit)
             )
@@ -245,10 +287,29 @@ class Store:
                 last_error=error[:1000],
             ).where(OutboxMail.id == mail_id).execute()
 
+    def give_up_mail(self, mail_id: int, attempts: int, error: str) -> None:
+        """Kept as failed, with the reason; its bodies, which may carry a key, are wiped."""
+        with self.db.connection_context():
+            OutboxMail.update(
+                attempts=attempts, failed_at=utcnow(), last_error=error[:1000], text_body=None, html_body=None
+            ).where(OutboxMail.id == mail_id).execute()
+
+    def purge(self, before: datetime) -> dict[str, int]:
+        """Delete what no flow needs after ``before``: spent or expired tokens, delivered or
+        given-up mails. Active and deactivated keys stay (they are digests)."""
+        with self.db.connection_context(), self.db.atomic():
+            tokens = Token.delete().where((Token.used_at < before) | (Token.expires_at < before)).execute()
+            mails = OutboxMail.delete().where((OutboxMail.sent_at < before) | (OutboxMail.failed_at < before)).execute()
+        return {"tokens": tokens, "mails": mails}
+
     def seconds_to_next_mail(self) -> float | None:
         """Seconds until the earliest undelivered mail is due (0 if overdue); None if none waits."""
         with self.db.connection_context():
-            due = OutboxMail.select(pw.fn.MIN(OutboxMail.next_attempt_at)).where(OutboxMail.sent_at.is_null()).scalar()
+            due = (
+                OutboxMail.select(pw.fn.MIN(OutboxMail.next_attempt_at))
+                .where(OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null())
+                .scalar()
+            )
         if due is None:
             return None
         if isinstance(due, str):  # SQLite hands aggregates back as text

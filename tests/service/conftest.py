@@ -87,11 +87,19 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
 
 # -- mail ----------------------------------------------------------------------------------------
 class Mailbox:
-    """aiosmtpd handler that parses and keeps every message it receives."""
+    """aiosmtpd handler that parses and keeps every message it receives; recipients in
+    ``refuse`` get the reply given there (e.g. ``550 No such user``)."""
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        self.refuse: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message = email.message_from_bytes(envelope.content, policy=policy.default)
@@ -204,14 +212,14 @@ def make_config(tmp_path: Path, database_url: str, **overrides: Any) -> Config:
         "mail_retry_min_s": 0.05,
         "mail_retry_max_s": 0.2,
         "last_used_flush_s": 3600.0,  # flushed explicitly by the tests that look at it
+        "secret_key": "test-secret",
     }
     return Config(**{**values, **overrides})
 
 
 def smtp_config(tmp_path: Path, database_url: str, smtp: SmtpServer, **overrides: Any) -> Config:
-    return make_config(
-        tmp_path, database_url, smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none", **overrides
-    )
+    mail = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "smtp_security": "none"}
+    return make_config(tmp_path, database_url, **{**mail, **overrides})
 
 
 @pytest.fixture
@@ -273,6 +281,7 @@ class ServiceProcess:
             "ORT_THREADS": "1",
             "ORT_LONE_THREADS": "1",
             "BATCH_WORKERS": "1",
+            "SECRET_KEY": "test-secret",
             **env,
         }
         self._log_path = log_path

@@ -330,22 +330,33 @@ def test_verify_expired_token(client, smtp):
     assert result.json == {"error": "Token has expired"}
 
 
-def test_verify_generation_replaces_every_key_of_the_email(client, smtp):
-    """Two generation links requested before either is used: the second rotates the first key."""
+def test_a_generation_link_dies_when_another_one_issues_the_key(client, smtp):
+    """Two generation links requested before either is used: the second one followed issues the
+    key and spends the first, so a mail scanner that follows the first later cannot replace it."""
     for _ in range(2):
         client.simulate_post("/api/v1/api-keys/generation", json={"email": "rotate@example.org"})
     first_link, second_link = (verify_link(m).replace("http://testserver", "") for m in smtp.mailbox.wait_for(2))
-    assert client.simulate_get(first_link).status_code == 200
-    first_key = key_in(smtp.mailbox.wait_for(3)[-1])
-    used = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": first_key})
-    assert used.status_code == 200
     assert client.simulate_get(second_link).status_code == 200
-    second_key = key_in(smtp.mailbox.wait_for(4)[-1])
-    assert second_key != first_key
-    old = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": first_key})
+    key = key_in(smtp.mailbox.wait_for(3)[-1])
+    stale = client.simulate_get(first_link)
+    assert stale.status_code == 400
+    assert stale.json == {"error": "Invalid or expired token"}
+    assert client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key}).status_code == 200
+    assert len(smtp.mailbox.messages) == 3  # no second key was mailed
+
+
+def test_a_new_generation_replaces_the_key_of_its_email(client, smtp, key):
+    """A key can be replaced: deactivate it by mail, then a new generation issues another."""
+    client.simulate_post("/api/v1/api-keys/deactivation", json={"email": "owner@example.org"})
+    assert (
+        client.simulate_get(verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", "")).status_code
+        == 200
+    )
+    smtp.mailbox.wait_for(2)  # the confirmation
+    new_key = obtain_key(client, smtp, "owner@example.org")
+    assert new_key != key
+    old = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key})
     assert old.status_code == 401
-    new = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": second_key})
-    assert new.status_code == 200
 
 
 # -- anything else -------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""What a hostile client or a careless copy of the database cannot do: rate limits, links that
+die with the key they issued, sealed mails, mails given up when refused for good, old rows
+purged, and the HTTP headers every answer carries."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import falcon.testing
+import pytest
+
+from service.app import create_app
+from service.housekeeping import Housekeeping
+from service.keys import digest
+from service.messages import Mail
+from service.runtime import Runtime, StartupError
+from service.store import OutboxMail, Token, utcnow
+
+from .conftest import SmtpServer, free_port, http, issue_key, key_in, make_config, smtp_env, verify_link, wait_until
+
+GENERATION = "/api/v1/api-keys/generation"
+DEACTIVATION = "/api/v1/api-keys/deactivation"
+DENOISE = "/api/v1/denoising"
+WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
+
+
+def client_of(rt: Runtime) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(rt.deps))
+
+
+def dump(rt: Runtime) -> str:
+    with rt.store.db.connection_context():
+        return repr([list(model.select().tuples()) for model in (Token, OutboxMail)])
+
+
+# -- rate limits --------------------------------------------------------------------------------
+def assert_429(result, message: str) -> None:
+    assert result.status_code == 429, result.text
+    assert result.json == {"error": message}
+    assert 0 < int(result.headers["retry-after"]) <= 3600
+
+
+@pytest.mark.slow
+def test_key_mails_per_email_are_limited_across_processes(database_url, runtime_with, service_process, smtp):
+    """A service process and this test's runtime share one database, as replicas do: the count
+    is the database's, whichever process took the requests."""
+    first = client_of(runtime_with(database_url))
+    second = service_process({"DATABASE_URL": database_url, **smtp_env(smtp.port)})
+    assert first.simulate_post(GENERATION, json={"email": "flood@example.org"}).status_code == 200
+    assert http("POST", f"{second.url}{GENERATION}", {"email": "flood@example.org"})[0] == 200
+    assert first.simulate_post(GENERATION, json={"email": "Flood@Example.org"}).status_code == 200
+    assert_429(
+        first.simulate_post(GENERATION, json={"email": "flood@example.org"}),
+        "Too many key mails for this email address. Try again later.",
+    )
+    status, body = http("POST", f"{second.url}{GENERATION}", {"email": "flood@example.org"})
+    assert (status, body) == (429, {"error": "Too many key mails for this email address. Try again later."})
+    assert len(smtp.mailbox.wait_for(3)) == 3
+    assert first.simulate_post(GENERATION, json={"email": "other@example.org"}).status_code == 200
+
+
+def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_another(runtime_with, sqlite_url):
+    limited = client_of(runtime_with(sqlite_url, mail_limit_per_client=2))
+    forged = {"X-Forwarded-For": "203.0.113.9"}  # from an untrusted peer: ignored
+    for n in range(2):
+        assert limited.simulate_post(GENERATION, json={"email": f"a{n}@example.org"}, headers=forged).status_code == 200
+    assert_429(
+        limited.simulate_post(GENERATION, json={"email": "a9@example.org"}, headers=forged),
+        "Too many key mail requests from this address. Try again later.",
+    )
+    proxied = client_of(runtime_with(sqlite_url, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),)))
+    for n in range(3):  # three different clients behind the proxy
+        headers = {"X-Forwarded-For": f"198.51.100.{n}, 127.0.0.1"}
+        assert (
+            proxied.simulate_post(GENERATION, json={"email": f"b{n}@example.org"}, headers=headers).status_code == 200
+        )
+
+
+def _net(address: str):
+    import ipaddress
+
+    return ipaddress.ip_network(address)
+
+
+def test_denoising_is_limited_per_key(runtime_with, sqlite_url):
+    rt = runtime_with(sqlite_url, denoise_rate_per_s=0.01, denoise_burst=3)
+    client = client_of(rt)
+    busy, calm = issue_key(rt.store, "busy@example.org"), issue_key(rt.store, "calm@example.org")
+    assert [client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": busy}).status_code for _ in range(3)] == [
+        200
+    ] * 3
+    assert_429(
+        client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": busy}),
+        "Too many requests for this API key. Slow down.",
+    )
+    assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": calm}).status_code == 200
+
+
+def test_limits_set_to_zero_are_off(runtime_with, sqlite_url):
+    rt = runtime_with(sqlite_url, mail_limit_per_email=0, mail_limit_per_client=0, denoise_rate_per_s=0)
+    client = client_of(rt)
+    assert all(
+        client.simulate_post(GENERATION, json={"email": "many@example.org"}).status_code == 200 for _ in range(5)
+    )
+    key = issue_key(rt.store, "fast@example.org")
+    assert all(
+        client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 200 for _ in range(5)
+    )
+
+
+# -- links and secrets --------------------------------------------------------------------------
+def test_queued_mails_are_sealed_until_delivered(tmp_path, runtime_with, sqlite_url):
+    """The mail server is down: the link and then the key wait in the outbox, and a copy of the
+    database holds neither; once the server is back, both arrive readable."""
+    port = free_port()
+    rt = runtime_with(sqlite_url, smtp_port=port)
+    client = client_of(rt)
+    assert client.simulate_post(GENERATION, json={"email": "sealed@example.org"}).status_code == 200
+    with rt.store.db.connection_context():
+        (row,) = OutboxMail.select()
+    assert "token=" not in (row.text_body + row.html_body) and "sealed" not in row.text_body
+    server = SmtpServer(port).start()
+    try:
+        link = verify_link(server.mailbox.wait_for(1)[0])
+        token = link.rsplit("=", 1)[1]
+        assert token not in dump(rt) and digest(token) in dump(rt)
+        assert client.simulate_get(link.replace("http://testserver", "")).status_code == 200
+        key = key_in(server.mailbox.wait_for(2)[1])
+        assert key not in dump(rt)
+    finally:
+        server.stop()
+
+
+def test_without_secret_key_sqlite_gets_a_private_secret_file(tmp_path, runtime_with, caplog):
+    caplog.set_level(logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'local.db'}"
+    runtime_with(url, secret_key=None)
+    secret = tmp_path / "local.db.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 32
+    assert any("generated one into" in r.getMessage() for r in caplog.records)
+    before = secret.read_text()
+    runtime_with(url, secret_key=None)
+    assert secret.read_text() == before  # kept: mails queued before a restart still open
+
+
+@pytest.mark.postgres
+def test_postgres_without_secret_key_does_not_start(tmp_path, postgres_url, engine):
+    with pytest.raises(StartupError, match="SECRET_KEY must be set with PostgreSQL"):
+        Runtime(make_config(tmp_path, postgres_url, secret_key=None), engine=engine).start()
+
+
+def test_a_changed_secret_gives_up_the_mails_it_cannot_open(tmp_path, runtime_with, sqlite_url, smtp):
+    old = runtime_with(sqlite_url, secret_key="old-secret", smtp_port=free_port())
+    with old.store.db.connection_context():
+        old.store.enqueue_mail(old.sealer.seal(Mail("x@example.org", "s", "t", "<p>h</p>")), utcnow())
+    old.outbox.close()
+    new = runtime_with(sqlite_url, secret_key="new-secret")
+    new.outbox.wake()
+
+    def row() -> OutboxMail:
+        with new.store.db.connection_context():
+            return OutboxMail.get()
+
+    wait_until(lambda: row().failed_at is not None, what="the mail given up")
+    assert "cannot be opened with SECRET_KEY" in row().last_error and row().text_body is None
+    rotated = runtime_with(sqlite_url, secret_key="newest, old-secret")  # rotation: old mails still open
+    with rotated.store.db.connection_context():
+        rotated.store.enqueue_mail(old.sealer.seal(Mail("y@example.org", "s", "t", "<p>h</p>")), utcnow())
+    rotated.outbox.wake()
+    assert smtp.mailbox.wait_for(1)[0]["To"] == "y@example.org"
+
+
+# -- mail that cannot be delivered --------------------------------------------------------------
+def test_a_permanent_refusal_is_given_up_and_a_transient_one_retried(runtime_with, sqlite_url, smtp, caplog):
+    smtp.mailbox.refuse = {"gone@example.org": "550 5.1.1 No such user", "full@example.org": "452 4.2.2 Mailbox full"}
+    rt = runtime_with(sqlite_url, mail_max_attempts=3)
+    client = client_of(rt)
+    for address in ("gone@example.org", "full@example.org", "fine@example.org"):
+        assert client.simulate_post(GENERATION, json={"email": address}).status_code == 200
+    assert smtp.mailbox.wait_for(1)[0]["To"] == "fine@example.org"
+
+    def row(address: str) -> OutboxMail:
+        with rt.store.db.connection_context():
+            return OutboxMail.get(OutboxMail.recipient == address)
+
+    wait_until(lambda: row("gone@example.org").failed_at is not None, what="the refused mail given up")
+    gone = row("gone@example.org")
+    assert gone.attempts == 3 and "550" in gone.last_error and gone.text_body is None
+    assert any(r.levelno == logging.ERROR and "given up" in r.getMessage() for r in caplog.records)
+    wait_until(lambda: row("full@example.org").attempts >= 4, what="the transient failure retried")
+    assert row("full@example.org").failed_at is None and row("full@example.org").sent_at is None
+
+
+def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
+    rt = runtime_with(sqlite_url)
+    old, recent = utcnow() - timedelta(days=31), utcnow() - timedelta(days=1)
+    store = rt.store
+    with store.db.connection_context():
+        for n, when in enumerate((old, recent)):
+            store.add_token(digest(f"used{n}"), "generation", "a@example.org", when, timedelta(hours=24))
+            store.use_token(Token.get(Token.token_hash == digest(f"used{n}")).id, when)
+            store.enqueue_mail(rt.sealer.seal(Mail("a@example.org", "s", "t", "h")), when)
+        store.add_token(digest("pending"), "generation", "a@example.org", utcnow(), timedelta(hours=24))
+        OutboxMail.update(sent_at=OutboxMail.created_at).execute()
+    removed = Housekeeping(store, timedelta(days=30)).purge()
+    assert removed == {"tokens": 1, "mails": 1}
+    with store.db.connection_context():
+        assert Token.select().count() == 2 and OutboxMail.select().count() == 1
+
+
+# -- HTTP hygiene -------------------------------------------------------------------------------
+def test_every_answer_is_nosniff_and_secrets_are_not_stored(runtime, client, smtp):
+    key = issue_key(runtime.store, "h@example.org")
+    answers = {
+        "ok": client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}),
+        "bad": client.simulate_post(DENOISE, json={}, headers={"x-api-key": key}),
+        "unauthorized": client.simulate_post(DENOISE, json=WINDOW),
+        "missing": client.simulate_get("/nowhere"),
+        "health": client.simulate_get("/healthz"),
+        "mail": client.simulate_post(GENERATION, json={"email": "new@example.org"}),
+    }
+    assert all(a.headers["x-content-type-options"] == "nosniff" for a in answers.values())
+    for name in ("ok", "bad", "unauthorized", "mail"):
+        assert answers[name].headers["cache-control"] == "no-store", name
+    page = client.simulate_get(verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", ""))
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
+
+
+def test_cors_is_off_by_default_and_allows_named_origins(runtime_with, sqlite_url):
+    origin = {"Origin": "https://app.example.org"}
+    closed = client_of(runtime_with(sqlite_url))
+    assert "access-control-allow-origin" not in closed.simulate_get("/healthz", headers=origin).headers
+    opened = client_of(runtime_with(sqlite_url, cors_allow_origins=("https://app.example.org",)))
+    assert opened.simulate_get("/healthz", headers=origin).headers["access-control-allow-origin"] == origin["Origin"]
+    other = opened.simulate_get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = opened.simulate_options(
+        DENOISE,
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+
+
+def test_one_access_line_per_request_with_its_id_and_no_secret(runtime, client, caplog):
+    caplog.set_level(logging.INFO, logger="service.access")
+    key = issue_key(runtime.store, "log@example.org")
+    given = client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key, "X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = client.simulate_get("/api/v1/api-keys/verify", params={"token": "secret-token-value"})
+    hostile = client.simulate_get("/healthz", headers={"X-Request-ID": "x" * 500})
+    assert len(made.headers["x-request-id"]) >= 16 and hostile.headers["x-request-id"] != "x" * 500
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(lines) == 3
+    assert lines[0].startswith("POST /api/v1/denoising 200 ") and "id=abc-123" in lines[0]
+    assert lines[1].startswith("GET /api/v1/api-keys/verify 400 ")
+    assert not any(key in line or "secret-token-value" in line for line in lines)
