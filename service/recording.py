@@ -69,8 +69,9 @@ def _aligned_pad(rate: float, new_rate: float) -> int:
 
 
 def model_length(samples: int, rate: float) -> int:
-    """How many samples the recording has at the model's rate."""
-    return max(1, round(samples * SAMPLING_RATE_HZ / rate))
+    """Samples at the model's rate that span the recording to its last sample (so that the way
+    back interpolates everywhere and never extrapolates)."""
+    return int(np.ceil((samples - 1) * SAMPLING_RATE_HZ / rate - 1e-9)) + 1
 
 
 def cut(x: np.ndarray, hop: int = HOP) -> np.ndarray:
