@@ -3,7 +3,8 @@
 Runs the ONNX model through the service's own engine (so what is measured is what is served) on
 validation windows that training never saw, next to a 0.5–40 Hz band-pass baseline on the very
 same windows, over noise type {bw, em, ma, mixture} × input SNR {−6, 0, 6, 12} dB. A second
-table scores the same way noise unlike the three recordings (``evaluate_families``).
+table scores the same way noise unlike the three recordings (``evaluate_families``), a third
+whole recordings against glued windows (``export.records``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from export.cli import corpus_or_exit, model_or_exit
 from export.data import Corpus
 from export.families import TRAINED
 from export.metrics import bandpass, scores
+from export.records import evaluate_records, records_table, seam_figure
 from export.windows import family_grid, validation_grid
 from service.engine import Engine
 
@@ -205,16 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--manifest", type=Path, help="record the table in this manifest (e.g. artifacts/manifest.json)"
     )
+    parser.add_argument(
+        "--record-minutes", type=float, default=5.0, help="minutes of each record for the records table"
+    )
+    parser.add_argument(
+        "--records-only",
+        action="store_true",
+        help="compute only the records table and merge it into the existing evaluation (JSON and manifest)",
+    )
     args = parser.parse_args(argv)
     engine = Engine(model_or_exit(args.model)).start()
     corpus = corpus_or_exit(args.data)
-    result = evaluate(engine, corpus, args.per_case)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    result["noise_families"] = evaluate_families(engine, corpus, args.per_case)
-    result["polar_h10_beats"] = figures(engine, corpus, args.data, args.out_dir)
-    (args.out_dir / f"evaluation-{args.model.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.manifest:
-        manifest.update(args.manifest, {"evaluation": {args.model.name: result}})
+    out = args.out_dir / f"evaluation-{args.model.stem}.json"
+    records = evaluate_records(engine, corpus, args.record_minutes)
+    seam_figure(engine, corpus, args.out_dir / "records.png")
+    if args.records_only:
+        result = json.loads(out.read_text()) if out.exists() else {}
+        if args.manifest:
+            result = {**manifest.read(args.manifest).get("evaluation", {}).get(args.model.name, {}), **result}
+    else:
+        result = evaluate(engine, corpus, args.per_case)
+        result["noise_families"] = evaluate_families(engine, corpus, args.per_case)
+        result["polar_h10_beats"] = figures(engine, corpus, args.data, args.out_dir)
+    result["records"] = records
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.manifest:  # the per-record rows stay in the report; the manifest keeps the summary
+        shipped = {**result, "records": {"summary": records["summary"]}}
+        manifest.update(args.manifest, {"evaluation": {args.model.name: shipped}})
+    print(records_table(records))
+    if args.records_only:
+        return 0
     print(table(result))
     print(
         f"\nSynthetic noise families and reversed em, on the same validation records:\n{family_table(result['noise_families'])}"

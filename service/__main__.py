@@ -41,8 +41,11 @@ def main() -> int:
                 port=config.port,
                 threads=config.web_threads,
                 # Bodies declared larger than this are refused unread (plain-text 413); between the
-                # app's limit and this one the app answers a JSON 413.
-                max_request_body_size=4 * config.max_body_bytes,
+                # app's limit and this one the app answers a JSON 413. Waitress reads a body whole
+                # before the app sees it, so the record route's large limit gets only 1 MiB more.
+                max_request_body_size=max(
+                    4 * config.max_body_bytes, config.record_body_bytes(binary=False) + (1 << 20)
+                ),
                 ident="heartify",
                 recv_bytes=1 << 16,  # a one-window body in one read instead of four
             )

@@ -22,7 +22,7 @@ from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavail
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.ratelimit import RateLimited
-from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Verification
+from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
 from service.validation import ValidationError
 
@@ -101,12 +101,13 @@ def create_app(deps: Deps) -> falcon.App:
             lambda out: {"denoised_signals": out},
         ),
     )
+    app.add_route("/api/v1/denoising/record", Recording(deps.keys, deps.batcher, deps.model_version, config))
     app.add_route("/api/v1/api-keys/generation", KeyRequest(deps.keys.request_key, limit))
     app.add_route("/api/v1/api-keys/deactivation", KeyRequest(deps.keys.request_deactivation, limit))
     app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(deps.batcher, deps.store))
-    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows)))
+    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows, config.max_record_seconds)))
     return app
 
 
@@ -117,7 +118,7 @@ def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTT
 
 
 def _validation_error(req: falcon.Request, resp: falcon.Response, exc: ValidationError, params: dict) -> None:
-    resp.status = falcon.HTTP_400
+    resp.status = falcon.code_to_http_status(exc.status)
     resp.media = exc.body
 
 

@@ -15,6 +15,11 @@ take it (running them in request threads instead passed the lead to a sleeping t
 each batch). A batched run costs about as much per window as single ones on a CPU, so the gain
 is fewer threads contending and less per-call overhead; a wait only delays lone requests, hence
 0 by default. The measurements behind these choices are in docs/performance.md.
+
+A long request (a whole recording: hundreds of windows) goes through the queue in chunks of at
+most ``share`` windows, half a batch by default, with at most one chunk per worker queued
+or running: single windows that queue meanwhile join the next batches instead of waiting behind
+the whole recording, and the recording still keeps every worker busy.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -48,9 +54,13 @@ _STOP = object()
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_size: int, max_wait_s: float, workers: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, max_size: int, max_wait_s: float, workers: int = 1, share: int | None = None
+    ) -> None:
         self._engine = engine
         self._max_size = max_size
+        self._share = share or max(1, max_size // 2)
+        self._workers = workers
         self._max_wait_s = max_wait_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -76,8 +86,7 @@ class Batcher:
         z, mu, sigma = normalize(windows)
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
-            if self._closed:
-                raise ModelUnavailable("Model not loaded")
+            self._check_open()
             alone = self._running == 0 and self._queue.empty() and self._max_wait_s == 0
             if alone:
                 self._running += 1
@@ -86,6 +95,33 @@ class Batcher:
         if alone:
             self._run([job], lone=True)
         return restore(job.result.result(), mu, sigma, input_units)
+
+    def denoise_many(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
+        """``denoise`` for many windows, fed to the queue a chunk of at most ``share`` at a time,
+        with at most one chunk per worker outstanding (see the module's docstring)."""
+        z, mu, sigma = normalize(windows)
+        out = np.empty_like(z)
+        pending: deque[tuple[int, _Job]] = deque()
+        for start in range(0, len(z), self._share):
+            if len(pending) == self._workers:
+                self._collect(pending, out)
+            job = _Job(z[start : start + self._share])
+            with self._lock:
+                self._check_open()
+                self._queue.put(job)
+            pending.append((start, job))
+        while pending:
+            self._collect(pending, out)
+        return restore(out, mu, sigma, input_units)
+
+    @staticmethod
+    def _collect(pending: deque[tuple[int, _Job]], out: np.ndarray) -> None:
+        start, job = pending.popleft()
+        out[start : start + len(job.batch)] = job.result.result()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelUnavailable("Model not loaded")
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the workers (each one ends at the first stop marker it takes)."""

@@ -15,6 +15,7 @@ from typing import Any
 from service.clients import Network, parse_networks
 from service.contract import WINDOW
 from service.cpus import usable_cpus
+from service.recording import MAX_RATE_HZ
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SECURITY = ("starttls", "ssl", "none")
@@ -84,6 +85,8 @@ class Config:
     # 0 reads it on every request.
     key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", float, 0))
     max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
+    # Longest recording /denoising/record takes; its body limits follow from it (record_body_bytes).
+    max_record_seconds: float = field(default=3600.0, metadata=_env("MAX_RECORD_SECONDS", float, 2))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
     smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1))
     smtp_user: str | None = field(default=None, metadata=_env("SMTP_USER"))
@@ -166,3 +169,8 @@ class Config:
     def max_body_bytes(self) -> int:
         """Largest request body worth reading: a full batch written with long numbers."""
         return max(1 << 20, self.max_batch_windows * WINDOW * 32)
+
+    def record_body_bytes(self, binary: bool) -> int:
+        """Largest /denoising/record body: the longest recording at the highest rate, as float32
+        (4 bytes a sample) or as JSON written with long numbers (32 bytes a sample)."""
+        return max(1 << 20, int(self.max_record_seconds * MAX_RATE_HZ) * (4 if binary else 32))

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.contract import WINDOW
+from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
 from service.validation import MAX_ABS
 
 _JSON = "application/json"
+_BINARY = "application/octet-stream"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -49,6 +51,54 @@ _DENOISE_ERRORS = {
 }
 
 
+_LIMITED = {
+    "429": _error("Too many requests for this key (where rate limits apply)"),
+    "503": _error("Model not loaded"),
+}
+
+
+def _record(max_seconds: float) -> dict[str, Any]:
+    float32 = {"type": "string", "format": "binary", "description": "little-endian float32 samples"}
+    return {
+        "post": {
+            "summary": "Denoise a whole recording of any length and sampling rate",
+            "description": f"{MIN_SECONDS:g} s to {max_seconds:g} s of one lead at {MIN_RATE_HZ:g}–{MAX_RATE_HZ:g} Hz. "
+            "It is resampled to 130 Hz, cut into windows overlapping by half, denoised, cross-faded and "
+            "resampled back: the answer has as many samples as the request, in the input's units, with the "
+            "baseline removed (the model's target is the 0.5 Hz high-passed ECG). A JSON body answers in "
+            "JSON; an `application/octet-stream` body (float32, with `?sampling_rate=`) answers in float32.",
+            "tags": ["Denoising"],
+            "security": [{"apiKey": []}],
+            "parameters": [
+                {
+                    "name": "sampling_rate",
+                    "in": "query",
+                    "required": False,
+                    "description": "Hz; required with a binary body (a JSON body carries its own)",
+                    "schema": {"type": "number", "minimum": MIN_RATE_HZ, "maximum": MAX_RATE_HZ},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {_JSON: {"schema": _ref("RecordRequest")}, _BINARY: {"schema": float32}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The denoised recording, as long as the request and in its form",
+                    "content": {_JSON: {"schema": _ref("RecordResponse")}, _BINARY: {"schema": float32}},
+                },
+                "400": _error(
+                    "Body missing or not JSON, shorter than 2 s, a bad or missing rate, or a sample that is not a "
+                    "finite number (the message names it)"
+                ),
+                "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
+                "413": _error(f"Longer than {max_seconds:g} s, or a body over the limit that follows from it"),
+                **_LIMITED,
+            },
+        }
+    }
+
+
 def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
     status, description = conflict
     return {
@@ -78,7 +128,7 @@ def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def document(max_batch_windows: int) -> dict[str, Any]:
+def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any]:
     window = {
         "type": "array",
         "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
@@ -137,6 +187,28 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                         "denoised_signals": {"type": "array", "items": _ref("Window")},
                     },
                 },
+                "RecordRequest": {
+                    "type": "object",
+                    "required": ["ecg_signal"],
+                    "properties": {
+                        "ecg_signal": {"type": "array", "items": {"type": "number"}},
+                        "sampling_rate": {
+                            "type": "number",
+                            "minimum": MIN_RATE_HZ,
+                            "maximum": MAX_RATE_HZ,
+                            "default": SAMPLING_RATE_HZ,
+                        },
+                    },
+                },
+                "RecordResponse": {
+                    "type": "object",
+                    "required": ["modelVersion", "sampling_rate", "denoised_signal"],
+                    "properties": {
+                        "modelVersion": {"type": "integer"},
+                        "sampling_rate": {"type": "number"},
+                        "denoised_signal": {"type": "array", "items": {"type": "number"}},
+                    },
+                },
                 "EmailRequest": {
                     "type": "object",
                     "required": ["email"],
@@ -181,6 +253,7 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     "responses": {"200": _response("Denoised windows, in order", "BatchResponse"), **_DENOISE_ERRORS},
                 }
             },
+            "/api/v1/denoising/record": _record(max_record_seconds),
             "/api/v1/api-keys/generation": _key_request(
                 "Mail a link that creates an API key",
                 ("409", "Email already has an active API key. Please deactivate it first."),

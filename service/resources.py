@@ -7,29 +7,44 @@ become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import falcon
 import numpy as np
 
-from service import pages, validation
+from service import pages, recording, validation
 from service.batcher import Batcher, ModelUnavailable
+from service.config import Config
 from service.keys import KeyService
 from service.store import Store
 
 SENT = "Verification email sent. Please check your inbox."
+BINARY = "application/octet-stream"
 
 
 def json_body(req: falcon.Request, limit: int) -> Any:
     """The parsed JSON body, or None when it is missing or not JSON (the contract's 400 case)."""
-    if (req.content_length or 0) > limit:
-        raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
+    _check_length(req, limit)
     if req.content_type:  # media types are case-insensitive (RFC 9110); Falcon's lookup is not
         req.content_type = req.content_type.lower()
     try:
         return req.get_media()
     except (falcon.MediaNotFoundError, falcon.MediaMalformedError, falcon.HTTPUnsupportedMediaType):
         return None
+
+
+def authenticate(keys: KeyService, req: falcon.Request) -> int:
+    """The key's id, or ``Refused`` (401, and 429 where rate limits apply)."""
+    key = req.get_header("x-api-key")
+    if not key:
+        raise falcon.HTTPUnauthorized(description="Missing x-api-key header")
+    return keys.authenticate(key)
+
+
+def _check_length(req: falcon.Request, limit: int) -> None:
+    if (req.content_length or 0) > limit:
+        raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
 
 
 class Denoising:
@@ -54,10 +69,7 @@ class Denoising:
         self._render = render
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        key = req.get_header("x-api-key")
-        if not key:
-            raise falcon.HTTPUnauthorized(description="Missing x-api-key header")
-        key_id = self._keys.authenticate(key)
+        key_id = authenticate(self._keys, req)
         windows = self._parse(json_body(req, self._body_limit))
         input_units = validation.input_units(req.get_param("units"))
         if self._batcher is None:
@@ -65,6 +77,44 @@ class Denoising:
         denoised = self._batcher.denoise(windows, input_units)
         self._keys.used(key_id)
         resp.media = {"modelVersion": self._model_version, **self._render(denoised)}
+
+
+class Recording:
+    """``POST /api/v1/denoising/record``: a whole recording, as JSON or as raw float32, answered in kind."""
+
+    def __init__(self, keys: KeyService, batcher: Batcher | None, model_version: int, config: Config) -> None:
+        self._keys = keys
+        self._batcher = batcher
+        self._model_version = model_version
+        self._max_seconds = config.max_record_seconds
+        self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        key_id = authenticate(self._keys, req)
+        binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
+        limit = self._limits[binary]
+        if binary:
+            _check_length(req, limit)
+            samples, rate = validation.binary_record(
+                req.bounded_stream.read(), req.get_param("sampling_rate"), self._max_seconds
+            )
+        else:
+            samples, rate = validation.record(json_body(req, limit), self._max_seconds)
+        if self._batcher is None:
+            raise ModelUnavailable("Model not loaded")
+        clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
+        self._keys.used(key_id)
+        out = clean.astype("<f4")  # the model's own precision; half as long in JSON as float64
+        if binary:
+            resp.content_type = BINARY
+            resp.data = out.tobytes()
+        else:
+            resp.media = {"modelVersion": self._model_version, "sampling_rate": _number(rate), "denoised_signal": out}
+
+
+def _number(rate: float) -> int | float:
+    """250.0 → 250, as the client most likely wrote it; 250.5 stays."""
+    return int(rate) if rate.is_integer() else rate
 
 
 class KeyRequest:

@@ -13,6 +13,7 @@ import numpy as np
 from email_validator import EmailNotValidError, validate_email
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
 
 # Values beyond this overflow the z-score (squares exceed float64) and would come back as NaN.
 MAX_ABS = 1e100
@@ -22,11 +23,19 @@ _NUMBERS = {float, int}
 
 
 class ValidationError(ValueError):
-    """A bad request; ``body`` is the JSON error document."""
+    """A bad request; ``body`` is the JSON error document, ``status`` its HTTP status."""
+
+    status = 400
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.body = {"error": message, **extra}
+
+
+class TooLong(ValidationError):
+    """A recording beyond ``MAX_RECORD_SECONDS``: too large a request, not a malformed one."""
+
+    status = 413
 
 
 def ecg_signal(body: Any) -> np.ndarray:
@@ -45,6 +54,40 @@ def ecg_signals(body: Any, limit: int) -> np.ndarray:
     if not 1 <= len(value) <= limit:
         raise ValidationError(f"ecg_signals must hold 1 to {limit} windows (got {len(value)})")
     return np.stack([_window(window, f"ecg_signals[{i}]") for i, window in enumerate(value)])
+
+
+def record(body: Any, max_seconds: float) -> tuple[np.ndarray, float]:
+    """``{"ecg_signal": [numbers], "sampling_rate": Hz}`` (the rate defaults to 130) → samples and rate."""
+    value = _field(body, "ecg_signal", "array of numbers: the whole recording, 2 s or more")
+    if not isinstance(value, list):
+        raise ValidationError("ecg_signal must be an array")
+    rate = body.get("sampling_rate", SAMPLING_RATE_HZ)
+    if rate is None or type(rate) not in _NUMBERS:
+        raise ValidationError(f"sampling_rate must be a number of Hz (got {_kind(rate)})")
+    rate = _rate(float(rate))
+    _duration(len(value), rate, max_seconds)
+    return _numbers(value, "ecg_signal"), rate
+
+
+def binary_record(data: bytes, rate_param: str | None, max_seconds: float) -> tuple[np.ndarray, float]:
+    """Little-endian float32 samples with ``?sampling_rate=`` (required) → samples and rate."""
+    if rate_param is None:
+        raise ValidationError("Missing required query parameter: sampling_rate (binary bodies carry no rate)")
+    try:
+        rate = float(rate_param)
+    except ValueError:
+        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})") from None
+    rate = _rate(rate)
+    if len(data) % 4:
+        raise ValidationError(f"A binary body holds float32 samples, 4 bytes each (got {len(data)} bytes)")
+    _duration(len(data) // 4, rate, max_seconds)
+    samples = np.frombuffer(data, dtype="<f4").astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(samples))
+    if len(bad):
+        value = samples[bad[0]]
+        got = "NaN" if np.isnan(value) else f"{'-' if value < 0 else ''}Infinity"
+        raise ValidationError(f"ecg_signal[{bad[0]}] must be a finite number (got {got})")
+    return samples, rate
 
 
 def email(body: Any) -> str:
@@ -86,11 +129,32 @@ def _field(body: Any, name: str, expected: str) -> Any:
     return value
 
 
+def _rate(rate: float) -> float:
+    if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:  # NaN fails too
+        raise ValidationError(f"sampling_rate must be from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:g} Hz (got {rate:g})")
+    return rate
+
+
+def _duration(samples: int, rate: float, max_seconds: float) -> None:
+    seconds = samples / rate
+    if seconds < MIN_SECONDS:
+        need = int(np.ceil(MIN_SECONDS * rate))
+        raise ValidationError(
+            f"ecg_signal must hold at least {MIN_SECONDS:g} seconds: {need} values at {rate:g} Hz (got {samples})"
+        )
+    if seconds > max_seconds:
+        raise TooLong(f"Recording too long: at most {max_seconds:g} seconds (got {seconds:.1f} s at {rate:g} Hz)")
+
+
 def _window(value: Any, label: str) -> np.ndarray:
     if not isinstance(value, list):
         raise ValidationError(f"{label} must be an array")
     if len(value) != WINDOW:
         raise ValidationError(f"{label} must have exactly {WINDOW} values (got {len(value)})", note=WINDOW_NOTE)
+    return _numbers(value, label)
+
+
+def _numbers(value: list, label: str) -> np.ndarray:
     # Fast path for the normal request; bool is an int subclass, so compare exact types (a set of
     # the types is faster than a test per element).
     if set(map(type, value)) <= _NUMBERS:
@@ -117,10 +181,15 @@ def _bounded(window: np.ndarray) -> bool:
     return bool(np.all(np.abs(window) <= MAX_ABS))
 
 
-def _element_problem(value: Any) -> str | None:
-    kind = {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(
+def _kind(value: Any) -> str | None:
+    """How a JSON value that is not a number is named in messages."""
+    return {type(None): "null", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}.get(
         type(value)
     )
+
+
+def _element_problem(value: Any) -> str | None:
+    kind = _kind(value)
     if kind:
         return f"must be a finite number (got {kind})"
     try:

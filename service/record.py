@@ -1,0 +1,124 @@
+"""``python -m service.record IN OUT --rate 250``: denoise a recording file in this process, no server.
+
+For archives of recordings: IN holds one column of samples, as CSV (a header line is kept) or
+``.npy``; OUT gets the denoised recording in the same form, as long as IN, in its units with the
+baseline removed, exactly as ``POST /api/v1/denoising/record`` answers. The model, its manifest
+check and the onnxruntime settings come from the same environment variables as the service's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from service import recording
+from service.batcher import Batcher
+from service.config import Config, ConfigError
+from service.runtime import StartupError, model_version, start_engine
+
+FORMATS = (".csv", ".npy")
+CHUNK_WINDOWS = 64  # windows between progress updates
+
+
+class BadFile(ValueError):
+    """An input that is not one column of numbers; the message is one sentence."""
+
+
+def read(path: Path) -> tuple[np.ndarray, str | None]:
+    """The samples of ``path`` and its CSV header line, if it has one."""
+    header = None
+    try:
+        if path.suffix == ".npy":
+            samples = np.load(path, allow_pickle=False)
+        else:
+            lines = path.read_text().splitlines()
+            if lines and not _is_number(lines[0].split(",")[-1]):
+                header, lines = lines[0], lines[1:]
+            samples = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise BadFile(f"{path} is not a column of numbers ({exc}).") from None
+    if samples.ndim == 2 and samples.shape[1] == 1:
+        samples = samples[:, 0]
+    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number) or not np.all(np.isfinite(samples)):
+        raise BadFile(f"{path} must hold one column of finite numbers (got shape {samples.shape}).")
+    return samples.astype(np.float64), header
+
+
+def write(path: Path, samples: np.ndarray, header: str | None) -> None:
+    if path.suffix == ".npy":
+        np.save(path, samples.astype(np.float32))
+    else:
+        np.savetxt(path, samples, fmt="%.7g", header=header or "", comments="")
+
+
+def runner(batcher: Batcher, progress: Callable[[int, int], None]) -> recording.Runner:
+    """Runs windows through the batcher a chunk at a time, reporting progress after each."""
+
+    def run(windows: np.ndarray) -> np.ndarray:
+        out = np.empty_like(windows)
+        for start in range(0, len(windows), CHUNK_WINDOWS):
+            out[start : start + CHUNK_WINDOWS] = batcher.denoise_many(windows[start : start + CHUNK_WINDOWS], True)
+            progress(min(start + CHUNK_WINDOWS, len(windows)), len(windows))
+        return out
+
+    return run
+
+
+def progress_bar(stream: TextIO) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        filled = 30 * done // total
+        stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} windows")
+        if done == total:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.record", description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=Path, help="one column of samples: .csv or .npy")
+    parser.add_argument("output", type=Path, help="where the denoised recording goes: .csv or .npy")
+    parser.add_argument("--rate", type=float, default=130.0, help="sampling rate in Hz (default 130)")
+    args = parser.parse_args(argv)
+    for path in (args.input, args.output):
+        if path.suffix not in FORMATS:
+            parser.error(f"{path}: only {' and '.join(FORMATS)} files are read and written")
+    if not recording.MIN_RATE_HZ <= args.rate <= recording.MAX_RATE_HZ:
+        parser.error(f"--rate must be from {recording.MIN_RATE_HZ:g} to {recording.MAX_RATE_HZ:g} Hz")
+    try:
+        samples, header = read(args.input)
+        if len(samples) / args.rate < recording.MIN_SECONDS:
+            raise BadFile(f"{args.input} holds {len(samples)} samples; at least {recording.MIN_SECONDS:g} s is needed.")
+        config = Config.from_env()
+        model_version(config)  # the model file checked against its manifest, as the service does
+        engine = start_engine(config)
+    except (OSError, BadFile, ConfigError, StartupError) as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return 1
+    batcher = Batcher(engine, config.batch_max_size, 0, config.batch_workers).start()
+    try:
+        clean = recording.denoise(samples, args.rate, runner(batcher, progress_bar(sys.stderr)))
+    finally:
+        batcher.close()
+        engine.close()
+    write(args.output, clean, header)
+    print(f"wrote {args.output}: {len(clean)} samples at {args.rate:g} Hz", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Whole recordings: the signal processing of ``service.recording``, ``POST /api/v1/denoising/record``
+in JSON and float32, every bad input, sharing the batcher with single windows, and the command.
+
+Synthetic signals always; the real recordings of ``../shared/data`` where they are present."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service import record, recording
+from service.batcher import Batcher
+from service.contract import SAMPLING_RATE_HZ, WINDOW
+
+from .conftest import REPO, issue_key
+
+DATA = REPO.parent / "shared" / "data"
+URL = "/api/v1/denoising/record"
+
+
+def ecg(seconds: float, rate: float, seed: int = 0, offset: float = 512.0, noise: float = 1.0) -> np.ndarray:
+    """ECG-like beats in ADC-like units (offset, scale), with baseline wander and white noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * rate)) / rate
+    beats = np.sin(np.pi * 1.1 * t) ** 40
+    return offset + 300 * beats + noise * (40 * np.sin(2 * np.pi * 0.2 * t) + 15 * rng.standard_normal(len(t)))
+
+
+@pytest.fixture
+def key(runtime) -> str:
+    return issue_key(runtime.store, "records@example.org")
+
+
+def post_json(client, key, body, **kwargs):
+    return client.simulate_post(URL, json=body, headers={"x-api-key": key}, **kwargs)
+
+
+def post_binary(client, key, samples, rate=None, **kwargs):
+    params = {"sampling_rate": str(rate)} if rate is not None else None
+    return client.simulate_post(
+        URL,
+        body=np.asarray(samples, dtype="<f4").tobytes(),
+        params=params,
+        headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
+        **kwargs,
+    )
+
+
+# -- the signal processing -----------------------------------------------------------------------
+def test_stitch_is_exact_on_windows_cut_from_one_signal():
+    """Cross-fading windows that agree gives the signal back, ends included (no zero weight)."""
+    x = np.random.default_rng(3).standard_normal(3 * WINDOW + 7)
+    left = WINDOW // 2
+    count = len(recording.cut(x))
+    padded = np.pad(x, (left, (count - 1) * recording.HOP + WINDOW - len(x) - left))
+    windows = np.stack([padded[i * recording.HOP : i * recording.HOP + WINDOW] for i in range(count)])
+    np.testing.assert_allclose(recording.stitch(windows, len(x)), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [260, WINDOW, WINDOW + 1, 4 * WINDOW])
+def test_cut_covers_the_ends_with_centred_windows(length):
+    windows = recording.cut(ecg(length / 130, 130))
+    assert windows.shape[1] == WINDOW and len(windows) == -(-length // recording.HOP) + 1
+    np.testing.assert_allclose(windows.mean(axis=1), 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("rate", [50, 250.5, 360, 1000, 130.05])
+def test_resampling_there_and_back_keeps_a_band_limited_signal(rate):
+    t = np.arange(round(20 * rate)) / rate
+    x = 500 + np.sin(2 * np.pi * 1.3 * t) + 0.3 * np.sin(2 * np.pi * 17 * t)
+    n = recording.model_length(len(x), rate)
+    back = recording.resample(recording.resample(x, rate, SAMPLING_RATE_HZ, n), SAMPLING_RATE_HZ, rate, len(x))
+    assert len(back) == len(x)
+    inner = slice(round(rate), -round(rate))
+    assert np.abs(back - x)[inner].max() < 2e-4  # the middle: the resampler itself
+    assert np.abs(back - x).max() < 0.02  # the ends: no ringing from the offset
+
+
+def test_the_130_hz_path_is_not_resampled():
+    x = ecg(10, 130)
+    np.testing.assert_array_equal(recording.resample(x, 130, 130, len(x)), x)
+
+
+# -- the endpoint --------------------------------------------------------------------------------
+@pytest.mark.parametrize("seconds, rate", [(2, 130), (10, 130), (10 + 1 / 130, 130), (2, 50), (2, 250.5), (2, 1000)])
+def test_lengths_and_rates_come_back_as_sent(client, key, seconds, rate):
+    x = ecg(seconds, rate)
+    result = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": rate})
+    assert result.status_code == 200, result.json
+    assert set(result.json) == {"modelVersion", "sampling_rate", "denoised_signal"}
+    assert result.json["sampling_rate"] == rate
+    out = np.array(result.json["denoised_signal"])
+    assert len(out) == len(x) and np.all(np.isfinite(out))
+    assert abs(out.mean()) < 0.1 * out.std()  # baseline removed: not around the input's 512
+    assert 0.3 < out.std() / (x - x.mean()).std() < 1.5  # in the input's units
+
+
+def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
+    x = ecg(10 + 1 / 360, 360, seed=4).astype(np.float32)
+    as_json = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 360})
+    as_binary = post_binary(client, key, x, 360)
+    assert as_binary.status_code == 200 and as_binary.headers["content-type"] == "application/octet-stream"
+    np.testing.assert_allclose(np.frombuffer(as_binary.content, "<f4"), as_json.json["denoised_signal"], atol=1e-4)
+    default = post_json(client, key, {"ecg_signal": x[:1300].tolist()})
+    assert default.json["sampling_rate"] == 130 and len(default.json["denoised_signal"]) == 1300
+
+
+def test_no_seams_and_better_than_glued_windows(client, key, engine):
+    """A clean signal comes back closer to itself than glued windows do, with no jump at their
+    boundaries."""
+    x = ecg(60, 130, seed=5, offset=0, noise=0)
+    x -= x.mean()
+    clean = np.frombuffer(post_binary(client, key, x, 130).content, "<f4")[: 6 * WINDOW]
+    glued = engine.denoise(x[: 6 * WINDOW].reshape(-1, WINDOW), input_units=True).reshape(-1)
+    target = x[: 6 * WINDOW]
+    jumps = np.abs(np.diff(clean))[WINDOW - 1 :: WINDOW][:5]
+    assert jumps.max() < 3 * np.median(np.abs(np.diff(clean)))
+    assert np.sqrt(np.mean((clean - target) ** 2)) <= np.sqrt(np.mean((glued - target) ** 2))
+
+
+@pytest.mark.slow
+def test_one_hour_through_the_endpoint_and_the_model(client, key):
+    """An hour, the longest default recording, sent as float32: as long as sent, finite, and
+    the ECG kept (the model removes noise, not beats)."""
+    x = ecg(3600, 130, seed=6, offset=0, noise=0).astype("<f4")
+    result = client.simulate_post(
+        "/api/v1/denoising/record",
+        body=x.tobytes(),
+        params={"sampling_rate": "130"},
+        headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
+    )
+    assert result.status_code == 200
+    out = np.frombuffer(result.content, dtype="<f4")
+    assert len(out) == len(x) and np.all(np.isfinite(out))
+    assert np.corrcoef(out, x - x.mean())[0, 1] > 0.9
+
+
+@pytest.mark.skipif(not (DATA / "mitdb" / "100.hea").exists(), reason=f"no MIT-BIH records under {DATA}")
+def test_a_real_recording_at_its_own_rate_matches_the_130_hz_path(client, key):
+    """MIT-BIH 100 sent at its own 360 Hz and sent resampled to 130 Hz: the same clean ECG."""
+    wfdb = pytest.importorskip("wfdb")
+    raw = wfdb.rdrecord(str(DATA / "mitdb" / "100"), sampto=360 * 60).p_signal[:, 0]
+    at_360 = np.frombuffer(post_binary(client, key, raw, 360).content, "<f4")
+    at_130 = np.frombuffer(post_binary(client, key, recording.resample(raw, 360, 130, 130 * 60), 130).content, "<f4")
+    back = recording.resample(at_360, 360, 130, 130 * 60)
+    assert np.corrcoef(back, at_130)[0, 1] > 0.98
+
+
+BAD_JSON = [
+    ({}, "Missing required field: ecg_signal"),
+    ({"ecg_signal": "1,2,3"}, "ecg_signal must be an array"),
+    ({"ecg_signal": [0.0] * 17 + [None] + [0.0] * 300}, "ecg_signal[17] must be a finite number (got null)"),
+    ({"ecg_signal": [0.0] * 300 + ["1"]}, "ecg_signal[300] must be a finite number (got a string)"),
+    ({"ecg_signal": [0.0] * 259}, "ecg_signal must hold at least 2 seconds: 260 values at 130 Hz (got 259)"),
+    ({"ecg_signal": [0.0] * 600, "sampling_rate": "250"}, "sampling_rate must be a number of Hz (got a string)"),
+    ({"ecg_signal": [0.0] * 600, "sampling_rate": True}, "sampling_rate must be a number of Hz (got a boolean)"),
+    ({"ecg_signal": [0.0] * 600, "sampling_rate": 49.9}, "sampling_rate must be from 50 to 1000 Hz (got 49.9)"),
+    ({"ecg_signal": [0.0] * 6000, "sampling_rate": 1001}, "sampling_rate must be from 50 to 1000 Hz (got 1001)"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_JSON)
+def test_bad_json_gets_400_naming_the_fault(client, key, body, message):
+    result = post_json(client, key, body)
+    assert result.status_code == 400 and result.json["error"] == message
+
+
+@pytest.mark.parametrize(
+    "data, rate, message",
+    [
+        (b"\0" * 4000, None, "Missing required query parameter: sampling_rate (binary bodies carry no rate)"),
+        (b"\0" * 4000, "fast", "sampling_rate must be a number of Hz (got 'fast')"),
+        (b"\0" * 4000, "2000", "sampling_rate must be from 50 to 1000 Hz (got 2000)"),
+        (b"\0" * 4001, "130", "A binary body holds float32 samples, 4 bytes each (got 4001 bytes)"),
+        (np.r_[np.zeros(5), np.nan, np.zeros(300)], "130", "ecg_signal[5] must be a finite number (got NaN)"),
+        (np.r_[np.zeros(300), -np.inf], "130", "ecg_signal[300] must be a finite number (got -Infinity)"),
+    ],
+)
+def test_bad_binary_gets_400_naming_the_fault(client, key, data, rate, message):
+    body = data if isinstance(data, bytes) else np.asarray(data, "<f4").tobytes()
+    result = client.simulate_post(
+        URL,
+        body=body,
+        params={"sampling_rate": rate} if rate else None,
+        headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
+    )
+    assert result.status_code == 400 and result.json["error"] == message
+
+
+def test_keys_are_required(client):
+    assert client.simulate_post(URL, json={"ecg_signal": [0.0] * 300}).status_code == 401
+    wrong = client.simulate_post(URL, json={"ecg_signal": [0.0] * 300}, headers={"x-api-key": "nope"})
+    assert wrong.status_code == 401 and wrong.json["error"] == "Invalid or inactive API key"
+
+
+def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with, sqlite_url):
+    import falcon.testing
+
+    from service.app import create_app
+
+    runtime = runtime_with(sqlite_url, max_record_seconds=5)
+    client = falcon.testing.TestClient(create_app(runtime.deps))
+    key = issue_key(runtime.store, "long@example.org")
+    result = post_json(client, key, {"ecg_signal": [0.0] * 1300, "sampling_rate": 250})
+    assert (
+        result.status_code == 413
+        and result.json["error"] == "Recording too long: at most 5 seconds (got 5.2 s at 250 Hz)"
+    )
+    assert post_binary(client, key, np.zeros(651), 130).status_code == 413
+    limit = runtime.deps.config.record_body_bytes(binary=True)
+    big = post_binary(client, key, np.zeros(limit // 4 + 1), 1000)
+    assert big.status_code == 413 and big.json["error"] == f"Request body too large (limit {limit} bytes)"
+
+
+def test_503_without_a_model(runtime):
+    import falcon.testing
+
+    from service.app import Deps, create_app
+
+    deps = Deps(runtime.deps.config, runtime.deps.keys, runtime.store, None, 6)
+    key = issue_key(runtime.store, "nomodel@example.org")
+    result = post_json(falcon.testing.TestClient(create_app(deps)), key, {"ecg_signal": [0.0] * 300})
+    assert result.status_code == 503 and result.json["error"] == "Model not loaded"
+
+
+# -- sharing the engine --------------------------------------------------------------------------
+def test_single_windows_get_through_while_a_recording_runs(engine):
+    """A single window sent while a long recording is under way comes back before the recording."""
+    batcher = Batcher(engine, max_size=8, max_wait_s=0, workers=1).start()
+    windows = np.random.default_rng(7).standard_normal((96, WINDOW))
+    finished: dict[str, float] = {}
+
+    def long_request() -> None:
+        batcher.denoise_many(windows)
+        finished["record"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    try:
+        thread.start()
+        time.sleep(0.05)
+        single = batcher.denoise(windows[:1])
+        finished["single"] = time.monotonic()
+        thread.join(30)
+    finally:
+        batcher.close()
+    assert finished["single"] < finished["record"]
+    np.testing.assert_allclose(single, engine.denoise(windows[:1]), atol=1e-5)
+
+
+def test_denoise_many_equals_the_engine(engine):
+    batcher = Batcher(engine, max_size=8, max_wait_s=0, workers=2).start()
+    windows = np.random.default_rng(8).standard_normal((11, WINDOW)) + 3
+    try:
+        np.testing.assert_allclose(batcher.denoise_many(windows, True), engine.denoise(windows, True), atol=1e-4)
+    finally:
+        batcher.close()
+
+
+# -- the command ---------------------------------------------------------------------------------
+def test_the_command_reads_and_writes_csv_and_npy(tmp_path: Path, capsys):
+    x = ecg(12, 250, seed=9)
+    (tmp_path / "in.csv").write_text("ecg_mV\n" + "\n".join(f"{v:.6f}" for v in x) + "\n")
+    np.save(tmp_path / "in.npy", x.astype(np.float32))
+    assert record.main([str(tmp_path / "in.csv"), str(tmp_path / "out.csv"), "--rate", "250"]) == 0
+    assert record.main([str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--rate", "250"]) == 0
+    from_csv, header = record.read(tmp_path / "out.csv")
+    assert header == "ecg_mV" and len(from_csv) == len(x)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), from_csv, atol=1e-3)
+    assert "windows" in capsys.readouterr().err  # the progress bar
+
+
+def test_the_command_refuses_a_bad_file_in_one_line(tmp_path: Path, capsys):
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,4\n")
+    assert record.main([str(tmp_path / "bad.csv"), str(tmp_path / "out.csv")]) == 1
+    assert capsys.readouterr().err.startswith("heartify: ")
