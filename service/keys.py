@@ -73,8 +73,9 @@ class ActiveKeys:
     The lookup and the pool hand-off that come with it cost CPU under the GIL on every request,
     with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
     A key deactivated through this process is refused at once: ``forget`` clears the cache, and
-    a lookup that began before it does not write its now stale answer back. A key deactivated
-    by another process on the same database works here for ``ttl_s`` more at most.
+    a lookup that began before it does not write its now stale answer back. On PostgreSQL a
+    deactivation by another process reaches ``forget`` as a notification (service.notifications);
+    on SQLite, or with notifications lost, such a key works here for ``ttl_s`` more at most.
     """
 
     def __init__(self, ttl_s: float, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -134,6 +135,10 @@ class KeyService:
         if key_id is None:
             raise InvalidKey()
         return key_id
+
+    def forget_cached(self) -> None:
+        """Keys were deactivated elsewhere (or news of it may have been lost): read them again."""
+        self._active.forget()
 
     def used(self, key_id: int) -> None:
         self._usage.touch(key_id)

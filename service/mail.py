@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from service.background import Loop
 from service.files import atomic_write
 from service.messages import compose
+from service.store import CLAIM_LEASE
 
 if TYPE_CHECKING:
     from service.store import OutboxMail, Store
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 20
 # Upper bound on an idle worker's sleep, so mails left by a crashed replica are picked up.
 IDLE_POLL_S = 60.0
+# A worker stops sending its claimed batch this long after claiming it (slow mail server): the
+# rest waits for the lease to end rather than risk another worker claiming it mid-send.
+SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 
 
 Send = Callable[[EmailMessage], None]
@@ -127,9 +131,12 @@ class Outbox:
 
     def _deliver(self, due: list[OutboxMail]) -> None:
         done: set[int] = set()
+        deadline = time.monotonic() + SEND_WITHIN_S
         try:
             with self._sender.session() as send:
                 for row in due:
+                    if time.monotonic() > deadline:
+                        break
                     try:
                         send(compose(row.as_mail(), self._from))
                     except Exception as exc:  # whatever one mail raises must not hold back the others

@@ -18,7 +18,8 @@ from service.engine import Engine
 from service.keys import KeyService
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import ModelError, verify_model
-from service.store import Store, redact
+from service.notifications import Listener
+from service.store import KEYS_CHANNEL, Store, redact
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ class Runtime:
             stack.callback(self.usage.close)
             self.usage.start()
             keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
+            if self.store.notifies:
+                listener = Listener(lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached).start()
+                stack.callback(listener.close)
             self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
             self._stack = stack.pop_all()
         log.info(
