@@ -49,18 +49,12 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class HaProxy:
-    """Its address is known at once (the servers' links can point at it); ``start`` returns once
-    every server is up; ``states`` reads each server's status."""
+    """Listens on ``port`` of 127.0.0.1 (known before the servers start, so their links can point
+    at it); ``start`` returns once every server is up; ``states`` reads each server's status."""
 
-    def __init__(self, folder: Path) -> None:
-        self.port = _free_port()
+    def __init__(self, folder: Path, port: int) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self._servers: dict[str, int] = {}
         self._folder = folder

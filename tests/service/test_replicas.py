@@ -27,7 +27,7 @@ from tests import haproxy, pgcluster
 from tests.haproxy import HaProxy
 from tests.pgcluster import PgCluster
 
-from .conftest import ServiceProcess, SmtpServer, http, key_in, smtp_env, verify_link, wait_until
+from .conftest import ServiceProcess, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         db.start()
         smtp = SmtpServer().start()
         stack.callback(smtp.stop)
-        balancer = HaProxy(folder)
+        balancer = HaProxy(folder, free_port())
         stack.callback(balancer.stop)
         env = {
             "DATABASE_URL": db.url,
