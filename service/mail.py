@@ -136,6 +136,7 @@ class Outbox:
             with self._sender.session() as send:
                 for row in due:
                     if time.monotonic() > deadline:
+                        log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
                         break
                     try:
                         send(compose(row.as_mail(), self._from))

@@ -82,6 +82,8 @@ class Listener:
         """Until ``close``: one connection's notifications; raises when the connection breaks."""
         conn = self._connect()
         try:
+            if self._delay_s > self._backoff_min_s:
+                log.info("Listening for key deactivations again")
             self._delay_s = self._backoff_min_s
             self._on_notice()  # whatever was announced while nobody listened is lost
             while True:

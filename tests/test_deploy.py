@@ -5,7 +5,6 @@ one ``Config`` reads. Fast: it reads YAML and, where HAProxy is installed, check
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from service.config import Config
+from tests import haproxy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -119,7 +119,7 @@ def test_compose_runs_replicas_behind_haproxy_on_postgresql():
     assert f"api:{api['environment']['PORT']}" in text
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.skipif(haproxy.missing() is not None, reason=str(haproxy.missing()))
 def test_haproxy_accepts_the_compose_configuration():
     done = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
