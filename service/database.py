@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
@@ -201,6 +202,19 @@ def sqlite_path(url: str) -> Path | None:
     return Path(unquote(parts.path[1:] if parts.path.startswith("/") else parts.path))
 
 
+def postgres_params(url: str) -> dict[str, Any]:
+    """psycopg2's connection arguments from a ``postgresql://`` URL; query parameters pass through."""
+    parts = urlsplit(url)
+    return {
+        "database": unquote(parts.path.lstrip("/")) or "postgres",
+        "host": parts.hostname or None,
+        "port": parts.port,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        **dict(parse_qsl(parts.query)),
+    }
+
+
 def open_database(
     url: str, max_connections: int, health: DatabaseHealth, connect_timeout_s: float, statement_timeout_s: float
 ) -> pw.Database:
@@ -228,20 +242,11 @@ def open_database(
             },
         )
     elif parts.scheme in ("postgresql", "postgres"):
-        params = dict(parse_qsl(parts.query))
+        params = postgres_params(url)
         server_timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
         params["options"] = f"{params['options']} {server_timeout}" if params.get("options") else server_timeout
         _bound_postgres(connect_timeout_s, statement_timeout_s + 0.5)  # the server's own timeout first
-        db = GuardedPostgres(
-            unquote(parts.path.lstrip("/")) or "postgres",
-            max_connections=max_connections,
-            timeout=POOL_WAIT_S,
-            host=parts.hostname or None,
-            port=parts.port,
-            user=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            **params,
-        )
+        db = GuardedPostgres(max_connections=max_connections, timeout=POOL_WAIT_S, **params)
     else:
         raise ConfigError(
             f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {parts.scheme or 'no'} scheme)."

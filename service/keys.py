@@ -80,9 +80,10 @@ class ActiveKeys:
     with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
     While the database is away, a key whose entry has expired is still trusted: this process
     verified it, and a deactivation would have had to pass the same database. A key deactivated
-    through this process is refused at once: ``forget`` clears the cache, and
-    a lookup that began before it does not write its now stale answer back. A key deactivated
-    by another process on the same database works here for ``ttl_s`` more at most.
+    through this process is refused at once: ``forget`` clears the cache, and a lookup that began
+    before it does not write its now stale answer back. On PostgreSQL a deactivation by another
+    process reaches ``forget`` as a notification (service.notifications); on SQLite, or with
+    notifications lost, such a key works here for ``ttl_s`` more at most.
     """
 
     def __init__(self, ttl_s: float, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -164,6 +165,10 @@ class KeyService:
         if self._buckets is not None and (wait := self._buckets.take(key_id)):
             raise RateLimited("Too many requests for this API key. Slow down.", wait, "api_key")
         return key_id
+
+    def forget_cached(self) -> None:
+        """Keys were deactivated elsewhere (or news of it may have been lost): read them again."""
+        self._active.forget()
 
     def used(self, key_id: int) -> None:
         self._usage.touch(key_id)

@@ -23,6 +23,7 @@ from service.database import QUIET_ERRORS
 from service.files import atomic_write
 from service.messages import compose
 from service.sealing import CannotOpen, Sealer
+from service.store import CLAIM_LEASE
 
 if TYPE_CHECKING:
     from service.store import OutboxMail, Store
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 20
 # Upper bound on an idle worker's sleep, so mails left by a crashed replica are picked up.
 IDLE_POLL_S = 60.0
+# A worker stops sending its claimed batch this long after claiming it (slow mail server): the
+# rest waits for the lease to end rather than risk another worker claiming it mid-send.
+SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 
 
 Send = Callable[[EmailMessage], None]
@@ -154,9 +158,13 @@ class Outbox:
 
     def _deliver(self, due: list[OutboxMail]) -> None:
         done: set[int] = set()
+        deadline = time.monotonic() + SEND_WITHIN_S
         try:
             with self._sender.session() as send:
                 for row in due:
+                    if time.monotonic() > deadline:
+                        log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
+                        break
                     try:
                         send(compose(self._sealer.open(row.as_mail()), self._from))
                     except Exception as exc:  # whatever one mail raises must not hold back the others

@@ -21,9 +21,10 @@ from service.housekeeping import Housekeeping
 from service.keys import KeyService, MailLimits
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import ModelError, verify_model
+from service.notifications import Listener
 from service.ratelimit import TokenBuckets
 from service.sealing import Sealer, secret_beside, split_secrets
-from service.store import Store
+from service.store import KEYS_CHANNEL, Store
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,9 @@ class Runtime:
                 MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
                 TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
             )
+            if self.store.notifies:
+                listener = Listener(lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached).start()
+                stack.callback(listener.close)
             self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
             self._stack = stack.pop_all()
         log.info(

@@ -12,9 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import peewee as pw
+import psycopg2
 from playhouse.migrate import SchemaMigrator, migrate
 
-from service.database import DatabaseHealth, DatabaseUnavailable, open_database
+from service.database import DatabaseHealth, DatabaseUnavailable, open_database, postgres_params
 from service.messages import Mail
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,21 @@ GENERATION = "generation"
 DEACTIVATION = "deactivation"
 # A process that claimed a mail and died leaves it to other workers after this long.
 CLAIM_LEASE = timedelta(minutes=2)
+# PostgreSQL: every key deactivation is announced here, so that each replica's cache of active
+# keys forgets it at once (service.notifications); SQLite has no such thing and relies on the TTL.
+KEYS_CHANNEL = "heartify_keys"
+# The listening connection: give up connecting after this long, and notice a peer that went away
+# without closing (TCP keepalives: idle, interval, count) instead of waiting on it forever.
+LISTEN_CONNECT = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+# Replicas starting together on an empty database would race on CREATE TABLE IF NOT EXISTS
+# (PostgreSQL checks the catalog before it locks it): they take turns on this advisory lock.
+SCHEMA_LOCK = 7_201_020
 
 _proxy = pw.DatabaseProxy()
 
@@ -135,7 +151,9 @@ class Store:
     def create_tables(self) -> None:
         """Idempotent: ``IF NOT EXISTS`` for every table and index, and the columns that later
         versions added to existing tables (all nullable)."""
-        with self.db.connection_context():
+        with self.db.connection_context(), self.db.atomic():
+            if self.notifies:
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             self.db.create_tables(MODELS, safe=True)
             migrator = SchemaMigrator.from_database(self.db)
             for model in MODELS:
@@ -145,6 +163,24 @@ class Store:
                     migrate(*(migrator.add_column(model._meta.table_name, f.column_name, f) for f in missing))
                     log.info("Added %s to %s", ", ".join(f.column_name for f in missing), model._meta.table_name)
             self.db.create_tables(MODELS, safe=True)  # indexes on the columns just added
+
+    @property
+    def notifies(self) -> bool:
+        """Whether other processes hear of key deactivations at once (PostgreSQL's NOTIFY)."""
+        return isinstance(self.db, pw.PostgresqlDatabase)
+
+    def listen(self, channel: str) -> psycopg2.extensions.connection:
+        """A connection of its own, outside the pool (it stays in LISTEN for good), subscribed to
+        ``channel``; notifications arrive on it as their transactions commit."""
+        conn = psycopg2.connect(**{**LISTEN_CONNECT, **postgres_params(self._url)})
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'LISTEN "{channel}"')
+        except psycopg2.Error:
+            conn.close()
+            raise
+        return conn
 
     def ping(self) -> bool:
         """Whether the database answers now, within the statement timeout (at once when the
@@ -177,11 +213,15 @@ class Store:
         return ApiKey.select().where((ApiKey.email == email) & (ApiKey.is_active == True)).exists()  # noqa: E712
 
     def deactivate_keys(self, email: str, now: datetime) -> int:
-        return (
+        count = (
             ApiKey.update(is_active=False, deactivated_at=now)
             .where((ApiKey.email == email) & (ApiKey.is_active == True))  # noqa: E712
             .execute()
         )
+        if count and self.notifies:
+            # Queued in this transaction: the listeners hear it when (and only if) it commits.
+            self.db.execute_sql("SELECT pg_notify(%s, '')", (KEYS_CHANNEL,))
+        return count
 
     def add_key(self, email: str, key_hash: str, now: datetime) -> None:
         try:
@@ -247,30 +287,29 @@ class Store:
         )
 
     def claim_due_mails(self, limit: int) -> list[OutboxMail]:
-        """Due mails this worker now owns: each is leased by one atomic update, so concurrent
-        workers (threads or replicas) never send the same mail at the same time.
-
-        One write transaction, with the rows read before the first update: updating while the
-        select's cursor was still open made SQLite upgrade a read snapshot to a write, which fails
-        at once ("database is locked") when another connection wrote in between.
+        """Due mails this worker now owns for ``CLAIM_LEASE``: concurrent workers (threads or
+        replicas) never claim the same mail, so each is sent once unless a worker dies between
+        sending it and ``mark_sent`` (then it is sent again after the lease: SMTP offers no way
+        to make delivery and the database write one step).
         """
+        oldest = (OutboxMail.next_attempt_at, OutboxMail.id)
         with self.db.connection_context(), self.db.atomic():
             now = utcnow()
-            due = list(
-                OutboxMail.select()
-                .where(
-                    OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
-                )
-                .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
-                .limit(limit)
-            )
-            claimed = []
-            for mail in due:
+            due = OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
+            if self.notifies:
+                # One statement: rows another worker is claiming are skipped, not waited for.
+                free = OutboxMail.select(OutboxMail.id).where(due).order_by(*oldest).limit(limit)
                 lease = OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(
-                    (OutboxMail.id == mail.id) & OutboxMail.sent_at.is_null() & (OutboxMail.next_attempt_at <= now)
+                    OutboxMail.id.in_(free.for_update("FOR UPDATE SKIP LOCKED"))
                 )
-                if lease.execute() == 1:
-                    claimed.append(mail)
+                return sorted(lease.returning(OutboxMail).execute(), key=lambda mail: mail.id)
+            # SQLite: the IMMEDIATE transaction already holds the write lock, so no other worker
+            # is in between. The rows are read before the first update: updating while the
+            # select's cursor was open upgraded a read snapshot to a write, which fails at once
+            # ("database is locked") when another connection wrote in between.
+            claimed = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
+            ids = [mail.id for mail in claimed]
+            OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(OutboxMail.id.in_(ids)).execute()
             return claimed
 
     def mark_sent(self, mail_id: int) -> None:

@@ -313,6 +313,12 @@ class ServiceProcess:
             self._process.wait(30)
         return self._process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all, as when a machine or container dies."""
+        assert self._process is not None
+        self._process.kill()
+        self._process.wait(10)
+
     def log(self) -> str:
         return self._log_path.read_text(errors="replace")
 

@@ -1,5 +1,6 @@
 """The cache of active keys: what it spares the database, and how soon a deactivation reaches it,
-on SQLite and PostgreSQL. Deactivations through the service itself are in ``test_contract``."""
+on SQLite (the TTL) and PostgreSQL (a notification). Deactivations through the service itself are
+in ``test_contract``; the listener itself in ``test_notifications``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from service.keys import ActiveKeys, digest
 from service.runtime import Runtime
 from service.store import utcnow
 
-from .conftest import issue_key
+from .conftest import issue_key, wait_until
 
 DENOISE = "/api/v1/denoising"
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
@@ -40,15 +41,28 @@ def test_a_key_deactivated_elsewhere_is_trusted_until_its_entry_expires(database
 
 
 @pytest.mark.parametrize("cache_s, after", [(0.0, 401), (3600.0, 200)])
-def test_key_cache_setting_decides_when_the_service_sees_a_deactivation_made_elsewhere(
-    database_url, runtime_with, cache_s, after
+def test_on_sqlite_key_cache_setting_decides_when_the_service_sees_a_deactivation_made_elsewhere(
+    sqlite_url, runtime_with, cache_s, after
 ):
-    rt = runtime_with(database_url, key_cache_s=cache_s)
+    rt = runtime_with(sqlite_url, key_cache_s=cache_s)
     client = falcon.testing.TestClient(create_app(rt.deps))
     key = issue_key(rt.store, "elsewhere@example.org")
     assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 200
     deactivate_elsewhere(rt, "elsewhere@example.org")
     assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == after
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_deactivation_made_elsewhere_is_refused_within_a_second_despite_the_cache(
+    postgres_url, runtime_with
+):
+    rt = runtime_with(postgres_url, key_cache_s=3600.0)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "notified@example.org")
+    assert client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 200
+    deactivate_elsewhere(rt, "notified@example.org")
+    refused = lambda: client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}).status_code == 401
+    wait_until(refused, timeout_s=1.0, what="the key refused")
 
 
 def test_a_lookup_overtaken_by_a_deactivation_is_not_kept():

@@ -3,17 +3,21 @@ hot path, and tables that can be created again; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import falcon.testing
 import pytest
+from aiosmtpd.controller import Controller
 
+from service import mail
 from service.app import create_app
 from service.keys import digest
 from service.messages import Mail
-from service.store import ApiKey, KeyConflict, OutboxMail, Token, utcnow
+from service.sealing import Sealer
+from service.store import ApiKey, KeyConflict, OutboxMail, Store, Token, utcnow
 
-from .conftest import issue_key, key_in, obtain_key, verify_link, wait_until
+from .conftest import Mailbox, free_port, issue_key, key_in, obtain_key, verify_link, wait_until
 
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
 
@@ -144,3 +148,99 @@ def test_concurrent_activation_for_one_email_keeps_one_active_key(postgres_url, 
     finally:
         rival.close()
         probe.close()
+
+
+@pytest.fixture
+def bare_store(database_url):
+    """A store with no outbox worker of its own: the test's threads are the only workers."""
+    store = Store(database_url, max_connections=8).start()
+    yield store
+    store.close()
+
+
+SEALER = Sealer(["test-secret"])
+
+
+def queue_mails(store: Store, count: int) -> None:
+    with store.db.connection_context(), store.transaction():
+        for n in range(count):
+            store.enqueue_mail(SEALER.seal(Mail(f"queued{n}@example.org", "Queued", "text", "<p>html</p>")), utcnow())
+
+
+def test_concurrent_workers_claim_every_mail_once(bare_store):
+    queue_mails(bare_store, 60)
+    claims: list[list[int]] = [[] for _ in range(6)]
+
+    def work(mine: list[int]) -> None:
+        for _ in range(60):  # bounded: a worker claims at least one mail per round or stops
+            batch = bare_store.claim_due_mails(4)
+            if not batch:
+                return
+            mine.extend(mail.id for mail in batch)
+
+    workers = [threading.Thread(target=work, args=(mine,)) for mine in claims]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    claimed = [mail_id for mine in claims for mail_id in mine]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+    assert bare_store.claim_due_mails(4) == []  # leased: nothing is due again before CLAIM_LEASE
+
+
+@pytest.mark.postgres
+def test_a_worker_skips_mails_another_is_claiming_instead_of_waiting(postgres_url):
+    import psycopg2
+
+    store = Store(postgres_url, max_connections=2).start()
+    rival = psycopg2.connect(postgres_url)
+    try:
+        queue_mails(store, 4)
+        with rival.cursor() as cur:  # another worker, mid-claim: two rows locked
+            cur.execute("SELECT id FROM outbox_mail ORDER BY id LIMIT 2 FOR UPDATE")
+            locked = sorted(row[0] for row in cur.fetchall())
+        with store.db.connection_context():
+            store.db.execute_sql("SET lock_timeout = '2s'")  # the old claim would wait, then fail
+            claimed = [mail.id for mail in store.claim_due_mails(10)]
+        assert len(claimed) == 2 and not set(claimed) & set(locked)
+    finally:
+        rival.close()
+        store.close()
+
+
+class SlowMailbox(Mailbox):
+    """A mail server that takes its time over each message."""
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        await asyncio.sleep(0.2)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_worker_on_a_slow_mail_server_leaves_the_rest_of_its_claim_to_the_lease(sqlite_url, monkeypatch):
+    """Sending a claimed batch must end before the claim does, or another replica could claim and
+    send the same mails: past ``SEND_WITHIN_S`` the worker leaves them, claimed and untried."""
+    monkeypatch.setattr(mail, "SEND_WITHIN_S", 0.1)
+    mailbox, port = SlowMailbox(), free_port()
+    server = Controller(mailbox, hostname="127.0.0.1", port=port)
+    server.start()
+    store = Store(sqlite_url, max_connections=2).start()
+    sender = mail.SmtpSender("127.0.0.1", port, "none", None, None, timeout_s=5)
+    outbox = mail.Outbox(store, sender, SEALER, "Heartify <no-reply@heartify.test>", retry_min_s=1, retry_max_s=1)
+
+    def rows() -> list[OutboxMail]:
+        with store.db.connection_context():
+            return list(OutboxMail.select().order_by(OutboxMail.id))
+
+    try:
+        queue_mails(store, 3)
+        outbox.start()
+        wait_until(lambda: rows()[0].sent_at is not None, what="the first mail marked sent")
+        outbox.close()
+        assert len(mailbox.messages) == 1
+        assert [row.sent_at is not None for row in rows()] == [True, False, False]
+        assert [row.attempts for row in rows()] == [0, 0, 0]
+        assert store.seconds_to_next_mail() > 60  # still claimed: no other worker takes them yet
+    finally:
+        outbox.close()
+        server.stop()
+        store.close()

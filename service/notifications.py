@@ -1,0 +1,102 @@
+"""PostgreSQL notifications to this process: each one means "forget what you cached".
+
+Replicas share one database but each caches the keys it found active (``keys.ActiveKeys``). The
+transaction that deactivates a key also issues ``NOTIFY`` (``Store.deactivate_keys``); this
+listener hears it on commit and clears the cache, so every replica refuses the key at once
+instead of after ``KEY_CACHE_SECONDS``. Notifications sent while the listener is disconnected
+are lost, so it clears the cache on every (re)connection too; the TTL stays as the last resort.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable
+
+import psycopg2
+import psycopg2.extensions
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], psycopg2.extensions.connection]
+
+
+class Listener:
+    """Calls ``on_notice`` for each batch of notifications that arrives on the connections
+    ``connect`` opens (already listening), and after each successful connection.
+
+    The thread sleeps in ``select`` on the connection and on a socket pair that ``close`` writes
+    to, so it costs nothing while idle and stops at once. A connection that breaks (server
+    restart, network) is opened again after a delay that doubles up to ``backoff_max_s``.
+    """
+
+    def __init__(
+        self,
+        connect: Connect,
+        on_notice: Callable[[], None],
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        name: str = "db-notifications",
+    ) -> None:
+        self._connect = connect
+        self._on_notice = on_notice
+        self._backoff_min_s = backoff_min_s
+        self._backoff_max_s = backoff_max_s
+        self._delay_s = backoff_min_s
+        self._stopping = threading.Event()
+        self._stop_reader, self._stop_writer = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._stop_writer.send(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._stop_reader.close()
+        self._stop_writer.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+            except (psycopg2.Error, OSError) as exc:
+                text = str(exc).strip().splitlines()
+                log.warning(
+                    "Listening for key deactivations failed (%s); again in %.3g s",
+                    text[0] if text else type(exc).__name__,
+                    self._delay_s,
+                )
+                if self._wait_for_stop(self._delay_s):
+                    return
+                self._delay_s = min(self._backoff_max_s, self._delay_s * 2)
+
+    def _listen(self) -> None:
+        """Until ``close``: one connection's notifications; raises when the connection breaks."""
+        conn = self._connect()
+        try:
+            if self._delay_s > self._backoff_min_s:
+                log.info("Listening for key deactivations again")
+            self._delay_s = self._backoff_min_s
+            self._on_notice()  # whatever was announced while nobody listened is lost
+            while True:
+                readable, _, _ = select.select([conn, self._stop_reader], [], [])
+                if self._stop_reader in readable:
+                    return
+                conn.poll()
+                if conn.notifies:
+                    conn.notifies.clear()
+                    self._on_notice()
+        finally:
+            conn.close()
+
+    def _wait_for_stop(self, timeout_s: float) -> bool:
+        readable, _, _ = select.select([self._stop_reader], [], [], timeout_s)
+        return bool(readable)
