@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.contract import WINDOW
-from service.validation import MAX_ABS
+from service.validation import EMAIL_PATTERN, MAX_ABS
 
 _JSON = "application/json"
 
@@ -86,6 +86,14 @@ def document(max_batch_windows: int) -> dict[str, Any]:
         "maxItems": WINDOW,
         "description": f"{WINDOW} finite numbers: 10 seconds of one ECG lead at 130 Hz",
     }
+    # Outputs are unbounded: with ?units=input they are output·σ + μ, beyond MAX_ABS for inputs near it.
+    denoised = {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": WINDOW,
+        "maxItems": WINDOW,
+        "description": f"{WINDOW} denoised values",
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -97,6 +105,7 @@ def document(max_batch_windows: int) -> dict[str, Any]:
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
                 "Window": window,
+                "DenoisedWindow": denoised,
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -115,7 +124,7 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                 "DenoiseResponse": {
                     "type": "object",
                     "required": ["modelVersion", "denoised_signal"],
-                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("Window")},
+                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("DenoisedWindow")},
                 },
                 "BatchRequest": {
                     "type": "object",
@@ -134,13 +143,23 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     "required": ["modelVersion", "denoised_signals"],
                     "properties": {
                         "modelVersion": {"type": "integer"},
-                        "denoised_signals": {"type": "array", "items": _ref("Window")},
+                        "denoised_signals": {"type": "array", "items": _ref("DenoisedWindow")},
                     },
                 },
                 "EmailRequest": {
                     "type": "object",
                     "required": ["email"],
-                    "properties": {"email": {"type": "string", "format": "email"}},
+                    "properties": {
+                        "email": {
+                            "type": "string",
+                            "format": "email",
+                            "maxLength": 254,
+                            "pattern": EMAIL_PATTERN,
+                            "description": "An address a mail can be sent to: ASCII, a public domain name "
+                            "(no IP address, no special-use name such as `.local` or `.test`), no quoted "
+                            "local part. The pattern admits a subset of what the service accepts.",
+                        }
+                    },
                 },
                 "MailSent": {
                     "type": "object",
@@ -193,7 +212,14 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                 "get": {
                     "summary": "Follow a mailed link (single use, valid 24 hours)",
                     "tags": ["API keys"],
-                    "parameters": [{"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
+                    "parameters": [
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                        }
+                    ],
                     "responses": {
                         "200": {
                             "description": "Key created and mailed, or key deactivated",
