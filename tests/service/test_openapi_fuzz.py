@@ -55,6 +55,7 @@ def test_schemathesis_finds_no_disagreement(service_process, tmp_path):
             *("--workers", "1"),
             *("--report", "json", "--report-json-path", str(report)),
         ],
+        cwd=tmp_path,  # schemathesis keeps a .schemathesis folder in its working directory
         capture_output=True,
         text=True,
         timeout=120,
