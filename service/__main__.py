@@ -11,12 +11,11 @@ import signal
 import sys
 from contextlib import ExitStack
 
-import waitress
-
 from service import logs
 from service.app import create_app
 from service.config import Config, ConfigError
 from service.runtime import Runtime, StartupError
+from service.server import create_server
 
 log = logging.getLogger("service")
 
@@ -35,26 +34,19 @@ def main() -> int:
             print(f"heartify: {exc}", file=sys.stderr)
             return 1
         try:
-            server = waitress.create_server(
-                create_app(runtime.deps),
-                host=config.host,
-                port=config.port,
-                threads=config.web_threads,
-                # Bodies declared larger than this are refused unread (plain-text 413); between the
-                # app's limit and this one the app answers a JSON 413. Waitress reads a body whole
-                # before the app sees it, so the record route's large limit gets only 1 MiB more.
-                max_request_body_size=max(
-                    4 * config.max_body_bytes, config.record_body_bytes(binary=False) + (1 << 20)
-                ),
-                ident="heartify",
-                recv_bytes=1 << 16,  # a one-window body in one read instead of four
-            )
+            server = create_server(create_app(runtime.deps), config)
         except OSError as exc:
             print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
             return 1
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _terminate)
-        log.info("Serving on http://%s:%s with %d threads", config.host, server.effective_port, config.web_threads)
+        log.info(
+            "Serving on http://%s:%s with %d threads, up to %d connections",
+            config.host,
+            server.effective_port,
+            config.web_threads,
+            server.adj.connection_limit,
+        )
         server.run()
     log.info("Stopped")
     return 0

@@ -7,6 +7,7 @@ log and an outbox folder), so ``python -m service`` needs no setup; ``.env.examp
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SMTP_SECURITY = ("starttls", "ssl", "none")
 DEFAULT_SMTP_PORT = {"starttls": 587, "ssl": 465, "none": 25}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# waitress's loop visits every open connection on each turn, so each one slows every answer a
+# little; beyond this many the cost outweighs the headroom (docs/performance.md, slow clients).
+MAX_CONNECTIONS = 2000
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,15 @@ _KINDS = {
 }
 
 
+def _connection_limit() -> int:
+    """MAX_CONNECTIONS, or fewer if the open-files limit allows fewer (service.server raises the
+    soft limit to the hard one at start)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(100, min(MAX_CONNECTIONS, hard - 64))
+
+
 def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
     return {"env": name, "parse": parse, "low": low}
 
@@ -67,6 +80,11 @@ class Config:
     # full; a waiting thread costs little, and fewer threads than connections queue requests
     # inside waitress (which then logs a warning for each one).
     web_threads: int = field(default_factory=lambda: max(8, 8 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
+    # Slow clients (service.server): open connections at most, how long a request's headers may
+    # take from its first byte, and how long a connection may sit idle between requests.
+    connection_limit: int = field(default_factory=_connection_limit, metadata=_env("CONNECTION_LIMIT", int, 1))
+    header_timeout_s: float = field(default=10.0, metadata=_env("HEADER_TIMEOUT_SECONDS", float, 0.1))
+    channel_timeout_s: float = field(default=75.0, metadata=_env("CHANNEL_TIMEOUT_SECONDS", float, 0.1))
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))

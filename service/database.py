@@ -129,7 +129,7 @@ class _Guarded:
         """``SELECT 1`` on a fresh connection, bypassing the breaker and the pool; raises peewee's
         errors when it fails."""
         with pw.__exception_wrapper__:
-            conn = self._connect()  # type: ignore[attr-defined]
+            conn = self._raw_connect()  # not the pool's _connect: that one counts the connection as lent
             try:
                 cursor = conn.cursor()
                 cursor.execute("SELECT 1")
@@ -139,11 +139,11 @@ class _Guarded:
 
 
 class GuardedSqlite(_Guarded, PooledSqliteDatabase):
-    pass
+    _raw_connect = pw.SqliteDatabase._connect
 
 
 class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
-    pass
+    _raw_connect = pw.PostgresqlDatabase._connect
 
 
 # -- deadlines on PostgreSQL -------------------------------------------------------------------

@@ -5,11 +5,12 @@ A test compares its paths and methods with the app's routes, so it cannot silent
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
 from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
-from service.validation import MAX_ABS
+from service.validation import EMAIL_PATTERN, MAX_ABS
 
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
@@ -47,13 +48,8 @@ _DENOISE_ERRORS = {
     ),
     "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
     "413": _error("Request body too large"),
-    "503": _error("Model not loaded"),
-}
-
-
-_LIMITED = {
-    "429": _error("Too many requests for this key (where rate limits apply)"),
-    "503": _error("Model not loaded"),
+    "429": _error("`Too many requests for this API key. Slow down.` (with `Retry-After`)"),
+    "503": _error("`Model not loaded`, or the database does not answer (with `Retry-After`)"),
 }
 
 
@@ -93,7 +89,8 @@ def _record(max_seconds: float) -> dict[str, Any]:
                 ),
                 "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
                 "413": _error(f"Longer than {max_seconds:g} s, or a body over the limit that follows from it"),
-                **_LIMITED,
+                "429": _DENOISE_ERRORS["429"],
+                "503": _DENOISE_ERRORS["503"],
             },
         }
     }
@@ -111,6 +108,8 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
                 "400": _error("`Missing required field: email` or `Invalid email format` (with a `reason`)"),
                 status: _error(description),
                 "413": _error("Request body too large"),
+                "429": _error("Too many key mails for this address or from this client (with `Retry-After`)"),
+                "503": _error("The database does not answer (with `Retry-After`)"),
             },
         }
     }
@@ -136,6 +135,14 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
         "maxItems": WINDOW,
         "description": f"{WINDOW} finite numbers: 10 seconds of one ECG lead at 130 Hz",
     }
+    # Outputs are unbounded: with ?units=input they are output·σ + μ, beyond MAX_ABS for inputs near it.
+    denoised = {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": WINDOW,
+        "maxItems": WINDOW,
+        "description": f"{WINDOW} denoised values",
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -147,6 +154,7 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
                 "Window": window,
+                "DenoisedWindow": denoised,
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -165,7 +173,7 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                 "DenoiseResponse": {
                     "type": "object",
                     "required": ["modelVersion", "denoised_signal"],
-                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("Window")},
+                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("DenoisedWindow")},
                 },
                 "BatchRequest": {
                     "type": "object",
@@ -184,14 +192,21 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                     "required": ["modelVersion", "denoised_signals"],
                     "properties": {
                         "modelVersion": {"type": "integer"},
-                        "denoised_signals": {"type": "array", "items": _ref("Window")},
+                        "denoised_signals": {"type": "array", "items": _ref("DenoisedWindow")},
                     },
                 },
                 "RecordRequest": {
                     "type": "object",
                     "required": ["ecg_signal"],
                     "properties": {
-                        "ecg_signal": {"type": "array", "items": {"type": "number"}},
+                        # Bounds that hold at every rate: at least 2 s at the highest rate, at
+                        # most the longest recording at the lowest (the service checks the rate's own).
+                        "ecg_signal": {
+                            "type": "array",
+                            "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
+                            "minItems": math.ceil(MIN_SECONDS * MAX_RATE_HZ),
+                            "maxItems": math.floor(max_record_seconds * MIN_RATE_HZ),
+                        },
                         "sampling_rate": {
                             "type": "number",
                             "minimum": MIN_RATE_HZ,
@@ -212,7 +227,17 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                 "EmailRequest": {
                     "type": "object",
                     "required": ["email"],
-                    "properties": {"email": {"type": "string", "format": "email"}},
+                    "properties": {
+                        "email": {
+                            "type": "string",
+                            "format": "email",
+                            "maxLength": 254,
+                            "pattern": EMAIL_PATTERN,
+                            "description": "An address a mail can be sent to: ASCII, a public domain name "
+                            "(no IP address, no special-use name such as `.local` or `.test`), no quoted "
+                            "local part. The pattern admits a subset of what the service accepts.",
+                        }
+                    },
                 },
                 "MailSent": {
                     "type": "object",
@@ -266,13 +291,21 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                 "get": {
                     "summary": "Follow a mailed link (single use, valid 24 hours)",
                     "tags": ["API keys"],
-                    "parameters": [{"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
+                    "parameters": [
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                        }
+                    ],
                     "responses": {
                         "200": {
                             "description": "Key created and mailed, or key deactivated",
                             "content": {"text/html": {"schema": {"type": "string"}}},
                         },
                         "400": _error("`Invalid verification link`, `Invalid or expired token` or `Token has expired`"),
+                        "503": _error("The database does not answer (with `Retry-After`)"),
                     },
                 }
             },

@@ -104,12 +104,16 @@ class Recording:
             raise ModelUnavailable("Model not loaded")
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
         self._keys.used(key_id)
-        out = clean.astype("<f4")  # the model's own precision; half as long in JSON as float64
-        if binary:
+        if binary:  # float32 in, float32 out
             resp.content_type = BINARY
-            resp.data = out.tobytes()
-        else:
-            resp.media = {"modelVersion": self._model_version, "sampling_rate": _number(rate), "denoised_signal": out}
+            resp.data = clean.astype("<f4").tobytes()
+            return
+        # JSON: the model's own precision, half as long as float64, unless the input's units are
+        # beyond float32's range (JSON numbers may be up to 1e100).
+        out = clean.astype("<f4")
+        if not np.isfinite(out).all():
+            out = clean
+        resp.media = {"modelVersion": self._model_version, "sampling_rate": _number(rate), "denoised_signal": out}
 
 
 def _number(rate: float) -> int | float:

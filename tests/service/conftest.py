@@ -349,3 +349,17 @@ def pg_cluster() -> Iterator[PgCluster]:
     cluster = PgCluster().start()
     yield cluster
     cluster.close()
+
+
+def service_with_key(
+    service_process: Callable[..., ServiceProcess], tmp_path: Path, env: dict[str, str]
+) -> tuple[ServiceProcess, str]:
+    """``python -m service`` on a SQLite file of its own (mails to an outbox folder) and a valid
+    key put into that file from here."""
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    service = service_process({"DATABASE_URL": url, "OUTBOX_DIR": str(tmp_path / "outbox"), **env})
+    store = Store(url, max_connections=1).start()
+    try:
+        return service, issue_key(store, "served@example.org")
+    finally:
+        store.close()

@@ -15,7 +15,7 @@ import pytest
 
 from service.app import create_app
 from service.keys import digest
-from service.store import ApiKey, OutboxMail
+from service.store import ApiKey, OutboxMail, Store
 
 from .conftest import issue_key, wait_until
 
@@ -127,3 +127,15 @@ def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, s
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_probes_borrow_no_pooled_connection(tmp_path):
+    """The probe that runs while the database is away opens a connection of its own: however
+    often it runs, the pool keeps every connection for the requests."""
+    store = Store(f"sqlite:///{tmp_path / 'probe.db'}", max_connections=1).start()
+    try:
+        for _ in range(5):
+            store.db.probe()
+        issue_key(store, "pool@example.org")  # needs the pool's one connection
+    finally:
+        store.close()

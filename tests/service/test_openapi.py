@@ -1,10 +1,17 @@
-"""``/openapi.json`` describes exactly the routes and methods the app serves."""
+"""``/openapi.json`` describes exactly the routes and methods the app serves, and its email
+pattern admits only addresses the service accepts."""
 
 from __future__ import annotations
 
-from falcon.inspect import inspect_routes
+import re
 
+from falcon.inspect import inspect_routes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service import validation
 from service.app import create_app
+from service.validation import EMAIL_PATTERN
 
 
 def served(app) -> dict[str, set[str]]:
@@ -31,3 +38,26 @@ def test_every_operation_documents_its_responses(client):
                     ref = media["schema"].get("$ref")
                     if ref:
                         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
+
+
+@settings(max_examples=300, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.from_regex(EMAIL_PATTERN, fullmatch=True))
+def test_every_address_the_email_pattern_admits_is_accepted(address):
+    assert len(address) <= 254
+    assert validation.email({"email": address}) == address.lower()
+
+
+def test_the_email_pattern_refuses_what_the_service_refuses():
+    pattern = re.compile(EMAIL_PATTERN)
+    for address in [
+        "a@host.local",
+        "a@x.test",
+        "a@x.localhost",
+        "a@x.onion",
+        "a@1.2.3.4",
+        "a@[1.2.3.4]",
+        '"a b"@x.org',
+    ]:
+        assert not pattern.match(address), address
+    for address in ["me@example.com", "first.last+tag@mail.example.org", "a@x.locals"]:
+        assert pattern.match(address), address

@@ -99,6 +99,15 @@ def test_lengths_and_rates_come_back_as_sent(client, key, seconds, rate):
     assert 0.3 < out.std() / (x - x.mean()).std() < 1.5  # in the input's units
 
 
+def test_json_values_beyond_float32_come_back_finite(client, key):
+    """JSON admits numbers up to 1e100; the answer, in the input's units, must not overflow."""
+    x = ecg(2, 130) * 1e60
+    result = post_json(client, key, {"ecg_signal": x.tolist()})
+    assert result.status_code == 200
+    out = result.json["denoised_signal"]
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out) and max(map(abs, out)) > 1e50
+
+
 def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
     x = ecg(10 + 1 / 360, 360, seed=4).astype(np.float32)
     as_json = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 360})
