@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Health checks every 500 ms; a server is out after 2 failed checks and back after 1 good one.
@@ -50,24 +51,24 @@ def missing() -> str | None:
 
 
 class HaProxy:
-    """Listens on ``port`` of 127.0.0.1 (known before the servers start, so their links can point
-    at it); ``start`` returns once every server is up; ``states`` reads each server's status."""
+    """Listens on ``port`` of 127.0.0.1 in front of ``servers`` (name → loopback port). Started
+    before the servers are (it binds its port at once; their links can point at it), it marks
+    them up as their checks pass: ``wait_until_up``. ``states`` reads each server's status."""
 
-    def __init__(self, folder: Path, port: int) -> None:
+    def __init__(self, folder: Path, port: int, servers: dict[str, int]) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
-        self._servers: dict[str, int] = {}
+        self._servers = servers
         self._folder = folder
         self._socket = folder / "haproxy.sock"
         self._process: subprocess.Popen | None = None
 
     def config(self) -> str:
-        """The configuration for the servers (name → loopback port) given to ``start``."""
         servers = "\n".join(f"    server {name} 127.0.0.1:{port}" for name, port in self._servers.items())
         return CONFIG.format(socket=self._socket, port=self.port, servers=servers)
 
-    def start(self, servers: dict[str, int], timeout_s: float = 10.0) -> HaProxy:
-        self._servers = servers
+    def start(self, timeout_s: float = 10.0) -> HaProxy:
+        """Returns once HAProxy answers on its stats socket, its port bound."""
         path = self._folder / "haproxy.cfg"
         path.write_text(self.config())
         check = subprocess.run(["haproxy", "-c", "-q", "-f", str(path)], capture_output=True, text=True, timeout=30)
@@ -75,32 +76,45 @@ class HaProxy:
             raise RuntimeError(f"haproxy refuses {path}: {check.stderr.strip()}")
         with open(self._folder / "haproxy.log", "ab") as log:
             self._process = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while not self._all_up():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"haproxy did not bring every server up: {self.log()}")
-            time.sleep(0.05)
+        self._wait(lambda: self._rows() is not None, timeout_s, "start")
         return self
 
-    def _all_up(self) -> bool:
-        try:
-            states = self.states()
-        except OSError:
-            return False
-        return len(states) == len(self._servers) and all(s == "UP" for s in states.values())
+    def wait_until_up(self, timeout_s: float = 10.0) -> None:
+        """Until every server is up after a passed health check (not merely up by default)."""
+
+        def all_up() -> bool:
+            rows = self._rows() or []
+            checked = [r for r in rows if r["status"] == "UP" and r["check_status"] == "L7OK"]
+            return len(checked) == len(self._servers)
+
+        self._wait(all_up, timeout_s, "bring every server up")
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"haproxy did not {what}: {self.log()}")
+            time.sleep(0.05)
 
     def states(self) -> dict[str, str]:
         """Each server's status as HAProxy sees it: UP, DOWN, ``UP 1/2`` (going down), …"""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(2)
-            sock.connect(str(self._socket))
-            sock.sendall(b"show stat\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
+        return {row["svname"]: row["status"] for row in self._rows() or []}
+
+    def _rows(self) -> list[dict[str, str]] | None:
+        """The servers' rows of ``show stat``; None while the stats socket does not answer."""
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(str(self._socket))
+                sock.sendall(b"show stat\n")
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            return None
         rows = csv.DictReader(b"".join(chunks).decode().lstrip("# ").splitlines())
-        return {row["svname"]: row["status"] for row in rows if row["svname"] in self._servers}
+        return [row for row in rows if row["svname"] in self._servers]
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -73,12 +73,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         db.start()
         smtp = SmtpServer().start()
         stack.callback(smtp.stop)
-        balancer = HaProxy(folder, free_port())
-        stack.callback(balancer.stop)
+        balancer_port = free_port()
         env = {
             "DATABASE_URL": db.url,
             "KEY_CACHE_SECONDS": "30",
-            "BASE_URL": balancer.url,
+            "BASE_URL": f"http://127.0.0.1:{balancer_port}",
             "MAIL_RETRY_MIN_SECONDS": "0.05",
             "MAIL_RETRY_MAX_SECONDS": "0.2",
             # Every request comes from this one test client: the per-client mail limit (20 an
@@ -90,10 +89,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         replicas = [ServiceProcess(env, folder / f"replica-{n}.log") for n in range(1, REPLICAS + 1)]
         for replica in replicas:
             stack.callback(replica.stop)
+        balancer = HaProxy(folder, balancer_port, {f"r{n}": r.port for n, r in enumerate(replicas, 1)})
+        stack.callback(balancer.stop)
+        balancer.start()
         # Started together on an empty database: they create the tables at the same moment.
         with ThreadPoolExecutor(REPLICAS) as pool:
             list(pool.map(ServiceProcess.start, replicas))
-        balancer.start({f"r{n}": r.port for n, r in enumerate(replicas, 1)})
+        balancer.wait_until_up()
         yield Deployment(db, smtp, replicas, balancer)
 
 
