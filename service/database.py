@@ -113,14 +113,26 @@ class _Guarded:
         try:
             return super().connect(reuse_if_open)  # type: ignore[misc]
         except UNAVAILABLE_ERRORS as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
+
+    def _connect(self) -> object:
+        """Runs under the database's lock: threads that queued on it while the first one found
+        the database away fail at once instead of trying one after another."""
+        self.health.check()
+        return super()._connect()  # type: ignore[misc]
+
+    def _failed(self, exc: BaseException) -> None:
+        """Open the breaker, and drop the idle pooled connections: after an outage they are
+        dead, and each would otherwise fail one request once the database is back."""
+        self.health.failed(exc)
+        self.close_idle()  # type: ignore[attr-defined]
 
     def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
         try:
             cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
         except UNAVAILABLE_ERRORS as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
         self.health.succeeded()
         return cursor
@@ -144,6 +156,15 @@ class GuardedSqlite(_Guarded, PooledSqliteDatabase):
 
 class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
     _raw_connect = pw.PostgresqlDatabase._connect
+
+    def _is_closed(self, conn: object) -> bool:
+        """Without a round trip: peewee's own check sends ``SELECT 1`` for every checkout, under
+        the database's lock, so a hung server held every thread for a deadline per idle
+        connection. A connection that died unnoticed fails its first statement instead, which
+        opens the breaker and drops the idle ones."""
+        from psycopg2 import extensions
+
+        return bool(conn.closed) or conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN
 
 
 # -- deadlines on PostgreSQL -------------------------------------------------------------------

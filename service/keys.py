@@ -119,6 +119,11 @@ class ActiveKeys:
             self._epoch += 1
             self._entries.clear()
 
+    def expire(self) -> None:
+        """Read every key again on its next use, keeping the entries as the outage fallback."""
+        with self._lock:
+            self._entries = {key_hash: (key_id, 0.0) for key_hash, (key_id, _) in self._entries.items()}
+
 
 @dataclass(frozen=True)
 class MailLimits:
@@ -167,8 +172,12 @@ class KeyService:
         return key_id
 
     def forget_cached(self) -> None:
-        """Keys were deactivated elsewhere (or news of it may have been lost): read them again."""
+        """Keys were deactivated elsewhere: read them again, and trust none of them meanwhile."""
         self._active.forget()
+
+    def revalidate_cached(self) -> None:
+        """News of deactivations may have been lost: read every key again on its next use."""
+        self._active.expire()
 
     def used(self, key_id: int) -> None:
         self._usage.touch(key_id)

@@ -4,7 +4,8 @@ Replicas share one database but each caches the keys it found active (``keys.Act
 transaction that deactivates a key also issues ``NOTIFY`` (``Store.deactivate_keys``); this
 listener hears it on commit and clears the cache, so every replica refuses the key at once
 instead of after ``KEY_CACHE_SECONDS``. Notifications sent while the listener is disconnected
-are lost, so it clears the cache on every (re)connection too; the TTL stays as the last resort.
+are lost, so on every (re)connection it marks the whole cache for reading again (the entries
+stay as the fallback for an outage); the TTL stays as the last resort.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ class Listener:
         self,
         connect: Connect,
         on_notice: Callable[[], None],
+        on_connect: Callable[[], None] | None = None,
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
         name: str = "db-notifications",
     ) -> None:
         self._connect = connect
         self._on_notice = on_notice
+        self._on_connect = on_connect or on_notice
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
         self._delay_s = backoff_min_s
@@ -69,10 +72,11 @@ class Listener:
                 self._listen()
             except (psycopg2.Error, OSError) as exc:
                 text = str(exc).strip().splitlines()
-                log.warning(
-                    "Listening for key deactivations failed (%s); again in %.3g s",
+                # Once per outage: the database's own outage log says the rest.
+                log.log(
+                    logging.WARNING if self._delay_s == self._backoff_min_s else logging.DEBUG,
+                    "Listening for key deactivations failed (%s); trying again until it works",
                     text[0] if text else type(exc).__name__,
-                    self._delay_s,
                 )
                 if self._wait_for_stop(self._delay_s):
                     return
@@ -85,7 +89,7 @@ class Listener:
             if self._delay_s > self._backoff_min_s:
                 log.info("Listening for key deactivations again")
             self._delay_s = self._backoff_min_s
-            self._on_notice()  # whatever was announced while nobody listened is lost
+            self._on_connect()  # whatever was announced while nobody listened is lost
             while True:
                 readable, _, _ = select.select([conn, self._stop_reader], [], [])
                 if self._stop_reader in readable:

@@ -180,7 +180,9 @@ class Runtime:
                 TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
             )
             if self.store.notifies:
-                listener = Listener(lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached).start()
+                listener = Listener(
+                    lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached, keys.revalidate_cached
+                ).start()
                 stack.callback(listener.close)
             self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
             self._stack = stack.pop_all()

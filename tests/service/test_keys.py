@@ -8,6 +8,7 @@ import falcon.testing
 import pytest
 
 from service.app import create_app
+from service.database import DatabaseUnavailable
 from service.keys import ActiveKeys, digest
 from service.runtime import Runtime
 from service.store import utcnow
@@ -90,3 +91,23 @@ def test_unknown_keys_are_not_kept():
         cache.get("unknown", lookup)
         cache.get("known", lookup)
     assert lookups == ["unknown", "known", "unknown", "unknown"]
+
+
+def test_expired_entries_are_read_again_and_serve_through_an_outage():
+    """After ``expire`` (the listener reconnected: deactivations may have been missed) a key is
+    read again; while the database is away, the entry this process verified still serves."""
+    cache = ActiveKeys(30.0)
+    assert cache.get("h", lambda key_hash: 7) == 7
+    cache.expire()
+    reads: list[str] = []
+
+    def away(key_hash: str) -> int:
+        reads.append(key_hash)
+        raise DatabaseUnavailable("down")
+
+    assert cache.get("h", away) == 7 and reads == ["h"]
+    with pytest.raises(DatabaseUnavailable):
+        cache.get("never-seen", away)
+    cache.forget()  # a deactivation: nothing is trusted any more
+    with pytest.raises(DatabaseUnavailable):
+        cache.get("h", away)
