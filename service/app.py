@@ -19,6 +19,7 @@ from service import openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.metrics import Exposition, Metrics, RequestMetrics
 from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Verification
 from service.store import Store
 from service.validation import ValidationError
@@ -33,6 +34,7 @@ class Deps:
     store: Store
     batcher: Batcher | None  # None: no model loaded, denoising answers 503
     model_version: int
+    metrics: Metrics | None = None  # None: METRICS=off, no /metrics and nothing counted
 
 
 def loads(text: str) -> Any:
@@ -52,7 +54,10 @@ def loads(text: str) -> Any:
 
 def create_app(deps: Deps) -> falcon.App:
     config = deps.config
-    app = falcon.App(middleware=[_ReleaseConnection(deps.store)])
+    middleware: list[object] = [_ReleaseConnection(deps.store)]
+    if deps.metrics is not None:
+        middleware.insert(0, RequestMetrics(deps.metrics))
+    app = falcon.App(middleware=middleware)
     handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
     # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
@@ -91,6 +96,8 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(deps.batcher, deps.store))
     app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows)))
+    if deps.metrics is not None and not config.metrics_port:
+        app.add_route("/metrics", Exposition(deps.metrics))
     return app
 
 

@@ -100,8 +100,17 @@ class FolderSender:
 class Outbox:
     """Delivers the outbox table in the background, with exponential backoff per mail."""
 
-    def __init__(self, store: Store, sender: Sender, from_address: str, retry_min_s: float, retry_max_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        from_address: str,
+        retry_min_s: float,
+        retry_max_s: float,
+        on_pending: Callable[[int], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_pending = on_pending  # told how many mails wait after each step (service.metrics)
         self._sender = sender
         self._from = from_address
         self._retry_min_s = retry_min_s
@@ -122,6 +131,8 @@ class Outbox:
         due = self._store.claim_due_mails(CLAIM_BATCH)
         if due:
             self._deliver(due)
+        if self._on_pending is not None:
+            self._on_pending(self._store.pending_mails())
         wait = self._store.seconds_to_next_mail()
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
 

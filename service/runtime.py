@@ -17,7 +17,8 @@ from service.config import Config
 from service.engine import Engine
 from service.keys import KeyService
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
-from service.manifest import ModelError, verify_model
+from service.manifest import ModelError, precision, sha256, verify_model
+from service.metrics import Metrics
 from service.store import Store, redact
 from service.usage import LastUsed
 
@@ -57,6 +58,12 @@ def start_engine(config: Config) -> Engine:
         return engine.start()
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
         raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
+
+
+def start_metrics(config: Config, version: int) -> Metrics:
+    metrics = Metrics()
+    metrics.model(version, precision(config.model_path, config.manifest), sha256(config.model_path))
+    return metrics
 
 
 def start_store(config: Config) -> Store:
@@ -115,11 +122,23 @@ class Runtime:
                 stack.callback(engine.close)
             self.store = start_store(config)
             stack.callback(self.store.close)
-            self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
+            metrics = start_metrics(config, version) if config.metrics else None
+            self.batcher = Batcher(
+                engine,
+                config.batch_max_size,
+                config.batch_max_wait_ms / 1000,
+                config.batch_workers,
+                **({"observer": metrics.inference} if metrics else {}),
+            )
             stack.callback(self.batcher.close)
             self.batcher.start()
             self.outbox = Outbox(
-                self.store, mail_sender(config), config.sender_email, config.mail_retry_min_s, config.mail_retry_max_s
+                self.store,
+                mail_sender(config),
+                config.sender_email,
+                config.mail_retry_min_s,
+                config.mail_retry_max_s,
+                **({"on_pending": metrics.outbox_pending.set} if metrics else {}),
             )
             stack.callback(self.outbox.close)
             self.outbox.start()
@@ -127,7 +146,9 @@ class Runtime:
             stack.callback(self.usage.close)
             self.usage.start()
             keys = KeyService(self.store, self.outbox, self.usage, config.public_url, config.key_cache_s)
-            self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
+            self.deps = Deps(
+                config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version, metrics=metrics
+            )
             self._stack = stack.pop_all()
         log.info(
             "Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",

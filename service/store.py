@@ -274,6 +274,11 @@ class Store:
                 last_error=error[:1000],
             ).where(OutboxMail.id == mail_id).execute()
 
+    def pending_mails(self) -> int:
+        """Mails not yet delivered (due or waiting for a retry)."""
+        with self.db.connection_context():
+            return OutboxMail.select().where(OutboxMail.sent_at.is_null()).count()
+
     def seconds_to_next_mail(self) -> float | None:
         """Seconds until the earliest undelivered mail is due (0 if overdue); None if none waits."""
         with self.db.connection_context():

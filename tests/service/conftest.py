@@ -269,6 +269,7 @@ class ServiceProcess:
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "BASE_URL": self.url,
+            "WEB_WORKERS": "1",
             "WEB_THREADS": "4",
             "ORT_THREADS": "1",
             "ORT_LONE_THREADS": "1",

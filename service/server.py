@@ -1,0 +1,79 @@
+"""One serving process: the runtime, the Falcon app and waitress, until SIGTERM or Ctrl-C.
+
+``python -m service`` runs it directly when ``WEB_WORKERS=1``; with more, each worker of
+``service.workers`` runs it on the listening socket its supervisor bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import prometheus_client
+import waitress
+
+from service.app import create_app
+from service.config import Config
+from service.metrics import exposition_registry
+from service.runtime import Runtime, StartupError
+
+log = logging.getLogger("service")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # waitress's run loop catches it and shuts its threads down
+
+
+def serve(config: Config, listener: socket.socket | None = None, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve until stopped; 0 after a clean stop, 1 (and one sentence on stderr) if it cannot start.
+
+    ``listener``: an already bound socket (a worker's), else bind ``config.host:config.port``.
+    """
+    with ExitStack() as stack:
+        try:
+            runtime = stack.enter_context(Runtime(config))
+        except StartupError as exc:
+            print(f"heartify: {exc}", file=sys.stderr)
+            return 1
+        where = {"sockets": [listener]} if listener is not None else {"host": config.host, "port": config.port}
+        try:
+            server = waitress.create_server(
+                create_app(runtime.deps),
+                **where,
+                threads=config.web_threads,
+                # Bodies declared larger than this are refused unread (plain-text 413); between the
+                # app's limit and this one the app answers a JSON 413.
+                max_request_body_size=4 * config.max_body_bytes,
+                ident="heartify",
+                recv_bytes=1 << 16,  # a one-window body in one read instead of four
+            )
+            if listener is None and runtime.deps.metrics is not None and config.metrics_port:
+                stack.callback(serve_metrics(config, exposition_registry(runtime.deps.metrics.registry)))
+        except OSError as exc:
+            print(f"heartify: cannot listen on {config.host} ({exc.strerror or exc}).", file=sys.stderr)
+            return 1
+        stack.callback(server.close)
+        signal.signal(signal.SIGTERM, _terminate)
+        log.info("Serving on http://%s:%s with %d threads", config.host, server.effective_port, config.web_threads)
+        if on_ready is not None:
+            on_ready()
+        server.run()
+    log.info("Stopped")
+    return 0
+
+
+def serve_metrics(config: Config, registry: prometheus_client.CollectorRegistry) -> Callable[[], None]:
+    """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
+    httpd, thread = prometheus_client.start_http_server(config.metrics_port, config.host, registry)
+    log.info("Metrics on http://%s:%s/metrics", config.host, config.metrics_port)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+    return stop
