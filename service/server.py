@@ -17,7 +17,7 @@ import prometheus_client
 import waitress
 
 from service.app import create_app
-from service.config import Config
+from service.config import Config, ConfigError
 from service.metrics import exposition_registry
 from service.runtime import Runtime, StartupError
 
@@ -36,7 +36,7 @@ def serve(config: Config, listener: socket.socket | None = None, on_ready: Calla
     with ExitStack() as stack:
         try:
             runtime = stack.enter_context(Runtime(config))
-        except StartupError as exc:
+        except (ConfigError, StartupError) as exc:
             print(f"heartify: {exc}", file=sys.stderr)
             return 1
         where = {"sockets": [listener]} if listener is not None else {"host": config.host, "port": config.port}

@@ -170,7 +170,7 @@ def supervise(config: Config) -> int:
     try:
         model_version(config)
         start_store(config).close()  # the database answers and has its tables
-    except StartupError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"heartify: {exc}", file=sys.stderr)
         return 1
     try:
