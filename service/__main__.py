@@ -12,7 +12,6 @@ import sys
 
 from service import logs
 from service.config import Config, ConfigError
-from service.server import serve
 from service.workers import supervise
 
 
@@ -23,7 +22,11 @@ def main() -> int:
         print(f"heartify: {exc}", file=sys.stderr)
         return 1
     logs.configure(config.log_level)
-    return serve(config) if config.web_workers == 1 else supervise(config)
+    if config.web_workers > 1:
+        return supervise(config)
+    from service.server import serve  # here, not at the top: a supervisor never loads onnxruntime
+
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,24 @@ so that each process makes them after that variable is known and tests can make 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 
 import falcon
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
+
+log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"  # the route label of every path no route matches: raw paths would be unbounded
@@ -115,3 +127,16 @@ class Exposition:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = generate_latest(exposition_registry(self._metrics.registry))
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> Callable[[], None]:
+    """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
+    httpd, thread = start_http_server(port, host, registry)
+    log.info("Metrics on http://%s:%s/metrics", host, port)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+    return stop

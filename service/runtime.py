@@ -1,7 +1,7 @@
 """Builds the production collaborators from a ``Config``, starts them, and stops them.
 
-Every expected start-up failure (model, manifest, database) becomes a ``StartupError`` whose
-message is one sentence, which ``__main__`` prints instead of a traceback.
+Every expected start-up failure (model, manifest, database) becomes a ``StartupError``
+(``service.startup``) whose message is one sentence.
 """
 
 from __future__ import annotations
@@ -9,39 +9,19 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 
-import peewee as pw
-
 from service.app import Deps
 from service.batcher import Batcher
 from service.config import Config
 from service.engine import Engine
 from service.keys import KeyService
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
-from service.manifest import ModelError, precision, sha256, verify_model
+from service.manifest import precision, sha256
 from service.metrics import Metrics
+from service.startup import StartupError, first_line, model_version, start_store
 from service.store import Store, redact
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
-
-# Connections beyond the request threads: the mail worker and the last_used flusher.
-BACKGROUND_CONNECTIONS = 2
-
-
-class StartupError(Exception):
-    """The service cannot start; the message is one sentence."""
-
-
-def model_version(config: Config) -> int:
-    """The model file checked against its manifest, and the version responses report."""
-    try:
-        manifest_version = verify_model(config.model_path, config.manifest)
-    except ModelError as exc:
-        raise StartupError(str(exc)) from None
-    version = config.model_version if config.model_version is not None else manifest_version
-    if version is None:
-        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
-    return version
 
 
 def start_engine(config: Config) -> Engine:
@@ -57,22 +37,13 @@ def start_engine(config: Config) -> Engine:
     try:
         return engine.start()
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
-        raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
+        raise StartupError(f"onnxruntime cannot load {config.model_path}: {first_line(exc)}") from None
 
 
 def start_metrics(config: Config, version: int) -> Metrics:
     metrics = Metrics()
     metrics.model(version, precision(config.model_path, config.manifest), sha256(config.model_path))
     return metrics
-
-
-def start_store(config: Config) -> Store:
-    store = Store(config.database_url, max_connections=config.web_threads + BACKGROUND_CONNECTIONS)
-    try:
-        return store.start()
-    except pw.PeeweeException as exc:
-        store.close()
-        raise StartupError(f"Database {redact(config.database_url)} cannot be used: {_first_line(exc)}") from None
 
 
 def mail_sender(config: Config) -> Sender:
@@ -87,11 +58,6 @@ def mail_sender(config: Config) -> Sender:
         )
     log.warning("SMTP_HOST is not set: mails go to the log and to %s/ (fine for a local run only)", config.outbox_dir)
     return FolderSender(config.outbox_dir)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Runtime:

@@ -13,12 +13,11 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 
-import prometheus_client
 import waitress
 
 from service.app import create_app
 from service.config import Config, ConfigError
-from service.metrics import exposition_registry
+from service.metrics import exposition_registry, serve_metrics
 from service.runtime import Runtime, StartupError
 
 log = logging.getLogger("service")
@@ -52,7 +51,9 @@ def serve(config: Config, listener: socket.socket | None = None, on_ready: Calla
                 recv_bytes=1 << 16,  # a one-window body in one read instead of four
             )
             if listener is None and runtime.deps.metrics is not None and config.metrics_port:
-                stack.callback(serve_metrics(config, exposition_registry(runtime.deps.metrics.registry)))
+                stack.callback(
+                    serve_metrics(config.host, config.metrics_port, exposition_registry(runtime.deps.metrics.registry))
+                )
         except OSError as exc:
             print(f"heartify: cannot listen on {config.host} ({exc.strerror or exc}).", file=sys.stderr)
             return 1
@@ -64,16 +65,3 @@ def serve(config: Config, listener: socket.socket | None = None, on_ready: Calla
         server.run()
     log.info("Stopped")
     return 0
-
-
-def serve_metrics(config: Config, registry: prometheus_client.CollectorRegistry) -> Callable[[], None]:
-    """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
-    httpd, thread = prometheus_client.start_http_server(config.metrics_port, config.host, registry)
-    log.info("Metrics on http://%s:%s/metrics", config.host, config.metrics_port)
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
-
-    return stop

@@ -35,9 +35,8 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service import logs
 from service.config import Config, ConfigError
-from service.metrics import MULTIPROC_ENV, merged_registry
-from service.runtime import StartupError, model_version, start_store
-from service.server import serve, serve_metrics
+from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
+from service.startup import StartupError, model_version, start_store
 
 log = logging.getLogger("service.workers")
 
@@ -187,7 +186,7 @@ def supervise(config: Config) -> int:
             env[MULTIPROC_ENV] = folder
             if config.metrics_port:
                 try:
-                    stack.callback(serve_metrics(config, merged_registry(folder)))
+                    stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
                 except OSError as exc:
                     print(
                         f"heartify: cannot listen on port {config.metrics_port} ({exc.strerror or exc}).",
@@ -211,6 +210,8 @@ def worker(listen_fd: int, ready_fd: int) -> int:
     def ready() -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+
+    from service.server import serve  # here, not at the top: the supervisor never loads onnxruntime
 
     return serve(config, listener, ready)
 

@@ -1,0 +1,47 @@
+"""What a start checks before the model loads: the model file against its manifest, and the database.
+
+Every expected start-up failure becomes a ``StartupError`` whose message is one sentence, which
+``__main__`` prints instead of a traceback. Kept apart from ``runtime`` (and free of onnxruntime),
+so that the supervisor of several workers can run these checks without loading the engine.
+"""
+
+from __future__ import annotations
+
+import peewee as pw
+
+from service.config import Config
+from service.manifest import ModelError, verify_model
+from service.store import Store, redact
+
+# Connections beyond the request threads: the mail worker and the last_used flusher.
+BACKGROUND_CONNECTIONS = 2
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is one sentence."""
+
+
+def model_version(config: Config) -> int:
+    """The model file checked against its manifest, and the version responses report."""
+    try:
+        manifest_version = verify_model(config.model_path, config.manifest)
+    except ModelError as exc:
+        raise StartupError(str(exc)) from None
+    version = config.model_version if config.model_version is not None else manifest_version
+    if version is None:
+        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
+    return version
+
+
+def start_store(config: Config) -> Store:
+    store = Store(config.database_url, max_connections=config.web_threads + BACKGROUND_CONNECTIONS)
+    try:
+        return store.start()
+    except pw.PeeweeException as exc:
+        store.close()
+        raise StartupError(f"Database {redact(config.database_url)} cannot be used: {first_line(exc)}") from None
+
+
+def first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
