@@ -95,8 +95,9 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(deps.batcher, deps.store))
-    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows)))
-    if deps.metrics is not None and not config.metrics_port:
+    metrics_here = deps.metrics is not None and not config.metrics_port
+    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows, metrics_here)))
+    if metrics_here:
         app.add_route("/metrics", Exposition(deps.metrics))
     return app
 

@@ -66,6 +66,17 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
     }
 
 
+_METRICS = {
+    "get": {
+        "summary": "Prometheus metrics of every worker, no API key",
+        "tags": ["Operations"],
+        "responses": {
+            "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
+    }
+}
+
+
 def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     """A health endpoint: GET, and HEAD with the same status and no body."""
     return {
@@ -78,7 +89,8 @@ def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def document(max_batch_windows: int) -> dict[str, Any]:
+def document(max_batch_windows: int, metrics: bool = False) -> dict[str, Any]:
+    """``metrics``: the app serves ``/metrics`` on its own port."""
     window = {
         "type": "array",
         "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
@@ -217,5 +229,6 @@ def document(max_batch_windows: int) -> dict[str, Any]:
                     },
                 }
             },
+            **({"/metrics": _METRICS} if metrics else {}),
         },
     }
