@@ -5,7 +5,8 @@ over batch sizes and thread settings, spinning included, and its lone-window p50
 at 1, 16 and 64 connections, one window per request: the service with ``WEB_WORKERS=1`` and with
 its default, the FastAPI peer (benchmarks/peers) and, once, the old service's way (Flask, PyTorch
 eager). For the default service also the PSS of all its processes under load, its idle CPU, and
-the throughput /metrics costs (METRICS on and off, alternated at 16 connections). About 6 minutes;
+the throughput /metrics costs (METRICS on and off, alternated at 16 connections, and the CPU its
+parts add per request over the service's CPU per request: benchmarks.metrics_cost). About 6 minutes;
 wrk must be installed (`apt-get install wrk`) and the peers' packages
 (`pip install -r benchmarks/peers/requirements.txt`).
 """
@@ -13,7 +14,9 @@ wrk must be installed (`apt-get install wrk`) and the peers' packages
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -110,6 +113,14 @@ def metrics_cost(model: Path, seconds: int, rounds: int) -> dict:
     return {"on": rates["on"], "off": rates["off"], "cost_percent": (off_rate - on_rate) / off_rate * 100}
 
 
+def metrics_cpu() -> dict:
+    """benchmarks.metrics_cost in a fresh interpreter (multiprocess mode must be set before import)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.metrics_cost"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout)
+
+
 def load_average() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -143,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     require_wrk()
     started, load_before = time.monotonic(), load_average()
     old = served("old service", MODELS["fp32"], {}, OLD, args, footprint=False)
+    cpu = metrics_cpu()
     runs = []
     for precision, model in MODELS.items():
         run = {"precision": precision, "engine": engine(model, args.engine_seconds)}
@@ -153,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             old,
         ]
         run["metrics"] = metrics_cost(model, args.seconds, args.metrics_rounds)
+        ours = run["services"][0]["rows"]
+        run["metrics"]["server_cpu_ms_per_request_at_16"] = next(r for r in ours if r["connections"] == 16)[
+            "server_cpu_ms_per_request"
+        ]
+        per_request_us = cpu["middleware_us"] + cpu["observer_us"]
+        run["metrics"]["cpu_share_percent"] = (
+            per_request_us / 1e3 / run["metrics"]["server_cpu_ms_per_request_at_16"] * 100
+        )
         run["ratios"] = ratios(run)
         runs.append(run)
     payload = {
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "minutes": (time.monotonic() - started) / 60,
+        "metrics_cpu_us_per_request": cpu,
         "runs": runs,
     }
     path = save(args.name, payload)
