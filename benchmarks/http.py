@@ -74,13 +74,16 @@ class Server:
         }
         env.pop("SMTP_HOST", None)
         command = [a.format(port=self.port) for a in command] if command else None
-        # A peer's request log would flood the benchmark's output.
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if command else {}
-        self.process = subprocess.Popen(command or [sys.executable, "-m", "service"], cwd=ROOT, env=env, **quiet)
+        # A peer's request log would flood the benchmark's output: it goes to a file.
+        log = folder / "server.log"
+        with open(log, "wb") as out:
+            quiet = {"stdout": out, "stderr": subprocess.STDOUT} if command else {}
+            self.process = subprocess.Popen(command or [sys.executable, "-m", "service"], cwd=ROOT, env=env, **quiet)
         deadline = time.monotonic() + 60
         while not self._ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not become ready")
+                self.stop()
+                raise RuntimeError(f"{command or 'the service'} did not become ready: {log.read_text()[-2000:]}")
             time.sleep(0.2)
 
     def _ready(self) -> bool:
