@@ -55,7 +55,7 @@ def serve(config: Config, listener: socket.socket | None = None, on_ready: Calla
                     serve_metrics(config.host, config.metrics_port, exposition_registry(runtime.deps.metrics.registry))
                 )
         except OSError as exc:
-            print(f"heartify: cannot listen on {config.host} ({exc.strerror or exc}).", file=sys.stderr)
+            print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
             return 1
         stack.callback(server.close)
         signal.signal(signal.SIGTERM, _terminate)
