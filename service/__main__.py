@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from service import logs
-from service.config import Config, ConfigError
+from service.startup import configured
 from service.workers import supervise
 
 
 def main() -> int:
-    try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
+    config = configured()
+    if config is None:
         return 1
-    logs.configure(config.log_level)
     if config.web_workers > 1:
         return supervise(config)
     from service.server import serve  # here, not at the top: a supervisor never loads onnxruntime

@@ -7,9 +7,12 @@ so that the supervisor of several workers can run these checks without loading t
 
 from __future__ import annotations
 
+import sys
+
 import peewee as pw
 
-from service.config import Config
+from service import logs
+from service.config import Config, ConfigError
 from service.manifest import ModelError, verify_model
 from service.store import Store, redact
 
@@ -19,6 +22,17 @@ BACKGROUND_CONNECTIONS = 2
 
 class StartupError(Exception):
     """The service cannot start; the message is one sentence."""
+
+
+def configured() -> Config | None:
+    """The configuration from the environment, logging set up; None (one sentence on stderr) if unusable."""
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return None
+    logs.configure(config.log_level)
+    return config
 
 
 def model_version(config: Config) -> int:

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service import logs
 from service.config import Config, ConfigError
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
-from service.startup import StartupError, model_version, start_store
+from service.startup import StartupError, configured, model_version, start_store
 
 log = logging.getLogger("service.workers")
 
@@ -199,12 +198,9 @@ def supervise(config: Config) -> int:
 def worker(listen_fd: int, ready_fd: int) -> int:
     """A worker: serve on the inherited socket; write to ``ready_fd`` once serving."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
-    try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
+    config = configured()
+    if config is None:
         return 1
-    logs.configure(config.log_level)
     listener = socket.socket(fileno=listen_fd)
 
     def ready() -> None:
