@@ -19,6 +19,7 @@ from service.app import create_app
 from service.config import Config, ConfigError
 from service.metrics import exposition_registry, serve_metrics
 from service.runtime import Runtime, StartupError
+from service.startup import cannot_listen
 
 log = logging.getLogger("service")
 
@@ -50,14 +51,15 @@ def serve(config: Config, listener: socket.socket | None = None, on_ready: Calla
                 ident="heartify",
                 recv_bytes=1 << 16,  # a one-window body in one read instead of four
             )
-            if listener is None and runtime.deps.metrics is not None and config.metrics_port:
-                stack.callback(
-                    serve_metrics(config.host, config.metrics_port, exposition_registry(runtime.deps.metrics.registry))
-                )
         except OSError as exc:
-            print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
-            return 1
+            return cannot_listen(config.host, config.port, exc)
         stack.callback(server.close)
+        if listener is None and runtime.deps.metrics is not None and config.metrics_port:
+            registry = exposition_registry(runtime.deps.metrics.registry)
+            try:
+                stack.callback(serve_metrics(config.host, config.metrics_port, registry))
+            except OSError as exc:
+                return cannot_listen(config.host, config.metrics_port, exc)
         signal.signal(signal.SIGTERM, _terminate)
         log.info("Serving on http://%s:%s with %d threads", config.host, server.effective_port, config.web_threads)
         if on_ready is not None:

@@ -35,6 +35,12 @@ def configured() -> Config | None:
     return config
 
 
+def cannot_listen(host: str, port: int, exc: OSError) -> int:
+    """The one sentence for a port that cannot be bound; the exit code."""
+    print(f"heartify: cannot listen on {host}:{port} ({exc.strerror or exc}).", file=sys.stderr)
+    return 1
+
+
 def model_version(config: Config) -> int:
     """The model file checked against its manifest, and the version responses report."""
     try:

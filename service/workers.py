@@ -35,7 +35,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config, ConfigError
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
-from service.startup import StartupError, configured, model_version, start_store
+from service.startup import StartupError, cannot_listen, configured, model_version, start_store
 
 log = logging.getLogger("service.workers")
 
@@ -174,8 +174,7 @@ def supervise(config: Config) -> int:
     try:
         listener = socket.create_server((config.host, config.port), backlog=2048)
     except OSError as exc:
-        print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
-        return 1
+        return cannot_listen(config.host, config.port, exc)
     with ExitStack() as stack:
         stack.callback(listener.close)
         env = dict(os.environ)
@@ -187,11 +186,7 @@ def supervise(config: Config) -> int:
                 try:
                     stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
                 except OSError as exc:
-                    print(
-                        f"heartify: cannot listen on port {config.metrics_port} ({exc.strerror or exc}).",
-                        file=sys.stderr,
-                    )
-                    return 1
+                    return cannot_listen(config.host, config.metrics_port, exc)
         return Supervisor(config, listener, env).run()
 
 
