@@ -8,7 +8,7 @@ WEIGHTS ?= artifacts/best_attention_unet.pth
 # modelVersion in responses: bump it when the shipped weights change.
 MODEL_VERSION ?= 6
 
-.PHONY: run test test-fast lint format export train evaluate quantize bench clean
+.PHONY: run test test-fast lint format export train evaluate quantize bench bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench: $(VENV)/.full
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.http
 	$(BIN)/python -m benchmarks.latency
+
+# One run, about 6 minutes: the engine, the service (WEB_WORKERS=1 and default), the FastAPI peer and
+# the old service's way at 1, 16 and 64 connections, fp32 and int8; PSS, idle CPU, the cost of /metrics.
+bench-scale: $(VENV)/.full
+	$(BIN)/pip install -q -r benchmarks/peers/requirements.txt
+	$(BIN)/python -m benchmarks.scale --name scale-$$(date -u +%m%d)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +53,10 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m service` in a subprocess with its own database and outbox folder."""
+    """`python -m service` in a subprocess with its own database and outbox folder; ``command``
+    (formatted with ``port``) starts another server instead (benchmarks.peers)."""
 
-    def __init__(self, folder: Path, model: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, folder: Path, model: Path, extra_env: dict[str, str], command: list[str] | None = None) -> None:
         self.port = free_port()
         self.outbox = folder / "outbox"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -72,11 +73,17 @@ class Server:
             **extra_env,
         }
         env.pop("SMTP_HOST", None)
-        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+        command = [a.format(port=self.port) for a in command] if command else None
+        # A peer's request log would flood the benchmark's output: it goes to a file.
+        log = folder / "server.log"
+        with open(log, "wb") as out:
+            quiet = {"stdout": out, "stderr": subprocess.STDOUT} if command else {}
+            self.process = subprocess.Popen(command or [sys.executable, "-m", "service"], cwd=ROOT, env=env, **quiet)
         deadline = time.monotonic() + 60
         while not self._ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not become ready")
+                self.stop()
+                raise RuntimeError(f"{command or 'the service'} did not become ready: {log.read_text()[-2000:]}")
             time.sleep(0.2)
 
     def _ready(self) -> bool:
@@ -112,15 +119,44 @@ class Server:
         urllib.request.urlopen(link, timeout=10).read()
         return re.search(r"Your API key: (\S+)", self._next_mail_text(seen)).group(1)
 
+    def pids(self) -> list[int]:
+        """The server and its descendants (the workers of WEB_WORKERS > 1)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            with suppress(OSError):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return found
+
+    def _sum_kb(self, file: str, field: str) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                lines = Path(f"/proc/{pid}/{file}").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) for line in lines if line.startswith(field)), 0)
+        return total / 1024
+
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of all its processes (shared pages counted once per process)."""
+        return self._sum_kb("status", "VmRSS:")
+
+    def pss_mb(self) -> float:
+        """Proportional set size of all its processes: shared pages split between them."""
+        return self._sum_kb("smaps_rollup", "Pss:")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system time of all its live processes."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -147,9 +183,10 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
     ]
     cpu_before = server.cpu_seconds()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak = 0.0
+    peak = pss = 0.0
     while process.poll() is None:
         peak = max(peak, server.rss_mb())
+        pss = max(pss, server.pss_mb())
         time.sleep(0.25)
     cpu = server.cpu_seconds() - cpu_before
     line = next(row for row in process.stdout.read().splitlines() if row.startswith("{"))
@@ -164,22 +201,31 @@ def wrk(server: Server, script: Path, connections: int, seconds: int, windows: i
         "errors": r["errors"],
         "requests": r["requests"],
         "rss_peak_mb": peak,
+        "pss_peak_mb": pss,
         "server_cpu_ms_per_request": cpu / max(r["requests"], 1) * 1e3,  # all its threads, user + system
     }
 
 
+PEER_KEY = "benchmark-peer-key"
+
+
 @contextmanager
-def serving(model: Path, extra_env: dict[str, str], windows: int = 1) -> Iterator[tuple[Server, Path]]:
-    """A running service and a wrk script that posts ``windows`` realistic windows with a real key."""
+def serving(
+    model: Path, extra_env: dict[str, str], windows: int = 1, command: list[str] | None = None
+) -> Iterator[tuple[Server, Path]]:
+    """A running service and a wrk script that posts ``windows`` realistic windows with a real key;
+    ``command``: a peer server instead (benchmarks.peers), which takes ``PEER_KEY``."""
+    if command:
+        extra_env = {**extra_env, "API_KEY": PEER_KEY}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = folder / "body.json"
         signals = [[round(float(v), 4) for v in w] for w in noisy_windows(np.random.default_rng(0), windows)]
         body.write_text(json.dumps({"ecg_signals": signals} if windows > 1 else {"ecg_signal": signals[0]}))
-        server = Server(folder, model, extra_env)
+        server = Server(folder, model, extra_env, command)
         try:
             script = folder / "post.lua"
-            script.write_text(LUA % {"key": server.api_key(), "body": body})
+            script.write_text(LUA % {"key": PEER_KEY if command else server.api_key(), "body": body})
             wrk(server, script, 4, 2, windows)  # warm-up
             yield server, script
         finally:

@@ -2,54 +2,27 @@
 
 Start-up failures print one sentence to stderr and exit 1. SIGTERM (``docker stop``) and Ctrl-C
 stop accepting requests, let the batcher finish, flush ``last_used`` and close the database.
+``WEB_WORKERS`` > 1 runs that many serving processes under a supervisor (``service.workers``);
+1 serves from this process.
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-from contextlib import ExitStack
 
-from service import logs
-from service.app import create_app
-from service.config import Config, ConfigError
-from service.runtime import Runtime, StartupError
-from service.server import create_server
-
-log = logging.getLogger("service")
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(0)  # waitress's run loop catches it and shuts its threads down
+from service.startup import configured
+from service.workers import supervise
 
 
 def main() -> int:
-    with ExitStack() as stack:
-        try:
-            config = Config.from_env()
-            logs.configure(config.log_level)
-            runtime = stack.enter_context(Runtime(config))
-        except (ConfigError, StartupError) as exc:
-            print(f"heartify: {exc}", file=sys.stderr)
-            return 1
-        try:
-            server = create_server(create_app(runtime.deps), config)
-        except OSError as exc:
-            print(f"heartify: cannot listen on {config.host}:{config.port} ({exc.strerror or exc}).", file=sys.stderr)
-            return 1
-        stack.callback(server.close)
-        signal.signal(signal.SIGTERM, _terminate)
-        log.info(
-            "Serving on http://%s:%s with %d threads, up to %d connections",
-            config.host,
-            server.effective_port,
-            config.web_threads,
-            server.adj.connection_limit,
-        )
-        server.run()
-    log.info("Stopped")
-    return 0
+    config = configured()
+    if config is None:
+        return 1
+    if config.web_workers > 1:
+        return supervise(config)
+    from service.server import serve  # here, not at the top: a supervisor never loads onnxruntime
+
+    return serve(config)
 
 
 if __name__ == "__main__":

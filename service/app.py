@@ -20,6 +20,7 @@ from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.ratelimit import RateLimited
 from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
@@ -38,6 +39,7 @@ class Deps:
     store: Store
     batcher: Batcher | None  # None: no model loaded, denoising answers 503
     model_version: int
+    metrics: Metrics | None = None  # None: METRICS=off, no /metrics and nothing counted
 
 
 def loads(text: str) -> Any:
@@ -65,6 +67,8 @@ def create_app(deps: Deps) -> falcon.App:
             )
         )
     middleware += [SecurityHeaders(), ReleaseConnection(deps.store.release)]
+    if deps.metrics is not None:
+        middleware.insert(1, RequestMetrics(deps.metrics))
     app = falcon.App(middleware=middleware)
     handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
     # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
@@ -75,7 +79,7 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(Refused, _refused)
     app.add_error_handler(ModelUnavailable, _model_unavailable)
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
-    app.add_error_handler(RateLimited, _rate_limited)
+    app.add_error_handler(RateLimited, partial(_rate_limited, deps.metrics))
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
     limit = config.max_body_bytes
@@ -107,7 +111,11 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(deps.batcher, deps.store))
-    app.add_route("/openapi.json", Document(openapi.document(config.max_batch_windows, config.max_record_seconds)))
+    metrics_here = deps.metrics is not None and not config.metrics_port
+    document = openapi.document(config.max_batch_windows, config.max_record_seconds, metrics_here)
+    app.add_route("/openapi.json", Document(document))
+    if metrics_here:
+        app.add_route("/metrics", Exposition(deps.metrics))
     return app
 
 
@@ -147,7 +155,11 @@ def _database_error(
     _database_unavailable(req, resp, exc, params)
 
 
-def _rate_limited(req: falcon.Request, resp: falcon.Response, exc: RateLimited, params: dict) -> None:
+def _rate_limited(
+    metrics: Metrics | None, req: falcon.Request, resp: falcon.Response, exc: RateLimited, params: dict
+) -> None:
+    if metrics is not None:
+        metrics.rate_limited.labels(limit=exc.limit).inc()
     resp.status = falcon.HTTP_429
     resp.set_header("Retry-After", str(exc.retry_after_s))
     resp.media = {"error": str(exc)}

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -52,12 +53,26 @@ class _Job:
 
 _STOP = object()
 
+# Told of every model run: windows in it, seconds it took, requests still queued (service.metrics).
+RunObserver = Callable[[int, float, int], None]
+
+
+def _unobserved(windows: int, seconds: float, queued: int) -> None:
+    pass
+
 
 class Batcher:
     def __init__(
-        self, engine: Engine, max_size: int, max_wait_s: float, workers: int = 1, share: int | None = None
+        self,
+        engine: Engine,
+        max_size: int,
+        max_wait_s: float,
+        workers: int = 1,
+        share: int | None = None,
+        observer: RunObserver = _unobserved,
     ) -> None:
         self._engine = engine
+        self._observer = observer
         self._max_size = max_size
         self._share = share or max(1, max_size // 2)
         self._workers = workers
@@ -161,10 +176,12 @@ class Batcher:
         """Run the jobs as one batch, then count the run as over (its caller counted it in)."""
         try:
             batch = np.concatenate([job.batch for job in jobs])
+            begin = time.perf_counter()
             # A batch request larger than max_size runs in slices, bounding the session's memory.
             out = np.concatenate(
                 [self._engine.run(batch[i : i + self._max_size], lone) for i in range(0, len(batch), self._max_size)]
             )
+            self._observer(len(batch), time.perf_counter() - begin, self._queue.qsize())
         except Exception as exc:
             log.exception("Inference failed for a batch of %d requests", len(jobs))
             for job in jobs:

@@ -53,7 +53,7 @@ _KINDS = {
 
 
 def _connection_limit() -> int:
-    """MAX_CONNECTIONS, or fewer if the open-files limit allows fewer (service.server raises the
+    """MAX_CONNECTIONS, or fewer if the open-files limit allows fewer (service.connections raises the
     soft limit to the hard one at start)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY:
@@ -63,6 +63,13 @@ def _connection_limit() -> int:
 
 def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
     return {"env": name, "parse": parse, "low": low}
+
+
+def per_worker_defaults(workers: int) -> dict[str, int]:
+    """Thread defaults for one of ``workers`` processes: each sized for its share of the CPUs, so
+    that several workers do not oversubscribe them (variables that are set win)."""
+    cores = max(1, usable_cpus() // workers)
+    return {"web_threads": max(8, 8 * cores), "batch_workers": cores}
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,16 @@ class Config:
     base_url: str | None = field(default=None, metadata=_env("BASE_URL"))
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
     port: int = field(default=8000, metadata=_env("PORT", int, 0))
+    # Processes serving the one listening socket (service.workers), each with its own model: one
+    # per core takes the GIL out of the way. 1 keeps a single process and no supervisor.
+    web_workers: int = field(default_factory=usable_cpus, metadata=_env("WEB_WORKERS", int, 1))
     # Requests wait on the batcher while the model runs, so more threads than cores keep batches
     # full; a waiting thread costs little, and fewer threads than connections queue requests
     # inside waitress (which then logs a warning for each one).
-    web_threads: int = field(default_factory=lambda: max(8, 8 * usable_cpus()), metadata=_env("WEB_THREADS", int, 1))
-    # Slow clients (service.server): open connections at most, how long a request's headers may
+    web_threads: int = field(
+        default_factory=lambda: per_worker_defaults(1)["web_threads"], metadata=_env("WEB_THREADS", int, 1)
+    )
+    # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
     connection_limit: int = field(default_factory=_connection_limit, metadata=_env("CONNECTION_LIMIT", int, 1))
     header_timeout_s: float = field(default=10.0, metadata=_env("HEADER_TIMEOUT_SECONDS", float, 0.1))
@@ -98,7 +110,9 @@ class Config:
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
     # Batches that run at once on the shared session (see service.batcher).
-    batch_workers: int = field(default_factory=usable_cpus, metadata=_env("BATCH_WORKERS", int, 1))
+    batch_workers: int = field(
+        default_factory=lambda: per_worker_defaults(1)["batch_workers"], metadata=_env("BATCH_WORKERS", int, 1)
+    )
     # How long a key found active is trusted without reading the database (service.keys);
     # 0 reads it on every request.
     key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", float, 0))
@@ -117,6 +131,9 @@ class Config:
     mail_retry_max_s: float = field(default=300.0, metadata=_env("MAIL_RETRY_MAX_SECONDS", float, 0.01))
     last_used_flush_s: float = field(default=30.0, metadata=_env("LAST_USED_FLUSH_SECONDS", float, 0.01))
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", str.upper))
+    # GET /metrics (Prometheus text format, no API key); METRICS_PORT > 0 serves it there instead.
+    metrics: bool = field(default=True, metadata=_env("METRICS", _flag))
+    metrics_port: int = field(default=0, metadata=_env("METRICS_PORT", int, 0))
     # -- hardening ----------------------------------------------------------------------------
     # Encrypts the mail bodies waiting in the outbox (they carry keys and links). Comma-separated:
     # the first encrypts, all decrypt (rotation). Unset on SQLite: generated into a 0600 file
@@ -140,6 +157,8 @@ class Config:
     mail_max_attempts: int = field(default=3, metadata=_env("MAIL_MAX_ATTEMPTS", int, 1))
     # Spent or expired tokens, delivered or failed mails and old mail requests are deleted after this.
     retention_days: float = field(default=30.0, metadata=_env("RETENTION_DAYS", float, 1))
+    # SIGTERM: requests under way may finish for this long before the process stops.
+    shutdown_grace_s: float = field(default=25.0, metadata=_env("SHUTDOWN_GRACE_SECONDS", float, 0))
 
     def __post_init__(self) -> None:
         if self.smtp_security not in SMTP_SECURITY:
@@ -148,6 +167,8 @@ class Config:
             raise ConfigError(f"MAIL_MAX_ATTEMPTS must be at most 5 (got {self.mail_max_attempts}).")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -167,7 +188,7 @@ class Config:
             if meta["low"] is not None and value < meta["low"]:
                 raise ConfigError(f"{meta['env']} must be at least {meta['low']} (got {raw!r}).")
             values[f.name] = value
-        return cls(**values)
+        return cls(**{**per_worker_defaults(values.get("web_workers", usable_cpus())), **values})
 
     @property
     def manifest(self) -> Path:

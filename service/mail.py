@@ -128,8 +128,12 @@ class Outbox:
         retry_min_s: float,
         retry_max_s: float,
         max_attempts: int = 3,
+        on_pending: Callable[[int], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_pending = on_pending  # told how many mails wait after each step (service.metrics)
+        self._on_failure = on_failure or (lambda kind: None)  # "transient", "permanent", "given_up"
         self._sender = sender
         self._sealer = sealer
         self._from = from_address
@@ -153,6 +157,8 @@ class Outbox:
         due = self._store.claim_due_mails(CLAIM_BATCH)
         if due:
             self._deliver(due)
+        if self._on_pending is not None:
+            self._on_pending(self._store.pending_mails())
         wait = self._store.seconds_to_next_mail()
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
 
@@ -181,7 +187,9 @@ class Outbox:
     def _failed(self, row: OutboxMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
         error = f"{type(exc).__name__}: {exc}"
+        self._on_failure("permanent" if permanent else "transient")
         if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
+            self._on_failure("given_up")
             log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.recipient, attempts, error)
             self._store.give_up_mail(row.id, attempts, error)
             return

@@ -45,3 +45,10 @@ def verify_model(model_path: Path, manifest_path: Path) -> int | None:
         )
     version = manifest.get("model_version")
     return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def precision(model_path: Path, manifest_path: Path) -> str:
+    """The first word of the model's manifest ``precision`` ("fp32", "int8"), for the model-info metric."""
+    entry = json.loads(manifest_path.read_text()).get("models", {}).get(model_path.name, {})
+    words = str(entry.get("precision", "unknown")).split()
+    return words[0] if words else "unknown"

@@ -115,6 +115,17 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
     }
 
 
+_METRICS = {
+    "get": {
+        "summary": "Prometheus metrics of every worker, no API key",
+        "tags": ["Operations"],
+        "responses": {
+            "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
+    }
+}
+
+
 def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     """A health endpoint: GET, and HEAD with the same status and no body."""
     return {
@@ -127,7 +138,8 @@ def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any]:
+def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = False) -> dict[str, Any]:
+    """``metrics``: the app serves ``/metrics`` on its API port."""
     window = {
         "type": "array",
         "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
@@ -323,5 +335,6 @@ def document(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                     },
                 }
             },
+            **({"/metrics": _METRICS} if metrics else {}),
         },
     }

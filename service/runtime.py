@@ -1,7 +1,7 @@
 """Builds the production collaborators from a ``Config``, starts them, and stops them.
 
-Every expected start-up failure (model, manifest, database) becomes a ``StartupError`` whose
-message is one sentence, which ``__main__`` prints instead of a traceback.
+Every expected start-up failure (model, manifest, database) becomes a ``StartupError``
+(``service.startup``) whose message is one sentence.
 """
 
 from __future__ import annotations
@@ -10,43 +10,24 @@ import logging
 from contextlib import ExitStack
 from datetime import timedelta
 
-import peewee as pw
-
 from service.app import Deps
 from service.batcher import Batcher
 from service.config import Config
-from service.database import DatabaseProbe, DatabaseUnavailable, redact, sqlite_path
+from service.database import DatabaseProbe, first_line, redact
 from service.engine import Engine
 from service.housekeeping import Housekeeping
 from service.keys import KeyService, MailLimits
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
-from service.manifest import ModelError, verify_model
+from service.manifest import precision, sha256
+from service.metrics import Metrics
 from service.notifications import Listener
 from service.ratelimit import TokenBuckets
-from service.sealing import Sealer, secret_beside, split_secrets
+from service.sealing import Sealer
+from service.startup import StartupError, mail_secrets, model_version, start_store
 from service.store import KEYS_CHANNEL, Store
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
-
-# Connections beyond the request threads: the mail worker and the last_used flusher.
-BACKGROUND_CONNECTIONS = 2
-
-
-class StartupError(Exception):
-    """The service cannot start; the message is one sentence."""
-
-
-def model_version(config: Config) -> int:
-    """The model file checked against its manifest, and the version responses report."""
-    try:
-        manifest_version = verify_model(config.model_path, config.manifest)
-    except ModelError as exc:
-        raise StartupError(str(exc)) from None
-    version = config.model_version if config.model_version is not None else manifest_version
-    if version is None:
-        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
-    return version
 
 
 def start_engine(config: Config) -> Engine:
@@ -62,21 +43,13 @@ def start_engine(config: Config) -> Engine:
     try:
         return engine.start()
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
-        raise StartupError(f"onnxruntime cannot load {config.model_path}: {_first_line(exc)}") from None
+        raise StartupError(f"onnxruntime cannot load {config.model_path}: {first_line(exc)}") from None
 
 
-def start_store(config: Config) -> Store:
-    store = Store(
-        config.database_url,
-        max_connections=config.web_threads + BACKGROUND_CONNECTIONS,
-        connect_timeout_s=config.db_connect_timeout_s,
-        statement_timeout_s=config.db_statement_timeout_s,
-    )
-    try:
-        return store.start()
-    except (pw.PeeweeException, DatabaseUnavailable) as exc:
-        store.close()
-        raise StartupError(f"Database {redact(config.database_url)} cannot be used: {_first_line(exc)}") from None
+def start_metrics(config: Config, version: int) -> Metrics:
+    metrics = Metrics()
+    metrics.model(version, precision(config.model_path, config.manifest), sha256(config.model_path))
+    return metrics
 
 
 def mail_sender(config: Config) -> Sender:
@@ -91,30 +64,6 @@ def mail_sender(config: Config) -> Sender:
         )
     log.warning("SMTP_HOST is not set: mails go to the log and to %s/ (fine for a local run only)", config.outbox_dir)
     return FolderSender(config.outbox_dir)
-
-
-def mail_secrets(config: Config) -> list[str]:
-    """SECRET_KEY, or on SQLite a secret kept beside the database file; PostgreSQL serves
-    replicas that must share one, so there it has to be set."""
-    if config.secret_key and split_secrets(config.secret_key):
-        return split_secrets(config.secret_key)
-    path = sqlite_path(config.database_url)
-    if path is None:
-        raise StartupError(
-            "SECRET_KEY must be set with PostgreSQL (every replica needs the same one), e.g. the output of "
-            "python -c 'import secrets; print(secrets.token_urlsafe(32))'."
-        )
-    try:
-        return [secret_beside(path)]
-    except OSError as exc:
-        raise StartupError(
-            f"SECRET_KEY is not set and {path}.secret cannot be written ({exc.strerror or exc})."
-        ) from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Runtime:
@@ -149,7 +98,14 @@ class Runtime:
             probe = DatabaseProbe(lambda: self.store.db, self.store.health)
             stack.callback(probe.close)
             probe.start()
-            self.batcher = Batcher(engine, config.batch_max_size, config.batch_max_wait_ms / 1000, config.batch_workers)
+            metrics = start_metrics(config, version) if config.metrics else None
+            self.batcher = Batcher(
+                engine,
+                config.batch_max_size,
+                config.batch_max_wait_ms / 1000,
+                config.batch_workers,
+                **({"observer": metrics.inference} if metrics else {}),
+            )
             stack.callback(self.batcher.close)
             self.batcher.start()
             self.outbox = Outbox(
@@ -160,6 +116,7 @@ class Runtime:
                 config.mail_retry_min_s,
                 config.mail_retry_max_s,
                 config.mail_max_attempts,
+                **({"on_pending": metrics.outbox_pending.set, "on_failure": metrics.mail_failure} if metrics else {}),
             )
             stack.callback(self.outbox.close)
             self.outbox.start()
@@ -184,7 +141,9 @@ class Runtime:
                     lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached, keys.revalidate_cached
                 ).start()
                 stack.callback(listener.close)
-            self.deps = Deps(config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version)
+            self.deps = Deps(
+                config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version, metrics=metrics
+            )
             self._stack = stack.pop_all()
         log.info(
             "Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",

@@ -341,6 +341,11 @@ class Store:
             mails = OutboxMail.delete().where((OutboxMail.sent_at < before) | (OutboxMail.failed_at < before)).execute()
         return {"tokens": tokens, "mails": mails}
 
+    def pending_mails(self) -> int:
+        """Mails not yet delivered (due or waiting for a retry)."""
+        with self.db.connection_context():
+            return OutboxMail.select().where(OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null()).count()
+
     def seconds_to_next_mail(self) -> float | None:
         """Seconds until the earliest undelivered mail is due (0 if overdue); None if none waits."""
         with self.db.connection_context():

@@ -21,7 +21,7 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 # Set by the manifests before Config reads them: SECRET_KEY comes with issue 18 and WEB_WORKERS
 # with issue 20 part A; to be dropped from here once those are merged.
-PENDING = {"SECRET_KEY", "WEB_WORKERS"}
+PENDING: set[str] = set()
 MANIFEST_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"}
 
 

@@ -1,5 +1,5 @@
 """What each layer needs to import: the contract neither torch nor onnxruntime, the store no
-model runtime, the data side of the export stage no torch."""
+model runtime, the supervisor of several workers no model runtime, the data side of the export stage no torch."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("service.store", ("torch", "onnxruntime")),
         ("service.config", ("torch", "onnxruntime")),
         ("service.app", ("torch",)),
+        ("service.workers", ("torch", "onnxruntime")),  # the supervisor leaves the model to its workers
         ("export.data", ("torch",)),
         ("export.synth", ("torch",)),
         ("export.families", ("torch",)),

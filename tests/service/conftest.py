@@ -277,6 +277,7 @@ class ServiceProcess:
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "BASE_URL": self.url,
+            "WEB_WORKERS": "1",
             "WEB_THREADS": "4",
             "ORT_THREADS": "1",
             "ORT_LONE_THREADS": "1",
@@ -305,6 +306,14 @@ class ServiceProcess:
 
         wait_until(ready, timeout_s, "/readyz")
         return self
+
+    def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def wait(self, timeout_s: float = 30) -> int:
+        assert self._process is not None
+        return self._process.wait(timeout_s)
 
     def stop(self) -> int:
         assert self._process is not None

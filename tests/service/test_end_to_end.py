@@ -4,7 +4,11 @@ on SQLite and on PostgreSQL: the path a new user takes, a restart, and a mail se
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sqlite3
+import threading
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -12,7 +16,18 @@ import pytest
 from service.__main__ import main
 from service.config import Config
 
-from .conftest import MODEL, SHIPPED_VERSION, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
+from .conftest import (
+    MODEL,
+    SHIPPED_VERSION,
+    SmtpServer,
+    free_port,
+    http,
+    key_in,
+    service_with_key,
+    smtp_env,
+    verify_link,
+    wait_until,
+)
 
 WINDOW = (np.sin(np.arange(1300) / 20) + 0.1 * np.cos(np.arange(1300) * 3)).tolist()
 
@@ -176,3 +191,39 @@ def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, t
     assert code == 1
     assert "Traceback" not in output
     assert len(output.splitlines()) == 1 and expected in output, output
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process, tmp_path):
+    """A single process drains: a recording that takes longer than waitress's own 5 s wait is
+    answered in full, while the connections that come after SIGTERM are refused."""
+    server, key = service_with_key(service_process, tmp_path, {"WEB_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0"})
+    samples = (np.sin(np.arange(130 * 3600) / 20) * 100).astype("<f4")  # an hour: several seconds of work
+    answers: list[tuple[int, int]] = []
+
+    def record() -> None:
+        request = urllib.request.Request(
+            f"{server.url}/api/v1/denoising/record?sampling_rate=130",
+            data=samples.tobytes(),
+            headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append((response.status, len(response.read())))
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    time.sleep(1.0)  # the body is in and the model runs
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: http_refused(server.url), 5, "new connections refused")
+    thread.join(60)
+    assert answers == [(200, samples.nbytes)]
+    assert server.wait() == 0
+    assert "Draining" in server.log() and "Traceback" not in server.log()
+
+
+def http_refused(url: str) -> bool:
+    try:
+        http("GET", f"{url}/healthz")
+    except OSError:
+        return True
+    return False

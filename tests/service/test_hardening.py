@@ -60,7 +60,7 @@ def test_key_mails_per_email_are_limited_across_processes(database_url, runtime_
     assert first.simulate_post(GENERATION, json={"email": "other@example.org"}).status_code == 200
 
 
-def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_another(runtime_with, sqlite_url):
+def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_another(tmp_path, runtime_with, sqlite_url):
     limited = client_of(runtime_with(sqlite_url, mail_limit_per_client=2))
     forged = {"X-Forwarded-For": "203.0.113.9"}  # from an untrusted peer: ignored
     for n in range(2):
@@ -69,7 +69,8 @@ def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_anothe
         limited.simulate_post(GENERATION, json={"email": "a9@example.org"}, headers=forged),
         "Too many key mail requests from this address. Try again later.",
     )
-    proxied = client_of(runtime_with(sqlite_url, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),)))
+    behind_proxy = f"sqlite:///{tmp_path / 'proxied.db'}"  # a database of its own: one store per database
+    proxied = client_of(runtime_with(behind_proxy, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),)))
     for n in range(3):  # three different clients behind the proxy
         headers = {"X-Forwarded-For": f"198.51.100.{n}, 127.0.0.1"}
         assert (

@@ -1,0 +1,180 @@
+"""The HTTP server: waitress, with limits that keep slow and idle clients from starving the others,
+and a drain that lets the requests under way finish when the process is asked to stop.
+
+waitress reads every connection in one loop and stops accepting at its connection limit (100 by
+default). A client that trickles its request headers is never idle, so waitress's idle timeout
+never closes it, and a hundred such clients stop the service for everyone, health checks
+included. So, as nginx and HAProxy do in front of an application server:
+
+- the connection limit is sized from the open-files limit (its soft limit raised to the hard
+  one), and the loop uses poll(), as select() cannot watch descriptors above 1024;
+- a request whose headers are not complete ``header_timeout_s`` after its first byte gets a JSON
+  408 and its connection is closed (nginx's ``client_header_timeout``, HAProxy's
+  ``timeout http-request``);
+- a connection with no request under way and nothing received or sent for ``channel_timeout_s``
+  is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``);
+- both are checked every second.
+
+``drain`` (on SIGTERM) stops accepting connections, closes idle ones, and ends the loop once no
+request is under way, or after a grace period: waitress alone waits 5 s for its threads and then
+tears the runtime down under a request still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+
+if TYPE_CHECKING:
+    from service.config import Config
+
+log = logging.getLogger("service.connections")
+# Descriptors the process needs besides client connections: the listening socket, the database,
+# the model, log and outbox files, the waitress trigger pipe.
+RESERVED_FILES = 64
+
+
+def open_files_limit() -> int:
+    """The hard open-files limit: what the soft one can be raised to at start."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft open-files limit to the hard one; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # some platforms cap it below the hard limit
+            pass
+    return soft
+
+
+def _timeout_response(seconds: float) -> bytes:
+    body = b'{"error": "Request headers not received within %g seconds"}' % seconds
+    head = (
+        b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+class Channel(HTTPChannel):
+    """waitress's connection, noting when the request it is reading began."""
+
+    request_began = 0.0  # time.time() of the first byte of the request being read
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None:  # no request half-read: these bytes begin one
+            self.request_began = time.time()
+        return super().received(data)
+
+    def reading_headers(self) -> bool:
+        """Part of a request's headers has arrived, and no response is being made."""
+        return self.request is not None and not self.request.headers_finished and not self.requests
+
+    def time_out(self, response: bytes) -> None:
+        """Answer ``response`` and close: nothing else is writing, as no request is under way."""
+        with self.outbuf_lock:
+            self.outbufs[-1].append(response)
+            self.total_outbufs_len += len(response)
+        self.close_when_flushed = True
+
+
+class Server(TcpWSGIServer):
+    """waitress's TCP server with ``Channel`` connections, the two timeouts and the drain."""
+
+    channel_class = Channel
+    next_log = 0.0  # when the next line about slow clients may be logged
+    drain_until: float | None = None  # set by drain: the loop ends then at the latest
+
+    def __init__(self, app: Any, header_timeout_s: float, channel_timeout_s: float, **kw: Any) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.channel_timeout_s = channel_timeout_s
+        self.timed_out = 0  # connections closed for slow headers since the last log line
+        self._timeout_response = _timeout_response(header_timeout_s)
+        super().__init__(app, **kw)
+
+    def drain(self, grace_s: float) -> None:
+        """Called from a signal handler: the loop's next maintenance pass starts the drain."""
+        self.drain_until = time.time() + grace_s
+        self.next_channel_cleanup = 0  # at once, not at the next cleanup interval
+        self.pull_trigger()
+
+    def _drained(self, now: float) -> bool:
+        """Stop accepting; close idle connections; True once nothing is under way or time is up."""
+        if self.accepting:
+            self.accepting = False
+            with contextlib.suppress(OSError):
+                self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
+            log.info("Draining: no new connections; waiting for the requests under way")
+        busy = [channel for channel in self.active_channels.values() if channel.requests]
+        for channel in self.active_channels.values():
+            if not channel.requests:
+                channel.will_close = True
+        if busy and now < self.drain_until:
+            return False
+        if busy:
+            log.warning("Stopping with %d request(s) still under way after the grace period", len(busy))
+        return True
+
+    def maintenance(self, now: float) -> None:
+        """Runs every ``cleanup_interval`` seconds in the loop's thread (waitress's hook)."""
+        if self.drain_until is not None and self._drained(now):
+            raise SystemExit(0)  # run() catches it and stops waitress's (now idle) threads
+        for channel in list(self.active_channels.values()):
+            if channel.will_close or channel.close_when_flushed:
+                continue
+            if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
+                channel.time_out(self._timeout_response)
+                self.timed_out += 1
+            elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
+                channel.will_close = True
+        if self.timed_out and now >= self.next_log:
+            log.warning(
+                "Closed %d connection(s) whose request headers took longer than %g s (slow clients)",
+                self.timed_out,
+                self.header_timeout_s,
+            )
+            self.timed_out = 0
+            self.next_log = now + 60
+
+
+def create_server(app: Any, config: Config, listener: socket.socket | None = None) -> Server:
+    """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's);
+    ``run()`` serves until SystemExit."""
+    files = raise_open_files_limit()
+    limit = min(config.connection_limit, files - RESERVED_FILES)
+    if limit < config.connection_limit:
+        log.warning("CONNECTION_LIMIT lowered to %d: the open-files limit is %d", limit, files)
+    adj = Adjustments(
+        host=config.host,
+        port=config.port,
+        threads=config.web_threads,
+        # Bodies declared larger than this are refused unread (plain-text 413); between the app's
+        # limit and this one the app answers a JSON 413. Waitress reads a body whole before the
+        # app sees it, so the record route's large limit gets only 1 MiB more.
+        max_request_body_size=max(4 * config.max_body_bytes, config.record_body_bytes(binary=False) + (1 << 20)),
+        ident="heartify",
+        recv_bytes=1 << 16,  # a one-window body in one read instead of four
+        connection_limit=limit,
+        asyncore_use_poll=True,
+        cleanup_interval=1,
+    )
+    where: dict[str, Any] = {"sockinfo": adj.listen[0]}
+    if listener is not None:
+        sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
+        where = {"_sock": listener, "bind_socket": False, "sockinfo": sockinfo}
+    return Server(
+        app, header_timeout_s=config.header_timeout_s, channel_timeout_s=config.channel_timeout_s, adj=adj, **where
+    )

@@ -1,0 +1,145 @@
+"""Prometheus metrics: the metric objects, the middleware that counts requests, and ``/metrics``.
+
+With several worker processes (``service.workers``) the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+before any worker starts: prometheus-client then keeps every value in a file per process there,
+and a scrape of any worker (or of the supervisor's ``METRICS_PORT``) merges them all, so one
+scrape sees the whole service. The metric objects are made in ``Metrics.__init__``, not at import,
+so that each process makes them after that variable is known and tests can make several.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import falcon
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNMATCHED = "unmatched"  # the route label of every path no route matches: raw paths would be unbounded
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
+    """What a scrape reports: every process's files in multiprocess mode, else ``own``'s metrics."""
+    folder = multiprocess_dir()
+    return own if folder is None else merged_registry(folder)
+
+
+def merged_registry(folder: str) -> CollectorRegistry:
+    """The metrics of every process that wrote to ``folder``, merged at each scrape."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)
+    return registry
+
+
+class Metrics:
+    """The service's metrics, registered in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "heartify_requests", "HTTP requests answered", ["route", "status"], registry=r
+        )  # exposed as heartify_requests_total
+        self.request_duration = Histogram(
+            "heartify_request_duration_seconds", "Time from request to response", ["route"], registry=r
+        )
+        self.batch_size = Histogram(
+            "heartify_inference_batch_size", "Windows per model run", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram("heartify_inference_duration_seconds", "Time of one model run", registry=r)
+        self.queue_depth = Gauge(
+            "heartify_queue_depth", "Requests waiting for a batch", multiprocess_mode="livesum", registry=r
+        )
+        self.outbox_pending = Gauge(
+            "heartify_outbox_pending", "Mails not yet delivered", multiprocess_mode="mostrecent", registry=r
+        )
+        self.model_info = Gauge(
+            "heartify_model_info",
+            "The model served",
+            ["version", "precision", "sha256"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.worker_start_time = Gauge(
+            "heartify_worker_start_time_seconds",
+            "When each serving process started (pid label: one per worker)",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        # Defined for the hardening work (rate limits, mail failures) to wire in.
+        self.rate_limited = Counter("heartify_rate_limited", "Requests refused by a rate limit", ["limit"], registry=r)
+        self.mail_failures = Counter("heartify_mail_failures", "Mails that failed to send", ["kind"], registry=r)
+        self.worker_start_time.set_to_current_time()
+
+    def mail_failure(self, kind: str) -> None:
+        self.mail_failures.labels(kind=kind).inc()
+
+    def model(self, version: int, precision: str, sha256: str) -> None:
+        self.model_info.labels(str(version), precision, sha256).set(1)
+
+    def inference(self, windows: int, seconds: float, queued: int) -> None:
+        """The batcher's observer: one model run of ``windows``, ``queued`` requests still waiting."""
+        self.batch_size.observe(windows)
+        self.inference_duration.observe(seconds)
+        self.queue_depth.set(queued)
+
+
+class RequestMetrics:
+    """Falcon middleware: counts every response by route template (never the raw path) and status."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.metrics_start = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        route = req.uri_template if resource is not None and req.uri_template else UNMATCHED
+        elapsed = time.perf_counter() - req.context.get("metrics_start", time.perf_counter())
+        self._metrics.requests.labels(route, str(resp.status_code)).inc()
+        self._metrics.request_duration.labels(route).observe(elapsed)
+
+
+class Exposition:
+    """``GET /metrics``: the Prometheus text format, no API key."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(exposition_registry(self._metrics.registry))
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> Callable[[], None]:
+    """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
+    httpd, thread = start_http_server(port, host, registry)
+    log.info("Metrics on http://%s:%s/metrics", host, port)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+    return stop

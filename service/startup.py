@@ -1,0 +1,88 @@
+"""What a start checks before the model loads: the model file against its manifest, and the database.
+
+Every expected start-up failure becomes a ``StartupError`` whose message is one sentence, which
+``__main__`` prints instead of a traceback. Kept apart from ``runtime`` (and free of onnxruntime),
+so that the supervisor of several workers can run these checks without loading the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import peewee as pw
+
+from service import logs
+from service.config import Config, ConfigError
+from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
+from service.manifest import ModelError, verify_model
+from service.sealing import secret_beside, split_secrets
+from service.store import Store
+
+# Connections beyond the request threads: the mail worker and the last_used flusher.
+BACKGROUND_CONNECTIONS = 2
+
+
+class StartupError(Exception):
+    """The service cannot start; the message is one sentence."""
+
+
+def configured() -> Config | None:
+    """The configuration from the environment, logging set up; None (one sentence on stderr) if unusable."""
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return None
+    logs.configure(config.log_level)
+    return config
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> int:
+    """The one sentence for a port that cannot be bound; the exit code."""
+    print(f"heartify: cannot listen on {host}:{port} ({exc.strerror or exc}).", file=sys.stderr)
+    return 1
+
+
+def model_version(config: Config) -> int:
+    """The model file checked against its manifest, and the version responses report."""
+    try:
+        manifest_version = verify_model(config.model_path, config.manifest)
+    except ModelError as exc:
+        raise StartupError(str(exc)) from None
+    version = config.model_version if config.model_version is not None else manifest_version
+    if version is None:
+        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
+    return version
+
+
+def start_store(config: Config) -> Store:
+    store = Store(
+        config.database_url,
+        max_connections=config.web_threads + BACKGROUND_CONNECTIONS,
+        connect_timeout_s=config.db_connect_timeout_s,
+        statement_timeout_s=config.db_statement_timeout_s,
+    )
+    try:
+        return store.start()
+    except (pw.PeeweeException, DatabaseUnavailable) as exc:
+        store.close()
+        raise StartupError(f"Database {redact(config.database_url)} cannot be used: {first_line(exc)}") from None
+
+
+def mail_secrets(config: Config) -> list[str]:
+    """SECRET_KEY, or on SQLite a secret kept beside the database file; PostgreSQL serves
+    replicas that must share one, so there it has to be set."""
+    if config.secret_key and split_secrets(config.secret_key):
+        return split_secrets(config.secret_key)
+    path = sqlite_path(config.database_url)
+    if path is None:
+        raise StartupError(
+            "SECRET_KEY must be set with PostgreSQL (every replica needs the same one), e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'."
+        )
+    try:
+        return [secret_beside(path)]
+    except OSError as exc:
+        raise StartupError(
+            f"SECRET_KEY is not set and {path}.secret cannot be written ({exc.strerror or exc})."
+        ) from None

@@ -1,0 +1,212 @@
+"""``WEB_WORKERS`` processes serving one listening socket, under a supervising parent.
+
+One Python process spends about a millisecond of CPU per request in waitress, Falcon and JSON,
+all under one GIL; several processes use every core for it. The parent binds the socket and
+starts each worker as a fresh interpreter (``python -m service.workers FD READY_FD``) that
+inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
+with waitress, the kernel handing each connection to whichever worker accepts it first.
+
+The parent checks what it can before any worker starts (configuration, model against its
+manifest, database), so those failures still print one sentence and exit 1. A worker that dies
+before it is ready on the first start stops the service the same way; one that dies later is
+started again, after a delay that doubles while workers keep dying young (so a worker that cannot
+start does not spin). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
+as a single process does, and the parent exits 0 when they all have.
+
+Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit),
+marks dead workers there, and serves ``METRICS_PORT`` itself when one is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from service.config import Config, ConfigError
+from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
+from service.startup import StartupError, cannot_listen, configured, mail_secrets, model_version, start_store
+
+log = logging.getLogger("service.workers")
+
+POLL_S = 0.2
+RESTART_DELAY_S = (0.5, 30.0)  # first and longest delay before a dead worker is started again
+YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
+DRAIN_S = 30.0  # how long workers may drain after SIGTERM before they are killed
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    ready_fd: int
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+    def poll_ready(self) -> bool:
+        if not self.ready:
+            with suppress(BlockingIOError):
+                self.ready = os.read(self.ready_fd, 1) == b"1"
+        return self.ready
+
+    def close(self) -> None:
+        os.close(self.ready_fd)
+
+
+class Supervisor:
+    """Starts the workers, keeps their number up, and stops them on SIGTERM or SIGINT."""
+
+    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str]) -> None:
+        self._config = config
+        self._listener = listener
+        self._env = env
+        self._workers: list[_Worker] = []
+        self._stopping = False
+        self._delay_s = RESTART_DELAY_S[0]
+        self._restart_at: list[float] = []
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for _ in range(self._config.web_workers):
+            self._workers.append(self._spawn())
+        if not self._await_first_start():
+            self._stop()
+            self._reap_all()
+            return 1
+        log.info(
+            "Serving on http://%s:%s with %d workers of %d threads",
+            self._config.host,
+            self._listener.getsockname()[1],
+            len(self._workers),
+            self._config.web_threads,
+        )
+        while not self._stopping:
+            self._replace_dead()
+            time.sleep(POLL_S)
+        return self._reap_all()
+
+    def _spawn(self) -> _Worker:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        fd = self._listener.fileno()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.workers", str(fd), str(write_fd)],
+            pass_fds=(fd, write_fd),
+            env=self._env,
+        )
+        os.close(write_fd)
+        return _Worker(process, read_fd)
+
+    def _await_first_start(self) -> bool:
+        while not self._stopping:
+            if any(w.process.poll() is not None and not w.poll_ready() for w in self._workers):
+                return False
+            if all(w.poll_ready() for w in self._workers):
+                return True
+            time.sleep(POLL_S / 4)
+        return True
+
+    def _replace_dead(self) -> None:
+        now = time.monotonic()
+        for worker in [w for w in self._workers if w.process.poll() is not None]:
+            self._workers.remove(worker)
+            worker.close()
+            self._forget(worker.process.pid)
+            young = now - worker.started < YOUNG_S
+            self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2) if young else RESTART_DELAY_S[0]
+            log.warning(
+                "Worker %d exited with %s; starting another in %.1f s",
+                worker.process.pid,
+                worker.process.returncode,
+                self._delay_s,
+            )
+            self._restart_at.append(now + self._delay_s)
+        for at in [t for t in self._restart_at if t <= now]:
+            self._restart_at.remove(at)
+            self._workers.append(self._spawn())
+
+    def _forget(self, pid: int) -> None:
+        if MULTIPROC_ENV in self._env:
+            mark_process_dead(pid, self._env[MULTIPROC_ENV])
+
+    def _stop(self, signum: int | None = None, frame: object = None) -> None:
+        self._stopping = True
+        for worker in self._workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    def _reap_all(self) -> int:
+        """Wait for every worker to drain (killing those that take too long); 0 if all stopped cleanly."""
+        deadline = time.monotonic() + DRAIN_S
+        code = 0
+        for worker in self._workers:
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("Worker %d did not stop within %.0f s; killing it", worker.process.pid, DRAIN_S)
+                worker.process.kill()
+                worker.process.wait()
+            code = code or (worker.process.returncode != 0)
+            worker.close()
+            self._forget(worker.process.pid)
+        log.info("Stopped")
+        return int(code)
+
+
+def supervise(config: Config) -> int:
+    """The parent: check what can be checked, bind, run the workers; the exit code of the service."""
+    try:
+        model_version(config)
+        start_store(config).close()  # the database answers and has its tables
+        mail_secrets(config)  # SECRET_KEY is set, or the local one exists before the workers race for it
+    except (ConfigError, StartupError) as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return 1
+    try:
+        listener = socket.create_server((config.host, config.port), backlog=2048)
+    except OSError as exc:
+        return cannot_listen(config.host, config.port, exc)
+    with ExitStack() as stack:
+        stack.callback(listener.close)
+        env = dict(os.environ)
+        if config.metrics:
+            folder = tempfile.mkdtemp(prefix="heartify-metrics-")
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+            env[MULTIPROC_ENV] = folder
+            if config.metrics_port:
+                try:
+                    stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
+                except OSError as exc:
+                    return cannot_listen(config.host, config.metrics_port, exc)
+        return Supervisor(config, listener, env).run()
+
+
+def worker(listen_fd: int, ready_fd: int) -> int:
+    """A worker: serve on the inherited socket; write to ``ready_fd`` once serving."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
+    config = configured()
+    if config is None:
+        return 1
+    listener = socket.socket(fileno=listen_fd)
+
+    def ready() -> None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+
+    from service.server import serve  # here, not at the top: the supervisor never loads onnxruntime
+
+    return serve(config, listener, ready)
+
+
+if __name__ == "__main__":
+    sys.exit(worker(int(sys.argv[1]), int(sys.argv[2])))

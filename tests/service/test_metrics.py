@@ -1,0 +1,76 @@
+"""``GET /metrics`` in this process: the Prometheus text format, labels by route template, the
+batcher's and the outbox's figures, and METRICS=off."""
+
+from __future__ import annotations
+
+import falcon.testing
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+
+from .conftest import issue_key
+
+NAMES = (
+    "heartify_requests",
+    "heartify_request_duration_seconds",
+    "heartify_inference_batch_size",
+    "heartify_inference_duration_seconds",
+    "heartify_queue_depth",
+    "heartify_outbox_pending",
+    "heartify_model_info",
+    "heartify_rate_limited",
+    "heartify_mail_failures",
+)
+
+
+def scrape(client: falcon.testing.TestClient) -> dict[tuple[str, tuple], float]:
+    response = client.simulate_get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
+    key = issue_key(runtime.store, "m@example.com")
+    window = np.sin(np.arange(1300) / 20).tolist()
+    assert (
+        client.simulate_post("/api/v1/denoising", json={"ecg_signal": window}, headers={"x-api-key": key}).status_code
+        == 200
+    )
+    assert client.simulate_post("/api/v1/denoising", json={"ecg_signal": window}).status_code == 401
+    assert client.simulate_get("/no/such/path/42").status_code == 404
+    assert client.simulate_get("/api/v1/api-keys/verify", params={"token": "x"}).status_code == 400
+
+    families = {f.name for f in text_string_to_metric_families(client.simulate_get("/metrics").text)}
+    assert set(NAMES) <= families
+    samples = scrape(client)
+    count = lambda route, status: samples.get(("heartify_requests_total", (("route", route), ("status", status))))
+    assert count("/api/v1/denoising", "200") == 1
+    assert count("/api/v1/denoising", "401") == 1
+    assert count("unmatched", "404") == 1  # the raw path never becomes a label
+    assert count("/api/v1/api-keys/verify", "400") == 1
+    assert not any("/no/such" in str(labels) for _, labels in samples)
+    assert samples[("heartify_inference_batch_size_count", ())] == 1
+    assert samples[("heartify_inference_batch_size_sum", ())] == 1
+    assert samples[("heartify_inference_duration_seconds_count", ())] == 1
+    info = next(labels for name, labels in samples if name == "heartify_model_info")
+    assert dict(info)["precision"] == "fp32" and dict(info)["version"] == str(runtime.deps.model_version)
+    assert len(dict(info)["sha256"]) == 64
+    assert samples[("heartify_outbox_pending", ())] == 0
+
+
+def test_metrics_off_has_no_route(runtime_with, sqlite_url):
+    runtime = runtime_with(sqlite_url, metrics=False)
+    client = falcon.testing.TestClient(create_app(runtime.deps))
+    assert client.simulate_get("/metrics").status_code == 404
+    assert client.simulate_get("/healthz").status_code == 200
+
+
+def test_separate_metrics_port_leaves_the_api_port_without_it(runtime_with, sqlite_url):
+    runtime = runtime_with(sqlite_url, metrics_port=9)  # served by service.server, not the app
+    assert falcon.testing.TestClient(create_app(runtime.deps)).simulate_get("/metrics").status_code == 404

@@ -1,0 +1,86 @@
+"""``WEB_WORKERS=2``: two processes on one socket under a supervisor, as real processes on loopback.
+
+One service for the whole story, as each start loads the model twice: both workers serve, one
+scraped ``/metrics`` (here on ``METRICS_PORT``, served by the supervisor) counts what every
+worker answered, a worker killed with SIGKILL is replaced while the other keeps answering, and
+SIGTERM lets a request in flight finish before the service exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.store import Store
+
+from .conftest import free_port, http, issue_key, wait_until
+
+WINDOWS = np.sin(np.arange(1300) / 20)[None, :].repeat(64, axis=0).tolist()
+
+
+def scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """Sample name → labels → value."""
+    status, text = http("GET", url)
+    assert status == 200
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def worker_pids(metrics_url: str) -> set[int]:
+    return {int(dict(labels)["pid"]) for labels in scrape(metrics_url)["heartify_worker_start_time_seconds"]}
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_path):
+    database = f"sqlite:///{tmp_path / 'w.db'}"
+    metrics_port = free_port()
+    server = service_process(
+        {
+            "DATABASE_URL": database,
+            "OUTBOX_DIR": str(tmp_path / "outbox"),
+            "WEB_WORKERS": "2",
+            "METRICS_PORT": str(metrics_port),
+        }
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    assert http("GET", f"{server.url}/metrics")[0] == 404  # on its own port only
+    first = wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and p, 30, "both workers")
+
+    sent = 0
+    for _ in range(10):
+        assert http("GET", f"{server.url}/healthz")[0] == 200
+        sent += 1
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(10):  # the survivor answers while the supervisor starts a replacement
+        assert http("GET", f"{server.url}/healthz")[0] == 200
+        sent += 1
+    replaced = wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and victim not in p and p, 30, "a new worker")
+    assert len(replaced & first) == 1
+    healthz = scrape(metrics_url)["heartify_requests_total"][(("route", "/healthz"), ("status", "200"))]
+    assert healthz == sent  # the killed worker's counts are kept, the survivor's added
+
+    store = Store(database, max_connections=1).start()
+    key = issue_key(store, "w@example.com")
+    store.close()
+    answers: list[tuple[int, object]] = []
+    request = threading.Thread(
+        target=lambda: answers.append(
+            http("POST", f"{server.url}/api/v1/denoising/batch", {"ecg_signals": WINDOWS}, {"x-api-key": key})
+        )
+    )
+    request.start()
+    # SIGTERM once the request has started its model runs (64 windows: several runs of 8)
+    wait_until(lambda: scrape(metrics_url).get("heartify_inference_batch_size_count", {}).get((), 0) > 0, 10)
+    assert server.stop() == 0
+    request.join(30)
+    status, body = answers[0]
+    assert status == 200 and len(body["denoised_signals"]) == 64
