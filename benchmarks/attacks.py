@@ -6,7 +6,10 @@ cluster (never the shared server on 5432). Load comes from client threads with a
 127.0.0.1 only. Per row it keeps the statuses per request kind and phase, the latencies where the
 row is about time, the service's log lines and tracebacks during the fault, and whether a key or
 a promised mail was lost. The two rows other engineers handle (slow headers, schemathesis) are
-not here.
+not here. Departures from the defaults, each for its row: on PostgreSQL KEY_CACHE_SECONDS=2 (the
+verified keys' entries expire during the outage) and MAIL_LIMIT_PER_CLIENT=0 (one loopback client
+asks for hundreds of keys); mail retries from 0.2 to 1 s where a row waits for them; no SECRET_KEY
+where the generated `<db>.secret` is the point.
 """
 
 from __future__ import annotations
@@ -206,10 +209,21 @@ def outbox_rows(url: str, addresses: list[str]) -> list[dict]:
     import psycopg2
 
     query = (
-        "SELECT t.email, t.created_at, m.id, m.attempts, m.created_at, m.next_attempt_at, m.sent_at, m.last_error,"
-        " now() FROM verification_token t LEFT JOIN outbox_mail m ON m.recipient = t.email WHERE t.email = ANY(%s)"
+        "SELECT t.email, t.created_at, m.id, m.attempts, m.created_at, m.next_attempt_at, m.sent_at, m.failed_at,"
+        " m.last_error, now() FROM verification_token t LEFT JOIN outbox_mail m ON m.recipient = t.email WHERE t.email = ANY(%s)"
     )
-    names = ("email", "token_at", "mail_id", "attempts", "mail_at", "next_attempt_at", "sent_at", "last_error", "now")
+    names = (
+        "email",
+        "token_at",
+        "mail_id",
+        "attempts",
+        "mail_at",
+        "next_attempt_at",
+        "sent_at",
+        "failed_at",
+        "last_error",
+        "now",
+    )
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute(query, (addresses[:10],))
         return [{n: str(v) for n, v in zip(names, row, strict=True)} for row in cur.fetchall()]
@@ -336,9 +350,12 @@ def postgres_faults(folder: Path) -> dict[str, dict]:
                 frozen = postgres_frozen(service, cluster, keys, requests)
                 lost_keys = sum(denoise(service, k).status != 200 for k in keys)
                 missing = undelivered(smtp, requests.promised)
+                late = outbox_rows(cluster.url, missing)
+                queued = [r for r in late if r["mail_id"] != "None" and r["sent_at"] == r["failed_at"] == "None"]
                 for row in (stopped, frozen):
                     row.update(keys_lost=lost_keys, mails_promised=sum(requests.promised.values()))
-                    row.update(mails_lost=len(missing), missing_mails=outbox_rows(cluster.url, missing))
+                    row.update(mails_late=len(missing), mails_still_queued=len(queued), late_mails=late)
+                    row["mails_lost"] = len(missing) - len(queued)
                 remember_secrets(smtp)
                 return {"postgres_stopped": stopped, "postgres_frozen": frozen}
     finally:
@@ -586,34 +603,35 @@ def _nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
-JSON = "application/json"
+# Each body goes as JSON, except the form.
+FORM = "application/x-www-form-urlencoded"
 BAD_WINDOW_BODIES = {
-    "empty": (JSON, b""),
-    "not JSON": (JSON, b"hello"),
-    "truncated": (JSON, b'{"ecg_signal": [1, 2'),
-    "invalid UTF-8": (JSON, b'{"ecg_signal": "\xff\xfe"}'),
-    "array": (JSON, b"[1, 2]"),
-    "null": (JSON, b"null"),
-    "no field": (JSON, b"{}"),
-    "string field": (JSON, orjson.dumps({"ecg_signal": "1,2,3"})),
-    "1299 values": (JSON, orjson.dumps({"ecg_signal": SIGNAL[:-1]})),
-    "NaN": (JSON, b'{"ecg_signal": [NaN' + b", 0" * 1299 + b"]}"),
-    "1e999": (JSON, b'{"ecg_signal": [1e999' + b", 0" * 1299 + b"]}"),
-    "strings": (JSON, orjson.dumps({"ecg_signal": ["1"] * 1300})),
-    "booleans": (JSON, orjson.dumps({"ecg_signal": [True] * 1300})),
-    "nested 100k": (JSON, _nested(100_000)),
-    "nested field": (JSON, b'{"ecg_signal": ' + _nested(100_000) + b"}"),
-    "3 MB": (JSON, b'{"ecg_signal": [' + b"0," * 1_500_000 + b"0]}"),
-    "form": ("application/x-www-form-urlencoded", b"ecg_signal=1"),
+    "empty": b"",
+    "not JSON": b"hello",
+    "truncated": b'{"ecg_signal": [1, 2',
+    "invalid UTF-8": b'{"ecg_signal": "\xff\xfe"}',
+    "array": b"[1, 2]",
+    "null": b"null",
+    "no field": b"{}",
+    "string field": orjson.dumps({"ecg_signal": "1,2,3"}),
+    "1299 values": orjson.dumps({"ecg_signal": SIGNAL[:-1]}),
+    "NaN": b'{"ecg_signal": [NaN' + b", 0" * 1299 + b"]}",
+    "1e999": b'{"ecg_signal": [1e999' + b", 0" * 1299 + b"]}",
+    "strings": orjson.dumps({"ecg_signal": ["1"] * 1300}),
+    "booleans": orjson.dumps({"ecg_signal": [True] * 1300}),
+    "nested 100k": _nested(100_000),
+    "nested field": b'{"ecg_signal": ' + _nested(100_000) + b"}",
+    "3 MB": b'{"ecg_signal": [' + b"0," * 1_500_000 + b"0]}",
+    "form": b"ecg_signal=1",
 }
 BAD_EMAIL_BODIES = {
-    "not JSON": (JSON, b"hello"),
-    "array": (JSON, b"[]"),
-    "number": (JSON, b'{"email": 5}'),
-    "list": (JSON, b'{"email": ["a@example.org"]}'),
-    "two addresses": (JSON, b'{"email": "a@example.org,b@example.org"}'),
-    "10k characters": (JSON, orjson.dumps({"email": "a" * 10_000 + "@example.org"})),
-    "nested 100k": (JSON, _nested(100_000)),
+    "not JSON": b"hello",
+    "array": b"[]",
+    "number": b'{"email": 5}',
+    "list": b'{"email": ["a@example.org"]}',
+    "two addresses": b'{"email": "a@example.org,b@example.org"}',
+    "10k characters": orjson.dumps({"email": "a" * 10_000 + "@example.org"}),
+    "nested 100k": _nested(100_000),
 }
 
 
@@ -621,7 +639,8 @@ def bad_json(service: Service, key: str, repeats: int = 3) -> dict:
     """Each bad body a few times, paced under the key's rate limit; all must be 4xx."""
     results = {}
     for path, bodies, extra in ((DENOISE, BAD_WINDOW_BODIES, {"x-api-key": key}), (GENERATION, BAD_EMAIL_BODIES, {})):
-        for name, (kind, body) in bodies.items():
+        for name, body in bodies.items():
+            kind = FORM if name == "form" else "application/json"
             answers = []
             for _ in range(repeats):
                 answers.append(call("POST", service.url + path, body, {**extra, "Content-Type": kind}))
@@ -708,8 +727,9 @@ def fault_text(row: dict) -> str:
     kinds = "; ".join(f"{k} {statuses(during, k)}" for k in during if k != "readyz")
     return (
         f"during: {kinds}; log {log['lines']} lines ({log['other_lines']} not access), {log['tracebacks']} tracebacks;"
-        f" /readyz 200 {row['readyz_after_mend_s']} s after; keys lost {row['keys_lost']}, mails lost"
-        f" {row['mails_lost']} of {row['mails_promised']}"
+        f" /readyz 200 {row['readyz_after_mend_s']} s after; keys lost {row['keys_lost']}; of {row['mails_promised']}"
+        f" mails promised (both rows), {row['mails_late']} not in 30 s ({row['mails_still_queued']} still queued),"
+        f" {row['mails_lost']} lost"
     )
 
 
@@ -719,8 +739,9 @@ def after_text(name: str, row: dict) -> str:
     if name == "postgres_frozen":
         during, burst = row["during"], row["burst_20_unknown_keys"]
         cached, readyz = during.get("denoise-cached-key", {}), during.get("readyz", {})
+        in_flight = max(v["max_ms"] for v in row["before"].values())
         return (
-            f"/readyz max {readyz.get('max_ms')} ms; 20 at once: {burst['statuses']} max {burst['max_ms']} ms;"
+            f"in flight at the freeze: max {in_flight} ms; /readyz max {readyz.get('max_ms')} ms; 20 at once: {burst['statuses']} max {burst['max_ms']} ms;"
             f" cached-key denoise p50 {cached.get('p50_ms')} / max {cached.get('max_ms')} ms; " + fault_text(row)
         )
     if name == "floods":
