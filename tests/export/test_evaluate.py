@@ -46,8 +46,10 @@ def test_beat_agreement_counts_matches_within_tolerance():
 
 def test_command_on_real_data_writes_both_tables_and_the_polar_checks(real_data, tmp_path, capsys):
     shipped = Path(__file__).resolve().parents[2] / "artifacts" / "attention_unet.int8.onnx"
-    assert main(["--model", str(shipped), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "2"]) == 0
+    args = ["--model", str(shipped), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "2"]
+    assert main([*args, "--record-minutes", "0.25"]) == 0
     result = json.loads((tmp_path / "evaluation-attention_unet.int8.json").read_text())
     assert len(result["cases"]) == 16 and len(result["noise_families"]["cases"]) == 28
+    assert result["records"]["summary"]["records"] > 0 and (tmp_path / "records.png").exists()
     assert result["polar_h10_beats"]["rest_40s"]["beats_before"] > 0
     assert "Synthetic noise families" in capsys.readouterr().out

@@ -195,11 +195,11 @@ def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, t
 
 @pytest.mark.slow
 def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process, tmp_path):
-    """A single process drains: a recording that takes longer than waitress's own 5 s wait is
-    answered in full, while the connections that come after SIGTERM are refused."""
+    """A single process drains: an hour's recording (longer to denoise than waitress's own 5 s
+    wait) is answered in full, while the connections that come after SIGTERM are refused."""
     server, key = service_with_key(service_process, tmp_path, {"WEB_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0"})
     samples = (np.sin(np.arange(130 * 3600) / 20) * 100).astype("<f4")  # an hour: several seconds of work
-    answers: list[tuple[int, int]] = []
+    answers: list[tuple[int, np.ndarray]] = []
 
     def record() -> None:
         request = urllib.request.Request(
@@ -208,7 +208,7 @@ def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process
             headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
-            answers.append((response.status, len(response.read())))
+            answers.append((response.status, np.frombuffer(response.read(), dtype="<f4")))
 
     thread = threading.Thread(target=record)
     thread.start()
@@ -216,7 +216,9 @@ def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process
     server.signal(signal.SIGTERM)
     wait_until(lambda: http_refused(server.url), 5, "new connections refused")
     thread.join(60)
-    assert answers == [(200, samples.nbytes)]
+    ((status, out),) = answers  # an hour, the longest default recording, through HTTP and the model
+    assert status == 200 and len(out) == len(samples) and np.all(np.isfinite(out))
+    assert np.corrcoef(out, samples)[0, 1] > 0.9
     assert server.wait() == 0
     assert "Draining" in server.log() and "Traceback" not in server.log()
 

@@ -40,7 +40,7 @@ def test_every_operation_documents_its_responses(client):
                         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
 
 
-@settings(max_examples=300, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.from_regex(EMAIL_PATTERN, fullmatch=True))
 def test_every_address_the_email_pattern_admits_is_accepted(address):
     assert len(address) <= 254

@@ -33,7 +33,7 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
 include-path = "/api/v1/denoising/record"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "413", "429"]
 """
-EXAMPLES = 10  # per operation and phase: about 150 cases in all
+EXAMPLES = 4  # per operation and phase: about 120 cases in all
 
 
 @pytest.mark.slow
