@@ -34,10 +34,12 @@ def test_fresh_venv_with_runtime_requirements_serves(tmp_path, service_process):
     shutil.copy(REPO / "requirements.txt", app)
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # No pip of its own (ensurepip costs seconds): this interpreter's pip installs into it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile"]
     install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check", "-r", "requirements.txt"],
+        [*pip, "--disable-pip-version-check", "-r", "requirements.txt"],
         cwd=app,
         capture_output=True,
         text=True,
