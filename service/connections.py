@@ -106,10 +106,14 @@ class Server(TcpWSGIServer):
         super().__init__(app, **kw)
 
     def drain(self, grace_s: float) -> None:
-        """Called from a signal handler: the loop's next maintenance pass starts the drain."""
+        """Called from a signal handler: the loop's next maintenance pass starts the drain. A
+        second signal, or one that comes while the process closes, changes nothing."""
+        if self.drain_until is not None:
+            return
         self.drain_until = time.time() + grace_s
         self.next_channel_cleanup = 0  # at once, not at the next cleanup interval
-        self.pull_trigger()
+        with contextlib.suppress(OSError):  # the loop has already closed its wake-up pipe
+            self.pull_trigger()
 
     def _drained(self, now: float) -> bool:
         """Stop accepting; close idle connections; True once nothing is under way or time is up."""
