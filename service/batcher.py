@@ -17,13 +17,16 @@ is fewer threads contending and less per-call overhead; a wait only delays lone 
 0 by default. The measurements behind these choices are in docs/performance.md.
 
 A long request (a whole recording: hundreds of windows) goes through the queue in chunks of at
-most ``share`` windows, half a batch by default, with at most one chunk per worker queued
-or running: single windows that queue meanwhile join the next batches instead of waiting behind
-the whole recording, and the recording still keeps every worker busy.
+most ``share`` windows, half a batch by default, with at most two chunks per worker queued or
+running, so the recording keeps every worker busy (with one chunk per worker, a worker waited for
+the request thread to hand it the next one, and a recording ran at half the engine's rate). The
+queue serves window requests before a recording's chunks: a window that arrives meanwhile waits
+for the batches under way, not for the recording.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -52,6 +55,9 @@ class _Job:
 
 
 _STOP = object()
+# Queue priorities: window requests first, then a recording's chunks, then the stop markers
+# (which must come after every job queued before them).
+WINDOWS, RECORDING, STOP = 0, 1, 2
 
 # Told of every model run: windows in it, seconds it took, requests still queued (service.metrics).
 RunObserver = Callable[[int, float, int], None]
@@ -77,7 +83,8 @@ class Batcher:
         self._share = share or max(1, max_size // 2)
         self._workers = workers
         self._max_wait_s = max_wait_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # first in, first out within a priority
         self._lock = threading.Lock()
         self._closed = False
         self._running = 0  # runs under way, in workers or request threads
@@ -106,24 +113,24 @@ class Batcher:
             if alone:
                 self._running += 1
             else:
-                self._queue.put(job)
+                self._put(WINDOWS, job)
         if alone:
             self._run([job], lone=True)
         return restore(job.result.result(), mu, sigma, input_units)
 
     def denoise_many(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
         """``denoise`` for many windows, fed to the queue a chunk of at most ``share`` at a time,
-        with at most one chunk per worker outstanding (see the module's docstring)."""
+        with at most two chunks per worker outstanding (see the module's docstring)."""
         z, mu, sigma = normalize(windows)
         out = np.empty_like(z)
         pending: deque[tuple[int, _Job]] = deque()
         for start in range(0, len(z), self._share):
-            if len(pending) == self._workers:
+            if len(pending) == 2 * self._workers:
                 self._collect(pending, out)
             job = _Job(z[start : start + self._share])
             with self._lock:
                 self._check_open()
-                self._queue.put(job)
+                self._put(RECORDING, job)
             pending.append((start, job))
         while pending:
             self._collect(pending, out)
@@ -133,6 +140,9 @@ class Batcher:
     def _collect(pending: deque[tuple[int, _Job]], out: np.ndarray) -> None:
         start, job = pending.popleft()
         out[start : start + len(job.batch)] = job.result.result()
+
+    def _put(self, priority: int, item: object) -> None:
+        self._queue.put((priority, next(self._order), item))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -145,7 +155,7 @@ class Batcher:
                 return
             self._closed = True
             for _ in self._threads:
-                self._queue.put(_STOP)
+                self._put(STOP, _STOP)
         for thread in self._threads:
             if thread.is_alive():
                 thread.join()
@@ -153,14 +163,14 @@ class Batcher:
     def _work(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            first = self._queue.get()[2]
             if first is _STOP:
                 return
             jobs, size = [first], len(first.batch)
             deadline = time.monotonic() + self._max_wait_s
             while size < self._max_size:
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))[2]
                 except queue.Empty:
                     break
                 if job is _STOP:
