@@ -33,10 +33,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(checkpoint, tmp_path_factory) -> Path:
-    """One export of the random checkpoint, shared by the tests that only read it (parity on 64
+    """One export of the random checkpoint, shared by the tests that only read it (parity on 16
     windows: the default 256 cost seconds and proved nothing more about the exporter)."""
     out = tmp_path_factory.mktemp("onnx") / "attention_unet.onnx"
-    assert export_main(["--weights", str(checkpoint), "--out", str(out), "--parity-windows", "64"]) == 0
+    assert export_main(["--weights", str(checkpoint), "--out", str(out), "--parity-windows", "16"]) == 0
     return out
 
 

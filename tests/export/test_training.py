@@ -17,21 +17,15 @@ pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 TINY = {"steps_per_epoch": 3, "batch_size": 4, "val_per_case": 1, "warmup_epochs": 0}
 
 
-def test_training_writes_a_strictly_loadable_best_checkpoint_and_history(tmp_path):
-    corpus = synthetic_corpus(np.random.default_rng(0))
-    best = train(corpus, Config(epochs=2, **TINY), tmp_path / "run", tmp_path / "best.pth", progress=False)
-    assert best["epoch"] in (1, 2) and np.isfinite(best["mean_snr_improvement_db"])
-    assert len([k for k in best if "@" in k]) == 16
-    load_model(tmp_path / "best.pth")  # strict
-    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [1, 2]
-
-
-def test_training_resumes_from_its_last_checkpoint(tmp_path):
+def test_training_writes_a_strictly_loadable_best_checkpoint_and_history_and_resumes(tmp_path):
+    """One epoch, then a second run that resumes from the last checkpoint instead of starting over."""
     corpus = synthetic_corpus(np.random.default_rng(0))
     run = tmp_path / "run"
     train(corpus, Config(epochs=1, **TINY), run, tmp_path / "best.pth", progress=False)
-    train(corpus, Config(epochs=2, **TINY), run, tmp_path / "best.pth", progress=False)
+    best = train(corpus, Config(epochs=2, **TINY), run, tmp_path / "best.pth", progress=False)
+    assert best["epoch"] in (1, 2) and np.isfinite(best["mean_snr_improvement_db"])
+    assert len([k for k in best if "@" in k]) == 16
+    load_model(tmp_path / "best.pth")  # strict
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert torch.load(run / "last.pt", weights_only=False)["state"]["epoch"] == 2
