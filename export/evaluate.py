@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         help="compute only the records table and merge it into the existing evaluation (JSON and manifest)",
     )
     args = parser.parse_args(argv)
+    if args.record_minutes < 0.25:  # the glued-window comparison needs whole windows of every record
+        parser.error("--record-minutes must be at least 0.25")
     engine = Engine(model_or_exit(args.model)).start()
     corpus = corpus_or_exit(args.data)
     args.out_dir.mkdir(parents=True, exist_ok=True)
