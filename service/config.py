@@ -7,7 +7,6 @@ log and an outbox folder), so ``python -m service`` needs no setup; ``.env.examp
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ DEFAULT_SMTP_PORT = {"starttls": 587, "ssl": 465, "none": 25}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # waitress's loop visits every open connection on each turn, so each one slows every answer a
 # little; beyond this many the cost outweighs the headroom (docs/performance.md, slow clients).
+# service.connections lowers it where the open-files limit allows fewer.
 MAX_CONNECTIONS = 2000
 
 
@@ -50,15 +50,6 @@ _KINDS = {
     _flag: "on or off",
     parse_networks: "a comma-separated list of IP addresses or CIDR blocks",
 }
-
-
-def _connection_limit() -> int:
-    """MAX_CONNECTIONS, or fewer if the open-files limit allows fewer (service.connections raises the
-    soft limit to the hard one at start)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(100, min(MAX_CONNECTIONS, hard - 64))
 
 
 def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
@@ -94,7 +85,7 @@ class Config:
     )
     # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
-    connection_limit: int = field(default_factory=_connection_limit, metadata=_env("CONNECTION_LIMIT", int, 1))
+    connection_limit: int = field(default=MAX_CONNECTIONS, metadata=_env("CONNECTION_LIMIT", int, 1))
     header_timeout_s: float = field(default=10.0, metadata=_env("HEADER_TIMEOUT_SECONDS", float, 0.1))
     channel_timeout_s: float = field(default=75.0, metadata=_env("CHANNEL_TIMEOUT_SECONDS", float, 0.1))
     # One single-threaded run per core beats one run spread over all cores: a run alternates

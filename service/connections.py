@@ -42,12 +42,6 @@ log = logging.getLogger("service.connections")
 RESERVED_FILES = 64
 
 
-def open_files_limit() -> int:
-    """The hard open-files limit: what the soft one can be raised to at start."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return hard if hard != resource.RLIM_INFINITY else 1 << 20
-
-
 def raise_open_files_limit() -> int:
     """Raise this process's soft open-files limit to the hard one; returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -47,8 +47,10 @@ def verify_model(model_path: Path, manifest_path: Path) -> int | None:
     return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
-def precision(model_path: Path, manifest_path: Path) -> str:
-    """The first word of the model's manifest ``precision`` ("fp32", "int8"), for the model-info metric."""
+def model_labels(model_path: Path, manifest_path: Path) -> tuple[str, str]:
+    """The model-info metric's precision (the first word of the manifest's: "fp32", "int8") and
+    sha256, read from the manifest entry that ``verify_model`` has already checked the file
+    against, so a start hashes the model once."""
     entry = json.loads(manifest_path.read_text()).get("models", {}).get(model_path.name, {})
     words = str(entry.get("precision", "unknown")).split()
-    return words[0] if words else "unknown"
+    return (words[0] if words else "unknown"), str(entry.get("sha256", "unknown")).lower()

@@ -18,7 +18,7 @@ from service.engine import Engine
 from service.housekeeping import Housekeeping
 from service.keys import KeyService, MailLimits
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
-from service.manifest import precision, sha256
+from service.manifest import model_labels
 from service.metrics import Metrics
 from service.notifications import Listener
 from service.ratelimit import TokenBuckets
@@ -48,7 +48,7 @@ def start_engine(config: Config) -> Engine:
 
 def start_metrics(config: Config, version: int) -> Metrics:
     metrics = Metrics()
-    metrics.model(version, precision(config.model_path, config.manifest), sha256(config.model_path))
+    metrics.model(version, *model_labels(config.model_path, config.manifest))
     return metrics
 
 
