@@ -61,7 +61,8 @@ def test_key_mails_per_email_are_limited_across_processes(database_url, runtime_
 
 
 def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_another(tmp_path, runtime_with, sqlite_url):
-    limited = client_of(runtime_with(sqlite_url, mail_limit_per_client=2))
+    first = runtime_with(sqlite_url, mail_limit_per_client=2)
+    limited = client_of(first)
     forged = {"X-Forwarded-For": "203.0.113.9"}  # from an untrusted peer: ignored
     for n in range(2):
         assert limited.simulate_post(GENERATION, json={"email": f"a{n}@example.org"}, headers=forged).status_code == 200
@@ -69,6 +70,7 @@ def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_anothe
         limited.simulate_post(GENERATION, json={"email": "a9@example.org"}, headers=forged),
         "Too many key mail requests from this address. Try again later.",
     )
+    first.close()  # one store per process at a time (service.store binds the models globally)
     behind_proxy = f"sqlite:///{tmp_path / 'proxied.db'}"  # a database of its own: one store per database
     proxied = client_of(runtime_with(behind_proxy, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),)))
     for n in range(3):  # three different clients behind the proxy
@@ -136,7 +138,7 @@ def test_queued_mails_are_sealed_until_delivered(tmp_path, runtime_with, sqlite_
 def test_without_secret_key_sqlite_gets_a_private_secret_file(tmp_path, runtime_with, caplog):
     caplog.set_level(logging.WARNING)
     url = f"sqlite:///{tmp_path / 'local.db'}"
-    runtime_with(url, secret_key=None)
+    runtime_with(url, secret_key=None).close()
     secret = tmp_path / "local.db.secret"
     assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 32
     assert any("generated one into" in r.getMessage() for r in caplog.records)
@@ -155,7 +157,7 @@ def test_a_changed_secret_gives_up_the_mails_it_cannot_open(tmp_path, runtime_wi
     old = runtime_with(sqlite_url, secret_key="old-secret", smtp_port=free_port())
     with old.store.db.connection_context():
         old.store.enqueue_mail(old.sealer.seal(Mail("x@example.org", "s", "t", "<p>h</p>")), utcnow())
-    old.outbox.close()
+    old.close()
     new = runtime_with(sqlite_url, secret_key="new-secret")
     new.outbox.wake()
 
@@ -165,6 +167,7 @@ def test_a_changed_secret_gives_up_the_mails_it_cannot_open(tmp_path, runtime_wi
 
     wait_until(lambda: row().failed_at is not None, what="the mail given up")
     assert "cannot be opened with SECRET_KEY" in row().last_error and row().text_body is None
+    new.close()
     rotated = runtime_with(sqlite_url, secret_key="newest, old-secret")  # rotation: old mails still open
     with rotated.store.db.connection_context():
         rotated.store.enqueue_mail(old.sealer.seal(Mail("y@example.org", "s", "t", "<p>h</p>")), utcnow())
@@ -234,8 +237,10 @@ def test_every_answer_is_nosniff_and_secrets_are_not_stored(runtime, client, smt
 
 def test_cors_is_off_by_default_and_allows_named_origins(runtime_with, sqlite_url):
     origin = {"Origin": "https://app.example.org"}
-    closed = client_of(runtime_with(sqlite_url))
+    closed_rt = runtime_with(sqlite_url)
+    closed = client_of(closed_rt)
     assert "access-control-allow-origin" not in closed.simulate_get("/healthz", headers=origin).headers
+    closed_rt.close()
     opened = client_of(runtime_with(sqlite_url, cors_allow_origins=("https://app.example.org",)))
     assert opened.simulate_get("/healthz", headers=origin).headers["access-control-allow-origin"] == origin["Origin"]
     other = opened.simulate_get("/healthz", headers={"Origin": "https://evil.example"})
