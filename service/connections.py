@@ -120,10 +120,13 @@ class Server(TcpWSGIServer):
         for channel in self.active_channels.values():
             if not channel.requests:
                 channel.will_close = True
-        if busy and now < self.drain_until:
+        # A request whose client hung up has left its channel but may still run in a thread,
+        # which then writes to the loop's wake-up pipe: the loop must outlive it.
+        tasks = self.task_dispatcher.active_count + len(self.task_dispatcher.queue)
+        if (busy or tasks) and now < self.drain_until:
             return False
-        if busy:
-            log.warning("Stopping with %d request(s) still under way after the grace period", len(busy))
+        if busy or tasks:
+            log.warning("Stopping with %d request(s) still under way after the grace period", max(len(busy), tasks))
         return True
 
     def maintenance(self, now: float) -> None:
