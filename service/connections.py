@@ -91,6 +91,7 @@ class Server(TcpWSGIServer):
     channel_class = Channel
     next_log = 0.0  # when the next line about slow clients may be logged
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
+    draining = False  # the drain has begun in the loop
 
     def __init__(self, app: Any, header_timeout_s: float, channel_timeout_s: float, **kw: Any) -> None:
         self.header_timeout_s = header_timeout_s
@@ -109,9 +110,16 @@ class Server(TcpWSGIServer):
         with contextlib.suppress(OSError):  # the loop has already closed its wake-up pipe
             self.pull_trigger()
 
+    def handle_close(self) -> None:
+        """The listening socket was shut down: by this process's drain, or by another worker's, as
+        workers share it. Stop accepting, but stay in the loop: its maintenance runs the drain
+        (waitress would close the server, and the loop would end under the requests under way)."""
+        self.accepting = False
+
     def _drained(self, now: float) -> bool:
         """Stop accepting; close idle connections; True once nothing is under way or time is up."""
-        if self.accepting:
+        if not self.draining:
+            self.draining = True
             self.accepting = False
             with contextlib.suppress(OSError):
                 self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting

@@ -3,7 +3,7 @@
 One service for the whole story, as each start loads the model twice: both workers serve, one
 scraped ``/metrics`` (here on ``METRICS_PORT``, served by the supervisor) counts what every
 worker answered, a worker killed with SIGKILL is replaced while the other keeps answering, and
-SIGTERM lets a request in flight finish before the service exits 0.
+SIGTERM lets the requests in flight finish, in both workers, before the service exits 0.
 """
 
 from __future__ import annotations
@@ -78,15 +78,23 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     key = issue_key(store, "w@example.com")
     store.close()
     answers: list[tuple[int, object]] = []
-    request = threading.Thread(
-        target=lambda: answers.append(
-            http("POST", f"{server.url}/api/v1/denoising/batch", {"ecg_signals": WINDOWS}, {"x-api-key": key})
+    requests = [
+        threading.Thread(
+            target=lambda: answers.append(
+                http("POST", f"{server.url}/api/v1/denoising/batch", {"ecg_signals": WINDOWS}, {"x-api-key": key})
+            )
         )
-    )
-    request.start()
-    # SIGTERM once the request has started its model runs (64 windows: several runs of 8)
+        for _ in range(4)  # most likely some on each worker
+    ]
+    for request in requests:
+        request.start()
+    # SIGTERM once the requests have started their model runs (64 windows each: several runs of 8)
     wait_until(lambda: scrape(metrics_url).get("heartify_inference_batch_size_count", {}).get((), 0) > 0, 10)
     assert server.stop() == 0
-    request.join(30)
-    status, body = answers[0]
-    assert status == 200 and len(body["denoised_signals"]) == 64
+    for request in requests:
+        request.join(30)
+    assert [status for status, _ in answers] == [200] * 4
+    assert all(len(body["denoised_signals"]) == 64 for _, body in answers)
+    # Each worker drains, although the first to drain shuts the socket they share.
+    log = server.log()
+    assert log.count("Draining") == 2 and "Traceback" not in log
