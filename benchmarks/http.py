@@ -29,7 +29,6 @@ import numpy as np
 
 from benchmarks.common import RESULTS, machine, markdown_table, require_wrk, save, save_chart, subplots
 from export.synth import noisy_windows
-from service.engine import lone_choice
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = """
@@ -285,13 +284,12 @@ def vs_engine(run: dict, engine_results: dict) -> dict:
     key = "onnxruntime int8" if "int8" in run["model"] else "onnxruntime fp32"
     best = engine_results["best"][key]["windows_per_s"]
     # A lone call: one stream, batch 1. The service runs a lone request on ORT_LONE_THREADS
-    # threads, spinning off; unset, on 1 thread or all usable CPUs, as its start chose by timing.
+    # threads (unset: all usable CPUs), spinning inside the run unless ORT_LONE_SPINNING is off.
     singles = [r for r in engine_results["rows"] if r["engine"] == key and r["batch"] == 1 and r.get("streams", 1) == 1]
     fastest = min(singles, key=lambda r: r["p50_ms"])
-    lone = run["env"].get("ORT_LONE_THREADS")
-    threads = {int(lone)} if lone else {1, engine_results["machine"]["usable_cpus"]}
-    p50 = {r["threads"]: r["p50_ms"] for r in singles if r["threads"] in threads and r["spinning"] == "off"}
-    alike = p50[lone_choice(p50)]
+    threads = int(run["env"].get("ORT_LONE_THREADS") or engine_results["machine"]["usable_cpus"])
+    spinning = "off" if run["env"].get("ORT_LONE_SPINNING") == "off" or threads == 1 else "on"
+    alike = next(r["p50_ms"] for r in singles if r["threads"] == threads and r["spinning"] == spinning)
     at16 = next((r for r in run["rows"] if r["connections"] == 16), None)
     at1 = next((r for r in run["rows"] if r["connections"] == 1), None)
     return {

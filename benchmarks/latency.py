@@ -28,15 +28,14 @@ from benchmarks.http import ROOT, serving, wrk
 from export.synth import noisy_windows
 from service.contract import normalize
 from service.cpus import usable_cpus
-from service.engine import lone_choice
 
 
 def rounds(model: Path, count: int, seconds: int, idle_ms: float) -> list[dict]:
     cpus = usable_cpus()
-    # (threads, spinning): the batch workers' setting and all CPUs (the service's lone run takes
-    # one of the two, by ``lone_choice``), and the fastest.
+    # (threads, spinning): the batch workers' setting, all CPUs, and all CPUs spinning: the
+    # service's lone run (ORT_LONE_THREADS and ORT_LONE_SPINNING unset).
     settings = sorted({(1, False), (cpus, False), (cpus, True)})
-    lone_settings = sorted({1, cpus})
+    lone = f"{cpus}t_spin"
     window = normalize(noisy_windows(np.random.default_rng(0), 1))[0]
     rows = []
     with serving(model, {}) as (server, script):
@@ -45,15 +44,13 @@ def rounds(model: Path, count: int, seconds: int, idle_ms: float) -> list[dict]:
             for threads, spinning in settings:
                 times = ort_case(model, window, threads, spinning, seconds)
                 row[f"engine_{threads}t{'_spin' if spinning else ''}_p50_ms"] = float(np.percentile(times, 50) * 1e3)
-            for threads in lone_settings:
-                times = ort_case(model, window, threads, False, seconds, idle_s=idle_ms / 1e3)
-                row[f"after_idle_{threads}t_p50_ms"] = float(np.percentile(times, 50) * 1e3)
+            times = ort_case(model, window, cpus, True, seconds, idle_s=idle_ms / 1e3)
+            row[f"after_idle_{lone}_p50_ms"] = float(np.percentile(times, 50) * 1e3)
             row["service_p50_ms"] = wrk(server, script, 1, seconds)["p50_ms"]
             engine = {k: v for k, v in row.items() if k.startswith("engine_")}
             row["overhead_vs_fastest_ms"] = row["service_p50_ms"] - min(engine.values())
-            lone = lone_choice({t: row[f"engine_{t}t_p50_ms"] for t in lone_settings})
-            row["overhead_vs_lone_setting_ms"] = row["service_p50_ms"] - row[f"engine_{lone}t_p50_ms"]
-            row["overhead_vs_lone_setting_after_idle_ms"] = row["service_p50_ms"] - row[f"after_idle_{lone}t_p50_ms"]
+            row["overhead_vs_lone_setting_ms"] = row["service_p50_ms"] - row[f"engine_{lone}_p50_ms"]
+            row["overhead_vs_lone_setting_after_idle_ms"] = row["service_p50_ms"] - row[f"after_idle_{lone}_p50_ms"]
             print(
                 f"{model.name} round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"),
                 flush=True,

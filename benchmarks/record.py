@@ -72,7 +72,7 @@ def resamplers() -> list[dict]:
 
 def engine_best(seconds: float) -> float:
     streams = usable_cpus()
-    engine = Engine(MODEL, threads=1, warm_batch=8, warm_concurrent=streams).start()
+    engine = Engine(MODEL, threads=1, lone_threads=1, warm_batch=8, warm_concurrent=streams).start()
     batch = np.random.default_rng(1).standard_normal((8, 1, WINDOW)).astype(np.float32)
     times = time_calls(lambda: engine.run(batch), seconds, streams=streams)
     engine.close()

@@ -7,10 +7,10 @@ batch runs, so under load batches form without any wait; ``max_size=1`` disables
 Several workers run batches side by side (by default one single-threaded run per core): one run
 spread over all cores leaves cores waiting in its serial stretches, runs side by side do not.
 
-A request that finds the batcher idle (no run under way, nothing queued) runs in its own thread,
-on the engine's session for lone runs: there is nothing to coalesce it with (unless
-``max_wait_s`` asks to wait for more), and the hand-off to a worker and back would only add
-latency. Under load every request goes through the queue, where workers that are already awake
+A request that finds the batcher idle (no run under way, nothing queued), and every other worker
+process of the machine idle too (``service.occupancy``), runs in its own thread, on the engine's
+session for lone runs (all cores): there is nothing to coalesce it with (unless ``max_wait_s``
+asks to wait for more), and the hand-off to a worker and back would only add latency. Under load every request goes through the queue, where workers that are already awake
 take it (running them in request threads instead passed the lead to a sleeping thread after
 each batch). A batched run costs about as much per window as single ones on a CPU, so the gain
 is fewer threads contending and less per-call overhead; a wait only delays lone requests, hence
@@ -40,6 +40,7 @@ import numpy as np
 
 from service.contract import normalize, restore
 from service.engine import Engine
+from service.occupancy import Occupancy
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Batcher:
         workers: int = 1,
         share: int | None = None,
         observer: RunObserver = _unobserved,
+        occupancy: Occupancy | None = None,
     ) -> None:
         self._engine = engine
         self._observer = observer
@@ -87,7 +89,8 @@ class Batcher:
         self._order = itertools.count()  # first in, first out within a priority
         self._lock = threading.Lock()
         self._closed = False
-        self._running = 0  # runs under way, in workers or request threads
+        self._occupancy = occupancy or Occupancy()
+        self._pending = 0  # jobs queued or running, in workers or request threads (under _lock)
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(workers)]
 
     def start(self) -> Batcher:
@@ -109,10 +112,9 @@ class Batcher:
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
             self._check_open()
-            alone = self._running == 0 and self._queue.empty() and self._max_wait_s == 0
-            if alone:
-                self._running += 1
-            else:
+            alone = self._pending == 0 and self._max_wait_s == 0 and self._occupancy.others_idle()
+            self._count(1)
+            if not alone:
                 self._put(WINDOWS, job)
         if alone:
             self._run([job], lone=True)
@@ -130,6 +132,7 @@ class Batcher:
             job = _Job(z[start : start + self._share])
             with self._lock:
                 self._check_open()
+                self._count(1)
                 self._put(RECORDING, job)
             pending.append((start, job))
         while pending:
@@ -140,6 +143,11 @@ class Batcher:
     def _collect(pending: deque[tuple[int, _Job]], out: np.ndarray) -> None:
         start, job = pending.popleft()
         out[start : start + len(job.batch)] = job.result.result()
+
+    def _count(self, jobs: int) -> None:
+        """Jobs in (+) or done (-), told to the other workers; under ``_lock``."""
+        self._pending += jobs
+        self._occupancy.publish(self._pending)
 
     def _put(self, priority: int, item: object) -> None:
         self._queue.put((priority, next(self._order), item))
@@ -178,12 +186,10 @@ class Batcher:
                     break
                 jobs.append(job)
                 size += len(job.batch)
-            with self._lock:
-                self._running += 1
             self._run(jobs)
 
     def _run(self, jobs: list[_Job], lone: bool = False) -> None:
-        """Run the jobs as one batch, then count the run as over (its caller counted it in)."""
+        """Run the jobs as one batch, then count them as done."""
         try:
             batch = np.concatenate([job.batch for job in jobs])
             begin = time.perf_counter()
@@ -199,7 +205,7 @@ class Batcher:
             return
         finally:
             with self._lock:
-                self._running -= 1
+                self._count(-len(jobs))
         start = 0
         for job in jobs:
             job.result.set_result(out[start : start + len(job.batch)])

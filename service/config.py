@@ -57,10 +57,15 @@ def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None)
 
 
 def per_worker_defaults(workers: int) -> dict[str, int]:
-    """Thread defaults for one of ``workers`` processes: each sized for its share of the CPUs, so
-    that several workers do not oversubscribe them (variables that are set win)."""
+    """Thread defaults for one of ``workers`` processes (variables that are set win).
+
+    Web threads are sized for the worker's share of the CPUs. Batch workers are not: one per
+    usable CPU in every worker, so that one worker can keep every core busy while the others
+    idle (a whole recording does); under load from all workers the OS shares the cores between
+    the runs, which measured faster than one run per worker (docs/performance.md).
+    """
     cores = max(1, usable_cpus() // workers)
-    return {"web_threads": max(8, 8 * cores), "batch_workers": cores}
+    return {"web_threads": max(8, 8 * cores), "batch_workers": usable_cpus()}
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,14 @@ class Config:
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
-    # A request that finds the service idle runs alone; unset, the start times one window on
-    # ORT_THREADS and on all usable CPUs and keeps the faster (service.engine.lone_choice).
+    # A request that finds the whole service idle runs alone, at once; unset, on all usable CPUs.
     ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1))
     # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
     # from the request threads, alone and under load (docs/performance.md): off by default.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))
+    # A lone run spins between its operators and stops when it returns: it only runs while no
+    # worker runs anything else, so the spinning takes CPU from nobody.
+    ort_lone_spinning: bool = field(default=True, metadata=_env("ORT_LONE_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))

@@ -7,11 +7,8 @@ and maps the output back. HTTP, keys and storage live elsewhere.
 from __future__ import annotations
 
 import os
-import statistics
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -47,41 +44,44 @@ def _register_arena() -> None:
             _arena_registered = True
 
 
-def session_options(threads: int | None = None, spinning: bool = False, level: str = "all") -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, spinning: bool = False, level: str = "all", spin_after: bool = True
+) -> ort.SessionOptions:
     """Session settings of the engine; the benchmarks vary the same knobs through here.
 
     Spinning is off by default: spinning workers burn a core while the service idles, and
-    requests arrive milliseconds apart.
+    requests arrive milliseconds apart. ``spin_after=False`` stops the spinning as soon as the
+    last run returns, instead of tens of milliseconds later: the spinning then only fills the
+    gaps inside a run, between its operators.
+
+    No memory patterns: onnxruntime keeps one preplanned block per input shape and run under way,
+    so every batch size the batcher forms, times the runs side by side, stayed resident; without
+    them a worker held about 35 MB less after load, at the same speed (docs/performance.md).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_mem_pattern = False
     options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning and not spin_after:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.add_session_config_entry("session.use_env_allocators", "1")
     _register_arena()
     return options
-
-
-def lone_choice(medians: dict[int, float]) -> int:
-    """The thread count for lone runs, from each candidate's median time: the fastest.
-
-    One place for the rule, which the benchmarks apply too when they compare the service with
-    the engine at the service's own setting.
-    """
-    return min(medians, key=medians.__getitem__)
 
 
 class Engine:
     """onnxruntime CPU sessions shared by all request threads (``run`` is thread-safe).
 
     Batches run on a session of ``threads`` threads, several side by side under load. A lone
-    window (one that runs while nothing else runs) may run faster spread over all cores, or not:
-    it depends on the CPU and the model file. So with ``lone_threads="auto"`` ``start`` times one
-    window on ``threads`` and on all usable CPUs and keeps the faster for lone runs
-    (``lone_choice``); the losing session is dropped, since each holds a copy of the weights.
-    With ``None`` lone runs use the batch session.
+    window (one that runs while nothing else runs on the machine) runs on a session of
+    ``lone_threads``, by default all usable CPUs: spread over every core, and spinning inside the
+    run (``lone_spinning``) where the waits between operators would otherwise wake sleeping
+    threads, it answered faster than on one thread for both shipped models (docs/performance.md).
+    The spinning stops when the run returns. With ``lone_threads`` equal to ``threads`` lone runs
+    use the batch session, as each session holds a copy of the weights.
     """
 
     def __init__(
@@ -89,46 +89,35 @@ class Engine:
         model_path: str | os.PathLike,
         threads: int | None = None,
         spinning: bool = False,
-        lone_threads: int | Literal["auto"] | None = None,
+        lone_threads: int | None = None,
         warm_batch: int = 1,
         warm_concurrent: int = 1,
+        lone_spinning: bool = True,
     ) -> None:
         self.model_path = model_path
         self.threads = threads or usable_cpus()
-        self._choose_lone = lone_threads == "auto"
-        self.lone_threads = self.threads if self._choose_lone or lone_threads is None else int(lone_threads)
+        self.lone_threads = lone_threads or usable_cpus()
         self._spinning = spinning
+        self._lone_spinning = lone_spinning
         self._warm_batch = warm_batch
         self._warm_concurrent = warm_concurrent
         self._session: ort.InferenceSession | None = None
         self._lone: ort.InferenceSession | None = None
         self.window = 0
 
-    def start(self, lone_rounds: int = 15) -> Engine:
-        """Open the sessions, run each once, and settle the lone session.
+    def start(self) -> Engine:
+        """Open the sessions and run each once.
 
         A session's first run prepares its kernels, which would otherwise delay the first
         request; and the process reaches its working memory at start, not under the first load.
         """
         self._session = self._open(self.threads)
         self.window = int(self._session.get_inputs()[0].shape[-1])
-        counts = sorted({self.threads, usable_cpus()}) if self._choose_lone else [self.lone_threads]
-        candidates = {n: self._session if n == self.threads else self._open(n) for n in counts}
+        self._lone = self._session if self.lone_threads == self.threads else self._open(self.lone_threads, lone=True)
         batch = np.zeros((self._warm_batch, 1, self.window), dtype=np.float32)
         with ThreadPoolExecutor(self._warm_concurrent) as pool:
             list(pool.map(lambda _: _run(self._session, batch), range(self._warm_concurrent)))
-        for session in candidates.values():
-            if session is not self._session:
-                _run(session, batch[:1])
-        if len(candidates) > 1:
-            times: dict[int, list[float]] = {n: [] for n in candidates}
-            for _ in range(lone_rounds):
-                for n, session in candidates.items():
-                    begin = time.perf_counter()
-                    _run(session, batch[:1])
-                    times[n].append(time.perf_counter() - begin)
-            self.lone_threads = lone_choice({n: statistics.median(t) for n, t in times.items()})
-        self._lone = candidates[self.lone_threads]  # the loser's weights are freed with the dict
+        _run(self._lone, batch[:1])
         return self
 
     def close(self) -> None:
@@ -146,8 +135,11 @@ class Engine:
         z, mu, sigma = normalize(windows)
         return restore(self.run(z), mu, sigma, input_units)
 
-    def _open(self, threads: int) -> ort.InferenceSession:
-        options = session_options(threads, self._spinning)
+    def _open(self, threads: int, lone: bool = False) -> ort.InferenceSession:
+        if lone:
+            options = session_options(threads, self._lone_spinning, spin_after=False)
+        else:
+            options = session_options(threads, self._spinning)
         return ort.InferenceSession(str(self.model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

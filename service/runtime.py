@@ -21,6 +21,7 @@ from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import model_labels
 from service.metrics import Metrics
 from service.notifications import Listener
+from service.occupancy import Occupancy
 from service.ratelimit import TokenBuckets
 from service.sealing import Sealer
 from service.startup import StartupError, mail_secrets, model_version, start_store
@@ -36,9 +37,10 @@ def start_engine(config: Config) -> Engine:
         config.model_path,
         threads=config.ort_threads,
         spinning=config.ort_spinning,
-        lone_threads=config.ort_lone_threads or "auto",
+        lone_threads=config.ort_lone_threads,
         warm_batch=config.batch_max_size,
         warm_concurrent=config.batch_workers,
+        lone_spinning=config.ort_lone_spinning,
     )
     try:
         return engine.start()
@@ -71,12 +73,14 @@ class Runtime:
     them in reverse; a start that fails stops what had already started.
 
     ``engine`` may be given already started (the tests share one per model file); the runtime
-    then neither starts nor closes it.
+    then neither starts nor closes it. ``occupancy``: a worker's slot among the worker processes
+    (``service.workers``); without one the process is alone on the machine.
     """
 
-    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None, occupancy: Occupancy | None = None) -> None:
         self.config = config
         self._engine = engine
+        self._occupancy = occupancy or Occupancy()
         self._stack = ExitStack()
         self.store: Store
         self.outbox: Outbox
@@ -88,6 +92,8 @@ class Runtime:
         config = self.config
         with ExitStack() as stack:
             version = model_version(config)
+            self._occupancy.start()
+            stack.callback(self._occupancy.close)
             engine = self._engine
             if engine is None:
                 engine = start_engine(config)
@@ -104,6 +110,7 @@ class Runtime:
                 config.batch_max_size,
                 config.batch_max_wait_ms / 1000,
                 config.batch_workers,
+                occupancy=self._occupancy,
                 **({"observer": metrics.inference} if metrics else {}),
             )
             stack.callback(self.batcher.close)

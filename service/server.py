@@ -20,20 +20,27 @@ from service.app import create_app
 from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
+from service.occupancy import Occupancy
 from service.runtime import Runtime, StartupError
 from service.startup import cannot_listen
 
 log = logging.getLogger("service")
 
 
-def serve(config: Config, listener: socket.socket | None = None, on_ready: Callable[[], None] | None = None) -> int:
+def serve(
+    config: Config,
+    listener: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+    occupancy: Occupancy | None = None,
+) -> int:
     """Serve until stopped; 0 after a clean stop, 1 (and one sentence on stderr) if it cannot start.
 
-    ``listener``: an already bound socket (a worker's), else bind ``config.host:config.port``.
+    ``listener``, ``occupancy``: a worker's bound socket and its slot among the workers; else bind
+    ``config.host:config.port``, alone on the machine.
     """
     with ExitStack() as stack:
         try:
-            runtime = stack.enter_context(Runtime(config))
+            runtime = stack.enter_context(Runtime(config, occupancy=occupancy))
         except (ConfigError, StartupError) as exc:
             print(f"heartify: {exc}", file=sys.stderr)
             return 1

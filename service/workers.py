@@ -4,7 +4,9 @@ One Python process spends about a millisecond of CPU per request in waitress, Fa
 all under one GIL; several processes use every core for it. The parent binds the socket and
 starts each worker as a fresh interpreter (``python -m service.workers FD READY_FD``) that
 inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
-with waitress, the kernel handing each connection to whichever worker accepts it first.
+with waitress, the kernel handing each connection to whichever worker accepts it first. Each
+worker also gets a slot of the occupancy file (``service.occupancy``), where the workers tell each
+other whether they are running the model; a replacement takes the slot of the worker it replaces.
 
 The parent checks what it can before any worker starts (configuration, model against its
 manifest, database), so those failures still print one sentence and exit 1. A worker that dies
@@ -30,11 +32,13 @@ import tempfile
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config, ConfigError
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
+from service.occupancy import Occupancy, create_file
 from service.startup import StartupError, cannot_listen, configured, mail_secrets, model_version, start_store
 
 log = logging.getLogger("service.workers")
@@ -49,6 +53,7 @@ DRAIN_S = 30.0  # how long workers may drain after SIGTERM before they are kille
 class _Worker:
     process: subprocess.Popen
     ready_fd: int
+    slot: int
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
 
@@ -65,20 +70,21 @@ class _Worker:
 class Supervisor:
     """Starts the workers, keeps their number up, and stops them on SIGTERM or SIGINT."""
 
-    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str]) -> None:
+    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str], occupancy_path: Path) -> None:
         self._config = config
         self._listener = listener
         self._env = env
+        self._occupancy_path = occupancy_path
         self._workers: list[_Worker] = []
         self._stopping = False
         self._delay_s = RESTART_DELAY_S[0]
-        self._restart_at: list[float] = []
+        self._restart_at: list[tuple[float, int]] = []  # when, and the slot of the worker that died
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        for _ in range(self._config.web_workers):
-            self._workers.append(self._spawn())
+        for slot in range(self._config.web_workers):
+            self._workers.append(self._spawn(slot))
         if not self._await_first_start():
             self._stop()
             self._reap_all()
@@ -95,17 +101,17 @@ class Supervisor:
             time.sleep(POLL_S)
         return self._reap_all()
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, slot: int) -> _Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         fd = self._listener.fileno()
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.workers", str(fd), str(write_fd)],
+            [sys.executable, "-m", "service.workers", str(fd), str(write_fd), str(self._occupancy_path), str(slot)],
             pass_fds=(fd, write_fd),
             env=self._env,
         )
         os.close(write_fd)
-        return _Worker(process, read_fd)
+        return _Worker(process, read_fd, slot)
 
     def _await_first_start(self) -> bool:
         while not self._stopping:
@@ -130,10 +136,10 @@ class Supervisor:
                 worker.process.returncode,
                 self._delay_s,
             )
-            self._restart_at.append(now + self._delay_s)
-        for at in [t for t in self._restart_at if t <= now]:
-            self._restart_at.remove(at)
-            self._workers.append(self._spawn())
+            self._restart_at.append((now + self._delay_s, worker.slot))
+        for due in [d for d in self._restart_at if d[0] <= now]:
+            self._restart_at.remove(due)
+            self._workers.append(self._spawn(due[1]))
 
     def _forget(self, pid: int) -> None:
         if MULTIPROC_ENV in self._env:
@@ -178,6 +184,9 @@ def supervise(config: Config) -> int:
         return cannot_listen(config.host, config.port, exc)
     with ExitStack() as stack:
         stack.callback(listener.close)
+        shared = Path(tempfile.mkdtemp(prefix="heartify-workers-"))
+        stack.callback(shutil.rmtree, shared, ignore_errors=True)
+        create_file(shared / "occupancy", config.web_workers)
         env = dict(os.environ)
         if config.metrics:
             folder = tempfile.mkdtemp(prefix="heartify-metrics-")
@@ -188,11 +197,12 @@ def supervise(config: Config) -> int:
                     stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
                 except OSError as exc:
                     return cannot_listen(config.host, config.metrics_port, exc)
-        return Supervisor(config, listener, env).run()
+        return Supervisor(config, listener, env, shared / "occupancy").run()
 
 
-def worker(listen_fd: int, ready_fd: int) -> int:
-    """A worker: serve on the inherited socket; write to ``ready_fd`` once serving."""
+def worker(listen_fd: int, ready_fd: int, occupancy_path: Path, slot: int) -> int:
+    """A worker: serve on the inherited socket, in ``slot`` of the occupancy file; write to
+    ``ready_fd`` once serving."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
     config = configured()
     if config is None:
@@ -205,8 +215,8 @@ def worker(listen_fd: int, ready_fd: int) -> int:
 
     from service.server import serve  # here, not at the top: the supervisor never loads onnxruntime
 
-    return serve(config, listener, ready)
+    return serve(config, listener, ready, Occupancy(occupancy_path, slot))
 
 
 if __name__ == "__main__":
-    sys.exit(worker(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))

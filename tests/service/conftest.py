@@ -195,8 +195,8 @@ def database_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     """The shipped model, loaded once for the whole session; lone runs use the batch session
-    (the tests about the lone-thread choice build their own engine)."""
-    shared = Engine(MODEL, threads=1, warm_batch=8).start()
+    (the tests about the lone session build their own engine)."""
+    shared = Engine(MODEL, threads=1, lone_threads=1, warm_batch=8).start()
     yield shared
     shared.close()
 

@@ -12,7 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from service.batcher import Batcher, ModelUnavailable
-from service.engine import Engine, lone_choice
+from service.cpus import usable_cpus
+from service.engine import Engine
+from service.occupancy import Occupancy, create_file
 
 from .conftest import MODEL, issue_key
 
@@ -254,6 +256,40 @@ def test_request_to_an_idle_batcher_runs_in_its_own_thread(engine):
     assert recording.calls == [(threading.get_ident(), True)]
 
 
+def test_request_waits_for_the_queue_while_another_worker_runs_the_model(engine, tmp_path):
+    """Another worker process busy: the request goes through a batch worker, on one core, instead
+    of taking every core in its own thread; when the other is idle again it runs alone again."""
+    create_file(tmp_path / "occupancy", 2)
+    ours, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    recording = ThreadRecordingEngine(engine)
+    batcher = Batcher(recording, max_size=8, max_wait_s=0, workers=2, occupancy=ours).start()
+    try:
+        other.publish(1)
+        batcher.denoise(noisy_windows(1))
+        other.publish(0)
+        batcher.denoise(noisy_windows(1))
+    finally:
+        batcher.close()
+        ours.close()
+        other.close()
+    (queued_thread, queued_lone), alone = recording.calls
+    assert queued_thread != threading.get_ident() and not queued_lone
+    assert alone == (threading.get_ident(), True)
+
+
+def test_workers_see_each_others_counts(tmp_path):
+    create_file(tmp_path / "occupancy", 3)
+    first, second, third = (Occupancy(tmp_path / "occupancy", slot).start() for slot in range(3))
+    assert first.others_idle() and second.others_idle()
+    third.publish(2)
+    assert not first.others_idle() and not second.others_idle() and third.others_idle()
+    third.close()  # a worker that stops leaves its slot at zero
+    assert first.others_idle()
+    assert Occupancy().start().others_idle()  # a single process: no others
+    with pytest.raises(ValueError, match="slot 3"):
+        Occupancy(tmp_path / "occupancy", 3).start()
+
+
 def normalized(windows: np.ndarray) -> np.ndarray:
     mu, sigma = windows.mean(axis=1, keepdims=True), windows.std(axis=1, keepdims=True)
     return ((windows - mu) / sigma).astype(np.float32)[:, None, :]
@@ -268,20 +304,14 @@ def test_lone_session_gives_the_batch_sessions_rows():
     engine.close()
 
 
-def test_the_lone_choice_is_the_fastest_candidate():
-    assert lone_choice({1: 0.004, 2: 0.003}) == 2
-    assert lone_choice({1: 0.002, 2: 0.003}) == 1
-
-
-@pytest.mark.parametrize("lone_threads, expected", [("auto", None), (2, 2), (None, 1)])
-def test_start_settles_the_lone_session(lone_threads, expected):
-    """ "auto" times 1 thread against all CPUs and keeps one session for lone runs, whose thread
-    count is the one reported; a number is kept as given; unset, lone runs use the batch session."""
+@pytest.mark.parametrize("lone_threads, shared", [(None, False), (1, True)])
+def test_start_opens_the_lone_session(lone_threads, shared):
+    """Unset, lone runs get a session over all usable CPUs; at the batch session's thread count
+    they share it (one copy of the weights)."""
     engine = Engine(MODEL, threads=1, lone_threads=lone_threads).start()
-    if expected is not None:
-        assert engine.lone_threads == expected
+    assert engine.lone_threads == (lone_threads or usable_cpus())
     assert engine._lone.get_session_options().intra_op_num_threads == engine.lone_threads
-    assert (engine._lone is engine._session) == (engine.lone_threads == engine.threads)
+    assert (engine._lone is engine._session) == shared
     windows = noisy_windows(2, seed=10)
     np.testing.assert_allclose(
         engine.run(normalized(windows), lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE
