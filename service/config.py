@@ -59,13 +59,15 @@ def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None)
 def per_worker_defaults(workers: int) -> dict[str, int]:
     """Thread defaults for one of ``workers`` processes (variables that are set win).
 
-    Web threads are sized for the worker's share of the CPUs. Batch workers are not: one per
-    usable CPU in every worker, so that one worker can keep every core busy while the others
-    idle (a whole recording does); under load from all workers the OS shares the cores between
-    the runs, which measured faster than one run per worker (docs/performance.md).
+    Web threads are sized for the worker's share of the CPUs. Batch workers get twice that share,
+    at most every CPU: a worker can then use more than its share while the others idle (on two
+    CPUs a whole recording uses both), and under load from every worker the runs under way, each
+    holding its activations in memory, stay at most twice the CPUs; the OS shares the cores
+    between them, which measured no slower than one run per core (docs/performance.md).
     """
-    cores = max(1, usable_cpus() // workers)
-    return {"web_threads": max(8, 8 * cores), "batch_workers": usable_cpus()}
+    cpus = usable_cpus()
+    cores = max(1, cpus // workers)
+    return {"web_threads": max(8, 8 * cores), "batch_workers": min(cpus, 2 * cores)}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service import config
 from service.config import Config
 from tests import haproxy
 
@@ -123,3 +124,15 @@ def test_compose_runs_replicas_behind_haproxy_on_postgresql():
 def test_haproxy_accepts_the_compose_configuration():
     done = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "cpus, workers, expected", [(2, 2, (8, 2)), (2, 1, (16, 2)), (32, 32, (8, 2)), (32, 1, (256, 32))]
+)
+def test_thread_defaults_follow_the_machine(monkeypatch, cpus, workers, expected):
+    """A worker's batch threads: twice its share of the CPUs, at most all of them; so under load
+    at most twice the CPUs run the model at once, whatever the machine and the worker count."""
+    monkeypatch.setattr(config, "usable_cpus", lambda: cpus)
+    defaults = config.per_worker_defaults(workers)
+    assert (defaults["web_threads"], defaults["batch_workers"]) == expected
+    assert workers * defaults["batch_workers"] <= 2 * cpus
