@@ -4,17 +4,21 @@ Worker threads share the onnxruntime session: each blocks on one queue (no spinn
 takes the first request, gathers more until ``max_size`` windows or ``max_wait_s`` have passed,
 runs the engine once and hands each request its rows through a future. Requests pile up while a
 batch runs, so under load batches form without any wait; ``max_size=1`` disables coalescing.
-Several workers run batches side by side (by default one single-threaded run per core): one run
-spread over all cores leaves cores waiting in its serial stretches, runs side by side do not.
+Several workers run batches side by side (single-threaded runs, more of them than the process's
+share of the cores: service.config): one run spread over all cores leaves cores waiting in its
+serial stretches, runs side by side do not.
 
 A request that finds the batcher idle (no run under way, nothing queued), and every other worker
 process of the machine idle too (``service.occupancy``), runs in its own thread, on the engine's
 session for lone runs (all cores): there is nothing to coalesce it with (unless ``max_wait_s``
-asks to wait for more), and the hand-off to a worker and back would only add latency. Under load every request goes through the queue, where workers that are already awake
-take it (running them in request threads instead passed the lead to a sleeping thread after
-each batch). A batched run costs about as much per window as single ones on a CPU, so the gain
-is fewer threads contending and less per-call overhead; a wait only delays lone requests, hence
-0 by default. The measurements behind these choices are in docs/performance.md.
+asks to wait for more), and the hand-off to a worker and back would only add latency. The
+request counts itself in before it looks at the others, so two workers that take a request at
+the same moment cannot both run alone (both may queue). Under load every request goes through
+the queue, where workers that are already awake take it (running them in request threads
+instead passed the lead to a sleeping thread after each batch). A batched run costs about as
+much per window as single ones on a CPU, so the gain is fewer threads contending and less
+per-call overhead; a wait only delays lone requests, hence 0 by default. The measurements
+behind these choices are in docs/performance.md.
 
 A long request (a whole recording: hundreds of windows) goes through the queue in chunks of at
 most ``share`` windows, half a batch by default, with at most two chunks per worker queued or
@@ -96,6 +100,7 @@ class Batcher:
     def start(self) -> Batcher:
         for thread in self._threads:
             thread.start()
+        self._occupancy.publish(self._pending)  # ready: busy no longer than its queue says
         return self
 
     @property
@@ -112,8 +117,8 @@ class Batcher:
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
             self._check_open()
-            alone = self._pending == 0 and self._max_wait_s == 0 and self._occupancy.others_idle()
             self._count(1)
+            alone = self._pending == 1 and self._max_wait_s == 0 and self._occupancy.others_idle()
             if not alone:
                 self._put(WINDOWS, job)
         if alone:

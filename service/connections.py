@@ -93,8 +93,9 @@ class Server(TcpWSGIServer):
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
     draining = False  # the drain has begun in the loop
 
-    def __init__(self, app: Any, header_timeout_s: float, channel_timeout_s: float, **kw: Any) -> None:
+    def __init__(self, app: Any, header_timeout_s: float, channel_timeout_s: float, grace_s: float, **kw: Any) -> None:
         self.header_timeout_s = header_timeout_s
+        self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
         self.timed_out = 0  # connections closed for slow headers since the last log line
         self._timeout_response = _timeout_response(header_timeout_s)
@@ -112,9 +113,13 @@ class Server(TcpWSGIServer):
 
     def handle_close(self) -> None:
         """The listening socket was shut down: by this process's drain, or by another worker's, as
-        workers share it. Stop accepting, but stay in the loop: its maintenance runs the drain
-        (waitress would close the server, and the loop would end under the requests under way)."""
+        workers share it. Drain, staying in the loop, whose maintenance runs the drain (waitress
+        would close the server, and the loop would end under the requests under way); nothing
+        more can be accepted anyway, and a worker that ends is replaced by its supervisor."""
         self.accepting = False
+        if self.drain_until is None:
+            log.info("The listening socket was shut down (another worker draining?): draining")
+            self.drain(self.grace_s)
 
     def _drained(self, now: float) -> bool:
         """Stop accepting; close idle connections; True once nothing is under way or time is up."""
@@ -124,7 +129,8 @@ class Server(TcpWSGIServer):
             with contextlib.suppress(OSError):
                 self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
             log.info("Draining: no new connections; waiting for the requests under way")
-        busy = [channel for channel in self.active_channels.values() if channel.requests]
+        # Busy: a request under way, or a response not yet all sent (a recording to a slow client).
+        busy = [c for c in self.active_channels.values() if c.requests or c.total_outbufs_len]
         for channel in self.active_channels.values():
             if not channel.requests:
                 channel.will_close = True
@@ -185,5 +191,10 @@ def create_server(app: Any, config: Config, listener: socket.socket | None = Non
         sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
         where = {"_sock": listener, "bind_socket": False, "sockinfo": sockinfo}
     return Server(
-        app, header_timeout_s=config.header_timeout_s, channel_timeout_s=config.channel_timeout_s, adj=adj, **where
+        app,
+        header_timeout_s=config.header_timeout_s,
+        channel_timeout_s=config.channel_timeout_s,
+        grace_s=config.shutdown_grace_s,
+        adj=adj,
+        **where,
     )

@@ -38,7 +38,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config, ConfigError
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
-from service.occupancy import Occupancy, create_file
+from service.occupancy import Occupancy, clear_slot, create_file
 from service.startup import StartupError, cannot_listen, configured, mail_secrets, model_version, start_store
 
 log = logging.getLogger("service.workers")
@@ -128,6 +128,7 @@ class Supervisor:
             self._workers.remove(worker)
             worker.close()
             self._forget(worker.process.pid)
+            clear_slot(self._occupancy_path, worker.slot)  # its runs died with it
             young = now - worker.started < YOUNG_S
             self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2) if young else RESTART_DELAY_S[0]
             log.warning(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,20 +27,38 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    torch.save(random_state_dict(), path)
-    return path
+@contextmanager
+def first_here(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder shared by the test processes of this run (pytest-xdist), and whether this process
+    is the first here and must fill it; the others wait on a lock until it is filled. The export
+    costs seconds, and the tests only read what it writes."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # the processes' folders share a parent
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        first = not folder.exists()
+        folder.mkdir(exist_ok=True)
+        yield folder, first
 
 
 @pytest.fixture(scope="session")
-def exported(checkpoint, tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, worker_id) -> Path:
+    with first_here(tmp_path_factory, worker_id, "checkpoint") as (folder, first):
+        if first:
+            torch.save(random_state_dict(), folder / "model.pth")
+    return folder / "model.pth"
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory, worker_id) -> Path:
     """One export of the random checkpoint, shared by the tests that only read it (parity on 16
     windows: the default 256 cost seconds and proved nothing more about the exporter)."""
-    out = tmp_path_factory.mktemp("onnx") / "attention_unet.onnx"
-    assert export_main(["--weights", str(checkpoint), "--out", str(out), "--parity-windows", "16"]) == 0
-    return out
+    with first_here(tmp_path_factory, worker_id, "onnx") as (folder, first):
+        if first:
+            out = folder / "attention_unet.onnx"
+            assert export_main(["--weights", str(checkpoint), "--out", str(out), "--parity-windows", "16"]) == 0
+    return folder / "attention_unet.onnx"
 
 
 @pytest.fixture

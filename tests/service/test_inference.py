@@ -14,7 +14,7 @@ import pytest
 from service.batcher import Batcher, ModelUnavailable
 from service.cpus import usable_cpus
 from service.engine import Engine
-from service.occupancy import Occupancy, create_file
+from service.occupancy import Occupancy, clear_slot, create_file
 
 from .conftest import MODEL, issue_key
 
@@ -277,14 +277,33 @@ def test_request_waits_for_the_queue_while_another_worker_runs_the_model(engine,
     assert alone == (threading.get_ident(), True)
 
 
+def test_a_worker_counts_as_busy_until_its_batcher_runs(engine, tmp_path):
+    """A worker loading its model takes cores: the others do not run alone over it meanwhile."""
+    create_file(tmp_path / "occupancy", 2)
+    starting, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    other.publish(0)
+    assert not other.others_idle()
+    batcher = Batcher(engine, max_size=8, max_wait_s=0, occupancy=starting).start()
+    assert other.others_idle()
+    batcher.close()
+    starting.close()
+    other.close()
+
+
 def test_workers_see_each_others_counts(tmp_path):
     create_file(tmp_path / "occupancy", 3)
     first, second, third = (Occupancy(tmp_path / "occupancy", slot).start() for slot in range(3))
-    assert first.others_idle() and second.others_idle()
+    for worker in (first, second):
+        worker.publish(0)
     third.publish(2)
     assert not first.others_idle() and not second.others_idle() and third.others_idle()
     third.close()  # a worker that stops leaves its slot at zero
     assert first.others_idle()
+    second.publish(3)
+    clear_slot(tmp_path / "occupancy", 1)  # the supervisor, when the worker has died
+    assert first.others_idle()
+    first.close()
+    second.close()
     assert Occupancy().start().others_idle()  # a single process: no others
     with pytest.raises(ValueError, match="slot 3"):
         Occupancy(tmp_path / "occupancy", 3).start()
@@ -304,14 +323,19 @@ def test_lone_session_gives_the_batch_sessions_rows():
     engine.close()
 
 
-@pytest.mark.parametrize("lone_threads, shared", [(None, False), (1, True)])
-def test_start_opens_the_lone_session(lone_threads, shared):
-    """Unset, lone runs get a session over all usable CPUs; at the batch session's thread count
-    they share it (one copy of the weights)."""
+@pytest.mark.parametrize("lone_threads", [None, 1])
+def test_start_opens_the_lone_session(lone_threads):
+    """Unset, lone runs get a session over all usable CPUs that spins inside a run and stops when
+    it returns; at the batch session's thread count they share it (one copy of the weights)."""
     engine = Engine(MODEL, threads=1, lone_threads=lone_threads).start()
     assert engine.lone_threads == (lone_threads or usable_cpus())
-    assert engine._lone.get_session_options().intra_op_num_threads == engine.lone_threads
-    assert (engine._lone is engine._session) == shared
+    options = engine._lone.get_session_options()
+    assert options.intra_op_num_threads == engine.lone_threads
+    assert (engine._lone is engine._session) == (engine.lone_threads == 1)
+    if engine._lone is not engine._session:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert not options.enable_mem_pattern
     windows = noisy_windows(2, seed=10)
     np.testing.assert_allclose(
         engine.run(normalized(windows), lone=True)[:, 0, :], reference(windows, False), rtol=0, atol=TOLERANCE
@@ -319,14 +343,24 @@ def test_start_opens_the_lone_session(lone_threads, shared):
     engine.close()
 
 
-def test_failed_run_reaches_its_request_and_the_next_one_is_served(engine):
-    batcher = Batcher(ThreadRecordingEngine(engine, fail_first=True), max_size=8, max_wait_s=0).start()
+def test_failed_run_reaches_its_request_and_the_next_one_is_served(engine, tmp_path):
+    """The failed run's request gets the error; the count the other workers see is back to 0, so
+    the next request still runs alone."""
+    create_file(tmp_path / "occupancy", 2)
+    ours, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    other.publish(0)
+    recording = ThreadRecordingEngine(engine, fail_first=True)
+    batcher = Batcher(recording, max_size=8, max_wait_s=0, occupancy=ours).start()
     windows = noisy_windows(1, seed=8)
     with pytest.raises(RuntimeError, match="the model broke"):
         batcher.denoise(windows)
+    assert other.others_idle()
     out = batcher.denoise(windows)
     batcher.close()
+    ours.close()
+    other.close()
     np.testing.assert_allclose(out, reference(windows, False), rtol=0, atol=TOLERANCE)
+    assert recording.calls == [(threading.get_ident(), True)] * 2
 
 
 def test_closed_batcher_refuses_work(engine):
