@@ -150,19 +150,46 @@ class Store:
 
     def create_tables(self) -> None:
         """Idempotent: ``IF NOT EXISTS`` for every table and index, and the columns that later
-        versions added to existing tables (all nullable)."""
-        with self.db.connection_context(), self.db.atomic():
-            if self.notifies:
-                self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            self.db.create_tables(MODELS, safe=True)
-            migrator = SchemaMigrator.from_database(self.db)
-            for model in MODELS:
-                present = {column.name for column in self.db.get_columns(model._meta.table_name)}
-                missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
-                if missing:
-                    migrate(*(migrator.add_column(model._meta.table_name, f.column_name, f) for f in missing))
-                    log.info("Added %s to %s", ", ".join(f.column_name for f in missing), model._meta.table_name)
-            self.db.create_tables(MODELS, safe=True)  # indexes on the columns just added
+        versions added to existing tables (all nullable).
+
+        Only when something is missing: ``CREATE INDEX IF NOT EXISTS`` locks its table before it
+        looks, so a process starting beside replicas that serve held every table against their
+        writes until it committed, and a start once met another replica's transaction in a
+        deadlock. The check reads the catalog, which locks no table.
+        """
+        with self.db.connection_context():
+            if self._schema_complete():
+                return
+            with self.db.atomic():
+                if self.notifies:
+                    self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                if not self._schema_complete():  # another process may have made it meanwhile
+                    self._create_missing()
+
+    def _schema_complete(self) -> bool:
+        tables = set(self.db.get_tables())
+        for model in MODELS:
+            table = model._meta.table_name
+            if table not in tables:
+                return False
+            columns = {column.name for column in self.db.get_columns(table)}
+            indexes = {index.name for index in self.db.get_indexes(table)}
+            if any(f.column_name not in columns for f in model._meta.sorted_fields):
+                return False
+            if any(index._name not in indexes for index in model._meta.fields_to_index()):
+                return False
+        return True
+
+    def _create_missing(self) -> None:
+        self.db.create_tables(MODELS, safe=True)
+        migrator = SchemaMigrator.from_database(self.db)
+        for model in MODELS:
+            present = {column.name for column in self.db.get_columns(model._meta.table_name)}
+            missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+            if missing:
+                migrate(*(migrator.add_column(model._meta.table_name, f.column_name, f) for f in missing))
+                log.info("Added %s to %s", ", ".join(f.column_name for f in missing), model._meta.table_name)
+        self.db.create_tables(MODELS, safe=True)  # indexes on the columns just added
 
     @property
     def notifies(self) -> bool:

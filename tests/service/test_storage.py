@@ -4,6 +4,7 @@ hot path, and tables that can be created again; on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 
 import falcon.testing
@@ -91,6 +92,46 @@ def test_creating_tables_again_is_harmless(runtime_on):
     runtime_on.store.create_tables()
     runtime_on.store.create_tables()
     assert runtime_on.store.ping()
+
+
+def test_a_start_adds_the_columns_and_indexes_a_later_version_brought(sqlite_url, tmp_path):
+    """A database made by an earlier version lacks a column and its index: the start adds both."""
+    Store(sqlite_url, max_connections=1).start().close()
+    connection = sqlite3.connect(tmp_path / "heartify.db")
+    connection.execute("DROP INDEX token_client_created_at")
+    connection.execute("ALTER TABLE verification_token DROP COLUMN client")
+    connection.commit()
+    connection.close()
+    store = Store(sqlite_url, max_connections=1).start()
+    try:
+        with store.db.connection_context():
+            assert "client" in {c.name for c in store.db.get_columns("verification_token")}
+            assert "token_client_created_at" in {i.name for i in store.db.get_indexes("verification_token")}
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_start_beside_a_serving_replica_locks_no_table(postgres_url, runtime_with):
+    """With the schema complete, a later start (another replica, a restarted worker) only reads
+    the catalog: it does not wait for a serving replica's open transaction, nor make it wait
+    (CREATE INDEX IF NOT EXISTS locks its table before it looks; once it met such a transaction
+    in a deadlock)."""
+    import psycopg2
+
+    store = runtime_with(postgres_url).store
+    rival = psycopg2.connect(postgres_url)
+    try:
+        with rival.cursor() as cur:  # a replica's transaction under way, holding its table
+            cur.execute(
+                "INSERT INTO api_key (email, key_hash, is_active, created_at) "
+                "VALUES ('busy@example.org', 'busy', true, now())"
+            )
+        store.create_tables()  # before: blocked until the statement timeout, then an error
+        assert store.ping()
+    finally:
+        rival.rollback()
+        rival.close()
 
 
 def test_database_refuses_a_second_active_key_for_an_email(runtime_on):
