@@ -265,6 +265,36 @@ def obtain_key(client: falcon.testing.TestClient, smtp: SmtpServer, address: str
     return key_in(smtp.mailbox.wait_for(seen + 2)[-1])
 
 
+# -- engines that record their runs (the batcher's tests) ----------------------------------------
+class CountingEngine:
+    """The shared engine, recording the size of each run."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.runs: list[int] = []
+
+    def run(self, batch, lone=False):
+        self.runs.append(len(batch))
+        return self._engine.run(batch, lone)
+
+
+class ThreadRecordingEngine(CountingEngine):
+    """The shared engine, recording which thread ran each batch and on which session; its first
+    run can be made to fail."""
+
+    def __init__(self, engine: Engine, fail_first: bool = False) -> None:
+        super().__init__(engine)
+        self.calls: list[tuple[int, bool]] = []
+        self._fail = fail_first
+
+    def run(self, batch, lone=False):
+        self.calls.append((threading.get_ident(), lone))
+        if self._fail:
+            self._fail = False
+            raise RuntimeError("the model broke")
+        return super().run(batch, lone)
+
+
 # -- the service as a process --------------------------------------------------------------------
 class ServiceProcess:
     """``python -m service`` with a given environment; ``start`` returns once /readyz is 200."""

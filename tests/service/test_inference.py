@@ -16,7 +16,7 @@ from service.cpus import usable_cpus
 from service.engine import Engine
 from service.occupancy import Occupancy, clear_slot, create_file
 
-from .conftest import MODEL, issue_key
+from .conftest import MODEL, CountingEngine, ThreadRecordingEngine, issue_key
 
 TOLERANCE = 1e-5
 
@@ -137,18 +137,6 @@ def test_batch_requires_a_key(client):
 
 
 # -- the batcher on its own ----------------------------------------------------------------------
-class CountingEngine:
-    """The shared engine, recording the size of each run."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.runs: list[int] = []
-
-    def run(self, batch, lone=False):
-        self.runs.append(len(batch))
-        return self._engine.run(batch, lone)
-
-
 def submit_together(batcher: Batcher, windows: np.ndarray) -> list[np.ndarray]:
     with ThreadPoolExecutor(len(windows)) as pool:
         return list(pool.map(lambda w: batcher.denoise(w[None, :]), windows))
@@ -227,23 +215,6 @@ def test_close_finishes_queued_work_and_stops_every_worker(engine):
     batcher.close()
     assert batcher_threads() == []
     assert sorted(counting.runs) == [1] * 6
-
-
-class ThreadRecordingEngine(CountingEngine):
-    """The shared engine, recording which thread ran each batch and on which session; its first
-    run can be made to fail."""
-
-    def __init__(self, engine: Engine, fail_first: bool = False) -> None:
-        super().__init__(engine)
-        self.calls: list[tuple[int, bool]] = []
-        self._fail = fail_first
-
-    def run(self, batch, lone=False):
-        self.calls.append((threading.get_ident(), lone))
-        if self._fail:
-            self._fail = False
-            raise RuntimeError("the model broke")
-        return super().run(batch, lone)
 
 
 def test_request_to_an_idle_batcher_runs_in_its_own_thread(engine):

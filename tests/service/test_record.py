@@ -16,7 +16,7 @@ from service import record, recording
 from service.batcher import Batcher
 from service.contract import SAMPLING_RATE_HZ, WINDOW
 
-from .conftest import REPO, issue_key, wait_until
+from .conftest import REPO, ThreadRecordingEngine, issue_key, wait_until
 
 DATA = REPO.parent / "shared" / "data"
 URL = "/api/v1/denoising/record"
@@ -243,22 +243,10 @@ def test_single_windows_get_through_while_a_recording_runs(engine):
     np.testing.assert_allclose(single, engine.denoise(windows[:1]), atol=1e-5)
 
 
-class CallRecordingEngine:
-    """The shared engine, recording the thread, session and size of each run."""
-
-    def __init__(self, engine) -> None:
-        self._engine = engine
-        self.calls: list[tuple[int, bool, int]] = []
-
-    def run(self, batch, lone=False):
-        self.calls.append((threading.get_ident(), lone, len(batch)))
-        return self._engine.run(batch, lone)
-
-
 def test_a_window_runs_beside_a_recording_instead_of_behind_its_chunk(engine):
     """A window that finds only a recording's chunks in its worker runs at once, in its own
     thread and on one core (the batch session), not after the chunk under way."""
-    recorded = CallRecordingEngine(engine)
+    recorded = ThreadRecordingEngine(engine)
     batcher = Batcher(recorded, max_size=8, max_wait_s=0, workers=1).start()
     windows = np.random.default_rng(9).standard_normal((96, WINDOW))
     thread = threading.Thread(target=batcher.denoise_many, args=(windows,))
@@ -269,7 +257,8 @@ def test_a_window_runs_beside_a_recording_instead_of_behind_its_chunk(engine):
         thread.join(30)
     finally:
         batcher.close()
-    assert [c for c in recorded.calls if c[0] == threading.get_ident()] == [(threading.get_ident(), False, 1)]
+    calls = [(thread, lone, size) for (thread, lone), size in zip(recorded.calls, recorded.runs, strict=True)]
+    assert [c for c in calls if c[0] == threading.get_ident()] == [(threading.get_ident(), False, 1)]
     np.testing.assert_allclose(single, engine.denoise(windows[:1]), atol=1e-5)
 
 
