@@ -15,15 +15,17 @@ included. So, as nginx and HAProxy do in front of an application server:
   is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``);
 - both are checked every second.
 
-``drain`` (on SIGTERM) stops accepting connections, closes idle ones, and ends the loop once no
-request is under way, or after a grace period: waitress alone waits 5 s for its threads and then
-tears the runtime down under a request still running.
+``drain`` (on SIGTERM, or when a worker finds its supervisor gone) stops accepting connections,
+closes idle ones, and ends the loop once no request is under way, or after a grace period:
+waitress alone waits 5 s for its threads and then tears the runtime down under a request still
+running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import socket
 import time
@@ -93,8 +95,17 @@ class Server(TcpWSGIServer):
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
     draining = False  # the drain has begun in the loop
 
-    def __init__(self, app: Any, header_timeout_s: float, channel_timeout_s: float, grace_s: float, **kw: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        header_timeout_s: float,
+        channel_timeout_s: float,
+        grace_s: float,
+        supervisor: int | None = None,
+        **kw: Any,
+    ) -> None:
         self.header_timeout_s = header_timeout_s
+        self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
         self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
         self.timed_out = 0  # connections closed for slow headers since the last log line
@@ -145,6 +156,9 @@ class Server(TcpWSGIServer):
 
     def maintenance(self, now: float) -> None:
         """Runs every ``cleanup_interval`` seconds in the loop's thread (waitress's hook)."""
+        if self.drain_until is None and self.supervisor is not None and os.getppid() != self.supervisor:
+            log.warning("The supervisor (pid %d) is gone: draining", self.supervisor)
+            self.drain(self.grace_s)
         if self.drain_until is not None and self._drained(now):
             raise SystemExit(0)  # run() catches it and stops waitress's (now idle) threads
         for channel in list(self.active_channels.values()):
@@ -165,9 +179,11 @@ class Server(TcpWSGIServer):
             self.next_log = now + 60
 
 
-def create_server(app: Any, config: Config, listener: socket.socket | None = None) -> Server:
-    """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's);
-    ``run()`` serves until SystemExit."""
+def create_server(
+    app: Any, config: Config, listener: socket.socket | None = None, supervisor: int | None = None
+) -> Server:
+    """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
+    parent is the process ``supervisor``); ``run()`` serves until SystemExit."""
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
     if limit < config.connection_limit:
@@ -195,6 +211,7 @@ def create_server(app: Any, config: Config, listener: socket.socket | None = Non
         header_timeout_s=config.header_timeout_s,
         channel_timeout_s=config.channel_timeout_s,
         grace_s=config.shutdown_grace_s,
+        supervisor=supervisor,
         adj=adj,
         **where,
     )

@@ -1,8 +1,11 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of it."""
+"""Atomic file writes (readers see the old file or the whole new one, never half of it), and
+scratch folders that outlive no process for long."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,3 +32,42 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
+
+
+@contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A new folder ``<prefix>…`` in the temporary directory, removed when the block ends.
+
+    A process killed with -9 cannot remove its folder, so each folder is locked (``flock``) while
+    its process lives, the kernel dropping the lock with the process, and every call first
+    removes the unlocked folders of the same prefix. A folder is locked before it gets its name,
+    so a start beside another never takes the other's new folder for an abandoned one.
+    """
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}*"):
+        _remove_if_abandoned(old)
+    hidden = Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=root))
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    folder = root / hidden.name[1:]
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        hidden.rename(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder if folder.exists() else hidden, ignore_errors=True)
+        os.close(fd)
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # not a folder, gone meanwhile, or not ours to read
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # locked: its process is alive
+        pass
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)

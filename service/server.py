@@ -32,11 +32,12 @@ def serve(
     listener: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
     occupancy: Occupancy | None = None,
+    supervisor: int | None = None,
 ) -> int:
     """Serve until stopped; 0 after a clean stop, 1 (and one sentence on stderr) if it cannot start.
 
-    ``listener``, ``occupancy``: a worker's bound socket and its slot among the workers; else bind
-    ``config.host:config.port``, alone on the machine.
+    ``listener``, ``occupancy``, ``supervisor``: a worker's bound socket, its slot among the
+    workers and its parent's pid; else bind ``config.host:config.port``, alone on the machine.
     """
     with ExitStack() as stack:
         try:
@@ -45,7 +46,7 @@ def serve(
             print(f"heartify: {exc}", file=sys.stderr)
             return 1
         try:
-            server = create_server(create_app(runtime.deps), config, listener)
+            server = create_server(create_app(runtime.deps), config, listener, supervisor)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         stack.callback(server.close)

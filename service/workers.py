@@ -2,11 +2,13 @@
 
 One Python process spends about a millisecond of CPU per request in waitress, Falcon and JSON,
 all under one GIL; several processes use every core for it. The parent binds the socket and
-starts each worker as a fresh interpreter (``python -m service.workers FD READY_FD``) that
-inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
+starts each worker as a fresh interpreter (``python -m service.workers FD READY_FD OCCUPANCY_FD
+SLOT SUPERVISOR``) that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
 with waitress, the kernel handing each connection to whichever worker accepts it first. Each
 worker also gets a slot of the occupancy file (``service.occupancy``), where the workers tell each
 other whether they are running the model; a replacement takes the slot of the worker it replaces.
+A worker whose supervisor has gone (killed with -9: nothing would replace the workers, and they
+would keep the port from a new supervisor) drains and exits (``connections.Server``).
 
 The parent checks what it can before any worker starts (configuration, model against its
 manifest, database), so those failures still print one sentence and exit 1. A worker that dies
@@ -15,28 +17,27 @@ started again, after a delay that doubles while workers keep dying young (so a w
 start does not spin). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
 as a single process does, and the parent exits 0 when they all have.
 
-Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit),
-marks dead workers there, and serves ``METRICS_PORT`` itself when one is set.
+Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit, or by
+the next start after a kill: ``files.scratch_folder``), marks dead workers there, and serves
+``METRICS_PORT`` itself when one is set.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config, ConfigError
+from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, clear_slot, create_file
 from service.startup import StartupError, cannot_listen, configured, mail_secrets, model_version, start_store
@@ -70,11 +71,11 @@ class _Worker:
 class Supervisor:
     """Starts the workers, keeps their number up, and stops them on SIGTERM or SIGINT."""
 
-    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str], occupancy_path: Path) -> None:
+    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str], occupancy_fd: int) -> None:
         self._config = config
         self._listener = listener
         self._env = env
-        self._occupancy_path = occupancy_path
+        self._occupancy_fd = occupancy_fd
         self._workers: list[_Worker] = []
         self._stopping = False
         self._delay_s = RESTART_DELAY_S[0]
@@ -89,13 +90,14 @@ class Supervisor:
             self._stop()
             self._reap_all()
             return 1
-        log.info(
-            "Serving on http://%s:%s with %d workers of %d threads",
-            self._config.host,
-            self._listener.getsockname()[1],
-            len(self._workers),
-            self._config.web_threads,
-        )
+        if not self._stopping:
+            log.info(
+                "Serving on http://%s:%s with %d workers of %d threads",
+                self._config.host,
+                self._listener.getsockname()[1],
+                len(self._workers),
+                self._config.web_threads,
+            )
         while not self._stopping:
             self._replace_dead()
             time.sleep(POLL_S)
@@ -104,10 +106,10 @@ class Supervisor:
     def _spawn(self, slot: int) -> _Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        fd = self._listener.fileno()
+        fds = (self._listener.fileno(), write_fd, self._occupancy_fd)
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.workers", str(fd), str(write_fd), str(self._occupancy_path), str(slot)],
-            pass_fds=(fd, write_fd),
+            [sys.executable, "-m", "service.workers", *map(str, fds), str(slot), str(os.getpid())],
+            pass_fds=fds,
             env=self._env,
         )
         os.close(write_fd)
@@ -128,7 +130,7 @@ class Supervisor:
             self._workers.remove(worker)
             worker.close()
             self._forget(worker.process.pid)
-            clear_slot(self._occupancy_path, worker.slot)  # its runs died with it
+            clear_slot(self._occupancy_fd, worker.slot)  # its runs died with it
             young = now - worker.started < YOUNG_S
             self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2) if young else RESTART_DELAY_S[0]
             log.warning(
@@ -163,7 +165,8 @@ class Supervisor:
                 log.error("Worker %d did not stop within %.0f s; killing it", worker.process.pid, DRAIN_S)
                 worker.process.kill()
                 worker.process.wait()
-            code = code or (worker.process.returncode != 0)
+            # Ended by SIGTERM's default action: it was still starting, before it could serve.
+            code = code or worker.process.returncode not in (0, -signal.SIGTERM)
             worker.close()
             self._forget(worker.process.pid)
         log.info("Stopped")
@@ -185,25 +188,24 @@ def supervise(config: Config) -> int:
         return cannot_listen(config.host, config.port, exc)
     with ExitStack() as stack:
         stack.callback(listener.close)
-        shared = Path(tempfile.mkdtemp(prefix="heartify-workers-"))
-        stack.callback(shutil.rmtree, shared, ignore_errors=True)
-        create_file(shared / "occupancy", config.web_workers)
+        occupancy = stack.enter_context(create_file(config.web_workers))
         env = dict(os.environ)
         if config.metrics:
-            folder = tempfile.mkdtemp(prefix="heartify-metrics-")
-            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+            # Not the "heartify-metrics-" of earlier versions, whose folders were not locked: a
+            # start must not take a live one of theirs for abandoned.
+            folder = str(stack.enter_context(scratch_folder("heartify-prometheus-")))
             env[MULTIPROC_ENV] = folder
             if config.metrics_port:
                 try:
                     stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
                 except OSError as exc:
                     return cannot_listen(config.host, config.metrics_port, exc)
-        return Supervisor(config, listener, env, shared / "occupancy").run()
+        return Supervisor(config, listener, env, occupancy.fileno()).run()
 
 
-def worker(listen_fd: int, ready_fd: int, occupancy_path: Path, slot: int) -> int:
-    """A worker: serve on the inherited socket, in ``slot`` of the occupancy file; write to
-    ``ready_fd`` once serving."""
+def worker(listen_fd: int, ready_fd: int, occupancy_fd: int, slot: int, supervisor: int) -> int:
+    """A worker: serve on the inherited socket, in ``slot`` of the occupancy file, while the
+    process ``supervisor`` is its parent; write to ``ready_fd`` once serving."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
     config = configured()
     if config is None:
@@ -211,13 +213,14 @@ def worker(listen_fd: int, ready_fd: int, occupancy_path: Path, slot: int) -> in
     listener = socket.socket(fileno=listen_fd)
 
     def ready() -> None:
-        os.write(ready_fd, b"1")
+        with suppress(BrokenPipeError):  # the supervisor is gone: the server notices it and drains
+            os.write(ready_fd, b"1")
         os.close(ready_fd)
 
     from service.server import serve  # here, not at the top: the supervisor never loads onnxruntime
 
-    return serve(config, listener, ready, Occupancy(occupancy_path, slot))
+    return serve(config, listener, ready, Occupancy(occupancy_fd, slot), supervisor)
 
 
 if __name__ == "__main__":
-    sys.exit(worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(worker(*map(int, sys.argv[1:6])))

@@ -300,7 +300,7 @@ class ServiceProcess:
     """``python -m service`` with a given environment; ``start`` returns once /readyz is 200."""
 
     def __init__(self, env: dict[str, str], log_path: Path, python: str = sys.executable, cwd: Path = REPO) -> None:
-        self.port = free_port()
+        self.port = int(env.get("PORT") or free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {
             "PATH": os.environ.get("PATH", ""),
@@ -340,6 +340,11 @@ class ServiceProcess:
     def signal(self, signum: int) -> None:
         assert self._process is not None
         self._process.send_signal(signum)
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def wait(self, timeout_s: float = 30) -> int:
         assert self._process is not None

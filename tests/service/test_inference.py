@@ -227,11 +227,25 @@ def test_request_to_an_idle_batcher_runs_in_its_own_thread(engine):
     assert recording.calls == [(threading.get_ident(), True)]
 
 
-def test_request_waits_for_the_queue_while_another_worker_runs_the_model(engine, tmp_path):
+@pytest.fixture
+def occupancy_file():
+    """Makes occupancy files as the supervisor does (``occupancy_file(workers)``: the descriptor)."""
+    files = []
+
+    def make(workers: int) -> int:
+        files.append(create_file(workers))
+        return files[-1].fileno()
+
+    yield make
+    for file in files:
+        file.close()
+
+
+def test_request_waits_for_the_queue_while_another_worker_runs_the_model(engine, occupancy_file):
     """Another worker process busy: the request goes through a batch worker, on one core, instead
     of taking every core in its own thread; when the other is idle again it runs alone again."""
-    create_file(tmp_path / "occupancy", 2)
-    ours, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    fd = occupancy_file(2)
+    ours, other = (Occupancy(fd, slot).start() for slot in (0, 1))
     recording = ThreadRecordingEngine(engine)
     batcher = Batcher(recording, max_size=8, max_wait_s=0, workers=2, occupancy=ours).start()
     try:
@@ -248,10 +262,10 @@ def test_request_waits_for_the_queue_while_another_worker_runs_the_model(engine,
     assert alone == (threading.get_ident(), True)
 
 
-def test_a_worker_counts_as_busy_until_its_batcher_runs(engine, tmp_path):
+def test_a_worker_counts_as_busy_until_its_batcher_runs(engine, occupancy_file):
     """A worker loading its model takes cores: the others do not run alone over it meanwhile."""
-    create_file(tmp_path / "occupancy", 2)
-    starting, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    fd = occupancy_file(2)
+    starting, other = (Occupancy(fd, slot).start() for slot in (0, 1))
     other.publish(0)
     assert not other.others_idle()
     batcher = Batcher(engine, max_size=8, max_wait_s=0, occupancy=starting).start()
@@ -261,9 +275,9 @@ def test_a_worker_counts_as_busy_until_its_batcher_runs(engine, tmp_path):
     other.close()
 
 
-def test_workers_see_each_others_counts(tmp_path):
-    create_file(tmp_path / "occupancy", 3)
-    first, second, third = (Occupancy(tmp_path / "occupancy", slot).start() for slot in range(3))
+def test_workers_see_each_others_counts(occupancy_file):
+    fd = occupancy_file(3)
+    first, second, third = (Occupancy(fd, slot).start() for slot in range(3))
     for worker in (first, second):
         worker.publish(0)
     third.publish(2)
@@ -271,13 +285,13 @@ def test_workers_see_each_others_counts(tmp_path):
     third.close()  # a worker that stops leaves its slot at zero
     assert first.others_idle()
     second.publish(3)
-    clear_slot(tmp_path / "occupancy", 1)  # the supervisor, when the worker has died
+    clear_slot(fd, 1)  # the supervisor, when the worker has died
     assert first.others_idle()
     first.close()
     second.close()
     assert Occupancy().start().others_idle()  # a single process: no others
     with pytest.raises(ValueError, match="slot 3"):
-        Occupancy(tmp_path / "occupancy", 3).start()
+        Occupancy(fd, 3).start()
 
 
 def normalized(windows: np.ndarray) -> np.ndarray:
@@ -314,11 +328,11 @@ def test_start_opens_the_lone_session(lone_threads):
     engine.close()
 
 
-def test_failed_run_reaches_its_request_and_the_next_one_is_served(engine, tmp_path):
+def test_failed_run_reaches_its_request_and_the_next_one_is_served(engine, occupancy_file):
     """The failed run's request gets the error; the count the other workers see is back to 0, so
     the next request still runs alone."""
-    create_file(tmp_path / "occupancy", 2)
-    ours, other = (Occupancy(tmp_path / "occupancy", slot).start() for slot in (0, 1))
+    fd = occupancy_file(2)
+    ours, other = (Occupancy(fd, slot).start() for slot in (0, 1))
     other.publish(0)
     recording = ThreadRecordingEngine(engine, fail_first=True)
     batcher = Batcher(recording, max_size=8, max_wait_s=0, occupancy=ours).start()
