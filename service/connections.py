@@ -18,7 +18,10 @@ included. So, as nginx and HAProxy do in front of an application server:
 ``drain`` (on SIGTERM, or when a worker finds its supervisor gone) stops accepting connections,
 closes idle ones, and ends the loop once no request is under way, or after a grace period:
 waitress alone waits 5 s for its threads and then tears the runtime down under a request still
-running.
+running. A process that owns its listening socket then refuses new connections (``shutdown``);
+a worker only stops taking them from the socket it shares with the others, since a shut socket
+stays shut for every process that holds it, the worker's replacement included: the supervisor
+shuts it when the whole service stops.
 """
 
 from __future__ import annotations
@@ -123,22 +126,27 @@ class Server(TcpWSGIServer):
             self.pull_trigger()
 
     def handle_close(self) -> None:
-        """The listening socket was shut down: by this process's drain, or by another worker's, as
-        workers share it. Drain, staying in the loop, whose maintenance runs the drain (waitress
-        would close the server, and the loop would end under the requests under way); nothing
-        more can be accepted anyway, and a worker that ends is replaced by its supervisor."""
+        """The listening socket was shut down: by this process's drain, or, for a worker, by the
+        supervisor stopping the service or an orphaned worker's drain. Drain, staying in the loop,
+        whose maintenance runs the drain (waitress would close the server, and the loop would end
+        under the requests under way); nothing more can be accepted anyway."""
         self.accepting = False
         if self.drain_until is None:
-            log.info("The listening socket was shut down (another worker draining?): draining")
+            log.info("The listening socket was shut down (the service is stopping): draining")
             self.drain(self.grace_s)
+
+    def orphaned(self) -> bool:
+        """A worker whose supervisor has gone: nothing would replace it or the others."""
+        return self.supervisor is not None and os.getppid() != self.supervisor
 
     def _drained(self, now: float) -> bool:
         """Stop accepting; close idle connections; True once nothing is under way or time is up."""
         if not self.draining:
             self.draining = True
             self.accepting = False
-            with contextlib.suppress(OSError):
-                self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
+            if self.supervisor is None or self.orphaned():  # the socket is this process's, or no one's
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
             log.info("Draining: no new connections; waiting for the requests under way")
         # Busy: a request under way, or a response not yet all sent (a recording to a slow client).
         busy = [c for c in self.active_channels.values() if c.requests or c.total_outbufs_len]
@@ -156,7 +164,7 @@ class Server(TcpWSGIServer):
 
     def maintenance(self, now: float) -> None:
         """Runs every ``cleanup_interval`` seconds in the loop's thread (waitress's hook)."""
-        if self.drain_until is None and self.supervisor is not None and os.getppid() != self.supervisor:
+        if self.drain_until is None and self.orphaned():
             log.warning("The supervisor (pid %d) is gone: draining", self.supervisor)
             self.drain(self.grace_s)
         if self.drain_until is not None and self._drained(now):

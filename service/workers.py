@@ -150,6 +150,8 @@ class Supervisor:
 
     def _stop(self, signum: int | None = None, frame: object = None) -> None:
         self._stopping = True
+        with suppress(OSError):  # new connections are refused while the workers drain
+            self._listener.shutdown(socket.SHUT_RD)
         for worker in self._workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)

@@ -1,8 +1,9 @@
-"""``service.connections.Server`` in-process, on a free loopback port: the drain when another
-worker shuts the listening socket they share."""
+"""``service.connections.Server`` in-process, on a free loopback port: the drain when the
+listening socket that workers share is shut, and a worker's own drain, which must not shut it."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import urllib.request
@@ -26,10 +27,10 @@ class Held:
         resp.media = {"status": "done"}
 
 
-def test_a_socket_shut_by_another_worker_drains_this_one_after_its_requests():
-    """Workers share one listening socket, and the first to drain shuts it for all: the others
-    must finish their requests and then stop too, not lose their loop's upkeep (waitress closes a
-    server whose socket hangs up, and then nothing would ever end the loop)."""
+def test_a_shut_socket_drains_the_worker_after_its_requests():
+    """Workers share one listening socket, which the supervisor shuts when the service stops: each
+    must finish its requests and then stop, not lose its loop's upkeep (waitress closes a server
+    whose socket hangs up, and then nothing would ever end the loop)."""
     held = Held()
     app = falcon.App()
     app.add_route("/held", held)
@@ -41,9 +42,29 @@ def test_a_socket_shut_by_another_worker_drains_this_one_after_its_requests():
     client = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(url, timeout=10).status))
     client.start()
     assert held.entered.wait(10)
-    server.socket.shutdown(socket.SHUT_RD)  # what another worker's drain does to the shared socket
+    server.socket.shutdown(socket.SHUT_RD)  # what the supervisor does to the shared socket
     held.release.set()
     client.join(10)
     assert answers == [200]
     loop.join(10)
     assert not loop.is_alive()  # drained and stopped on its own
+
+
+def test_a_workers_own_drain_leaves_the_shared_socket_serving():
+    """SIGTERM to one worker: it stops taking connections, but a shut socket would stay shut for
+    every process that holds it, its replacement included, and the service would stop."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    others = listener.dup()  # the other workers' hold on the same socket
+    config = Config(host="127.0.0.1", port=0, shutdown_grace_s=5)
+    server = create_server(falcon.App(), config, listener, supervisor=os.getppid())
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    server.drain(5)
+    loop.join(10)
+    assert not loop.is_alive()
+    with socket.create_connection(others.getsockname(), timeout=5) as client:
+        served, _ = others.accept()
+        client.sendall(b"ping")
+        assert served.recv(4) == b"ping"
+        served.close()
+    others.close()
