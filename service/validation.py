@@ -65,7 +65,11 @@ def record(body: Any, max_seconds: float) -> tuple[np.ndarray, float]:
     rate = body.get("sampling_rate", SAMPLING_RATE_HZ)
     if rate is None or type(rate) not in _NUMBERS:
         raise ValidationError(f"sampling_rate must be a number of Hz (got {_kind(rate)})")
-    rate = _rate(float(rate))
+    try:
+        rate = float(rate)
+    except OverflowError:  # an integer beyond float64
+        rate = math.inf
+    rate = _rate(rate)
     _duration(len(value), rate, max_seconds)
     return _numbers(value, "ecg_signal"), rate
 

@@ -108,6 +108,24 @@ def test_json_values_beyond_float32_come_back_finite(client, key):
     assert all(isinstance(v, float) and np.isfinite(v) for v in out) and max(map(abs, out)) > 1e50
 
 
+def test_large_values_are_denoised_as_their_scaled_down_copy_at_any_rate(client, key):
+    """The resampler overflows from about 1e36: a recording scaled by 2**120 (1.3e36) must come
+    back as the unscaled one's answer, scaled (powers of two scale exactly), not as nulls."""
+    x = ecg(4, 250, seed=6)
+    small = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}).json["denoised_signal"]
+    large = post_json(client, key, {"ecg_signal": (x * 2.0**120).tolist(), "sampling_rate": 250})
+    assert large.status_code == 200
+    np.testing.assert_allclose(np.array(large.json["denoised_signal"]) / 2.0**120, small, rtol=1e-6, atol=0)
+
+
+def test_float32_at_its_largest_values_comes_back_finite(client, key):
+    """A square wave at float32's largest values: the model overshoots them."""
+    x = np.sign(np.sin(np.arange(520) / 5)) * np.finfo(np.float32).max
+    result = post_binary(client, key, x, 130)
+    assert result.status_code == 200
+    assert np.isfinite(np.frombuffer(result.content, "<f4")).all()
+
+
 def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
     x = ecg(10 + 1 / 360, 360, seed=4).astype(np.float32)
     as_json = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 360})
@@ -152,6 +170,7 @@ BAD_JSON = [
     ({"ecg_signal": [0.0] * 600, "sampling_rate": True}, "sampling_rate must be a number of Hz (got a boolean)"),
     ({"ecg_signal": [0.0] * 600, "sampling_rate": 49.9}, "sampling_rate must be from 50 to 1000 Hz (got 49.9)"),
     ({"ecg_signal": [0.0] * 6000, "sampling_rate": 1001}, "sampling_rate must be from 50 to 1000 Hz (got 1001)"),
+    ({"ecg_signal": [0.0] * 600, "sampling_rate": 10**400}, "sampling_rate must be from 50 to 1000 Hz (got inf)"),
 ]
 
 
