@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 # A pooled request thread waits this long for a free connection before failing.
 POOL_WAIT_S = 5
-# What the driver raises when the database cannot be reached or does not answer in time.
-UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
+# What the driver raises when the database cannot be reached, does not answer in time, or cannot
+# be read (peewee's base DatabaseError: SQLite's "file is not a database", a malformed image)...
+UNAVAILABLE_ERRORS = (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded)
+# ...but for these, faults of the data or the statement, which the store handles or which are bugs.
+STATEMENT_ERRORS = (pw.IntegrityError, pw.DataError, pw.ProgrammingError, pw.NotSupportedError)
 
 
 class DatabaseUnavailable(Exception):
@@ -107,11 +110,14 @@ class _Guarded:
     breaker, and the driver's unavailability errors become ``DatabaseUnavailable``."""
 
     health: DatabaseHealth
+    probe_sql = "SELECT 1"  # what tells that the database answers
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         self.health.check()
         try:
             return super().connect(reuse_if_open)  # type: ignore[misc]
+        except STATEMENT_ERRORS:
+            raise
         except UNAVAILABLE_ERRORS as exc:
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
@@ -131,6 +137,8 @@ class _Guarded:
     def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
         try:
             cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
+        except STATEMENT_ERRORS:
+            raise
         except UNAVAILABLE_ERRORS as exc:
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
@@ -144,7 +152,7 @@ class _Guarded:
             conn = self._raw_connect()  # not the pool's _connect: that one counts the connection as lent
             try:
                 cursor = conn.cursor()
-                cursor.execute("SELECT 1")
+                cursor.execute(self.probe_sql)
                 cursor.fetchone()
             finally:
                 conn.close()
@@ -152,6 +160,7 @@ class _Guarded:
 
 class GuardedSqlite(_Guarded, PooledSqliteDatabase):
     _raw_connect = pw.SqliteDatabase._connect
+    probe_sql = "PRAGMA schema_version"  # reads the file's header, which SELECT 1 does not
 
 
 class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):

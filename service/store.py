@@ -214,7 +214,7 @@ class Store:
         breaker knows it is away)."""
         try:
             with self.db.connection_context():
-                self.db.execute_sql("SELECT 1")
+                self.db.execute_sql(self.db.probe_sql)
         except (DatabaseUnavailable, pw.PeeweeException):
             return False
         return True

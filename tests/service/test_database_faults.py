@@ -124,6 +124,24 @@ def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, s
         assert OutboxMail.select().count() == 1  # the refused request queued nothing
 
 
+def test_a_corrupted_sqlite_file_gives_503_not_500(tmp_path, runtime_with):
+    """Not a database any more (a disk fault, a careless copy): requests that need it get the same
+    503, a key this process had checked keeps denoising, and the replica is not ready."""
+    path = tmp_path / "corrupt.db"
+    rt = runtime_with(f"sqlite:///{path}", key_cache_s=600)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "kept@example.org")
+    assert denoise(client, key).status_code == 200
+    rt.store.db.close_all()
+    path.write_bytes(b"not a database" * 4096)
+    for wal in tmp_path.glob("corrupt.db-*"):
+        wal.unlink()
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "new@example.org"}))
+    assert_unavailable(denoise(client, "an unknown key"))
+    assert denoise(client, key).status_code == 200
+    assert client.simulate_get("/readyz").status_code == 503  # the balancer takes the replica out
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
