@@ -148,10 +148,11 @@ class Server(TcpWSGIServer):
                 with contextlib.suppress(OSError):
                     self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
             log.info("Draining: no new connections; waiting for the requests under way")
-        # Busy: a request under way, or a response not yet all sent (a recording to a slow client).
-        busy = [c for c in self.active_channels.values() if c.requests or c.total_outbufs_len]
+        # Busy: a request under way, one still arriving (a recording still uploading; headers that
+        # trickle get their 408 meanwhile), or a response not yet all sent (to a slow client).
+        busy = [c for c in self.active_channels.values() if c.requests or c.request or c.total_outbufs_len]
         for channel in self.active_channels.values():
-            if not channel.requests:
+            if not channel.requests and not channel.request:
                 channel.will_close = True
         # A request whose client hung up has left its channel but may still run in a thread,
         # which then writes to the loop's wake-up pipe: the loop must outlive it.

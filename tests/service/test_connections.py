@@ -1,11 +1,13 @@
 """``service.connections.Server`` in-process, on a free loopback port: the drain when the
-listening socket that workers share is shut, and a worker's own drain, which must not shut it."""
+listening socket that workers share is shut, a worker's own drain, which must not shut it, and a
+request still uploading when the drain begins."""
 
 from __future__ import annotations
 
 import os
 import socket
 import threading
+import time
 import urllib.request
 
 import falcon
@@ -68,3 +70,30 @@ def test_a_workers_own_drain_leaves_the_shared_socket_serving():
         assert served.recv(4) == b"ping"
         served.close()
     others.close()
+
+
+class Echo:
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"received": len(req.bounded_stream.read())}
+
+
+def test_a_request_still_uploading_when_the_drain_begins_is_answered():
+    app = falcon.App()
+    app.add_route("/echo", Echo())
+    server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    body = b"x" * 100_000
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(head + body[:1000])
+        time.sleep(0.3)  # the server has read the headers and the first part
+        server.drain(10)
+        time.sleep(1.5)  # a drain pass or more
+        client.sendall(body[1000:])
+        answer = b""
+        while not answer.endswith(b"}") and (part := client.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"received": 100000}')
+    loop.join(10)
+    assert not loop.is_alive()
