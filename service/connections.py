@@ -13,7 +13,8 @@ included. So, as nginx and HAProxy do in front of an application server:
   ``timeout http-request``);
 - a connection with no request under way and nothing received or sent for ``channel_timeout_s``
   is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``);
-- both are checked every second.
+- both are checked every second;
+- the health checks go ahead of the requests that wait for a thread (``Dispatcher``).
 
 ``drain`` (on SIGTERM, or when a worker finds its supervisor gone) stops accepting connections,
 closes idle ones, and ends the loop once no request is under way, or after a grace period:
@@ -37,11 +38,13 @@ from typing import TYPE_CHECKING, Any
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 
 if TYPE_CHECKING:
     from service.config import Config
 
 log = logging.getLogger("service.connections")
+PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued for a thread
 # Descriptors the process needs besides client connections: the listening socket, the database,
 # the model, log and outbox files, the waitress trigger pipe.
 RESERVED_FILES = 64
@@ -88,6 +91,23 @@ class Channel(HTTPChannel):
             self.outbufs[-1].append(response)
             self.total_outbufs_len += len(response)
         self.close_when_flushed = True
+
+
+class Dispatcher(ThreadedTaskDispatcher):
+    """waitress's queue of requests for its threads, with the health checks first.
+
+    Under a burst every thread waits on the model and the queue is first in, first out: a probe
+    behind a hundred denoising requests took seconds, and a balancer or Kubernetes that times it
+    out takes a busy replica for a dead one (and restarts it, under the same load)."""
+
+    def add_task(self, task: Any) -> None:
+        requests = task.requests  # task is the connection; its first request is the one to serve
+        if requests and requests[0].path in PROBES:
+            with self.lock:
+                self.queue.appendleft(task)
+                self.queue_cv.notify()
+            return
+        super().add_task(task)
 
 
 class Server(TcpWSGIServer):
@@ -211,6 +231,8 @@ def create_server(
         asyncore_use_poll=True,
         cleanup_interval=1,
     )
+    dispatcher = Dispatcher()
+    dispatcher.set_thread_count(adj.threads)
     where: dict[str, Any] = {"sockinfo": adj.listen[0]}
     if listener is not None:
         sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
@@ -221,6 +243,7 @@ def create_server(
         channel_timeout_s=config.channel_timeout_s,
         grace_s=config.shutdown_grace_s,
         supervisor=supervisor,
+        dispatcher=dispatcher,
         adj=adj,
         **where,
     )

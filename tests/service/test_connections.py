@@ -1,6 +1,6 @@
 """``service.connections.Server`` in-process, on a free loopback port: the drain when the
-listening socket that workers share is shut, a worker's own drain, which must not shut it, and a
-request still uploading when the drain begins."""
+listening socket that workers share is shut, a worker's own drain, which must not shut it, a
+request still uploading when the drain begins, and health checks ahead of the queue."""
 
 from __future__ import annotations
 
@@ -97,3 +97,48 @@ def test_a_request_still_uploading_when_the_drain_begins_is_answered():
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"received": 100000}')
     loop.join(10)
     assert not loop.is_alive()
+
+
+class Ordered:
+    """Records the order in which requests reach the app; the first one waits to be released."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.first_in = threading.Event()
+        self.release = threading.Event()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str = "") -> None:
+        self.order.append(req.path)
+        if len(self.order) == 1:
+            self.first_in.set()
+            self.release.wait(10)
+        resp.media = {}
+
+
+def test_health_checks_go_ahead_of_the_requests_waiting_for_a_thread():
+    ordered = Ordered()
+    app = falcon.App()
+    for path in ("/busy/{name}", "/healthz", "/readyz"):
+        app.add_route(path, ordered)
+    server = create_server(app, Config(host="127.0.0.1", port=0, web_threads=1))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    base = f"http://127.0.0.1:{server.effective_port}"
+
+    def get(path: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: urllib.request.urlopen(base + path, timeout=10).read())
+        thread.start()
+        return thread
+
+    clients = [get("/busy/0")]
+    assert ordered.first_in.wait(10)  # the one thread is taken
+    for path in ("/busy/1", "/busy/2", "/healthz", "/readyz"):
+        clients.append(get(path))
+        time.sleep(0.2)  # queued in this order
+    ordered.release.set()
+    for client in clients:
+        client.join(10)
+    assert ordered.order[0] == "/busy/0" and set(ordered.order[1:3]) == {"/healthz", "/readyz"}
+    assert ordered.order[3:] == ["/busy/1", "/busy/2"]
+    server.drain(1)
+    loop.join(10)
