@@ -20,6 +20,7 @@ from service import messages
 from service.database import DatabaseUnavailable
 from service.mail import Outbox
 from service.messages import Mail
+from service.occupancy import Occupancy
 from service.ratelimit import RateLimited, TokenBuckets
 from service.sealing import Sealer
 from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
@@ -77,13 +78,15 @@ class ActiveKeys:
     do not each read the database.
 
     The lookup and the pool hand-off that come with it cost CPU under the GIL on every request,
-    with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an unknown key cannot grow the cache), and at most ``limit`` of them.
-    While the database is away, a key whose entry has expired is still trusted: this process
-    verified it, and a deactivation would have had to pass the same database. A key deactivated
-    through this process is refused at once: ``forget`` clears the cache, and a lookup that began
-    before it does not write its now stale answer back. On PostgreSQL a deactivation by another
-    process reaches ``forget`` as a notification (service.notifications); on SQLite, or with
-    notifications lost, such a key works here for ``ttl_s`` more at most.
+    with the web threads queuing on it (docs/performance.md). Only keys found active are kept (an
+    unknown key cannot grow the cache), and at most ``limit`` of them. While the database is away,
+    a key whose entry has expired is still trusted: this process verified it, and a deactivation
+    would have had to pass the same database. A key deactivated through this process is refused
+    at once: ``forget`` clears the cache, and a lookup that began before it does not write its now
+    stale answer back. A deactivation by another worker process of the same service reaches
+    ``forget`` through ``service.occupancy``, and one by another replica on PostgreSQL as a
+    notification (service.notifications); with notifications lost, or by a process outside the
+    service on SQLite, such a key works here for ``ttl_s`` more at most.
     """
 
     def __init__(self, ttl_s: float, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -135,7 +138,8 @@ class MailLimits:
 
 class KeyService:
     """The key flows over the store; ``clock`` and ``new_secret`` are injected so tests can pin
-    the time and the secrets."""
+    the time and the secrets; ``siblings``: the worker processes beside this one, which hear of
+    its deactivations and tell it of theirs (``service.occupancy``)."""
 
     def __init__(
         self,
@@ -149,6 +153,7 @@ class KeyService:
         buckets: TokenBuckets | None = None,
         clock: Callable[[], datetime] = utcnow,
         new_secret: Callable[[], str] = new_secret,
+        siblings: Occupancy | None = None,
     ) -> None:
         self._store = store
         self._outbox = outbox
@@ -160,10 +165,15 @@ class KeyService:
         self._buckets = buckets
         self._clock = clock
         self._new_secret = new_secret
+        self._siblings = siblings or Occupancy()  # the other workers of this machine, if any
+        self._deactivations = self._siblings.deactivations()  # as last seen
 
     def authenticate(self, key: str) -> int:
         """The id of the active key ``key`` (from the cache, else one indexed read; no write),
         within its rate."""
+        if (seen := self._siblings.deactivations()) != self._deactivations:
+            self._deactivations = seen  # another worker deactivated a key: it may be cached here
+            self._active.forget()
         key_id = self._active.get(digest(key), self._store.active_key_id)
         if key_id is None:
             raise InvalidKey()
@@ -212,6 +222,7 @@ class KeyService:
             # keys let one win; running again deactivates the winner's key and issues ours.
             result = self._verify(token)
         self._active.forget()  # both kinds deactivated keys, now committed
+        self._siblings.announce_deactivation()
         self._outbox.wake()
         return result
 

@@ -1,4 +1,5 @@
-"""How many model runs every worker process of this machine has queued or under way.
+"""What the worker processes of one machine tell each other: how many model runs each has queued
+or under way, and how many key deactivations each has made.
 
 A request that finds its own worker idle runs at once on all cores (the engine's lone session),
 which is only faster when the other workers are idle too: otherwise it takes cores their batches
@@ -10,6 +11,12 @@ stale read only costs one request the fast path or a moment of shared cores. A w
 busy from its start until its batcher runs (it loads and warms its model meanwhile); when a
 worker dies, the supervisor zeroes its slot, and its replacement takes the same one.
 
+Deactivations: each worker caches the keys it found active (``keys.ActiveKeys``). A key
+deactivated through one worker must be refused by the others at once, on SQLite too, which has no
+notifications: the worker counts each deactivation it commits in a second slot of its own, and
+a worker that sees the sum of those counts change forgets its cache before it looks a key up.
+Each count only grows, a replacement continuing from its slot, so a change is never missed.
+
 ``Occupancy()`` without a file is a single process's: no other worker, so the others are idle.
 """
 
@@ -18,24 +25,27 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
+import threading
 from contextlib import suppress
 from typing import BinaryIO
 
 SLOT_BYTES = 8  # one signed 64-bit count
+COUNTS = 2  # per worker: its runs queued or under way, then the key deactivations it made
 
 
 def create_file(workers: int) -> BinaryIO:
-    """The supervisor's part: an unnamed file of ``workers`` zeroed slots, open for as long as
-    the supervisor runs; the workers get its descriptor."""
+    """The supervisor's part: an unnamed file of zeroed slots for ``workers``, open for as long
+    as the supervisor runs; the workers get its descriptor."""
     file = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it, with the service)
-    file.write(bytes(SLOT_BYTES * workers))
+    file.write(bytes(SLOT_BYTES * COUNTS * workers))
     file.flush()
     return file
 
 
 def clear_slot(fd: int, slot: int) -> None:
-    """The supervisor's part when a worker has died: its runs are gone with it."""
-    os.pwrite(fd, bytes(SLOT_BYTES), slot * SLOT_BYTES)
+    """The supervisor's part when a worker has died: its runs are gone with it (its count of
+    deactivations stays, for its replacement to go on from)."""
+    os.pwrite(fd, bytes(SLOT_BYTES), slot * COUNTS * SLOT_BYTES)
 
 
 class Occupancy:
@@ -44,27 +54,31 @@ class Occupancy:
         self._slot = slot
         self._map: mmap.mmap | None = None
         self._slots: memoryview | None = None  # the file as signed 64-bit counts
-        self._others: list[int] = []
+        self._others: list[int] = []  # the other workers' run counts
+        self._deactivations = memoryview(b"")  # every worker's count of deactivations
+        self._announcing = threading.Lock()  # one increment at a time among this worker's threads
 
     def start(self) -> Occupancy:
         """Map the file and count this worker as busy until its batcher publishes its count."""
         if self._fd is not None:
             self._map = mmap.mmap(self._fd, 0)  # a mapping of its own: the descriptor may be closed
             slots = memoryview(self._map).cast("q")
-            if not 0 <= self._slot < len(slots):
-                count = len(slots)
+            workers = len(slots) // COUNTS
+            if not 0 <= self._slot < workers:
                 slots.release()
                 self._map.close()
-                raise ValueError(f"slot {self._slot} outside the {count} of the occupancy file")
+                raise ValueError(f"slot {self._slot} outside the {workers} of the occupancy file")
             self._slots = slots
-            self._others = [i for i in range(len(slots)) if i != self._slot]
+            self._others = [COUNTS * i for i in range(workers) if i != self._slot]
+            self._deactivations = slots[1::COUNTS]
             self.publish(1)
         return self
 
     def close(self) -> None:
         slots, self._slots = self._slots, None
         if slots is not None and self._map is not None:
-            slots[self._slot] = 0
+            slots[COUNTS * self._slot] = 0
+            self._deactivations.release()
             slots.release()
             self._map.close()
             self._map = None
@@ -74,7 +88,7 @@ class Occupancy:
         slots = self._slots
         if slots is not None:
             with suppress(ValueError):  # released by close() meanwhile: the worker is stopping
-                slots[self._slot] = count
+                slots[COUNTS * self._slot] = count
 
     def others_idle(self) -> bool:
         """True when no other worker has a run queued or under way."""
@@ -85,3 +99,17 @@ class Occupancy:
             return not any(slots[i] for i in self._others)
         except ValueError:  # released by close() meanwhile
             return True
+
+    def announce_deactivation(self) -> None:
+        """This worker has committed a key deactivation (after the commit, not before)."""
+        slots = self._slots
+        if slots is not None:
+            with self._announcing, suppress(ValueError):
+                slots[COUNTS * self._slot + 1] += 1
+
+    def deactivations(self) -> int:
+        """How many key deactivations all workers have made: a change means forget the cache."""
+        try:
+            return sum(self._deactivations)
+        except ValueError:  # released by close() meanwhile
+            return 0

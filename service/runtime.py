@@ -142,6 +142,7 @@ class Runtime:
                 config.key_cache_s,
                 MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
                 TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
+                siblings=self._occupancy,
             )
             if self.store.notifies:
                 listener = Listener(

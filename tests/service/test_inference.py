@@ -290,8 +290,23 @@ def test_workers_see_each_others_counts(occupancy_file):
     first.close()
     second.close()
     assert Occupancy().start().others_idle()  # a single process: no others
+    assert Occupancy().start().deactivations() == 0
     with pytest.raises(ValueError, match="slot 3"):
         Occupancy(fd, 3).start()
+
+
+def test_a_deactivation_is_news_to_every_worker_and_a_replacement_goes_on_counting(occupancy_file):
+    fd = occupancy_file(2)
+    first, second = (Occupancy(fd, slot).start() for slot in (0, 1))
+    first.announce_deactivation()
+    assert second.deactivations() == first.deactivations() == 1
+    second.close()
+    clear_slot(fd, 1)  # the supervisor, when the worker has died
+    replacement = Occupancy(fd, 1).start()
+    replacement.announce_deactivation()
+    assert first.deactivations() == 2  # never back to a count seen before
+    first.close()
+    replacement.close()
 
 
 def normalized(windows: np.ndarray) -> np.ndarray:

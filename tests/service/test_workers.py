@@ -3,8 +3,8 @@
 One service for the whole story, as each start loads the model twice: both workers serve, one
 scraped ``/metrics`` (here on ``METRICS_PORT``, served by the supervisor) counts what every
 worker answered, a worker killed with SIGKILL is replaced while the other keeps answering, one
-sent SIGTERM drains alone and is replaced while the socket keeps serving, and SIGTERM to the
-service lets the requests in flight finish, in both workers, before the service exits 0. And when
+sent SIGTERM drains alone and is replaced while the socket keeps serving, a key deactivated
+through one worker is refused by the other at once, and SIGTERM to the service lets the requests in flight finish, in both workers, before the service exits 0. And when
 the supervisor itself is killed with SIGKILL, its workers drain and exit, and the next start
 finds the port free and removes what the killed one left in the temporary folder.
 """
@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.store import Store
 
-from .conftest import free_port, http, issue_key, wait_until
+from .conftest import free_port, http, issue_key, smtp_env, verify_link, wait_until
 
 WINDOWS = np.sin(np.arange(1300) / 20)[None, :].repeat(64, axis=0).tolist()
 
@@ -49,16 +49,11 @@ def worker_pids(metrics_url: str) -> set[int]:
 
 
 @pytest.mark.slow
-def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_path):
+def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_path, smtp):
     database = f"sqlite:///{tmp_path / 'w.db'}"
     metrics_port = free_port()
     server = service_process(
-        {
-            "DATABASE_URL": database,
-            "OUTBOX_DIR": str(tmp_path / "outbox"),
-            "WEB_WORKERS": "2",
-            "METRICS_PORT": str(metrics_port),
-        }
+        {"DATABASE_URL": database, "WEB_WORKERS": "2", "METRICS_PORT": str(metrics_port), **smtp_env(smtp.port)}
     )
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     assert http("GET", f"{server.url}/metrics")[0] == 404  # on its own port only
@@ -85,8 +80,15 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     assert healthz == sent  # the killed worker's counts are kept, the survivor's added
 
     store = Store(database, max_connections=1).start()
-    key = issue_key(store, "w@example.com")
+    gone, key = issue_key(store, "gone@example.com"), issue_key(store, "w@example.com")
     store.close()
+    # Both workers cache the key (each request on a new connection), one deactivates it: the
+    # other refuses it at once too, on SQLite, which has no notifications.
+    denoise = lambda: http("POST", f"{server.url}/api/v1/denoising", {"ecg_signal": WINDOWS[0]}, {"x-api-key": gone})
+    assert [denoise()[0] for _ in range(10)] == [200] * 10
+    assert http("POST", f"{server.url}/api/v1/api-keys/deactivation", {"email": "gone@example.com"})[0] == 200
+    assert http("GET", verify_link(smtp.mailbox.wait_for(1)[0]))[0] == 200
+    assert [denoise()[0] for _ in range(10)] == [401] * 10
     answers: list[tuple[int, object]] = []
     requests = [
         threading.Thread(
