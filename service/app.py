@@ -7,6 +7,7 @@ worker) is decided by ``runtime`` in production and by the tests.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -45,16 +46,28 @@ class Deps:
 def loads(text: str) -> Any:
     """orjson, falling back to the stdlib for what the old Flask service also accepted.
 
-    Old clients may send ``NaN``/``Infinity`` literals; they must reach validation and get the
-    "finite number" 400 naming the index, not the "not JSON" 400.
+    Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
+    reach validation and get the 400 that names the value's index, not the "not JSON" 400.
     """
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(text)
+            return json.loads(text, parse_int=_integer)
         except RecursionError:  # absurdly deep nesting is just malformed JSON
             raise ValueError("JSON nested too deeply") from None
+
+
+def _integer(digits: str) -> int:
+    """An integer too long for Python to convert (a guard against quadratic time) is beyond every
+    limit we have: any one beyond them stands in for it, with its sign."""
+    limit = sys.get_int_max_str_digits()  # 0: no limit
+    if not limit or len(digits) <= limit:
+        return int(digits)
+    return -HUGE if digits.startswith("-") else HUGE
+
+
+HUGE = 10**400
 
 
 def create_app(deps: Deps) -> falcon.App:

@@ -7,6 +7,7 @@ element (``ecg_signals[3][17] must be a finite number (got null)``).
 from __future__ import annotations
 
 import math
+import re
 import string
 from typing import Any
 
@@ -21,6 +22,7 @@ MAX_ABS = 1e100
 WINDOW_NOTE = f"The model expects 10 seconds of ECG sampled at {SAMPLING_RATE_HZ} Hz: exactly {WINDOW} values."
 UNITS = {"normalized": False, "input": True}
 _NUMBERS = {float, int}
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class ValidationError(ValueError):
@@ -78,10 +80,9 @@ def binary_record(data: bytes, rate_param: str | None, max_seconds: float) -> tu
     """Little-endian float32 samples with ``?sampling_rate=`` (required) → samples and rate."""
     if rate_param is None:
         raise ValidationError("Missing required query parameter: sampling_rate (binary bodies carry no rate)")
-    try:
-        rate = float(rate_param)
-    except ValueError:
-        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})") from None
+    if not _DECIMAL.fullmatch(rate_param):  # float() also takes "1_000", "inf" and other scripts' digits
+        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})")
+    rate = float(rate_param)
     rate = _rate(rate)
     if len(data) % 4:
         raise ValidationError(f"A binary body holds float32 samples, 4 bytes each (got {len(data)} bytes)")

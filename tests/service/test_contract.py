@@ -143,6 +143,18 @@ def test_values_at_the_magnitude_limit_are_served(client, key):
     assert np.isfinite(result.json["denoised_signal"]).all()
 
 
+@pytest.mark.parametrize("digits", [401, 5001])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_integers_of_any_length_get_the_magnitude_400(client, key, digits, sign):
+    """Beyond 4300 digits Python refuses to convert an integer (a guard against quadratic time):
+    such a value is still named as too large, not taken for a body that is not JSON."""
+    values = ["0.5"] * 1300
+    values[6] = sign + "9" * digits
+    result = post_raw(client, key, '{"ecg_signal": [' + ",".join(values) + "]}")
+    assert result.status_code == 400
+    assert result.json == {"error": f"ecg_signal[6] must be a finite number of magnitude at most {MAX_ABS:g}"}
+
+
 def test_huge_values_refused_instead_of_overflowing(client, key):
     values = window()
     values[11] = 1e300
