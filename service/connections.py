@@ -81,6 +81,10 @@ class Channel(HTTPChannel):
             self.request_began = time.time()
         return super().received(data)
 
+    def uploading(self) -> bool:
+        """A request's headers have all arrived and its body is arriving."""
+        return self.request is not None and self.request.headers_finished and not self.request.completed
+
     def reading_headers(self) -> bool:
         """Part of a request's headers has arrived, and no response is being made."""
         return self.request is not None and not self.request.headers_finished and not self.requests
@@ -102,7 +106,9 @@ class Dispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, task: Any) -> None:
         requests = task.requests  # task is the connection; its first request is the one to serve
-        if requests and requests[0].path in PROBES:
+        first = requests[0] if requests else None
+        # A request waitress could not parse has an error and may have no path: it goes in turn.
+        if first is not None and first.error is None and getattr(first, "path", None) in PROBES:
             with self.lock:
                 self.queue.appendleft(task)
                 self.queue_cv.notify()
@@ -145,6 +151,15 @@ class Server(TcpWSGIServer):
         with contextlib.suppress(OSError):  # the loop has already closed its wake-up pipe
             self.pull_trigger()
 
+    def accept_connections(self) -> None:
+        """waitress calls ``listen`` here; a socket a worker inherits already listens, and
+        listening again would reopen it after the supervisor shut it to stop the service (and
+        replace the supervisor's backlog with waitress's)."""
+        if self.supervisor is None:
+            super().accept_connections()
+        else:
+            self.accepting = True
+
     def handle_close(self) -> None:
         """The listening socket was shut down: by this process's drain, or, for a worker, by the
         supervisor stopping the service or an orphaned worker's drain. Drain, staying in the loop,
@@ -168,11 +183,11 @@ class Server(TcpWSGIServer):
                 with contextlib.suppress(OSError):
                     self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
             log.info("Draining: no new connections; waiting for the requests under way")
-        # Busy: a request under way, one still arriving (a recording still uploading; headers that
-        # trickle get their 408 meanwhile), or a response not yet all sent (to a slow client).
-        busy = [c for c in self.active_channels.values() if c.requests or c.request or c.total_outbufs_len]
+        # Busy: a request under way, one whose body is still arriving (a recording uploading), or
+        # a response not yet all sent (to a slow client). Headers still trickling are not waited for.
+        busy = [c for c in self.active_channels.values() if c.requests or c.uploading() or c.total_outbufs_len]
         for channel in self.active_channels.values():
-            if not channel.requests and not channel.request:
+            if not channel.requests and not channel.uploading():
                 channel.will_close = True
         # A request whose client hung up has left its channel but may still run in a thread,
         # which then writes to the loop's wake-up pipe: the loop must outlive it.

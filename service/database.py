@@ -30,11 +30,15 @@ log = logging.getLogger(__name__)
 
 # A pooled request thread waits this long for a free connection before failing.
 POOL_WAIT_S = 5
-# What the driver raises when the database cannot be reached, does not answer in time, or cannot
-# be read (peewee's base DatabaseError: SQLite's "file is not a database", a malformed image)...
-UNAVAILABLE_ERRORS = (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded)
-# ...but for these, faults of the data or the statement, which the store handles or which are bugs.
-STATEMENT_ERRORS = (pw.IntegrityError, pw.DataError, pw.ProgrammingError, pw.NotSupportedError)
+# What the driver raises when the database cannot be reached or does not answer in time.
+UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database cannot serve: unreachable, too slow, or unreadable. An unreadable SQLite file
+    ("file is not a database", "database disk image is malformed") raises peewee's DatabaseError
+    itself, whose subclasses (a key conflict, a faulty statement) are no outage."""
+    return isinstance(exc, UNAVAILABLE_ERRORS) or type(exc) is pw.DatabaseError
 
 
 class DatabaseUnavailable(Exception):
@@ -116,9 +120,9 @@ class _Guarded:
         self.health.check()
         try:
             return super().connect(reuse_if_open)  # type: ignore[misc]
-        except STATEMENT_ERRORS:
-            raise
-        except UNAVAILABLE_ERRORS as exc:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
 
@@ -137,9 +141,9 @@ class _Guarded:
     def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
         try:
             cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
-        except STATEMENT_ERRORS:
-            raise
-        except UNAVAILABLE_ERRORS as exc:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
         self.health.succeeded()

@@ -35,12 +35,14 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
 
 
 @contextmanager
-def scratch_folder(prefix: str) -> Iterator[Path]:
-    """A new folder ``<prefix>…`` in the temporary directory, removed when the block ends.
+def scratch_folder(prefix: str) -> Iterator[tuple[Path, int]]:
+    """A new folder ``<prefix>…`` in the temporary directory, removed when the block ends; with
+    the descriptor that holds its lock.
 
     A process killed with -9 cannot remove its folder, so each folder is locked (``flock``) while
-    its process lives, the kernel dropping the lock with the process, and every call first
-    removes the unlocked folders of the same prefix. A folder is locked before it gets its name,
+    it is in use, and every call first removes the unlocked folders of the same prefix. The lock
+    lasts while any process holds the descriptor: children that use the folder get it too, so it
+    outlives a killed parent for as long as they run. A folder is locked before it gets its name,
     so a start beside another never takes the other's new folder for an abandoned one.
     """
     root = Path(tempfile.gettempdir())
@@ -52,7 +54,7 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         hidden.rename(folder)
-        yield folder
+        yield folder, fd
     finally:
         shutil.rmtree(folder if folder.exists() else hidden, ignore_errors=True)
         os.close(fd)

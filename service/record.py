@@ -51,7 +51,7 @@ def read(path: Path) -> tuple[np.ndarray, str | None]:
 
 def write(path: Path, samples: np.ndarray, header: str | None) -> None:
     if path.suffix == ".npy":
-        np.save(path, samples.astype(np.float32))
+        np.save(path, recording.compact(samples))
     else:
         np.savetxt(path, samples, fmt="%.7g", header=header or "", comments="")
 

@@ -21,7 +21,6 @@ from service.store import Store
 
 SENT = "Verification email sent. Please check your inbox."
 BINARY = "application/octet-stream"
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def json_body(req: falcon.Request, limit: int) -> Any:
@@ -105,17 +104,15 @@ class Recording:
             raise ModelUnavailable("Model not loaded")
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
         self._keys.used(key_id)
-        if binary:  # float32 in, float32 out: the model may overshoot float32's largest values
+        if binary:  # float32 in, float32 out
             resp.content_type = BINARY
-            resp.data = np.clip(clean, -FLOAT32_MAX, FLOAT32_MAX).astype("<f4").tobytes()
+            resp.data = recording.to_float32(clean).tobytes()
             return
-        # JSON: the model's own precision, half as long as float64, unless the input's units are
-        # beyond float32's range (JSON numbers may be up to 1e100).
-        with np.errstate(over="ignore"):
-            out = clean.astype("<f4")
-        if not np.isfinite(out).all():
-            out = clean
-        resp.media = {"modelVersion": self._model_version, "sampling_rate": _number(rate), "denoised_signal": out}
+        resp.media = {
+            "modelVersion": self._model_version,
+            "sampling_rate": _number(rate),
+            "denoised_signal": recording.compact(clean),
+        }
 
 
 def _number(rate: float) -> int | float:

@@ -71,11 +71,14 @@ class _Worker:
 class Supervisor:
     """Starts the workers, keeps their number up, and stops them on SIGTERM or SIGINT."""
 
-    def __init__(self, config: Config, listener: socket.socket, env: dict[str, str], occupancy_fd: int) -> None:
+    def __init__(
+        self, config: Config, listener: socket.socket, env: dict[str, str], occupancy_fd: int, lock_fd: int | None
+    ) -> None:
         self._config = config
         self._listener = listener
         self._env = env
         self._occupancy_fd = occupancy_fd
+        self._lock_fd = lock_fd  # held by the workers too: the metrics folder is theirs while they run
         self._workers: list[_Worker] = []
         self._stopping = False
         self._delay_s = RESTART_DELAY_S[0]
@@ -107,9 +110,10 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         fds = (self._listener.fileno(), write_fd, self._occupancy_fd)
+        held = () if self._lock_fd is None else (self._lock_fd,)
         process = subprocess.Popen(
             [sys.executable, "-m", "service.workers", *map(str, fds), str(slot), str(os.getpid())],
-            pass_fds=fds,
+            pass_fds=fds + held,
             env=self._env,
         )
         os.close(write_fd)
@@ -192,17 +196,18 @@ def supervise(config: Config) -> int:
         stack.callback(listener.close)
         occupancy = stack.enter_context(create_file(config.web_workers))
         env = dict(os.environ)
+        lock_fd = None
         if config.metrics:
             # Not the "heartify-metrics-" of earlier versions, whose folders were not locked: a
             # start must not take a live one of theirs for abandoned.
-            folder = str(stack.enter_context(scratch_folder("heartify-prometheus-")))
-            env[MULTIPROC_ENV] = folder
+            path, lock_fd = stack.enter_context(scratch_folder("heartify-prometheus-"))
+            folder = env[MULTIPROC_ENV] = str(path)
             if config.metrics_port:
                 try:
                     stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
                 except OSError as exc:
                     return cannot_listen(config.host, config.metrics_port, exc)
-        return Supervisor(config, listener, env, occupancy.fileno()).run()
+        return Supervisor(config, listener, env, occupancy.fileno(), lock_fd).run()
 
 
 def worker(listen_fd: int, ready_fd: int, occupancy_fd: int, slot: int, supervisor: int) -> int:

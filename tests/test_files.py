@@ -5,9 +5,12 @@ only until the next start."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,23 +37,47 @@ def test_a_passed_write_replaces_the_file_with_the_mode_asked_for(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["mail.eml"]
 
 
-def test_a_scratch_folder_is_removed_by_the_next_start_once_its_process_is_killed(tmp_path, monkeypatch):
-    """kill -9 leaves the folder; the next call removes it, and leaves a live process's folder."""
+def test_a_scratch_folder_is_removed_by_the_next_start_once_its_processes_are_gone(tmp_path, monkeypatch):
+    """kill -9 leaves the folder. While a child that got its descriptor runs (an orphaned worker
+    still writing there) the next call leaves it, and removes it once the child is gone too; a
+    live process's folder is always left."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     holder = (
-        "import sys, tempfile, time; tempfile.tempdir = sys.argv[1]; from service.files import scratch_folder; "
-        "print(scratch_folder('t-').__enter__(), flush=True); time.sleep(60)"
+        "import subprocess, sys, tempfile, time; tempfile.tempdir = sys.argv[1]; "
+        "from service.files import scratch_folder; held = scratch_folder('t-'); folder, fd = held.__enter__(); "
+        "child = subprocess.Popen(['sleep', '60'], pass_fds=(fd,)); "
+        "print(folder, child.pid, flush=True); time.sleep(60)"
     )
     killed = subprocess.Popen(
         [sys.executable, "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
-    abandoned = Path(killed.stdout.readline().strip())
+    folder, child = killed.stdout.readline().split()
+    abandoned = Path(folder)
     killed.kill()
     killed.wait(10)
     killed.stdout.close()
-    with scratch_folder("t-") as live:
+    with scratch_folder("t-"):
+        assert abandoned.exists()  # the orphaned child holds it
+    os.kill(int(child), signal.SIGKILL)
+    wait_until(lambda: not alive(int(child)), 10, "the child to end")
+    with scratch_folder("t-") as (live, _):
         assert not abandoned.exists() and live.is_dir()
-        with scratch_folder("t-") as mine:
+        with scratch_folder("t-") as (mine, _):
             assert live.is_dir() and mine.is_dir() and mine != live
         assert not mine.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def alive(pid: int) -> bool:
+    """Running, neither gone nor a zombie (an orphan's new parent may not reap it at once)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -1,19 +1,24 @@
 """``service.connections.Server`` in-process, on a free loopback port: the drain when the
 listening socket that workers share is shut, a worker's own drain, which must not shut it, a
-request still uploading when the drain begins, and health checks ahead of the queue."""
+request still uploading when the drain begins, health checks ahead of the queue, and requests
+waitress cannot parse."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
 import urllib.request
 
 import falcon
+import pytest
 
 from service.config import Config
 from service.connections import create_server
+
+from .conftest import wait_until
 
 
 class Held:
@@ -87,9 +92,10 @@ def test_a_request_still_uploading_when_the_drain_begins_is_answered():
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(head + body[:1000])
-        time.sleep(0.3)  # the server has read the headers and the first part
+        wait_until(lambda: any(c.uploading() for c in list(server.active_channels.values())), 10, "the upload")
         server.drain(10)
-        time.sleep(1.5)  # a drain pass or more
+        wait_until(lambda: server.draining, 10, "the drain")
+        time.sleep(1.2)  # a drain pass more, which would close the connection were it idle
         client.sendall(body[1000:])
         answer = b""
         while not answer.endswith(b"}") and (part := client.recv(65536)):
@@ -133,12 +139,45 @@ def test_health_checks_go_ahead_of_the_requests_waiting_for_a_thread():
     clients = [get("/busy/0")]
     assert ordered.first_in.wait(10)  # the one thread is taken
     for path in ("/busy/1", "/busy/2", "/healthz", "/readyz"):
+        queued = len(server.task_dispatcher.queue)
         clients.append(get(path))
-        time.sleep(0.2)  # queued in this order
+        wait_until(lambda q=queued: len(server.task_dispatcher.queue) > q, 10, f"{path} queued")
     ordered.release.set()
     for client in clients:
         client.join(10)
     assert ordered.order[0] == "/busy/0" and set(ordered.order[1:3]) == {"/healthz", "/readyz"}
     assert ordered.order[3:] == ["/busy/1", "/busy/2"]
+    server.drain(1)
+    loop.join(10)
+
+
+def read_all(client: socket.socket) -> bytes:
+    answer = b""
+    while part := client.recv(65536):
+        answer += part
+    return answer
+
+
+@pytest.mark.parametrize(
+    "sent, statuses",
+    [
+        (b"GARBAGE\r\n\r\n", [b"400"]),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n", [b"200", b"400"]),  # pipelined
+    ],
+)
+def test_a_request_that_cannot_be_parsed_gets_its_400_and_the_connection_closes(sent, statuses):
+    """Such a request has no path: the queue that puts health checks first must pass it on, or
+    the connection is dropped unanswered, or, behind a pipelined request, held open forever."""
+    ordered = Ordered()
+    ordered.order.append("")  # no request waits to be released
+    app = falcon.App()
+    app.add_route("/healthz", ordered)
+    server = create_server(app, Config(host="127.0.0.1", port=0))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(sent)
+        answer = read_all(client)  # to the end: the server closes the connection
+    assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == statuses
     server.drain(1)
     loop.join(10)
