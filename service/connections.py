@@ -28,6 +28,7 @@ shuts it when the whole service stops.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -159,6 +160,18 @@ class Server(TcpWSGIServer):
             super().accept_connections()
         else:
             self.accepting = True
+
+    def accept(self) -> tuple[socket.socket, Any] | None:
+        """waitress's accept; on a listening socket that was shut down (the supervisor stopping
+        the service) the poll says readable and accept fails: that is the close, not an error to
+        log with its traceback."""
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.handle_close()
+            return None
 
     def handle_close(self) -> None:
         """The listening socket was shut down: by this process's drain, or, for a worker, by the
