@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,44 +110,3 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     # Each worker drains, although the supervisor shuts the socket they share.
     log = server.log()
     assert log[before:].count("Draining") == 2 and "Traceback" not in log
-
-
-def alive(pid: int) -> bool:
-    """Running, neither gone nor a zombie (an orphan's new parent may not reap it at once)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.slow
-def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(service_process, tmp_path):
-    """Nothing would replace the orphans, and they would keep the port from the next supervisor."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
-        "OUTBOX_DIR": str(tmp_path / "outbox"),
-        "WEB_WORKERS": "2",
-        "TMPDIR": str(scratch),
-    }
-    first = service_process(env)
-    wait_until(lambda: "with 2 workers" in first.log(), 30, "both workers ready")
-    workers = [int(p) for p in Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split()]
-    assert len(workers) == 2
-    [metrics] = scratch.glob("heartify-prometheus-*")
-    first.kill()
-    wait_until(lambda: not any(alive(pid) for pid in workers), 15, "the orphaned workers to exit")
-    log = first.log()  # the first to notice drains, and the socket it shuts tells the other
-    assert "is gone: draining" in log and log.count("Draining") == 2 and "Traceback" not in log
-
-    again = service_process({**env, "PORT": str(first.port)})  # the same port
-    assert not metrics.exists()
-    assert [p.name.startswith("heartify-prometheus-") for p in ours(scratch)] == [True]
-    assert again.stop() == 0
-    assert ours(scratch) == []
-
-
-def ours(folder: Path) -> list[Path]:
-    """The service's files in ``folder`` (libraries put theirs there too)."""
-    return [p for p in folder.iterdir() if "heartify" in p.name]
