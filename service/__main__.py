@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from service.startup import configured
+from service.config import configured
 from service.workers import supervise
 
 

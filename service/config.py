@@ -7,15 +7,15 @@ log and an outbox folder), so ``python -m service`` needs no setup; ``.env.examp
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service import logs
 from service.clients import Network, parse_networks
-from service.contract import WINDOW
 from service.cpus import usable_cpus
-from service.recording import MAX_RATE_HZ
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SECURITY = ("starttls", "ssl", "none")
@@ -204,12 +204,35 @@ class Config:
     def mail_port(self) -> int:
         return self.smtp_port or DEFAULT_SMTP_PORT[self.smtp_security]
 
+    # The two limits import what they need when asked: the supervisor of several workers reads its
+    # Config, and stays small, without NumPy (docs/performance.md, "Memory").
     @property
     def max_body_bytes(self) -> int:
         """Largest request body worth reading: a full batch written with long numbers."""
+        from service.contract import WINDOW
+
         return max(1 << 20, self.max_batch_windows * WINDOW * 32)
 
     def record_body_bytes(self, binary: bool) -> int:
         """Largest /denoising/record body: the longest recording at the highest rate, as float32
         (4 bytes a sample) or as JSON written with long numbers (32 bytes a sample)."""
+        from service.recording import MAX_RATE_HZ
+
         return max(1 << 20, int(self.max_record_seconds * MAX_RATE_HZ) * (4 if binary else 32))
+
+
+def configured() -> Config | None:
+    """The configuration from the environment, logging set up; None (one sentence on stderr) if unusable."""
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return None
+    logs.configure(config.log_level)
+    return config
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> int:
+    """The one sentence for a port that cannot be bound; the exit code."""
+    print(f"heartify: cannot listen on {host}:{port} ({exc.strerror or exc}).", file=sys.stderr)
+    return 1

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from service.app import create_app
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, cannot_listen
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
 from service.runtime import Runtime, StartupError
-from service.startup import cannot_listen
 
 log = logging.getLogger("service")
 

@@ -1,8 +1,9 @@
 """What a start checks before the model loads: the model file against its manifest, and the database.
 
 Every expected start-up failure becomes a ``StartupError`` whose message is one sentence, which
-``__main__`` prints instead of a traceback. Kept apart from ``runtime`` (and free of onnxruntime),
-so that the supervisor of several workers can run these checks without loading the engine.
+``__main__`` prints instead of a traceback. Kept apart from ``runtime`` (and free of onnxruntime).
+The supervisor of several workers runs these checks as ``python -m service.startup``, in a
+process of their own, so that it never holds the database driver and the rest itself.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import sys
 
 import peewee as pw
 
-from service import logs
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, configured
 from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
 from service.manifest import ModelError, verify_model
 from service.sealing import secret_beside, split_secrets
@@ -24,23 +24,6 @@ BACKGROUND_CONNECTIONS = 2
 
 class StartupError(Exception):
     """The service cannot start; the message is one sentence."""
-
-
-def configured() -> Config | None:
-    """The configuration from the environment, logging set up; None (one sentence on stderr) if unusable."""
-    try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
-        return None
-    logs.configure(config.log_level)
-    return config
-
-
-def cannot_listen(host: str, port: int, exc: OSError) -> int:
-    """The one sentence for a port that cannot be bound; the exit code."""
-    print(f"heartify: cannot listen on {host}:{port} ({exc.strerror or exc}).", file=sys.stderr)
-    return 1
 
 
 def model_version(config: Config) -> int:
@@ -86,3 +69,27 @@ def mail_secrets(config: Config) -> list[str]:
         raise StartupError(
             f"SECRET_KEY is not set and {path}.secret cannot be written ({exc.strerror or exc})."
         ) from None
+
+
+def check(config: Config) -> None:
+    """Everything a start can check before its model loads; ``StartupError`` when one fails."""
+    model_version(config)
+    start_store(config).close()  # the database answers and has its tables
+    mail_secrets(config)  # SECRET_KEY is set, or the local one exists before the workers race for it
+
+
+def main() -> int:
+    """``python -m service.startup``: the checks, 0; or one sentence on stderr, 1."""
+    config = configured()
+    if config is None:
+        return 1
+    try:
+        check(config)
+    except (ConfigError, StartupError) as exc:
+        print(f"heartify: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

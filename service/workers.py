@@ -11,7 +11,8 @@ A worker whose supervisor has gone (killed with -9: nothing would replace the wo
 would keep the port from a new supervisor) drains and exits (``connections.Server``).
 
 The parent checks what it can before any worker starts (configuration, model against its
-manifest, database), so those failures still print one sentence and exit 1. A worker that dies
+manifest, database: ``python -m service.startup``, in a process of its own), so those failures
+still print one sentence and exit 1. A worker that dies
 before it is ready on the first start stops the service the same way; one that dies later is
 started again, after a delay that doubles while workers keep dying young (so a worker that cannot
 start does not spin). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
@@ -36,11 +37,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Config, ConfigError
+from service.config import Config, cannot_listen, configured
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, clear_slot, create_file
-from service.startup import StartupError, cannot_listen, configured, mail_secrets, model_version, start_store
 
 log = logging.getLogger("service.workers")
 
@@ -180,13 +180,12 @@ class Supervisor:
 
 
 def supervise(config: Config) -> int:
-    """The parent: check what can be checked, bind, run the workers; the exit code of the service."""
-    try:
-        model_version(config)
-        start_store(config).close()  # the database answers and has its tables
-        mail_secrets(config)  # SECRET_KEY is set, or the local one exists before the workers race for it
-    except (ConfigError, StartupError) as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
+    """The parent: check what can be checked, bind, run the workers; the exit code of the service.
+
+    The checks run in a process of their own (``service.startup``), which prints the sentence of
+    a failed one: the supervisor then never holds the database driver and the rest, and stays
+    small beside the workers (docs/performance.md, "Memory")."""
+    if subprocess.run([sys.executable, "-m", "service.startup"], check=False).returncode:
         return 1
     try:
         listener = socket.create_server((config.host, config.port), backlog=2048)

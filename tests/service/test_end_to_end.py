@@ -134,9 +134,10 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
 
 
 @pytest.fixture
-def start_in_process(monkeypatch, capsys):
+def start_in_process(monkeypatch, capfd):
     """``python -m service``'s ``main`` in this process, with exactly the given variables set:
-    returns its exit code and what it wrote to stderr (start-up failures end before serving)."""
+    returns its exit code and what it, or the process of its start-up checks (with several
+    workers), wrote to stderr (start-up failures end before serving)."""
 
     def start(env: dict[str, str]) -> tuple[int, str]:
         for f in dataclasses.fields(Config):
@@ -144,7 +145,7 @@ def start_in_process(monkeypatch, capsys):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         code = main()
-        return code, capsys.readouterr().err.strip()
+        return code, capfd.readouterr().err.strip()
 
     return start
 
