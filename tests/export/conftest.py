@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from export.__main__ import main as export_main
+from export.data import Corpus, load_corpus
 from export.model import AttentionUNet
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -66,3 +68,18 @@ def real_data() -> Path:
     if not (DATA / "mitdb").is_dir():
         pytest.skip(f"real ECG data not found at {DATA}")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def real_corpus(tmp_path_factory, worker_id) -> Corpus:
+    """``load_corpus`` of the real data, once per run for every test process: it reads and
+    resamples every record, seconds each time. The first process to ask loads it (the loading is
+    what the split test checks) and leaves a pickle for the others."""
+    if not (DATA / "mitdb").is_dir():
+        pytest.skip(f"real ECG data not found at {DATA}")
+    with first_here(tmp_path_factory, worker_id, "corpus") as (folder, first):
+        if first:
+            corpus = load_corpus(DATA)
+            (folder / "corpus.pickle").write_bytes(pickle.dumps(corpus))
+            return corpus
+    return pickle.loads((folder / "corpus.pickle").read_bytes())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, load_corpus, patient_group
+from export.data import NOISE_TRAIN_FRACTION, NOISE_TYPES, Corpus, Record, is_validation, patient_group
 from export.families import HELD_OUT, TRAINED
 from export.metrics import bandpass, scores, snr_db
 from export.synth import synthetic_corpus
@@ -92,8 +92,8 @@ def test_scores_of_a_perfect_and_of_a_baseline_estimate():
     assert np.isfinite(scores(noisy, clean, bandpass(noisy))["snr_improvement_db"])
 
 
-def test_real_corpus_is_split_by_patient(real_data):
-    corpus = load_corpus(real_data)
+def test_real_corpus_is_split_by_patient(real_corpus):
+    corpus = real_corpus
     train_groups = {r.group for r in corpus.train}
     validation_groups = {r.group for r in corpus.validation}
     assert train_groups and validation_groups and not train_groups & validation_groups
