@@ -14,8 +14,8 @@ The parent checks what it can before any worker starts (configuration, model aga
 manifest, database: ``python -m service.startup``, in a process of its own), so those failures
 still print one sentence and exit 1. A worker that dies
 before it is ready on the first start stops the service the same way; one that dies later is
-started again, after a delay that doubles while workers keep dying young (so a worker that cannot
-start does not spin). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
+started again, after a delay that doubles while workers keep failing young (so a worker that
+cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
 as a single process does, and the parent exits 0 when they all have.
 
 Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit, or by
@@ -135,7 +135,9 @@ class Supervisor:
             worker.close()
             self._forget(worker.process.pid)
             clear_slot(self._occupancy_fd, worker.slot)  # its runs died with it
-            young = now - worker.started < YOUNG_S
+            # A worker that crashed young doubles the delay; one that drained and exited 0 (sent
+            # SIGTERM on its own) is simply replaced.
+            young = now - worker.started < YOUNG_S and worker.process.returncode != 0
             self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2) if young else RESTART_DELAY_S[0]
             log.warning(
                 "Worker %d exited with %s; starting another in %.1f s",
