@@ -72,6 +72,7 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     drained = min(replaced)
     os.kill(drained, signal.SIGTERM)  # one worker drains alone: the socket stays the others'
     wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and drained not in p, 30, "its replacement")
+    assert f"Worker {drained} exited with 0; starting another in 0.5 s" in server.log()  # no backoff
     for _ in range(20):  # each on a new connection, whichever worker takes it
         assert http("GET", f"{server.url}/healthz")[0] == 200
         sent += 1
