@@ -48,7 +48,7 @@ def test_beat_agreement_counts_matches_within_tolerance():
 
 
 def test_command_on_real_data_writes_both_tables_and_the_polar_checks(real_data, tmp_path, capsys):
-    args = ["--model", str(SHIPPED), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "2"]
+    args = ["--model", str(SHIPPED), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "1"]
     assert main([*args, "--record-minutes", "0.25"]) == 0
     result = json.loads((tmp_path / "evaluation-attention_unet.int8.json").read_text())
     assert len(result["cases"]) == 16 and len(result["noise_families"]["cases"]) == 28
