@@ -221,12 +221,18 @@ class Config:
         return max(1 << 20, int(self.max_record_seconds * MAX_RATE_HZ) * (4 if binary else 32))
 
 
+def refuse(problem: object) -> int:
+    """A start or a command that cannot go on: its one sentence on stderr; the exit code, 1."""
+    print(f"heartify: {problem}", file=sys.stderr)
+    return 1
+
+
 def configured() -> Config | None:
     """The configuration from the environment, logging set up; None (one sentence on stderr) if unusable."""
     try:
         config = Config.from_env()
     except ConfigError as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
+        refuse(exc)
         return None
     logs.configure(config.log_level)
     return config
@@ -234,5 +240,4 @@ def configured() -> Config | None:
 
 def cannot_listen(host: str, port: int, exc: OSError) -> int:
     """The one sentence for a port that cannot be bound; the exit code."""
-    print(f"heartify: cannot listen on {host}:{port} ({exc.strerror or exc}).", file=sys.stderr)
-    return 1
+    return refuse(f"cannot listen on {host}:{port} ({exc.strerror or exc}).")

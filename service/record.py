@@ -18,7 +18,7 @@ import numpy as np
 
 from service import recording
 from service.batcher import Batcher
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, refuse
 from service.runtime import StartupError, model_version, start_engine
 
 FORMATS = (".csv", ".npy")
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         model_version(config)  # the model file checked against its manifest, as the service does
         engine = start_engine(config)
     except (OSError, BadFile, ConfigError, StartupError) as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
-        return 1
+        return refuse(exc)
     batcher = Batcher(engine, config.batch_max_size, 0, config.batch_workers).start()
     try:
         clean = recording.denoise(samples, args.rate, runner(batcher, progress_bar(sys.stderr)))

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 
 from service.app import create_app
-from service.config import Config, ConfigError, cannot_listen
+from service.config import Config, ConfigError, cannot_listen, refuse
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
@@ -42,8 +41,7 @@ def serve(
         try:
             runtime = stack.enter_context(Runtime(config, occupancy=occupancy))
         except (ConfigError, StartupError) as exc:
-            print(f"heartify: {exc}", file=sys.stderr)
-            return 1
+            return refuse(exc)
         try:
             server = create_server(create_app(runtime.deps), config, listener, supervisor)
         except OSError as exc:

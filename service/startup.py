@@ -12,7 +12,7 @@ import sys
 
 import peewee as pw
 
-from service.config import Config, ConfigError, configured
+from service.config import Config, ConfigError, configured, refuse
 from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
 from service.manifest import ModelError, verify_model
 from service.sealing import secret_beside, split_secrets
@@ -86,8 +86,7 @@ def main() -> int:
     try:
         check(config)
     except (ConfigError, StartupError) as exc:
-        print(f"heartify: {exc}", file=sys.stderr)
-        return 1
+        return refuse(exc)
     return 0
 
 
