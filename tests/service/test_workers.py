@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from http.client import HTTPConnection
 
 import numpy as np
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,14 +92,21 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     assert http("GET", verify_link(smtp.mailbox.wait_for(1)[0]))[0] == 200
     assert [denoise()[0] for _ in range(10)] == [401] * 10
     answers: list[tuple[int, object]] = []
-    requests = [
-        threading.Thread(
-            target=lambda: answers.append(
-                http("POST", f"{server.url}/api/v1/denoising/batch", {"ecg_signals": WINDOWS}, {"x-api-key": key})
-            )
-        )
-        for _ in range(4)  # most likely some on each worker
-    ]
+    body, headers = orjson.dumps({"ecg_signals": WINDOWS}), {"x-api-key": key, "Content-Type": "application/json"}
+
+    def batch(connection: HTTPConnection) -> None:
+        connection.request("POST", "/api/v1/denoising/batch", body, headers)
+        response = connection.getresponse()
+        answers.append((response.status, orjson.loads(response.read())))
+
+    # Each request on a connection a worker has already answered once: a connection still in the
+    # listening socket's queue when the service stops is refused, as every new one is then.
+    connections = []
+    for _ in range(4):  # most likely some on each worker
+        connections.append(HTTPConnection("127.0.0.1", server.port, timeout=30))
+        connections[-1].request("GET", "/healthz")
+        assert connections[-1].getresponse().read()
+    requests = [threading.Thread(target=batch, args=(connection,)) for connection in connections]
     for request in requests:
         request.start()
     # SIGTERM once the requests have started their model runs (64 windows each: several runs of 8)
