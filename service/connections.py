@@ -19,10 +19,12 @@ included. So, as nginx and HAProxy do in front of an application server:
 ``drain`` (on SIGTERM, or when a worker finds its supervisor gone) stops accepting connections,
 closes idle ones, and ends the loop once no request is under way, or after a grace period:
 waitress alone waits 5 s for its threads and then tears the runtime down under a request still
-running. A process that owns its listening socket then refuses new connections (``shutdown``);
-a worker only stops taking them from the socket it shares with the others, since a shut socket
-stays shut for every process that holds it, the worker's replacement included: the supervisor
-shuts it when the whole service stops.
+running. When the whole service stops, the process closes the door: it accepts the connections
+already queued in the listening socket (their clients connected before the stop, and most have
+sent their request: shutting the socket would reset them) and shuts the socket, so that later
+ones are refused rather than left waiting. A worker replaced on its own only stops taking
+connections from the socket it shares with the others: a shut socket stays shut for every
+process that holds it, the worker's replacement included.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from waitress.adjustments import Adjustments
@@ -49,6 +52,8 @@ PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued
 # Descriptors the process needs besides client connections: the listening socket, the database,
 # the model, log and outbox files, the waitress trigger pipe.
 RESERVED_FILES = 64
+# A connection opened for a request not yet sent: how long a drain waits for its first bytes.
+FIRST_BYTES_S = 1.0
 
 
 def raise_open_files_limit() -> int:
@@ -73,14 +78,33 @@ def _timeout_response(seconds: float) -> bytes:
 
 
 class Channel(HTTPChannel):
-    """waitress's connection, noting when the request it is reading began."""
+    """waitress's connection, noting when it opened and when the request it is reading began."""
 
     request_began = 0.0  # time.time() of the first byte of the request being read
+    first_request = True  # no request has been read whole on this connection yet
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.opened = time.time()
+        super().__init__(*args, **kw)
 
     def received(self, data: bytes) -> bool:
         if self.request is None:  # no request half-read: these bytes begin one
             self.request_began = time.time()
-        return super().received(data)
+        more = super().received(data)
+        if self.requests:
+            self.first_request = False
+        return more
+
+    def owed(self, now: float) -> bool:
+        """During a drain: this connection's client is owed an answer. It is if a request is
+        under way, uploading or being answered; or if the connection was opened for a request
+        that has not been read yet (bounded by ``FIRST_BYTES_S``, then by the header timeout).
+        Not between two requests of a kept-alive connection."""
+        if self.requests or self.uploading() or self.total_outbufs_len:
+            return True
+        if not self.first_request:
+            return False
+        return self.request is not None or now - self.opened < FIRST_BYTES_S
 
     def uploading(self) -> bool:
         """A request's headers have all arrived and its body is arriving."""
@@ -132,10 +156,14 @@ class Server(TcpWSGIServer):
         channel_timeout_s: float,
         grace_s: float,
         supervisor: int | None = None,
+        service_stopping: Callable[[], bool] = lambda: False,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
+        self.service_stopping = service_stopping  # a worker's: its supervisor is stopping them all
+        self.door_closed = False
+        self.accepted = False  # the last accept() returned a connection
         self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
         self.timed_out = 0  # connections closed for slow headers since the last log line
@@ -165,13 +193,16 @@ class Server(TcpWSGIServer):
         """waitress's accept; on a listening socket that was shut down (the supervisor stopping
         the service) the poll says readable and accept fails: that is the close, not an error to
         log with its traceback."""
+        self.accepted = False
         try:
-            return super().accept()
+            pair = super().accept()
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.handle_close()
             return None
+        self.accepted = pair is not None
+        return pair
 
     def handle_close(self) -> None:
         """The listening socket was shut down: by this process's drain, or, for a worker, by the
@@ -187,20 +218,30 @@ class Server(TcpWSGIServer):
         """A worker whose supervisor has gone: nothing would replace it or the others."""
         return self.supervisor is not None and os.getppid() != self.supervisor
 
+    def close_door(self) -> None:
+        """Accept the connections queued in the listening socket, then shut it: the queued ones
+        are served, later ones refused (shutting a listening socket resets those it holds)."""
+        self.door_closed = True
+        for _ in range(self.adj.backlog):  # bounded: connections keep arriving until the shutdown
+            self.handle_accept()
+            if not self.accepted:
+                break
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RD)
+
     def _drained(self, now: float) -> bool:
         """Stop accepting; close idle connections; True once nothing is under way or time is up."""
         if not self.draining:
             self.draining = True
             self.accepting = False
-            if self.supervisor is None or self.orphaned():  # the socket is this process's, or no one's
-                with contextlib.suppress(OSError):
-                    self.socket.shutdown(socket.SHUT_RD)  # new connections are refused, not left waiting
             log.info("Draining: no new connections; waiting for the requests under way")
-        # Busy: a request under way, one whose body is still arriving (a recording uploading), or
-        # a response not yet all sent (to a slow client). Headers still trickling are not waited for.
-        busy = [c for c in self.active_channels.values() if c.requests or c.uploading() or c.total_outbufs_len]
+        # The socket is this process's, or no one's, or the whole service stops.
+        if not self.door_closed and (self.supervisor is None or self.orphaned() or self.service_stopping()):
+            self.close_door()
+        # Headers still trickling on a kept-alive connection are not waited for (Channel.owed).
+        busy = [c for c in self.active_channels.values() if c.owed(now)]
         for channel in self.active_channels.values():
-            if not channel.requests and not channel.uploading():
+            if not channel.owed(now):
                 channel.will_close = True
         # A request whose client hung up has left its channel but may still run in a thread,
         # which then writes to the loop's wake-up pipe: the loop must outlive it.
@@ -237,10 +278,15 @@ class Server(TcpWSGIServer):
 
 
 def create_server(
-    app: Any, config: Config, listener: socket.socket | None = None, supervisor: int | None = None
+    app: Any,
+    config: Config,
+    listener: socket.socket | None = None,
+    supervisor: int | None = None,
+    service_stopping: Callable[[], bool] = lambda: False,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
-    parent is the process ``supervisor``); ``run()`` serves until SystemExit."""
+    parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
+    every worker); ``run()`` serves until SystemExit."""
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
     if limit < config.connection_limit:
@@ -271,6 +317,7 @@ def create_server(
         channel_timeout_s=config.channel_timeout_s,
         grace_s=config.shutdown_grace_s,
         supervisor=supervisor,
+        service_stopping=service_stopping,
         dispatcher=dispatcher,
         adj=adj,
         **where,

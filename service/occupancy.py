@@ -17,6 +17,9 @@ notifications: the worker counts each deactivation it commits in a second slot o
 a worker that sees the sum of those counts change forgets its cache before it looks a key up.
 Each count only grows, a replacement continuing from its slot, so a change is never missed.
 
+The file's last slot is the supervisor's: non-zero once the whole service is stopping (rather than
+one worker being replaced), so a draining worker knows it may shut the listening socket they share.
+
 ``Occupancy()`` without a file is a single process's: no other worker, so the others are idle.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import tempfile
 import threading
 from contextlib import suppress
@@ -37,7 +41,7 @@ def create_file(workers: int) -> BinaryIO:
     """The supervisor's part: an unnamed file of zeroed slots for ``workers``, open for as long
     as the supervisor runs; the workers get its descriptor."""
     file = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it, with the service)
-    file.write(bytes(SLOT_BYTES * COUNTS * workers))
+    file.write(bytes(SLOT_BYTES * (COUNTS * workers + 1)))
     file.flush()
     return file
 
@@ -46,6 +50,11 @@ def clear_slot(fd: int, slot: int) -> None:
     """The supervisor's part when a worker has died: its runs are gone with it (its count of
     deactivations stays, for its replacement to go on from)."""
     os.pwrite(fd, bytes(SLOT_BYTES), slot * COUNTS * SLOT_BYTES)
+
+
+def announce_stopping(fd: int) -> None:
+    """The supervisor's part when the whole service stops, before it signals the workers."""
+    os.pwrite(fd, (1).to_bytes(SLOT_BYTES, sys.byteorder), os.fstat(fd).st_size - SLOT_BYTES)
 
 
 class Occupancy:
@@ -63,14 +72,14 @@ class Occupancy:
         if self._fd is not None:
             self._map = mmap.mmap(self._fd, 0)  # a mapping of its own: the descriptor may be closed
             slots = memoryview(self._map).cast("q")
-            workers = len(slots) // COUNTS
+            workers = (len(slots) - 1) // COUNTS
             if not 0 <= self._slot < workers:
                 slots.release()
                 self._map.close()
                 raise ValueError(f"slot {self._slot} outside the {workers} of the occupancy file")
             self._slots = slots
             self._others = [COUNTS * i for i in range(workers) if i != self._slot]
-            self._deactivations = slots[1::COUNTS]
+            self._deactivations = slots[1 : COUNTS * workers : COUNTS]
             self.publish(1)
         return self
 
@@ -106,6 +115,14 @@ class Occupancy:
         if slots is not None:
             with self._announcing, suppress(ValueError):
                 slots[COUNTS * self._slot + 1] += 1
+
+    def stopping(self) -> bool:
+        """The whole service is stopping (``announce_stopping``), not only this worker."""
+        slots = self._slots
+        try:
+            return slots is not None and slots[-1] != 0
+        except ValueError:  # released by close() meanwhile
+            return False
 
     def deactivations(self) -> int:
         """How many key deactivations all workers have made: a change means forget the cache."""

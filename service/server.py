@@ -43,7 +43,8 @@ def serve(
         except (ConfigError, StartupError) as exc:
             return refuse(exc)
         try:
-            server = create_server(create_app(runtime.deps), config, listener, supervisor)
+            stopping = {} if occupancy is None else {"service_stopping": occupancy.stopping}
+            server = create_server(create_app(runtime.deps), config, listener, supervisor, **stopping)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         stack.callback(server.close)

@@ -15,8 +15,9 @@ manifest, database: ``python -m service.startup``, in a process of its own), so 
 still print one sentence and exit 1. A worker that dies
 before it is ready on the first start stops the service the same way; one that dies later is
 started again, after a delay that doubles while workers keep failing young (so a worker that
-cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM or Ctrl-C: the parent sends SIGTERM to every worker, each drains
-as a single process does, and the parent exits 0 when they all have.
+cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM or Ctrl-C: the parent marks the service as stopping in the occupancy file and
+sends SIGTERM to every worker; each drains as a single process does, the first closing the
+shared socket's door, and the parent exits 0 when they all have.
 
 Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit, or by
 the next start after a kill: ``files.scratch_folder``), marks dead workers there, and serves
@@ -40,7 +41,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from service.config import Config, cannot_listen, configured
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
-from service.occupancy import Occupancy, clear_slot, create_file
+from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
 
 log = logging.getLogger("service.workers")
 
@@ -155,12 +156,22 @@ class Supervisor:
             mark_process_dead(pid, self._env[MULTIPROC_ENV])
 
     def _stop(self, signum: int | None = None, frame: object = None) -> None:
+        """Tell the workers the service stops, then SIGTERM them: the first to drain accepts the
+        connections queued in the socket and shuts it (``connections.Server.close_door``). With
+        no worker serving, nobody would: the socket is shut here, new connections refused."""
         self._stopping = True
-        with suppress(OSError):  # new connections are refused while the workers drain
-            self._listener.shutdown(socket.SHUT_RD)
+        announce_stopping(self._occupancy_fd)
+        serving = False
         for worker in self._workers:
             if worker.process.poll() is None:
+                serving = worker.poll_ready() or serving
                 worker.process.send_signal(signal.SIGTERM)
+        if not serving:
+            self._shut_listener()
+
+    def _shut_listener(self) -> None:
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RD)
 
     def _reap_all(self) -> int:
         """Wait for every worker to drain (killing those that take too long); 0 if all stopped cleanly."""
@@ -177,6 +188,7 @@ class Supervisor:
             code = code or worker.process.returncode not in (0, -signal.SIGTERM)
             worker.close()
             self._forget(worker.process.pid)
+        self._shut_listener()  # the workers have (unless none was serving, or one was killed)
         log.info("Stopped")
         return int(code)
 

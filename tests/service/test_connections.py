@@ -1,10 +1,11 @@
 """``service.connections.Server`` in-process, on a free loopback port: the drain when the
-listening socket that workers share is shut, a worker's own drain, which must not shut it, a
-request still uploading when the drain begins, health checks ahead of the queue, and requests
+listening socket that workers share is shut, a worker's own drain, which must not shut it, the
+connections queued in the socket when the service stops, a request still uploading when the drain begins, health checks ahead of the queue, and requests
 waitress cannot parse."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -76,6 +77,53 @@ def test_a_workers_own_drain_leaves_the_shared_socket_serving():
         assert served.recv(4) == b"ping"
         served.close()
     others.close()
+
+
+class Hello:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"hello": "world"}
+
+
+def queued_request(port: int) -> socket.socket:
+    """A client connected, its request sent, its connection still queued in the listening socket."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    return client
+
+
+def answer_to(client: socket.socket) -> bytes:
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while not answer.endswith(b"}") and (part := client.recv(65536)):
+            answer += part
+    client.close()
+    return answer
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["single process", "worker of a stopping service"])
+def test_connections_queued_when_the_service_stops_are_served_and_later_ones_refused(worker):
+    """Shutting a listening socket resets the connections queued in it: clients that connected
+    before the stop, most with their request sent. The drain accepts them first."""
+    app = falcon.App()
+    app.add_route("/hello", Hello())
+    config = Config(host="127.0.0.1", port=0, shutdown_grace_s=10)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stopping = {"supervisor": os.getppid(), "service_stopping": lambda: True} if worker else {}
+    server = create_server(app, config, listener, **stopping)
+    if not worker:
+        server.supervisor = None  # the socket is its own, as when it binds HOST:PORT itself
+    clients = [queued_request(port) for _ in range(3)]  # no loop runs yet: nothing accepts them
+    server.drain(10)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    answers = [answer_to(client) for client in clients]
+    assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b'{"hello": "world"}') for a in answers), answers
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    loop.join(10)
+    assert not loop.is_alive()
+    listener.close()
 
 
 class Echo:

@@ -14,7 +14,7 @@ import pytest
 from service.batcher import Batcher, ModelUnavailable
 from service.cpus import usable_cpus
 from service.engine import Engine
-from service.occupancy import Occupancy, clear_slot, create_file
+from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
 
 from .conftest import MODEL, CountingEngine, ThreadRecordingEngine, issue_key
 
@@ -307,6 +307,19 @@ def test_a_deactivation_is_news_to_every_worker_and_a_replacement_goes_on_counti
     assert first.deactivations() == 2  # never back to a count seen before
     first.close()
     replacement.close()
+
+
+def test_the_supervisor_tells_every_worker_that_the_service_stops(occupancy_file):
+    fd = occupancy_file(2)
+    first, second = (Occupancy(fd, slot).start() for slot in (0, 1))
+    first.announce_deactivation()
+    assert not first.stopping() and not second.stopping()
+    announce_stopping(fd)
+    assert first.stopping() and second.stopping()
+    assert first.deactivations() == 1 and second.others_idle() is False  # no count was overwritten
+    first.close()
+    second.close()
+    assert not Occupancy().start().stopping()  # a single process: told by its own signal
 
 
 def normalized(windows: np.ndarray) -> np.ndarray:
