@@ -116,9 +116,13 @@ class _Guarded:
     health: DatabaseHealth
     probe_sql = "SELECT 1"  # what tells that the database answers
 
+    def check_file(self) -> None:
+        """Raise peewee's OperationalError if the database's file is not the one opened."""
+
     def connect(self, reuse_if_open: bool = False) -> bool:
         self.health.check()
         try:
+            self.check_file()
             return super().connect(reuse_if_open)  # type: ignore[misc]
         except Exception as exc:
             if not unavailable(exc):
@@ -152,6 +156,7 @@ class _Guarded:
     def probe(self) -> None:
         """``SELECT 1`` on a fresh connection, bypassing the breaker and the pool; raises peewee's
         errors when it fails."""
+        self.check_file()
         with pw.__exception_wrapper__:
             conn = self._raw_connect()  # not the pool's _connect: that one counts the connection as lent
             try:
@@ -165,6 +170,23 @@ class _Guarded:
 class GuardedSqlite(_Guarded, PooledSqliteDatabase):
     _raw_connect = pw.SqliteDatabase._connect
     probe_sql = "PRAGMA schema_version"  # reads the file's header, which SELECT 1 does not
+    identity: tuple[int, int] = (0, 0)  # the file's device and inode when the service opened it
+
+    def check_file(self) -> None:
+        """A file deleted while the service runs takes every later write with it (open
+        connections write to the unlinked file, new ones would create an empty one); a file
+        replaced under it (a restore) would mix two databases. Both refuse, until a restart
+        opens what is at the path then. Checked at every checkout: one stat call."""
+        try:
+            stat = os.stat(self.database)
+        except OSError as exc:
+            raise pw.OperationalError(
+                f"the SQLite file {self.database} is gone ({exc.strerror}); restore it and restart the service"
+            ) from None
+        if (stat.st_dev, stat.st_ino) != self.identity:
+            raise pw.OperationalError(
+                f"the SQLite file {self.database} was replaced while the service ran; restart the service to open it"
+            )
 
 
 class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
@@ -275,6 +297,8 @@ def open_database(
                 "foreign_keys": 1,
             },
         )
+        stat = os.stat(path)
+        db.identity = (stat.st_dev, stat.st_ino)
     elif parts.scheme in ("postgresql", "postgres"):
         params = postgres_params(url)
         server_timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"

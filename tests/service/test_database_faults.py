@@ -142,6 +142,31 @@ def test_a_corrupted_sqlite_file_gives_503_not_500(tmp_path, runtime_with):
     assert client.simulate_get("/readyz").status_code == 503  # the balancer takes the replica out
 
 
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_a_sqlite_file_deleted_or_replaced_under_the_service_is_refused(tmp_path, runtime_with, change):
+    """Deleted: open connections would write keys to the unlinked file, lost at the next start,
+    and new ones would create an empty database. Replaced (a restore under the running service):
+    two databases mixed. Both get the 503 until a restart; keys already checked keep denoising."""
+    path = tmp_path / "served.db"
+    rt = runtime_with(f"sqlite:///{path}", key_cache_s=600)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "kept@example.org")
+    assert denoise(client, key).status_code == 200
+    if change == "deleted":
+        for file in tmp_path.glob("served.db*"):
+            file.unlink()
+    else:
+        with sqlite3.connect(path) as source, sqlite3.connect(tmp_path / "restored.db") as copy:
+            source.backup(copy)
+        (tmp_path / "restored.db").replace(path)
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "new@example.org"}))
+    assert_unavailable(denoise(client, "an unknown key"))
+    assert denoise(client, key).status_code == 200
+    time.sleep(1.5)  # the probe has tried again meanwhile
+    assert client.simulate_get("/readyz").status_code == 503
+    assert path.exists() == (change == "replaced")  # no empty database made at the path
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
