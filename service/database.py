@@ -172,6 +172,15 @@ class GuardedSqlite(_Guarded, PooledSqliteDatabase):
     probe_sql = "PRAGMA schema_version"  # reads the file's header, which SELECT 1 does not
     identity: tuple[int, int] = (0, 0)  # the file's device and inode when the service opened it
 
+    def rollback(self) -> None:
+        """SQLite rolls a transaction back itself when its commit fails (a full disk, an I/O
+        error): the ROLLBACK peewee sends then fails too ("no transaction is active"), and its
+        error would replace the commit's, which says what happened."""
+        conn = self._state.conn
+        if conn is not None and not conn.in_transaction:
+            return
+        super().rollback()
+
     def check_file(self) -> None:
         """A file deleted while the service runs takes every later write with it (open
         connections write to the unlinked file, new ones would create an empty one); a file

@@ -1,11 +1,14 @@
 """A database that goes away: clear 503s with Retry-After, one log line per outage, keys this
 process verified keep denoising, nothing lost, and recovery without a restart. PostgreSQL
-faults use a cluster of the test's own (stopped, or frozen with SIGSTOP); SQLite is locked."""
+faults use a cluster of the test's own (stopped, or frozen with SIGSTOP); SQLite is locked,
+corrupted, deleted, replaced, or on a disk that fills up."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -165,6 +168,38 @@ def test_a_sqlite_file_deleted_or_replaced_under_the_service_is_refused(tmp_path
     time.sleep(1.5)  # the probe has tried again meanwhile
     assert client.simulate_get("/readyz").status_code == 503
     assert path.exists() == (change == "replaced")  # no empty database made at the path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 2 MiB (tmpfs), for a disk that fills up; needs the right to mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_gives_503_logs_why_and_recovers(small_disk, tmp_path, runtime_with, smtp, caplog):
+    rt = runtime_with(f"sqlite:///{small_disk / 'full.db'}", outbox_dir=str(tmp_path / "outbox"))
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as file:
+        while True:
+            file.write(bytes(1 << 16))
+            file.flush()
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "full@example.org"}))
+    assert any("disk is full" in line for line in outage_lines(caplog)), outage_lines(caplog)
+    filler.unlink()
+    wait_until(lambda: client.simulate_get("/readyz").status_code == 200, 10, "readiness with space again")
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "full@example.org"}).status_code == 200
+    assert [m["To"] for m in smtp.mailbox.wait_for(1)] == [
+        "full@example.org"
+    ]  # one mail: the refused request queued none
+    with rt.store.db.connection_context():
+        assert OutboxMail.select().count() == 1
 
 
 def test_database_file_is_private(tmp_path, runtime_with):
