@@ -2,8 +2,8 @@
 
 One Python process spends about a millisecond of CPU per request in waitress, Falcon and JSON,
 all under one GIL; several processes use every core for it. The parent binds the socket and
-starts each worker as a fresh interpreter (``python -m service.workers FD READY_FD OCCUPANCY_FD
-SLOT SUPERVISOR``) that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
+starts each worker as a fresh interpreter (``python -m service.workers INTERFACE FD READY_FD
+OCCUPANCY_FD SLOT SUPERVISOR``) that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
 with waitress, the kernel handing each connection to whichever worker accepts it first. Each
 worker also gets a slot of the occupancy file (``service.occupancy``), where the workers tell each
 other whether they are running the model; a replacement takes the slot of the worker it replaces.
@@ -38,13 +38,18 @@ from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Config, cannot_listen, configured
+from service.config import Config, cannot_listen, configured, refuse
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
 
 log = logging.getLogger("service.workers")
 
+# The supervisor starts each worker from the code on disk. Bump this when what passes between
+# them changes (the arguments, the occupancy file's layout): a worker started by a supervisor of
+# another version (the code replaced under a running service) then says so and exits, instead of
+# misreading what it was given.
+INTERFACE = "2"
 POLL_S = 0.2
 RESTART_DELAY_S = (0.5, 30.0)  # first and longest delay before a dead worker is started again
 YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
@@ -113,7 +118,7 @@ class Supervisor:
         fds = (self._listener.fileno(), write_fd, self._occupancy_fd)
         held = () if self._lock_fd is None else (self._lock_fd,)
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.workers", *map(str, fds), str(slot), str(os.getpid())],
+            [sys.executable, "-m", "service.workers", INTERFACE, *map(str, fds), str(slot), str(os.getpid())],
             pass_fds=fds + held,
             env=self._env,
         )
@@ -242,5 +247,13 @@ def worker(listen_fd: int, ready_fd: int, occupancy_fd: int, slot: int, supervis
     return serve(config, listener, ready, Occupancy(occupancy_fd, slot), supervisor)
 
 
+def main(argv: list[str]) -> int:
+    if len(argv) != 6 or argv[0] != INTERFACE:
+        return refuse(
+            "this worker's code is not its supervisor's (the service was replaced on disk while it ran): restart the service."
+        )
+    return worker(*map(int, argv[1:]))
+
+
 if __name__ == "__main__":
-    sys.exit(worker(*map(int, sys.argv[1:6])))
+    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,12 @@
 """The supervisor of ``WEB_WORKERS=2`` killed with SIGKILL, as real processes on loopback: its
 workers drain and exit, and the next start finds the port free and removes what the killed one
-left in the temporary folder."""
+left in the temporary folder; and a worker started by a supervisor of another version."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,19 @@ def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(servi
 def ours(folder: Path) -> list[Path]:
     """The service's files in ``folder`` (libraries put theirs there too)."""
     return [p for p in folder.iterdir() if "heartify" in p.name]
+
+
+def test_a_worker_started_by_a_supervisor_of_another_version_says_so():
+    """The code replaced on disk under a running service: its old supervisor starts a new worker
+    with the arguments it knows (here, those of the version before the interface had a number)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service.workers", "3", "4", "5", "0", str(os.getpid())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "heartify: this worker's code is not its supervisor's (the service was replaced on disk while it ran): "
+        "restart the service."
+    )
