@@ -96,15 +96,18 @@ class Channel(HTTPChannel):
         return more
 
     def owed(self, now: float) -> bool:
-        """During a drain: this connection's client is owed an answer. It is if a request is
-        under way, uploading or being answered; or if the connection was opened for a request
-        that has not been read yet (bounded by ``FIRST_BYTES_S``, then by the header timeout).
-        Not between two requests of a kept-alive connection."""
-        if self.requests or self.uploading() or self.total_outbufs_len:
+        """During a drain: this connection's client is owed an answer. It is while a request is
+        being read (headers bounded by the header timeout), served or answered; while bytes of
+        the next one wait unread in the socket; and, for ``FIRST_BYTES_S``, on a connection
+        opened for a request not sent yet. A kept-alive connection with nothing to read is not."""
+        if self.requests or self.request is not None or self.total_outbufs_len:
             return True
-        if not self.first_request:
+        if self.first_request and now - self.opened < FIRST_BYTES_S:
+            return True
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK))  # b"": the client has closed it
+        except OSError:  # nothing to read (EAGAIN), or reset
             return False
-        return self.request is not None or now - self.opened < FIRST_BYTES_S
 
     def uploading(self) -> bool:
         """A request's headers have all arrived and its body is arriving."""
@@ -238,10 +241,11 @@ class Server(TcpWSGIServer):
         # The socket is this process's, or no one's, or the whole service stops.
         if not self.door_closed and (self.supervisor is None or self.orphaned() or self.service_stopping()):
             self.close_door()
-        # Headers still trickling on a kept-alive connection are not waited for (Channel.owed).
-        busy = [c for c in self.active_channels.values() if c.owed(now)]
+        busy = []
         for channel in self.active_channels.values():
-            if not channel.owed(now):
+            if channel.owed(now):
+                busy.append(channel)
+            else:
                 channel.will_close = True
         # A request whose client hung up has left its channel but may still run in a thread,
         # which then writes to the loop's wake-up pipe: the loop must outlive it.

@@ -126,6 +126,27 @@ def test_connections_queued_when_the_service_stops_are_served_and_later_ones_ref
     listener.close()
 
 
+def test_a_request_waiting_unread_on_a_kept_alive_connection_when_the_drain_begins_is_answered():
+    """The drain closes kept-alive connections between two requests, but not one whose next
+    request has arrived and waits in the socket for the loop to read it: closing a socket with
+    unread bytes resets the connection, and the client loses a request it had sent."""
+    app = falcon.App()
+    app.add_route("/hello", Hello())
+    server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
+    client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+    server.handle_accept()
+    [channel] = server.active_channels.values()
+    channel.first_request = False  # as after an answered request: kept alive, between two
+    client.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    server.drain(10)  # before the loop has read it
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    answer = answer_to(client)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"hello": "world"}'), answer
+    loop.join(10)
+    assert not loop.is_alive()
+
+
 class Echo:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"received": len(req.bounded_stream.read())}

@@ -94,8 +94,11 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     answers: list[tuple[int, object]] = []
     body, headers = orjson.dumps({"ecg_signals": WINDOWS}), {"x-api-key": key, "Content-Type": "application/json"}
 
+    sent_all = threading.Barrier(5)
+
     def batch(connection: HTTPConnection) -> None:
         connection.request("POST", "/api/v1/denoising/batch", body, headers)
+        sent_all.wait(30)
         response = connection.getresponse()
         answers.append((response.status, orjson.loads(response.read())))
 
@@ -109,7 +112,10 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     requests = [threading.Thread(target=batch, args=(connection,)) for connection in connections]
     for request in requests:
         request.start()
-    # SIGTERM once the requests have started their model runs (64 windows each: several runs of 8)
+    # SIGTERM once the requests are sent and model runs have started (64 windows each: several
+    # runs of 8). A kept-alive connection with nothing sent on it yet would be closed: the client
+    # of an idle connection must expect that at any time.
+    sent_all.wait(30)
     wait_until(lambda: scrape(metrics_url).get("heartify_inference_batch_size_count", {}).get((), 0) > 0, 10)
     before = len(server.log())
     assert server.stop() == 0
