@@ -234,6 +234,10 @@ class KeyService:
                 raise BadToken()
             if row.expires_at <= now:
                 raise ExpiredToken()
+            # Before any row lock: two links of one email verified at once each update the
+            # other's token and the email's keys, and took their row locks in opposite orders
+            # (a deadlock on PostgreSQL). The second now waits, then finds its token spent.
+            self._store.lock_names(row.email)
             if not self._store.use_token(row.id, now):
                 raise BadToken()
             self._store.deactivate_keys(row.email, now)
@@ -255,7 +259,7 @@ class KeyService:
         now = self._clock()
         client_digest = self._sealer.digest(client)
         with self._store.transaction():
-            self._store.lock_mail_requests(email, client_digest)
+            self._store.lock_names(email, client_digest)
             self._check_mail_limits(email, client_digest, now)
             self._store.add_token(digest(token), kind, email, now, TOKEN_TTL, client=client_digest)
             self._store.enqueue_mail(self._sealer.seal(build(email, link)), now)

@@ -267,10 +267,10 @@ class Store:
     ) -> None:
         Token.create(token_hash=token_hash, kind=kind, email=email, created_at=now, expires_at=now + ttl, client=client)
 
-    def lock_mail_requests(self, *names: str) -> None:
-        """Serialise the rate-limit count and insert of concurrent requests for the same names
-        (an email, a client) until the transaction ends. SQLite's write lock, taken at BEGIN,
-        already does."""
+    def lock_names(self, *names: str) -> None:
+        """Serialise the transactions about the same names (an email, a client) until this one
+        ends: a mail request's count and insert, a verification's updates of the email's tokens
+        and keys. SQLite's write lock, taken at BEGIN, already does."""
         if isinstance(self.db, pw.PostgresqlDatabase):
             for name in sorted(names):
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import falcon.testing
 import pytest
@@ -189,6 +190,35 @@ def test_concurrent_activation_for_one_email_keeps_one_active_key(postgres_url, 
     finally:
         rival.close()
         probe.close()
+
+
+def mails_to(mailbox: Mailbox, address: str) -> list:
+    return [m for m in list(mailbox.messages) if m["To"] == address]
+
+
+@pytest.mark.postgres
+def test_two_links_of_one_email_verified_at_once_give_one_key_and_one_400(postgres_url, runtime_with, smtp, caplog):
+    """Each verification spends the email's other tokens: without a lock per email, the two
+    transactions locked each other's rows in opposite orders, and PostgreSQL's deadlock got a 503."""
+    rt = runtime_with(postgres_url, mail_limit_per_email=0, mail_limit_per_client=0)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    start = threading.Barrier(2)
+
+    def verify(path: str) -> int:
+        start.wait(10)
+        return client.simulate_get(path).status_code
+
+    for round in range(4):  # the deadlock needs the two to interleave: several rounds
+        address = f"twice{round}@example.org"
+        for _ in range(2):
+            assert client.simulate_post("/api/v1/api-keys/generation", json={"email": address}).status_code == 200
+        links = wait_until(lambda a=address: len(m := mails_to(smtp.mailbox, a)) == 2 and m, what="both links")
+        with ThreadPoolExecutor(2) as pool:
+            paths = [verify_link(m).replace("http://testserver", "") for m in links]
+            assert sorted(pool.map(verify, paths)) == [200, 400]
+        with rt.store.db.connection_context():
+            assert ApiKey.select().where((ApiKey.email == address) & ApiKey.is_active).count() == 1
+    assert "Database unavailable" not in caplog.text
 
 
 @pytest.fixture
