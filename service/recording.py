@@ -12,6 +12,8 @@ NumPy (and soxr) only; the HTTP resource and ``python -m service.record`` both g
 - Every window is centred on its own mean before it runs. The model z-scores it anyway (so it
   sees the same input) and its output is the zero-mean high-passed ECG; restored "in input
   units" it then comes back as ``output·σ`` with no per-window offset to jump at the seams.
+- A window with no variation at all (a lead off) comes back as zeros, not as the model's answer
+  to a flat input, which ``contract.normalize`` would scale by the recording's magnitude.
 - Stitching is a weighted mean of the windows covering each sample, with Hann weights that
   vanish at the window edges, where the model has the least context.
 """
@@ -114,7 +116,12 @@ def denoise(samples: np.ndarray, rate: float, run: Runner, hop: int = HOP) -> np
     _, exponent = np.frexp(np.max(np.abs(samples)))
     n = model_length(len(samples), rate)
     x = resample(np.ldexp(samples, -exponent), rate, SAMPLING_RATE_HZ, n)
-    clean = stitch(run(cut(x, hop)), n, hop)
+    windows = cut(x, hop)
+    # A flat window (a lead off, a clipped stretch) holds no ECG: its z-score is all zeros with
+    # σ taken as 1, and the model's small answer to zeros, scaled by the recording's magnitude
+    # (its offset included), would come back as an invented signal. It comes back flat.
+    flat = ~windows.any(axis=1, keepdims=True)
+    clean = stitch(np.where(flat, 0.0, run(windows)), n, hop)
     return np.ldexp(resample(clean, SAMPLING_RATE_HZ, rate, len(samples)), exponent)
 
 

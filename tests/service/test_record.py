@@ -126,6 +126,25 @@ def test_float32_at_its_largest_values_comes_back_finite(client, key):
     assert np.isfinite(np.frombuffer(result.content, "<f4")).all()
 
 
+def test_a_flat_stretch_comes_back_flat_whatever_the_offset(client, key):
+    """A lead off for 30 s, in ADC counts: baseline removed, it comes back as a flat line at 0
+    where only flat windows cover it, and the same whatever the offset, not as the model's answer
+    to a flat window scaled by the recording's magnitude (offset included)."""
+    x = ecg(60, 130, seed=8, offset=0)
+    x[10 * 130 : 40 * 130] = 0.0
+    answers = {}
+    for offset in (0.0, 2048.0, 1e6):
+        answers[offset] = np.array(
+            post_json(client, key, {"ecg_signal": (x + offset).tolist()}).json["denoised_signal"]
+        )
+        assert np.abs(answers[offset][15 * 130 : 35 * 130]).max() < 1e-6 * max(1.0, offset)
+        flat = post_json(client, key, {"ecg_signal": [offset] * 1300}).json["denoised_signal"]
+        assert np.abs(flat).max() < 1e-6 * max(1.0, offset)
+    assert np.abs(answers[0.0][: 10 * 130]).max() > 100  # the beats are still there
+    np.testing.assert_allclose(answers[2048.0], answers[0.0], atol=1e-3)
+    np.testing.assert_allclose(answers[1e6], answers[0.0], atol=0.5)
+
+
 def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
     x = ecg(10 + 1 / 360, 360, seed=4).astype(np.float32)
     as_json = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 360})
