@@ -56,13 +56,19 @@ class RequestContext:
         duration_ms = (self._clock() - started) * 1000 if started is not None else 0.0
         access_log.info(
             "%s %s %s %.1fms id=%s client=%s",
-            req.method,
-            req.path[:200],
+            _loggable(req.method),
+            _loggable(req.path[:200]),
             resp.status_code,
             duration_ms,
             getattr(req.context, "request_id", "-"),
             getattr(req.context, "client", "-"),
         )
+
+
+def _loggable(text: str) -> str:
+    """The client's text with control characters (and non-ASCII) escaped: a decoded path may hold
+    a newline that forges a log line of its choosing, or terminal escape sequences."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 class SecurityHeaders:

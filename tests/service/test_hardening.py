@@ -271,3 +271,14 @@ def test_one_access_line_per_request_with_its_id_and_no_secret(runtime, client, 
     assert lines[0].startswith("POST /api/v1/denoising 200 ") and "id=abc-123" in lines[0]
     assert lines[1].startswith("GET /api/v1/api-keys/verify 400 ")
     assert not any(key in line or "secret-token-value" in line for line in lines)
+
+
+def test_a_path_cannot_forge_log_lines_or_send_terminal_escapes(client, caplog):
+    caplog.set_level(logging.INFO, logger="service.access")
+    forged = "/x\n2026-11-30 13:00:00,000 ERROR service.mail: Mail 99 given up\x1b[31m\x00\u2028"
+    assert client.simulate_get(forged).status_code == 404
+    [line] = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert line.startswith(
+        "GET /x\\n2026-11-30 13:00:00,000 ERROR service.mail: Mail 99 given up\\x1b[31m\\x00\\u2028 404 "
+    )
+    assert line.isprintable()
