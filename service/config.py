@@ -6,6 +6,7 @@ log and an outbox folder), so ``python -m service`` needs no setup; ``.env.examp
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # little; beyond this many the cost outweighs the headroom (docs/performance.md, slow clients).
 # service.connections lowers it where the open-files limit allows fewer.
 MAX_CONNECTIONS = 2000
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,14 @@ def _flag(raw: str) -> bool:
         raise ValueError(raw) from None
 
 
+def _number(raw: str) -> float:
+    """A finite number: float() also reads "nan" and "inf", which no setting means."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _names(raw: str) -> tuple[str, ...]:
     return tuple(filter(None, (part.strip() for part in raw.split(","))))
 
@@ -52,8 +62,10 @@ _KINDS = {
 }
 
 
-def _env(name: str, parse: Callable[[str], Any] = str, low: float | None = None) -> dict[str, Any]:
-    return {"env": name, "parse": parse, "low": low}
+def _env(
+    name: str, parse: Callable[[str], Any] = str, low: float | None = None, high: float | None = None
+) -> dict[str, Any]:
+    return {"env": name, "parse": parse, "low": low, "high": high}
 
 
 def per_worker_defaults(workers: int) -> dict[str, int]:
@@ -80,7 +92,7 @@ class Config:
     model_version: int | None = field(default=None, metadata=_env("MODEL_VERSION", int, 0))
     base_url: str | None = field(default=None, metadata=_env("BASE_URL"))
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
-    port: int = field(default=8000, metadata=_env("PORT", int, 0))
+    port: int = field(default=8000, metadata=_env("PORT", int, 0, MAX_PORT))
     # Processes serving the one listening socket (service.workers), each with its own model: one
     # per core takes the GIL out of the way. 1 keeps a single process and no supervisor.
     web_workers: int = field(default_factory=usable_cpus, metadata=_env("WEB_WORKERS", int, 1))
@@ -93,8 +105,8 @@ class Config:
     # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
     connection_limit: int = field(default=MAX_CONNECTIONS, metadata=_env("CONNECTION_LIMIT", int, 1))
-    header_timeout_s: float = field(default=10.0, metadata=_env("HEADER_TIMEOUT_SECONDS", float, 0.1))
-    channel_timeout_s: float = field(default=75.0, metadata=_env("CHANNEL_TIMEOUT_SECONDS", float, 0.1))
+    header_timeout_s: float = field(default=10.0, metadata=_env("HEADER_TIMEOUT_SECONDS", _number, 0.1))
+    channel_timeout_s: float = field(default=75.0, metadata=_env("CHANNEL_TIMEOUT_SECONDS", _number, 0.1))
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
     ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
@@ -108,32 +120,32 @@ class Config:
     ort_lone_spinning: bool = field(default=True, metadata=_env("ORT_LONE_SPINNING", _flag))
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
-    batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", float, 0))
+    batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", _number, 0))
     # Batches that run at once on the shared session (see service.batcher).
     batch_workers: int = field(
         default_factory=lambda: per_worker_defaults(1)["batch_workers"], metadata=_env("BATCH_WORKERS", int, 1)
     )
     # How long a key found active is trusted without reading the database (service.keys);
     # 0 reads it on every request.
-    key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", float, 0))
+    key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", _number, 0))
     max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
     # Longest recording /denoising/record takes; its body limits follow from it (record_body_bytes).
-    max_record_seconds: float = field(default=3600.0, metadata=_env("MAX_RECORD_SECONDS", float, 2))
+    max_record_seconds: float = field(default=3600.0, metadata=_env("MAX_RECORD_SECONDS", _number, 2))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
-    smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1))
+    smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1, MAX_PORT))
     smtp_user: str | None = field(default=None, metadata=_env("SMTP_USER"))
     smtp_password: str | None = field(default=None, repr=False, metadata=_env("SMTP_PASSWORD"))
     smtp_security: str = field(default="starttls", metadata=_env("SMTP_SECURITY", str.lower))
-    smtp_timeout_s: float = field(default=10.0, metadata=_env("SMTP_TIMEOUT_SECONDS", float, 0.1))
+    smtp_timeout_s: float = field(default=10.0, metadata=_env("SMTP_TIMEOUT_SECONDS", _number, 0.1))
     sender_email: str = field(default="Heartify <no-reply@heartify.local>", metadata=_env("SENDER_EMAIL"))
     outbox_dir: Path = field(default=Path("outbox"), metadata=_env("OUTBOX_DIR", Path))
-    mail_retry_min_s: float = field(default=5.0, metadata=_env("MAIL_RETRY_MIN_SECONDS", float, 0.01))
-    mail_retry_max_s: float = field(default=300.0, metadata=_env("MAIL_RETRY_MAX_SECONDS", float, 0.01))
-    last_used_flush_s: float = field(default=30.0, metadata=_env("LAST_USED_FLUSH_SECONDS", float, 0.01))
+    mail_retry_min_s: float = field(default=5.0, metadata=_env("MAIL_RETRY_MIN_SECONDS", _number, 0.01))
+    mail_retry_max_s: float = field(default=300.0, metadata=_env("MAIL_RETRY_MAX_SECONDS", _number, 0.01))
+    last_used_flush_s: float = field(default=30.0, metadata=_env("LAST_USED_FLUSH_SECONDS", _number, 0.01))
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL", str.upper))
     # GET /metrics (Prometheus text format, no API key); METRICS_PORT > 0 serves it there instead.
     metrics: bool = field(default=True, metadata=_env("METRICS", _flag))
-    metrics_port: int = field(default=0, metadata=_env("METRICS_PORT", int, 0))
+    metrics_port: int = field(default=0, metadata=_env("METRICS_PORT", int, 0, MAX_PORT))
     # -- hardening ----------------------------------------------------------------------------
     # Encrypts the mail bodies waiting in the outbox (they carry keys and links). Comma-separated:
     # the first encrypts, all decrypt (rotation). Unset on SQLite: generated into a 0600 file
@@ -148,17 +160,17 @@ class Config:
     mail_limit_per_email: int = field(default=3, metadata=_env("MAIL_LIMIT_PER_EMAIL", int, 0))
     mail_limit_per_client: int = field(default=20, metadata=_env("MAIL_LIMIT_PER_CLIENT", int, 0))
     # Denoising requests per API key: a token bucket per process; 0 = no limit.
-    denoise_rate_per_s: float = field(default=20.0, metadata=_env("DENOISE_RATE_PER_SECOND", float, 0))
+    denoise_rate_per_s: float = field(default=20.0, metadata=_env("DENOISE_RATE_PER_SECOND", _number, 0))
     denoise_burst: int = field(default=40, metadata=_env("DENOISE_BURST", int, 1))
     # Every database operation is bounded: a hung server costs a request this long at most.
-    db_connect_timeout_s: float = field(default=3.0, metadata=_env("DB_CONNECT_TIMEOUT_SECONDS", float, 1))
-    db_statement_timeout_s: float = field(default=3.0, metadata=_env("DB_STATEMENT_TIMEOUT_SECONDS", float, 0.1))
+    db_connect_timeout_s: float = field(default=3.0, metadata=_env("DB_CONNECT_TIMEOUT_SECONDS", _number, 1))
+    db_statement_timeout_s: float = field(default=3.0, metadata=_env("DB_STATEMENT_TIMEOUT_SECONDS", _number, 0.1))
     # A mail refused permanently (SMTP 5xx) is given up after this many attempts.
     mail_max_attempts: int = field(default=3, metadata=_env("MAIL_MAX_ATTEMPTS", int, 1))
     # Spent or expired tokens, delivered or failed mails and old mail requests are deleted after this.
-    retention_days: float = field(default=30.0, metadata=_env("RETENTION_DAYS", float, 1))
+    retention_days: float = field(default=30.0, metadata=_env("RETENTION_DAYS", _number, 1))
     # SIGTERM: requests under way may finish for this long before the process stops.
-    shutdown_grace_s: float = field(default=25.0, metadata=_env("SHUTDOWN_GRACE_SECONDS", float, 0))
+    shutdown_grace_s: float = field(default=25.0, metadata=_env("SHUTDOWN_GRACE_SECONDS", _number, 0))
 
     def __post_init__(self) -> None:
         if self.smtp_security not in SMTP_SECURITY:
@@ -187,6 +199,8 @@ class Config:
                 raise ConfigError(f"{meta['env']} must be {kind} (got {raw!r}).") from None
             if meta["low"] is not None and value < meta["low"]:
                 raise ConfigError(f"{meta['env']} must be at least {meta['low']} (got {raw!r}).")
+            if meta["high"] is not None and value > meta["high"]:
+                raise ConfigError(f"{meta['env']} must be at most {meta['high']} (got {raw!r}).")
             values[f.name] = value
         return cls(**{**per_worker_defaults(values.get("web_workers", usable_cpus())), **values})
 
