@@ -36,7 +36,7 @@ def read(path: Path) -> tuple[np.ndarray, str | None]:
         if path.suffix == ".npy":
             samples = np.load(path, allow_pickle=False)
         else:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's byte-order mark goes
             if lines and not _is_number(lines[0].split(",")[-1]):
                 header, lines = lines[0], lines[1:]
             samples = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if not recording.MIN_RATE_HZ <= args.rate <= recording.MAX_RATE_HZ:
         parser.error(f"--rate must be from {recording.MIN_RATE_HZ:g} to {recording.MAX_RATE_HZ:g} Hz")
     try:
+        if not args.output.parent.is_dir():  # before the work, not after it
+            raise BadFile(f"{args.output.parent} is not a folder: {args.output} cannot be written.")
         samples, header = read(args.input)
         if len(samples) / args.rate < recording.MIN_SECONDS:
             raise BadFile(f"{args.input} holds {len(samples)} samples; at least {recording.MIN_SECONDS:g} s is needed.")
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         batcher.close()
         engine.close()
-    write(args.output, clean, header)
+    try:
+        write(args.output, clean, header)
+    except OSError as exc:
+        return refuse(f"cannot write {args.output} ({exc.strerror or exc}).")
     print(f"wrote {args.output}: {len(clean)} samples at {args.rate:g} Hz", file=sys.stderr)
     return 0
 

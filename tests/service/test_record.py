@@ -329,3 +329,15 @@ def test_the_command_refuses_a_bad_file_in_one_line(tmp_path: Path, capsys):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,4\n")
     assert record.main([str(tmp_path / "bad.csv"), str(tmp_path / "out.csv")]) == 1
     assert capsys.readouterr().err.startswith("heartify: ")
+    (tmp_path / "good.csv").write_text("\n".join(map(str, ecg(3, 130))))
+    assert record.main([str(tmp_path / "good.csv"), str(tmp_path / "missing" / "out.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("heartify: ") and "missing is not a folder" in err and len(err.splitlines()) == 1
+
+
+def test_a_byte_order_mark_is_not_taken_for_a_header(tmp_path: Path):
+    """Spreadsheets save "CSV UTF-8" with one; the first sample must stay a sample."""
+    x = ecg(3, 130)
+    (tmp_path / "bom.csv").write_text("\n".join(f"{v:.6f}" for v in x), encoding="utf-8-sig")
+    samples, header = record.read(tmp_path / "bom.csv")
+    assert header is None and len(samples) == len(x) and samples[0] == pytest.approx(x[0], abs=1e-6)
