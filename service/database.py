@@ -41,6 +41,14 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE_ERRORS) or type(exc) is pw.DatabaseError
 
 
+def unwritable(exc: BaseException) -> bool:
+    """The database answers but refuses writes: a full disk (SQLite's SQLITE_FULL, PostgreSQL's
+    53100) or a read-only file. Reads go on, so this is no outage for the breaker."""
+    driver = exc.__context__ or exc  # peewee raises its own error while handling the driver's
+    name = getattr(driver, "sqlite_errorname", "")
+    return name in ("SQLITE_FULL", "SQLITE_READONLY") or getattr(driver, "pgcode", None) == "53100"
+
+
 class DatabaseUnavailable(Exception):
     """The database is down, hung, locked or unwritable: the request gets a 503."""
 
@@ -65,6 +73,8 @@ class DatabaseHealth:
         self._down_since: float | None = None
         self._last_log = 0.0
         self._refused = 0
+        self._last_write_log = -remind_every_s  # the first refused write is logged at once
+        self._writes_refused = 0
         self.on_failure: Callable[[], None] = lambda: None  # the probe's wake-up
 
     @property
@@ -79,7 +89,13 @@ class DatabaseHealth:
             raise DatabaseUnavailable("the database is unavailable")
 
     def failed(self, exc: BaseException, wake_probe: bool = True) -> None:
+        """An error that means the database is away opens the breaker; one that means it cannot
+        write (``unwritable``) is only logged: the request that wrote gets its 503, and the
+        requests that only read (the key lookups of denoising) go on being served."""
         now = self._clock()
+        if unwritable(exc):
+            self._write_refused(exc, now)
+            return
         with self._lock:
             if self._down_since is None:
                 self._down_since, self._last_log, self._refused = now, now, 0
@@ -94,6 +110,19 @@ class DatabaseHealth:
                 )
         if wake_probe:
             self.on_failure()
+
+    def _write_refused(self, exc: BaseException, now: float) -> None:
+        """One line, then one per ``remind_every_s`` while writes keep failing."""
+        with self._lock:
+            self._writes_refused += 1
+            if now - self._last_write_log < self._remind_every_s:
+                return
+            count, self._writes_refused, self._last_write_log = self._writes_refused, 0, now
+        log.error(
+            "Database cannot write (%s): %d request(s) that write got 503 since the last such line",
+            first_line(exc),
+            count,
+        )
 
     def succeeded(self) -> None:
         if self._down_since is None:  # the common case: no lock
@@ -140,7 +169,8 @@ class _Guarded:
         """Open the breaker, and drop the idle pooled connections: after an outage they are
         dead, and each would otherwise fail one request once the database is back."""
         self.health.failed(exc)
-        self.close_idle()  # type: ignore[attr-defined]
+        if not unwritable(exc):
+            self.close_idle()  # type: ignore[attr-defined]
 
     def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
         try:

@@ -182,22 +182,27 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_gives_503_logs_why_and_recovers(small_disk, tmp_path, runtime_with, smtp, caplog):
+def test_a_full_disk_refuses_writes_once_logged_and_reads_go_on(small_disk, tmp_path, runtime_with, smtp, caplog):
+    """Writes get the 503 and one log line that says why; the database still answers reads, so
+    keys are still looked up, the replica stays ready, and no outage flaps open and shut."""
     rt = runtime_with(f"sqlite:///{small_disk / 'full.db'}", outbox_dir=str(tmp_path / "outbox"))
     client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "reads@example.org")
     filler = small_disk / "filler"
     with contextlib.suppress(OSError), filler.open("wb") as file:
         while True:
             file.write(bytes(1 << 16))
             file.flush()
-    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "full@example.org"}))
-    assert any("disk is full" in line for line in outage_lines(caplog)), outage_lines(caplog)
+    for n in range(5):
+        assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": f"full{n}@example.org"}))
+        assert denoise(client, key).status_code == 200  # looked up: this key was never cached
+        assert client.simulate_get("/readyz").status_code == 200
+        rt.deps.keys.forget_cached()
+    lines = outage_lines(caplog)
+    assert len(lines) == 1 and "Database cannot write (database or disk is full)" in lines[0], lines
     filler.unlink()
-    wait_until(lambda: client.simulate_get("/readyz").status_code == 200, 10, "readiness with space again")
     assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "full@example.org"}).status_code == 200
-    assert [m["To"] for m in smtp.mailbox.wait_for(1)] == [
-        "full@example.org"
-    ]  # one mail: the refused request queued none
+    assert [m["To"] for m in smtp.mailbox.wait_for(1)] == ["full@example.org"]  # the refused ones queued nothing
     with rt.store.db.connection_context():
         assert OutboxMail.select().count() == 1
 
