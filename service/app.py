@@ -30,6 +30,9 @@ from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
 DATABASE_RETRY_AFTER_S = 5
+RECORD = "/api/v1/denoising/record"
+KEY_ROUTES = ("/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation")
+KEY_BODY_BYTES = 1 << 14  # an email address in JSON, with room to spare
 _REFUSAL_STATUS = {InvalidKey: 401, EmailTaken: 409, NoActiveKey: 404, BadToken: 400}
 
 
@@ -68,6 +71,15 @@ def _integer(digits: str) -> int:
 
 
 HUGE = 10**400
+
+
+def body_limits(config: Config) -> dict[str, int]:
+    """The largest body each route reads, by path ("" for every route not named). waitress
+    refuses a larger one before reading it (``connections.Request``): on a route that takes an
+    email address, nobody can make the service spool an hour's recording to disk before the app
+    sees it. The resources check the same limits on what they read."""
+    limits = {"": config.max_body_bytes, RECORD: config.record_body_bytes(binary=False)}
+    return limits | dict.fromkeys(KEY_ROUTES, KEY_BODY_BYTES)
 
 
 def create_app(deps: Deps) -> falcon.App:
@@ -118,9 +130,9 @@ def create_app(deps: Deps) -> falcon.App:
             lambda out: {"denoised_signals": out},
         ),
     )
-    app.add_route("/api/v1/denoising/record", Recording(deps.keys, deps.batcher, deps.model_version, config))
-    app.add_route("/api/v1/api-keys/generation", KeyRequest(deps.keys.request_key, limit))
-    app.add_route("/api/v1/api-keys/deactivation", KeyRequest(deps.keys.request_deactivation, limit))
+    app.add_route(RECORD, Recording(deps.keys, deps.batcher, deps.model_version, config))
+    for route, action in zip(KEY_ROUTES, (deps.keys.request_key, deps.keys.request_deactivation), strict=True):
+        app.add_route(route, KeyRequest(action, KEY_BODY_BYTES))
     app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(deps.batcher, deps.store))

@@ -30,6 +30,7 @@ process that holds it, the worker's replacement included.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import os
@@ -39,10 +40,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 if TYPE_CHECKING:
     from service.config import Config
@@ -77,8 +80,41 @@ def _timeout_response(seconds: float) -> bytes:
     return head + body
 
 
+class Request(HTTPRequestParser):
+    """waitress's request parser, with the body limit of the request's route: a body declared
+    (or chunked) past it is refused before it is read, as waitress does past its one limit."""
+
+    def __init__(self, adj: Adjustments, limits: dict[str, Adjustments]) -> None:
+        super().__init__(adj)
+        self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        self.adj = self._limits.get(self.path, self._limits[""])
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's answer to a request it does not pass on (malformed, too large, an encoding it
+    does not implement), in the shape of every other error: ``{"error": "…"}``."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        if error.code == 413:  # the words of the app's own 413
+            message = f"Request body too large (limit {self.request.adj.max_request_body_size - 1} bytes)"
+        else:
+            message = f"{error.reason}: {error.body}"
+        body = orjson.dumps({"error": message})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class Channel(HTTPChannel):
     """waitress's connection, noting when it opened and when the request it is reading began."""
+
+    error_task_class = JsonErrorTask
 
     request_began = 0.0  # time.time() of the first byte of the request being read
     first_request = True  # no request has been read whole on this connection yet
@@ -86,6 +122,9 @@ class Channel(HTTPChannel):
     def __init__(self, *args: Any, **kw: Any) -> None:
         self.opened = time.time()
         super().__init__(*args, **kw)
+
+    def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
+        return Request(adj, self.server.body_limits)
 
     def received(self, data: bytes) -> bool:
         if self.request is None:  # no request half-read: these bytes begin one
@@ -160,6 +199,7 @@ class Server(TcpWSGIServer):
         grace_s: float,
         supervisor: int | None = None,
         service_stopping: Callable[[], bool] = lambda: False,
+        body_limits: dict[str, int] | None = None,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
@@ -172,6 +212,10 @@ class Server(TcpWSGIServer):
         self.timed_out = 0  # connections closed for slow headers since the last log line
         self._timeout_response = _timeout_response(header_timeout_s)
         super().__init__(app, **kw)
+        self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
+        for path, limit in (body_limits or {"": self.adj.max_request_body_size - 1}).items():
+            self.body_limits[path] = copy.copy(self.adj)
+            self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
 
     def drain(self, grace_s: float) -> None:
         """Called from a signal handler: the loop's next maintenance pass starts the drain. A
@@ -287,10 +331,13 @@ def create_server(
     listener: socket.socket | None = None,
     supervisor: int | None = None,
     service_stopping: Callable[[], bool] = lambda: False,
+    body_limits: dict[str, int] | None = None,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
     parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
-    every worker); ``run()`` serves until SystemExit."""
+    every worker); ``run()`` serves until SystemExit. ``body_limits``: the largest body of each
+    route, by path ("" for the others; ``app.body_limits``), else ``MAX_BATCH_WINDOWS``'s."""
+    body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
     if limit < config.connection_limit:
@@ -299,10 +346,8 @@ def create_server(
         host=config.host,
         port=config.port,
         threads=config.web_threads,
-        # Bodies declared larger than this are refused unread (plain-text 413); between the app's
-        # limit and this one the app answers a JSON 413. Waitress reads a body whole before the
-        # app sees it, so the record route's large limit gets only 1 MiB more.
-        max_request_body_size=max(4 * config.max_body_bytes, config.record_body_bytes(binary=False) + (1 << 20)),
+        # The largest route's; each request gets its route's once its path is known (Request).
+        max_request_body_size=max(body_limits.values()) + 1,
         ident="heartify",
         recv_bytes=1 << 16,  # a one-window body in one read instead of four
         connection_limit=limit,
@@ -322,6 +367,7 @@ def create_server(
         grace_s=config.shutdown_grace_s,
         supervisor=supervisor,
         service_stopping=service_stopping,
+        body_limits=body_limits,
         dispatcher=dispatcher,
         adj=adj,
         **where,

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from service.app import create_app
+from service.app import body_limits, create_app
 from service.config import Config, ConfigError, cannot_listen, refuse
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
@@ -44,7 +44,8 @@ def serve(
             return refuse(exc)
         try:
             stopping = {} if occupancy is None else {"service_stopping": occupancy.stopping}
-            server = create_server(create_app(runtime.deps), config, listener, supervisor, **stopping)
+            app = create_app(runtime.deps)
+            server = create_server(app, config, listener, supervisor, body_limits=body_limits(config), **stopping)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         stack.callback(server.close)

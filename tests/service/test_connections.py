@@ -174,6 +174,39 @@ def test_a_request_still_uploading_when_the_drain_begins_is_answered():
     assert not loop.is_alive()
 
 
+def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
+    """A body past its route's limit is refused from its headers, unread, with the app's JSON
+    413; another route takes a larger one. waitress's other refusals are JSON too."""
+    app = falcon.App()
+    app.add_route("/echo", Echo())
+    app.add_route("/large", Echo())
+    config = Config(host="127.0.0.1", port=0)
+    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+
+    def send(head: bytes, body: bytes = b"") -> bytes:
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+            client.sendall(head + body)
+            return read_all(client)
+
+    declared = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")  # no body sent
+    assert declared.startswith(b"HTTP/1.1 413 ") and b"Content-Type: application/json" in declared
+    assert declared.endswith(b'{"error":"Request body too large (limit 1000 bytes)"}')
+    chunk = b"%x\r\n%s\r\n" % (1500, b"x" * 1500)
+    chunked = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", chunk + b"0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 413 ") and chunked.endswith(b'(limit 1000 bytes)"}')
+    body = b"x" * 50_000
+    large = send(b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n", body)
+    assert large.startswith(b"HTTP/1.1 200 ") and large.endswith(b'{"received": 50000}')
+    malformed = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+    assert malformed.startswith(b"HTTP/1.1 400 ") and malformed.endswith(
+        b'{"error":"Bad Request: Content-Length is invalid"}'
+    )
+    server.drain(1)
+    loop.join(10)
+
+
 class Ordered:
     """Records the order in which requests reach the app; the first one waits to be released."""
 

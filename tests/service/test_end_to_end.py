@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -129,8 +130,18 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
     assert http("GET", f"{server.url}/readyz") == (200, {"status": "ready", "model": True, "database": True})
     assert http("HEAD", f"{server.url}/healthz") == http("HEAD", f"{server.url}/readyz") == (200, "")
     limit = 1 << 20  # the floor of the body limit
-    status, body = http("POST", f"{server.url}/api/v1/api-keys/generation", {"email": "a@b.c", "pad": "x" * limit})
+    status, body = http("POST", f"{server.url}/api/v1/denoising", {"ecg_signal": [0] * 1300, "pad": "x" * limit})
     assert (status, body) == (413, {"error": f"Request body too large (limit {limit} bytes)"})
+    # A route that takes an email address refuses from its headers a body past 16 KiB, unread:
+    # waitress would have spooled up to an hour's recording to disk before the app saw it.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(b"POST /api/v1/api-keys/generation HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        answer = b""
+        while part := client.recv(65536):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(
+        b'{"error":"Request body too large (limit 16384 bytes)"}'
+    )
 
 
 @pytest.fixture
