@@ -19,17 +19,19 @@ from falcon.media import JSONHandler
 from service import openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
+from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.ratelimit import RateLimited
-from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
+from service.resources import Busy, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
 from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
 DATABASE_RETRY_AFTER_S = 5
+BUSY_RETRY_AFTER_S = 5  # a recording busy with others: most take a few seconds
 RECORD = "/api/v1/denoising/record"
 KEY_ROUTES = ("/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation")
 KEY_BODY_BYTES = 1 << 14  # an email address in JSON, with room to spare
@@ -46,12 +48,22 @@ class Deps:
     metrics: Metrics | None = None  # None: METRICS=off, no /metrics and nothing counted
 
 
-def loads(text: str) -> Any:
+class TooManyValues(Exception):
+    """A JSON body with more numbers than any route takes (``args[0]``)."""
+
+
+def loads(text: str, max_values: int | None = None) -> Any:
     """orjson, falling back to the stdlib for what the old Flask service also accepted.
 
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
+
+    A body with more than ``max_values`` commas is refused before it is parsed: a number costs
+    tens of bytes once parsed, and the record route's body limit, sized for long numbers,
+    admits twenty times as many short ones ("0,0,0…": gigabytes for one request).
     """
+    if max_values is not None and text.count(",") >= max_values:
+        raise TooManyValues(max_values)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -95,7 +107,12 @@ def create_app(deps: Deps) -> falcon.App:
     if deps.metrics is not None:
         middleware.insert(1, RequestMetrics(deps.metrics))
     app = falcon.App(middleware=middleware)
-    handler = JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
+    # The most numbers a body may hold: a whole batch, or the longest recording (and a few more
+    # for the other fields).
+    max_values = max(config.max_batch_windows * WINDOW, config.max_record_samples) + 16
+    handler = JSONHandler(
+        dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=partial(loads, max_values=max_values)
+    )
     # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
@@ -105,6 +122,8 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(ModelUnavailable, _model_unavailable)
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
     app.add_error_handler(RateLimited, partial(_rate_limited, deps.metrics))
+    app.add_error_handler(TooManyValues, _too_many_values)
+    app.add_error_handler(Busy, _busy)
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
     limit = config.max_body_bytes
@@ -157,6 +176,17 @@ def _validation_error(req: falcon.Request, resp: falcon.Response, exc: Validatio
 
 def _refused(req: falcon.Request, resp: falcon.Response, exc: Refused, params: dict) -> None:
     resp.status = next(status for kind, status in _REFUSAL_STATUS.items() if isinstance(exc, kind))
+    resp.media = {"error": str(exc)}
+
+
+def _too_many_values(req: falcon.Request, resp: falcon.Response, exc: TooManyValues, params: dict) -> None:
+    resp.status = falcon.HTTP_413
+    resp.media = {"error": f"Request body too large: more than {exc.args[0]} values"}
+
+
+def _busy(req: falcon.Request, resp: falcon.Response, exc: Busy, params: dict) -> None:
+    resp.status = falcon.HTTP_503
+    resp.set_header("Retry-After", str(BUSY_RETRY_AFTER_S))
     resp.media = {"error": str(exc)}
 
 

@@ -131,6 +131,10 @@ class Config:
     max_batch_windows: int = field(default=64, metadata=_env("MAX_BATCH_WINDOWS", int, 1))
     # Longest recording /denoising/record takes; its body limits follow from it (record_body_bytes).
     max_record_seconds: float = field(default=3600.0, metadata=_env("MAX_RECORD_SECONDS", _number, 2))
+    # Recordings one worker reads and denoises at once; the others wait for a turn (up to
+    # RECORD_WAIT_S, then 503). The longest one at 1000 Hz takes about 300 MB while it runs
+    # (docs/performance.md, Memory): this, times WEB_WORKERS, is what to leave room for.
+    record_concurrency: int = field(default=1, metadata=_env("RECORD_CONCURRENCY", int, 1))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))
     smtp_port: int | None = field(default=None, metadata=_env("SMTP_PORT", int, 1, MAX_PORT))
     smtp_user: str | None = field(default=None, metadata=_env("SMTP_USER"))
@@ -230,9 +234,14 @@ class Config:
     def record_body_bytes(self, binary: bool) -> int:
         """Largest /denoising/record body: the longest recording at the highest rate, as float32
         (4 bytes a sample) or as JSON written with long numbers (32 bytes a sample)."""
+        return max(1 << 20, self.max_record_samples * (4 if binary else 32))
+
+    @property
+    def max_record_samples(self) -> int:
+        """The most samples a recording may hold: ``MAX_RECORD_SECONDS`` at the highest rate."""
         from service.recording import MAX_RATE_HZ
 
-        return max(1 << 20, int(self.max_record_seconds * MAX_RATE_HZ) * (4 if binary else 32))
+        return int(self.max_record_seconds * MAX_RATE_HZ)
 
 
 def refuse(problem: object) -> int:

@@ -70,7 +70,8 @@ def _record(max_seconds: float) -> dict[str, Any]:
                     "name": "sampling_rate",
                     "in": "query",
                     "required": False,
-                    "description": "Hz; required with a binary body (a JSON body carries its own)",
+                    "description": "Hz; required with a binary body. A JSON body may carry it instead "
+                    "(given both ways, they must agree); with neither, 130",
                     "schema": {"type": "number", "minimum": MIN_RATE_HZ, "maximum": MAX_RATE_HZ},
                 }
             ],
@@ -88,9 +89,16 @@ def _record(max_seconds: float) -> dict[str, Any]:
                     "finite number (the message names it)"
                 ),
                 "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
-                "413": _error(f"Longer than {max_seconds:g} s, or a body over the limit that follows from it"),
+                "413": _error(
+                    f"Longer than {max_seconds:g} s, a body over the limit that follows from it, or more "
+                    "numbers than a recording that long can hold"
+                ),
                 "429": _DENOISE_ERRORS["429"],
-                "503": _DENOISE_ERRORS["503"],
+                "503": _error(
+                    "`Model not loaded`; the database does not answer; or `Busy with other recordings. Try again "
+                    "shortly.` when the worker's turns (`RECORD_CONCURRENCY`) stayed taken for 30 s (all with "
+                    "`Retry-After`, but `Model not loaded`)"
+                ),
             },
         }
     }

@@ -6,6 +6,7 @@ become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -21,6 +22,11 @@ from service.store import Store
 
 SENT = "Verification email sent. Please check your inbox."
 BINARY = "application/octet-stream"
+RECORD_WAIT_S = 30.0  # how long a recording waits for a turn (RECORD_CONCURRENCY) before its 503
+
+
+class Busy(Exception):
+    """No turn came within ``RECORD_WAIT_S``: the client is asked to try again (503)."""
 
 
 def json_body(req: falcon.Request, limit: int) -> Any:
@@ -88,9 +94,20 @@ class Recording:
         self._model_version = model_version
         self._max_seconds = config.max_record_seconds
         self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
+        # A recording's memory is taken while it is read and denoised; a key's request waits for
+        # a turn with its body still in waitress's buffer (on disk past half a megabyte).
+        self._turns = threading.BoundedSemaphore(config.record_concurrency)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
+        if not self._turns.acquire(timeout=RECORD_WAIT_S):
+            raise Busy("Busy with other recordings. Try again shortly.")
+        try:
+            self._denoise(req, resp, key_id)
+        finally:
+            self._turns.release()
+
+    def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int) -> None:
         binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
         limit = self._limits[binary]
         if binary:
@@ -99,7 +116,7 @@ class Recording:
                 req.bounded_stream.read(), req.get_param("sampling_rate"), self._max_seconds
             )
         else:
-            samples, rate = validation.record(json_body(req, limit), self._max_seconds)
+            samples, rate = validation.record(json_body(req, limit), self._max_seconds, req.get_param("sampling_rate"))
         if self._batcher is None:
             raise ModelUnavailable("Model not loaded")
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))

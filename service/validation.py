@@ -59,8 +59,11 @@ def ecg_signals(body: Any, limit: int) -> np.ndarray:
     return np.stack([_window(window, f"ecg_signals[{i}]") for i, window in enumerate(value)])
 
 
-def record(body: Any, max_seconds: float) -> tuple[np.ndarray, float]:
-    """``{"ecg_signal": [numbers], "sampling_rate": Hz}`` (the rate defaults to 130) → samples and rate."""
+def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tuple[np.ndarray, float]:
+    """``{"ecg_signal": [numbers], "sampling_rate": Hz}`` → samples and rate. The rate may come
+    as ``?sampling_rate=`` instead (as with binary bodies); given both ways, they must agree. It
+    defaults to 130 Hz only when given neither way: a rate given and then ignored would
+    denoise the recording at the wrong rate, silently."""
     value = _field(body, "ecg_signal", "array of numbers: the whole recording, 2 s or more")
     if not isinstance(value, list):
         raise ValidationError("ecg_signal must be an array")
@@ -72,18 +75,28 @@ def record(body: Any, max_seconds: float) -> tuple[np.ndarray, float]:
     except OverflowError:  # an integer beyond float64
         rate = math.inf
     rate = _rate(rate)
+    if rate_param is not None:
+        queried = _rate_param(rate_param)
+        if "sampling_rate" in body and queried != rate:
+            raise ValidationError(
+                f"sampling_rate given twice, differently: {rate:g} Hz in the body, {queried:g} Hz in the query"
+            )
+        rate = queried
     _duration(len(value), rate, max_seconds)
     return _numbers(value, "ecg_signal"), rate
+
+
+def _rate_param(rate_param: str) -> float:
+    if not _DECIMAL.fullmatch(rate_param):  # float() also takes "1_000", "inf" and other scripts' digits
+        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})")
+    return _rate(float(rate_param))
 
 
 def binary_record(data: bytes, rate_param: str | None, max_seconds: float) -> tuple[np.ndarray, float]:
     """Little-endian float32 samples with ``?sampling_rate=`` (required) → samples and rate."""
     if rate_param is None:
         raise ValidationError("Missing required query parameter: sampling_rate (binary bodies carry no rate)")
-    if not _DECIMAL.fullmatch(rate_param):  # float() also takes "1_000", "inf" and other scripts' digits
-        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})")
-    rate = float(rate_param)
-    rate = _rate(rate)
+    rate = _rate_param(rate_param)
     if len(data) % 4:
         raise ValidationError(f"A binary body holds float32 samples, 4 bytes each (got {len(data)} bytes)")
     _duration(len(data) // 4, rate, max_seconds)

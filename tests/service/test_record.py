@@ -9,14 +9,17 @@ import threading
 import time
 from pathlib import Path
 
+import falcon.testing
 import numpy as np
 import pytest
 
-from service import record, recording
+from service import record, recording, resources
+from service.app import create_app
 from service.batcher import Batcher
 from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.runtime import Runtime
 
-from .conftest import REPO, ThreadRecordingEngine, issue_key, wait_until
+from .conftest import REPO, CountingEngine, ThreadRecordingEngine, issue_key, smtp_config, wait_until
 
 DATA = REPO.parent / "shared" / "data"
 URL = "/api/v1/denoising/record"
@@ -145,6 +148,21 @@ def test_a_flat_stretch_comes_back_flat_whatever_the_offset(client, key):
     np.testing.assert_allclose(answers[1e6], answers[0.0], atol=0.5)
 
 
+def test_a_json_recording_takes_its_rate_from_the_query_too_and_never_ignores_it(client, key):
+    """A rate given and ignored would denoise the recording at the wrong rate, silently."""
+    x = ecg(4, 250, seed=2)
+    in_body = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}).json
+    in_query = post_json(client, key, {"ecg_signal": x.tolist()}, params={"sampling_rate": "250"}).json
+    assert in_query == in_body and in_query["sampling_rate"] == 250
+    both = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}, params={"sampling_rate": "250.0"})
+    assert both.status_code == 200
+    differ = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}, params={"sampling_rate": "360"})
+    assert differ.status_code == 400
+    assert differ.json == {"error": "sampling_rate given twice, differently: 250 Hz in the body, 360 Hz in the query"}
+    low = post_json(client, key, {"ecg_signal": x.tolist()}, params={"sampling_rate": "20"})
+    assert (low.status_code, low.json) == (400, {"error": "sampling_rate must be from 50 to 1000 Hz (got 20)"})
+
+
 def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
     x = ecg(10 + 1 / 360, 360, seed=4).astype(np.float32)
     as_json = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 360})
@@ -247,6 +265,56 @@ def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with
     limit = runtime.deps.config.record_body_bytes(binary=True)
     big = post_binary(client, key, np.zeros(limit // 4 + 1), 1000)
     assert big.status_code == 413 and big.json["error"] == f"Request body too large (limit {limit} bytes)"
+
+
+def test_a_body_of_more_numbers_than_any_recording_holds_is_refused_before_it_is_parsed(runtime_with, sqlite_url):
+    """Within the body limit, which is sized for long numbers, "0,0,0…" packs twenty times as many
+    values: parsed, they took gigabytes. The commas are counted first."""
+    rt = runtime_with(sqlite_url, max_record_seconds=2)  # 2000 samples at most; batches hold 83200
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "many@example.org")
+    result = post_json(client, key, {"ecg_signal": [0] * 90_000, "sampling_rate": 1000})
+    assert result.status_code == 413
+    assert result.json == {"error": "Request body too large: more than 83216 values"}
+    assert post_json(client, key, {"ecg_signal": [0] * 2500, "sampling_rate": 1000}).status_code == 413  # too long
+    assert post_json(client, key, {"ecg_signal": ecg(2, 1000).tolist(), "sampling_rate": 1000}).status_code == 200
+
+
+class GatedEngine(CountingEngine):
+    """The shared engine, whose runs wait until the test opens the gate."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.threads, self.lone_threads = engine.threads, engine.lone_threads
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def run(self, batch, lone=False):
+        self.entered.set()
+        self.gate.wait(30)
+        return super().run(batch, lone)
+
+
+def test_recordings_past_the_workers_turns_wait_then_get_503(tmp_path, engine, smtp, sqlite_url, monkeypatch):
+    """RECORD_CONCURRENCY bounds the memory recordings take in one worker: one more waits for a
+    turn, and gets a 503 with Retry-After if none comes in time."""
+    monkeypatch.setattr(resources, "RECORD_WAIT_S", 0.5)
+    gated = GatedEngine(engine)
+    with Runtime(smtp_config(tmp_path, sqlite_url, smtp, record_concurrency=1), engine=gated) as rt:
+        client = falcon.testing.TestClient(create_app(rt.deps))
+        key = issue_key(rt.store, "turns@example.org")
+        body = {"ecg_signal": ecg(4, 130).tolist()}
+        first: list[int] = []
+        running = threading.Thread(target=lambda: first.append(post_json(client, key, body).status_code))
+        running.start()
+        assert gated.entered.wait(10)
+        busy = post_json(client, key, body)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert busy.json == {"error": "Busy with other recordings. Try again shortly."}
+        gated.gate.set()
+        running.join(30)
+        assert first == [200]
+        assert post_json(client, key, body).status_code == 200  # the turn is free again
 
 
 def test_503_without_a_model(runtime):

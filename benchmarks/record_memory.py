@@ -1,0 +1,96 @@
+"""Memory one whole-recording request takes: `python -m benchmarks.record_memory [--seconds 3600]`.
+
+The longest recording at the highest rate, as JSON (numbers with 12 decimals and with 3) and as
+float32, through the real app and the shipped model in this process (``falcon.testing``, a
+scratch SQLite database). The resident set is sampled every 10 ms while the request runs; its
+peak over the resident set before the request is what ``RECORD_CONCURRENCY`` multiplies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import falcon.testing
+import numpy as np
+import orjson
+
+from service.app import create_app
+from service.config import Config
+from service.keys import digest
+from service.runtime import Runtime
+from service.store import utcnow
+
+RATE_HZ = 1000
+
+
+def resident_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096 / 2**20
+
+
+def peak_during(request) -> tuple[object, float, float]:
+    """The request's result, the resident MiB before it and the peak while it ran."""
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_mib())
+            time.sleep(0.01)
+
+    before = resident_mib()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = request()
+    finally:
+        done.set()
+        sampler.join()
+    return result, before, max(peak[0], resident_mib())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3600.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        config = Config(
+            database_url=f"sqlite:///{scratch}/bench.db", outbox_dir=scratch, secret_key="b" * 40, metrics=False
+        )
+        with Runtime(config) as runtime:
+            with runtime.store.transaction():
+                runtime.store.add_key("bench@example.org", digest("bench-key"), utcnow())
+            runtime.store.release()
+            client = falcon.testing.TestClient(create_app(runtime.deps))
+            t = np.arange(int(args.seconds * RATE_HZ)) / RATE_HZ
+            x = 512 + 300 * np.sin(np.pi * 1.1 * t) ** 40 + np.random.default_rng(0).standard_normal(len(t))
+            cases = {
+                "JSON, 12 decimals": (orjson.dumps({"ecg_signal": x.round(12).tolist(), "sampling_rate": RATE_HZ}), {}),
+                "JSON, 3 decimals": (orjson.dumps({"ecg_signal": x.round(3).tolist(), "sampling_rate": RATE_HZ}), {}),
+                "float32": (x.astype("<f4").tobytes(), {"sampling_rate": str(RATE_HZ)}),
+            }
+            del x, t
+            print(f"{args.seconds:g} s at {RATE_HZ} Hz, one request at a time")
+            print("| body | body MiB | status | seconds | resident before (MiB) | peak (MiB) | added (MiB) |")
+            print("|---|---|---|---|---|---|---|")
+            for name, (body, params) in cases.items():
+                kind = "application/octet-stream" if params else "application/json"
+                headers = {"x-api-key": "bench-key", "Content-Type": kind}
+                started = time.perf_counter()
+                result, before, peak = peak_during(
+                    lambda b=body, h=headers, p=params: client.simulate_post(
+                        "/api/v1/denoising/record", body=b, headers=h, params=p or None
+                    )
+                )
+                seconds = time.perf_counter() - started
+                print(
+                    f"| {name} | {len(body) / 2**20:.0f} | {result.status_code} | {seconds:.1f} | "
+                    f"{before:.0f} | {peak:.0f} | {peak - before:.0f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
