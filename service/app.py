@@ -25,8 +25,9 @@ from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveK
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.ratelimit import RateLimited
-from service.resources import Busy, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
+from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
+from service.turns import Busy
 from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.

@@ -6,7 +6,6 @@ become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,14 +18,11 @@ from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
 from service.keys import KeyService
 from service.store import Store
+from service.turns import Turns
 
 SENT = "Verification email sent. Please check your inbox."
 BINARY = "application/octet-stream"
 RECORD_WAIT_S = 30.0  # how long a recording waits for a turn (RECORD_CONCURRENCY) before its 503
-
-
-class Busy(Exception):
-    """No turn came within ``RECORD_WAIT_S``: the client is asked to try again (503)."""
 
 
 def json_body(req: falcon.Request, limit: int) -> Any:
@@ -94,18 +90,17 @@ class Recording:
         self._model_version = model_version
         self._max_seconds = config.max_record_seconds
         self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
-        # A recording's memory is taken while it is read and denoised; a key's request waits for
-        # a turn with its body still in waitress's buffer (on disk past half a megabyte).
-        self._turns = threading.BoundedSemaphore(config.record_concurrency)
+        # A recording's memory is taken while it is read and denoised; a request waits for a turn
+        # with its body still in waitress's buffer (on disk past half a megabyte). Recordings hold
+        # at most half of the worker's threads, running or waiting: the rest serve windows and
+        # health checks.
+        waiting = max(1, config.web_threads // 2 - config.record_concurrency)
+        self._turns = Turns(config.record_concurrency, waiting, RECORD_WAIT_S)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
-        if not self._turns.acquire(timeout=RECORD_WAIT_S):
-            raise Busy("Busy with other recordings. Try again shortly.")
-        try:
+        with self._turns.turn():
             self._denoise(req, resp, key_id)
-        finally:
-            self._turns.release()
 
     def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int) -> None:
         binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
