@@ -59,7 +59,7 @@ def loads(text: str, max_values: int | None = None) -> Any:
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
 
-    A body with more than ``max_values`` commas is refused before it is parsed: a number costs
+    A body with ``max_values`` commas or more (so more values) is refused before it is parsed: a number costs
     tens of bytes once parsed, and the record route's body limit, sized for long numbers,
     admits twenty times as many short ones ("0,0,0…": gigabytes for one request).
     """

@@ -57,6 +57,7 @@ def _names(raw: str) -> tuple[str, ...]:
 
 _KINDS = {
     int: "an integer",
+    _number: "a finite number",
     _flag: "on or off",
     parse_networks: "a comma-separated list of IP addresses or CIDR blocks",
 }

@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -57,6 +58,8 @@ PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued
 RESERVED_FILES = 64
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0
+# The most connections a stop accepts from the listening socket's queue: more than its backlog.
+SWEEP_MAX = 8192
 
 
 def raise_open_files_limit() -> int:
@@ -90,7 +93,8 @@ class Request(HTTPRequestParser):
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
-        self.adj = self._limits.get(self.path, self._limits[""])
+        # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
+        self.adj = self._limits.get("/" + self.path.lstrip("/"), self._limits[""])
 
 
 class JsonErrorTask(ErrorTask):
@@ -206,14 +210,14 @@ class Server(TcpWSGIServer):
         self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
         self.service_stopping = service_stopping  # a worker's: its supervisor is stopping them all
         self.door_closed = False
-        self.accepted = False  # the last accept() returned a connection
+        self.sweep_ended = False  # close_door can accept no more (the socket shut, no descriptor left)
         self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
         self.timed_out = 0  # connections closed for slow headers since the last log line
         self._timeout_response = _timeout_response(header_timeout_s)
         super().__init__(app, **kw)
         self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
-        for path, limit in (body_limits or {"": self.adj.max_request_body_size - 1}).items():
+        for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)
             self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
 
@@ -240,22 +244,21 @@ class Server(TcpWSGIServer):
         """waitress's accept; on a listening socket that was shut down (the supervisor stopping
         the service) the poll says readable and accept fails: that is the close, not an error to
         log with its traceback."""
-        self.accepted = False
         try:
-            pair = super().accept()
+            return super().accept()
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno == errno.EINVAL:
+                self.handle_close()
+            elif not self.door_closed:
                 raise
-            self.handle_close()
+            self.sweep_ended = True  # closing the door: take what can be taken, quietly
             return None
-        self.accepted = pair is not None
-        return pair
 
     def handle_close(self) -> None:
-        """The listening socket was shut down: by this process's drain, or, for a worker, by the
-        supervisor stopping the service or an orphaned worker's drain. Drain, staying in the loop,
-        whose maintenance runs the drain (waitress would close the server, and the loop would end
-        under the requests under way); nothing more can be accepted anyway."""
+        """The listening socket was shut down: by this process's drain, or, for a worker, by
+        another worker closing the door, the supervisor, or an orphaned worker's drain. Drain,
+        staying in the loop, whose maintenance runs the drain (waitress would close the server,
+        and the loop would end under the requests under way); nothing more can be accepted."""
         self.accepting = False
         if self.drain_until is None:
             log.info("The listening socket was shut down (the service is stopping): draining")
@@ -269,10 +272,12 @@ class Server(TcpWSGIServer):
         """Accept the connections queued in the listening socket, then shut it: the queued ones
         are served, later ones refused (shutting a listening socket resets those it holds)."""
         self.door_closed = True
-        for _ in range(self.adj.backlog):  # bounded: connections keep arriving until the shutdown
-            self.handle_accept()
-            if not self.accepted:
+        queued = select.poll()
+        queued.register(self.socket, select.POLLIN)
+        for _ in range(SWEEP_MAX):  # bounded: connections keep arriving until the shutdown
+            if self.sweep_ended or not queued.poll(0):
                 break
+            self.handle_accept()  # a client that gave up meanwhile is skipped (ECONNABORTED)
         with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_RD)
 

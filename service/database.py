@@ -46,7 +46,8 @@ def unwritable(exc: BaseException) -> bool:
     53100) or a read-only file. Reads go on, so this is no outage for the breaker."""
     driver = exc.__context__ or exc  # peewee raises its own error while handling the driver's
     name = getattr(driver, "sqlite_errorname", "")
-    return name in ("SQLITE_FULL", "SQLITE_READONLY") or getattr(driver, "pgcode", None) == "53100"
+    # Extended names too: SQLITE_READONLY_DIRECTORY, _CANTINIT… (a read-only folder, WAL files).
+    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY")) or getattr(driver, "pgcode", None) == "53100"
 
 
 class DatabaseUnavailable(Exception):
@@ -119,7 +120,7 @@ class DatabaseHealth:
                 return
             count, self._writes_refused, self._last_write_log = self._writes_refused, 0, now
         log.error(
-            "Database cannot write (%s): %d request(s) that write got 503 since the last such line",
+            "Database cannot write (%s): %d write(s) refused since the last such line",
             first_line(exc),
             count,
         )

@@ -96,8 +96,8 @@ def _record(max_seconds: float) -> dict[str, Any]:
                 "429": _DENOISE_ERRORS["429"],
                 "503": _error(
                     "`Model not loaded`; the database does not answer; or `Busy with other recordings. Try again "
-                    "shortly.` when the worker's turns (`RECORD_CONCURRENCY`) stayed taken for 30 s (all with "
-                    "`Retry-After`, but `Model not loaded`)"
+                    "shortly.` when no turn came within 30 s (`RECORD_CONCURRENCY`), or at once when half of the "
+                    "worker's threads already run or wait for recordings (all with `Retry-After`, but `Model not loaded`)"
                 ),
             },
         }

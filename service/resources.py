@@ -94,24 +94,25 @@ class Recording:
         # with its body still in waitress's buffer (on disk past half a megabyte). Recordings hold
         # at most half of the worker's threads, running or waiting: the rest serve windows and
         # health checks.
-        waiting = max(1, config.web_threads // 2 - config.record_concurrency)
-        self._turns = Turns(config.record_concurrency, waiting, RECORD_WAIT_S)
+        half = max(1, config.web_threads // 2)
+        at_once = min(config.record_concurrency, half)
+        self._turns = Turns(at_once, half - at_once, RECORD_WAIT_S)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
-        with self._turns.turn():
-            self._denoise(req, resp, key_id)
-
-    def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int) -> None:
         binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
-        limit = self._limits[binary]
+        _check_length(req, self._limits[binary])  # a refusal that costs nothing waits for no turn
+        with self._turns.turn():
+            self._denoise(req, resp, key_id, binary)
+
+    def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int, binary: bool) -> None:
         if binary:
-            _check_length(req, limit)
             samples, rate = validation.binary_record(
                 req.bounded_stream.read(), req.get_param("sampling_rate"), self._max_seconds
             )
         else:
-            samples, rate = validation.record(json_body(req, limit), self._max_seconds, req.get_param("sampling_rate"))
+            body = json_body(req, self._limits[binary])
+            samples, rate = validation.record(body, self._max_seconds, req.get_param("sampling_rate"))
         if self._batcher is None:
             raise ModelUnavailable("Model not loaded")
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))

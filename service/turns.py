@@ -1,16 +1,21 @@
-"""Turns at a costly piece of work (a whole recording): a few at a time, a few more waiting.
+"""Turns at a costly piece of work (a whole recording): a few at a time, a few more waiting in
+line, the rest refused at once.
 
 Each turn holds memory, and each waiting request holds a web thread. Without a bound on the
 waiting, requests for recordings could take every thread of a worker, and its health checks,
 which need a thread too, would go unanswered: a balancer, or Kubernetes' liveness probe, would
-take a busy worker for a dead one.
+take a busy worker for a dead one. Waiters are served in the order they came: a newcomer never
+takes a freed turn from one already waiting.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+BUSY = "Busy with other recordings. Try again shortly."
 
 
 class Busy(Exception):
@@ -19,23 +24,37 @@ class Busy(Exception):
 
 class Turns:
     def __init__(self, at_once: int, waiting: int, wait_s: float) -> None:
-        self._free = threading.BoundedSemaphore(at_once)
-        self._waiting = threading.BoundedSemaphore(waiting)
+        self._changed = threading.Condition()
+        self._free = at_once
+        self._line: deque[object] = deque()  # one ticket per waiting request, first come first
+        self._most_waiting = waiting
         self._wait_s = wait_s
 
     @contextmanager
     def turn(self) -> Iterator[None]:
-        """A turn for the ``with`` block; ``Busy`` if none came within the wait, or if as many
-        requests as allowed already wait (then at once)."""
-        if not self._free.acquire(blocking=False):
-            if not self._waiting.acquire(blocking=False):
-                raise Busy("Busy with other recordings. Try again shortly.")
-            try:
-                if not self._free.acquire(timeout=self._wait_s):
-                    raise Busy("Busy with other recordings. Try again shortly.")
-            finally:
-                self._waiting.release()
+        """A turn for the ``with`` block; ``Busy`` if none came within the wait, or at once if as
+        many requests as allowed already wait."""
+        with self._changed:
+            if self._free and not self._line:
+                self._free -= 1
+            elif len(self._line) >= self._most_waiting:
+                raise Busy(BUSY)
+            else:
+                self._wait_in_line()
         try:
             yield
         finally:
-            self._free.release()
+            with self._changed:
+                self._free += 1
+                self._changed.notify_all()
+
+    def _wait_in_line(self) -> None:
+        ticket = object()
+        self._line.append(ticket)
+        try:
+            if not self._changed.wait_for(lambda: self._free and self._line[0] is ticket, self._wait_s):
+                raise Busy(BUSY)
+            self._free -= 1
+        finally:
+            self._line.remove(ticket)
+            self._changed.notify_all()  # the next in line may be first now

@@ -110,9 +110,7 @@ def test_connections_queued_when_the_service_stops_are_served_and_later_ones_ref
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     stopping = {"supervisor": os.getppid(), "service_stopping": lambda: True} if worker else {}
-    server = create_server(app, config, listener, **stopping)
-    if not worker:
-        server.supervisor = None  # the socket is its own, as when it binds HOST:PORT itself
+    server = create_server(app, config, listener, **stopping)  # no supervisor: the socket is its own
     clients = [queued_request(port) for _ in range(3)]  # no loop runs yet: nothing accepts them
     server.drain(10)
     loop = threading.Thread(target=server.run, daemon=True)
@@ -191,6 +189,10 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
             return read_all(client)
 
     declared = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")  # no body sent
+    slashes = send(
+        b"POST //large HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\nConnection: close\r\n\r\n", b"x" * 50000
+    )
+    assert slashes.startswith(b"HTTP/1.1 200 ")  # the route Falcon finds: /large, and its limit
     assert declared.startswith(b"HTTP/1.1 413 ") and b"Content-Type: application/json" in declared
     assert declared.endswith(b'{"error":"Request body too large (limit 1000 bytes)"}')
     chunk = b"%x\r\n%s\r\n" % (1500, b"x" * 1500)

@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import falcon.testing
+import peewee
 import pytest
 
 from service.app import create_app
+from service.database import unwritable
 from service.keys import digest
 from service.store import ApiKey, OutboxMail, Store
 
@@ -222,3 +224,26 @@ def test_probes_borrow_no_pooled_connection(tmp_path):
         issue_key(store, "pool@example.org")  # needs the pool's one connection
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "name, writes_only",
+    [
+        ("SQLITE_FULL", True),
+        ("SQLITE_READONLY", True),
+        ("SQLITE_READONLY_DIRECTORY", True),  # a read-only folder: WAL files cannot be made
+        ("SQLITE_CANTOPEN", False),
+        ("SQLITE_IOERR_READ", False),
+    ],
+)
+def test_which_sqlite_errors_only_refuse_writes(name, writes_only):
+    driver = sqlite3.OperationalError("some text")
+    driver.sqlite_errorname = name
+    try:
+        try:
+            raise driver
+        except sqlite3.OperationalError as exc:
+            raise peewee.OperationalError(*exc.args) from None  # as peewee wraps it: context kept
+    except peewee.OperationalError as wrapped:
+        assert wrapped.__context__ is driver
+        assert unwritable(wrapped) is writes_only

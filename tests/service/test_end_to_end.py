@@ -198,8 +198,8 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"ORT_SPINNING": "maybe"}, "ORT_SPINNING must be on or off"),
         ({"PORT": "99999"}, "PORT must be at most 65535"),  # it served on 99999 - 65536
         ({"METRICS_PORT": "70000"}, "METRICS_PORT must be at most 65535"),
-        ({"MAX_RECORD_SECONDS": "inf"}, "MAX_RECORD_SECONDS must be a number"),
-        ({"SHUTDOWN_GRACE_SECONDS": "nan"}, "SHUTDOWN_GRACE_SECONDS must be a number"),  # no drain at all
+        ({"MAX_RECORD_SECONDS": "inf"}, "MAX_RECORD_SECONDS must be a finite number"),
+        ({"SHUTDOWN_GRACE_SECONDS": "nan"}, "SHUTDOWN_GRACE_SECONDS must be a finite number"),  # no drain at all
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):

@@ -35,8 +35,8 @@ def test_one_turn_one_waiting_and_the_next_refused_at_once():
     for asker in askers:
         asker.start()
     # One takes the one place to wait; the other is refused while the turn is still held.
-    wait_until(lambda: outcomes == ["busy"], 10, "one asker refused")
-    assert sum(asker.is_alive() for asker in askers) == 1
+    wait_until(lambda: sum(asker.is_alive() for asker in askers) == 1, 10, "one asker refused")
+    assert outcomes == ["busy"]
     release.set()
     for thread in (holder, *askers):
         thread.join(10)
