@@ -152,10 +152,6 @@ class Channel(HTTPChannel):
         except OSError:  # nothing to read (EAGAIN), or reset
             return False
 
-    def uploading(self) -> bool:
-        """A request's headers have all arrived and its body is arriving."""
-        return self.request is not None and self.request.headers_finished and not self.request.completed
-
     def reading_headers(self) -> bool:
         """Part of a request's headers has arrived, and no response is being made."""
         return self.request is not None and not self.request.headers_finished and not self.requests

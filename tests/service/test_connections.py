@@ -160,7 +160,8 @@ def test_a_request_still_uploading_when_the_drain_begins_is_answered():
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(head + body[:1000])
-        wait_until(lambda: any(c.uploading() for c in list(server.active_channels.values())), 10, "the upload")
+        uploading = lambda c: c.request is not None and c.request.headers_finished  # noqa: E731
+        wait_until(lambda: any(map(uploading, list(server.active_channels.values()))), 10, "the upload")
         server.drain(10)
         wait_until(lambda: server.draining, 10, "the drain")  # its first pass closes idle connections
         client.sendall(body[1000:])
