@@ -140,6 +140,10 @@ class Outbox:
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._max_attempts = max_attempts
+        # What a database failure in the middle of a batch left (``_settle``): mails delivered but
+        # not yet recorded as sent, and mails claimed but not tried.
+        self._unrecorded: list[int] = []
+        self._untried: list[int] = []
         self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
     def start(self) -> Outbox:
@@ -154,6 +158,7 @@ class Outbox:
         self._loop.close()
 
     def _step(self) -> float:
+        self._settle()
         due = self._store.claim_due_mails(CLAIM_BATCH)
         if due:
             self._deliver(due)
@@ -161,6 +166,17 @@ class Outbox:
             self._on_pending(self._store.pending_mails())
         wait = self._store.seconds_to_next_mail()
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
+
+    def _settle(self) -> None:
+        """Once the database answers again after it failed in the middle of a batch: record what
+        was delivered (else it would be sent again when its claim ends), and give back the
+        claim on what was not tried (else it would wait for its claim to end)."""
+        while self._unrecorded:
+            self._store.mark_sent(self._unrecorded[0])
+            log.info("Mail %d recorded as delivered", self._unrecorded.pop(0))
+        if self._untried:
+            self._store.release_mails(self._untried)
+            self._untried = []
 
     def _deliver(self, due: list[OutboxMail]) -> None:
         done: set[int] = set()
@@ -171,18 +187,23 @@ class Outbox:
                     if time.monotonic() > deadline:
                         log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
                         break
+                    done.add(row.id)
                     try:
                         send(compose(self._sealer.open(row.as_mail()), self._from))
                     except Exception as exc:  # whatever one mail raises must not hold back the others
                         self._failed(row, exc, permanent(exc))
                     else:
+                        self._unrecorded.append(row.id)
                         self._store.mark_sent(row.id)
+                        self._unrecorded.pop()
                         log.info("Mail %d to %s delivered", row.id, row.recipient)
-                    done.add(row.id)
         except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
             for row in due:
                 if row.id not in done:
                     self._failed(row, exc, permanent=False)
+        except Exception:  # the database failed: the batch stops, and _settle mends it
+            self._untried = [row.id for row in due if row.id not in done]
+            raise
 
     def _failed(self, row: OutboxMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1

@@ -345,6 +345,13 @@ class Store:
                 OutboxMail.id == mail_id
             ).execute()
 
+    def release_mails(self, mail_ids: list[int]) -> None:
+        """Give back the claim on mails not yet tried: due again now, for any worker."""
+        with self.db.connection_context():
+            OutboxMail.update(next_attempt_at=utcnow()).where(
+                OutboxMail.id.in_(mail_ids) & OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null()
+            ).execute()
+
     def retry_mail(self, mail_id: int, attempts: int, delay_s: float, error: str) -> None:
         with self.db.connection_context():
             OutboxMail.update(

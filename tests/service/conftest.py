@@ -93,6 +93,7 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
         self.refuse: dict[str, str] = {}
+        self.on_message: Callable[[EmailMessage], None] = lambda message: None  # after it is kept
         self._lock = threading.Lock()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list) -> str:
@@ -105,6 +106,7 @@ class Mailbox:
         message = email.message_from_bytes(envelope.content, policy=policy.default)
         with self._lock:
             self.messages.append(message)
+        self.on_message(message)
         return "250 OK"
 
     def wait_for(self, count: int, timeout_s: float = 20.0) -> list[EmailMessage]:

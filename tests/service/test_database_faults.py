@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sqlite3
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -20,7 +21,8 @@ import pytest
 from service.app import create_app
 from service.database import unwritable
 from service.keys import digest
-from service.store import ApiKey, OutboxMail, Store
+from service.messages import Mail
+from service.store import ApiKey, OutboxMail, Store, utcnow
 
 from .conftest import issue_key, wait_until
 
@@ -207,6 +209,42 @@ def test_a_full_disk_refuses_writes_once_logged_and_reads_go_on(small_disk, tmp_
     assert [m["To"] for m in smtp.mailbox.wait_for(1)] == ["full@example.org"]  # the refused ones queued nothing
     with rt.store.db.connection_context():
         assert OutboxMail.select().count() == 1
+
+
+def test_a_database_failure_right_after_a_delivery_neither_repeats_it_nor_holds_the_batch(tmp_path, runtime_with, smtp):
+    """The mail server took a mail, then the database could not record it: it was sent again when
+    its claim ended (2 minutes), and the rest of the batch waited as long. Now the delivery is
+    recorded, and the rest sent, as soon as the database answers."""
+    path = tmp_path / "outbox.db"
+    rt = runtime_with(f"sqlite:///{path}", db_statement_timeout_s=0.3, mail_retry_min_s=0.2)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locked = threading.Event()
+
+    def lock_the_database(message) -> None:  # in the SMTP server, before it answers 250
+        if not locked.is_set():
+            holder.execute("BEGIN EXCLUSIVE")
+            locked.set()
+
+    smtp.mailbox.on_message = lock_the_database
+    store, seal = rt.store, rt.sealer.seal
+    with store.db.connection_context(), store.transaction():
+        for n in range(4):
+            store.enqueue_mail(seal(Mail(f"batch{n}@example.org", "Batch", "text", "<p>html</p>")), utcnow())
+    rt.outbox.wake()
+    assert locked.wait(10)
+    time.sleep(1.5)  # the outbox fails to record the delivery, and tries again meanwhile
+    assert len(smtp.mailbox.messages) == 1  # the batch stopped with the database
+    holder.execute("ROLLBACK")
+    smtp.mailbox.wait_for(4, timeout_s=20)  # within seconds, not at the end of the 2-minute claims
+    wait_until(lambda: unsent(store) == 0, 10, "every mail recorded as sent")
+    time.sleep(1)
+    assert sorted(m["To"] for m in smtp.mailbox.messages) == [f"batch{n}@example.org" for n in range(4)]
+    holder.close()
+
+
+def unsent(store: Store) -> int:
+    with store.db.connection_context():
+        return OutboxMail.select().where(OutboxMail.sent_at.is_null()).count()
 
 
 def test_database_file_is_private(tmp_path, runtime_with):
