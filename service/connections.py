@@ -96,6 +96,12 @@ class Request(HTTPRequestParser):
         # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
         self.adj = self._limits.get("/" + self.path.lstrip("/"), self._limits[""])
 
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
+            self.expect_continue = False
+        return consumed
+
 
 class JsonErrorTask(ErrorTask):
     """waitress's answer to a request it does not pass on (malformed, too large, an encoding it
