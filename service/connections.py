@@ -46,7 +46,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 if TYPE_CHECKING:
     from service.config import Config
@@ -121,9 +121,21 @@ class JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+class Task(WSGITask):
+    """waitress's task for a request; once a drain has begun, its answer says ``Connection:
+    close``. The client then sends its next request on a new connection, which another worker
+    takes or the stopped service refuses, instead of on this one as the drain closes it."""
+
+    def build_response_header(self) -> bytes:
+        if self.channel.server.drain_until is not None:
+            self.set_close_on_finish()
+        return super().build_response_header()
+
+
 class Channel(HTTPChannel):
     """waitress's connection, noting when it opened and when the request it is reading began."""
 
+    task_class = Task
     error_task_class = JsonErrorTask
 
     request_began = 0.0  # time.time() of the first byte of the request being read

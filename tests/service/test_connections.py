@@ -59,6 +59,28 @@ def test_a_shut_socket_drains_the_worker_after_its_requests(caplog):
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
 
 
+def test_answers_given_during_a_drain_close_their_connection():
+    """A kept-alive client whose answer came during the drain would send its next request on a
+    connection the drain is about to close; told "Connection: close", it opens a new one."""
+    held = Held()
+    app = falcon.App()
+    app.add_route("/held", held)
+    server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")  # HTTP/1.1: kept alive by default
+        assert held.entered.wait(10)
+        server.drain(10)
+        wait_until(lambda: server.draining, 10, "the drain")
+        held.release.set()
+        answer = read_all(client)  # the server closes the connection after the answer
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close" in head
+    loop.join(10)
+    assert not loop.is_alive()
+
+
 def test_a_workers_own_drain_leaves_the_shared_socket_serving():
     """SIGTERM to one worker: it stops taking connections, but a shut socket would stay shut for
     every process that holds it, its replacement included, and the service would stop."""
