@@ -1,6 +1,6 @@
 """One serving process: the runtime, the Falcon app and waitress, until SIGTERM or Ctrl-C.
 
-SIGTERM drains (``connections.Server.drain``): the requests under way finish, for up to
+SIGTERM (or SIGHUP) drains (``connections.Server.drain``): the requests under way finish, for up to
 ``SHUTDOWN_GRACE_SECONDS``, before the runtime stops. Ctrl-C stops at once.
 
 ``python -m service`` runs it directly when ``WEB_WORKERS=1``; with more, each worker of
@@ -55,7 +55,8 @@ def serve(
                 stack.callback(serve_metrics(config.host, config.metrics_port, registry))
             except OSError as exc:
                 return cannot_listen(config.host, config.metrics_port, exc)
-        signal.signal(signal.SIGTERM, lambda signum, frame: server.drain(config.shutdown_grace_s))
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal; nothing to reload
+            signal.signal(signum, lambda signum, frame: server.drain(config.shutdown_grace_s))
         log.info(
             "Serving on http://%s:%s with %d threads, up to %d connections",
             config.host,

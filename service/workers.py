@@ -15,7 +15,7 @@ manifest, database: ``python -m service.startup``, in a process of its own), so 
 still print one sentence and exit 1. A worker that dies
 before it is ready on the first start stops the service the same way; one that dies later is
 started again, after a delay that doubles while workers keep failing young (so a worker that
-cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM or Ctrl-C: the parent marks the service as stopping in the occupancy file and
+cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM, SIGHUP or Ctrl-C: the parent marks the service as stopping in the occupancy file and
 sends SIGTERM to every worker; each drains as a single process does, the first closing the
 shared socket's door, and the parent exits 0 when they all have.
 
@@ -91,8 +91,8 @@ class Supervisor:
         self._restart_at: list[tuple[float, int]] = []  # when, and the slot of the worker that died
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._stop)
         for slot in range(self._config.web_workers):
             self._workers.append(self._spawn(slot))
         if not self._await_first_start():

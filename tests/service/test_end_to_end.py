@@ -142,6 +142,8 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
     assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(
         b'{"error":"Request body too large (limit 16384 bytes)"}'
     )
+    server.signal(signal.SIGHUP)  # a closed terminal: it stopped at once, dropping what was under way
+    assert server.wait() == 0 and "Draining" in server.log()
 
 
 @pytest.fixture

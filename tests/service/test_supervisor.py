@@ -5,6 +5,7 @@ left in the temporary folder; and a worker started by a supervisor of another ve
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,9 @@ def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(servi
     again = service_process({**env, "PORT": str(first.port)})  # the same port
     assert not metrics.exists()
     assert [p.name.startswith("heartify-prometheus-") for p in ours(scratch)] == [True]
-    assert again.stop() == 0
-    assert ours(scratch) == []
+    again.signal(signal.SIGHUP)  # a closed terminal: the same clean stop as SIGTERM
+    assert again.wait() == 0
+    assert ours(scratch) == [] and "Stopped" in again.log()
 
 
 def ours(folder: Path) -> list[Path]:
