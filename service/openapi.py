@@ -219,13 +219,13 @@ def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = 
                     "type": "object",
                     "required": ["ecg_signal"],
                     "properties": {
-                        # Bounds that hold at every rate: at least 2 s at the highest rate, at
-                        # most the longest recording at the lowest (the service checks the rate's own).
+                        # What some rate admits: 2 s at the lowest rate, the longest recording at
+                        # the highest (the service checks the rate's own, with a 400 or a 413).
                         "ecg_signal": {
                             "type": "array",
                             "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
-                            "minItems": math.ceil(MIN_SECONDS * MAX_RATE_HZ),
-                            "maxItems": math.floor(max_record_seconds * MIN_RATE_HZ),
+                            "minItems": math.ceil(MIN_SECONDS * MIN_RATE_HZ),
+                            "maxItems": math.floor(max_record_seconds * MAX_RATE_HZ),
                         },
                         "sampling_rate": {
                             "type": "number",

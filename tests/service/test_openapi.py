@@ -3,6 +3,7 @@ pattern admits only addresses the service accepts."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from falcon.inspect import inspect_routes
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from service import validation
 from service.app import create_app
 from service.validation import EMAIL_PATTERN
+
+from .conftest import issue_key
 
 
 def served(app) -> dict[str, set[str]]:
@@ -38,6 +41,18 @@ def test_every_operation_documents_its_responses(client):
                     ref = media["schema"].get("$ref")
                     if ref:
                         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
+
+
+def test_the_recording_bounds_admit_what_the_service_accepts(runtime, client):
+    """They were inverted (2000 to 180000 samples): 2 s at 50 Hz and an hour at 1000 Hz are both
+    served, and both must be documented as valid."""
+    signal = client.simulate_get("/openapi.json").json["components"]["schemas"]["RecordRequest"]["properties"]
+    bounds = signal["ecg_signal"]["minItems"], signal["ecg_signal"]["maxItems"]
+    assert bounds == (100, int(runtime.deps.config.max_record_seconds * 1000))
+    key = issue_key(runtime.store, "bounds@example.org")
+    shortest = {"ecg_signal": [math.sin(i / 3) for i in range(100)], "sampling_rate": 50}
+    result = client.simulate_post("/api/v1/denoising/record", json=shortest, headers={"x-api-key": key})
+    assert result.status_code == 200
 
 
 @settings(max_examples=120, database=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -7,8 +7,8 @@ that depend on state (401/403/404/409/429, schemathesis's default). The verify l
 only mailed tokens exist, and the contract answers an unknown one with 400 (`Invalid or expired
 token`), so 400 is expected there. A recording may also be sent as raw float32 bytes, which the
 document can only call a binary string: a byte count that is not a multiple of 4 is schema-valid
-and rightly refused, so 400 is expected on that route as well (its JSON form is bounded so
-that every schema-valid one is accepted at any rate).
+and rightly refused, so 400 is expected on that route as well; so is a JSON recording whose
+length some rate admits but not its own (the document states what some rate admits).
 """
 
 from __future__ import annotations
