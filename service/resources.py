@@ -44,6 +44,15 @@ def authenticate(keys: KeyService, req: falcon.Request) -> int:
     return keys.authenticate(key)
 
 
+def _query(req: falcon.Request, name: str) -> str | None:
+    """A query parameter that takes one value: given more than once, differently, it is a 400
+    (Falcon would keep the last one, and the others would be ignored silently)."""
+    values = req.get_param_as_list(name) or []
+    if len(set(values)) > 1:
+        raise validation.ValidationError(f"{name} given more than once, differently: {values[0]!r} and {values[1]!r}")
+    return values[0] if values else None
+
+
 def _check_length(req: falcon.Request, limit: int) -> None:
     if (req.content_length or 0) > limit:
         raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
@@ -73,7 +82,7 @@ class Denoising:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
         windows = self._parse(json_body(req, self._body_limit))
-        input_units = validation.input_units(req.get_param("units"))
+        input_units = validation.input_units(_query(req, "units"))
         if self._batcher is None:
             raise ModelUnavailable("Model not loaded")
         denoised = self._batcher.denoise(windows, input_units)
@@ -108,11 +117,11 @@ class Recording:
     def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int, binary: bool) -> None:
         if binary:
             samples, rate = validation.binary_record(
-                req.bounded_stream.read(), req.get_param("sampling_rate"), self._max_seconds
+                req.bounded_stream.read(), _query(req, "sampling_rate"), self._max_seconds
             )
         else:
             body = json_body(req, self._limits[binary])
-            samples, rate = validation.record(body, self._max_seconds, req.get_param("sampling_rate"))
+            samples, rate = validation.record(body, self._max_seconds, _query(req, "sampling_rate"))
         if self._batcher is None:
             raise ModelUnavailable("Model not loaded")
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))

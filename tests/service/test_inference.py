@@ -64,6 +64,15 @@ def test_single_window_equals_direct_inference(client, key, units, input_units):
     assert not input_units or np.abs(expected).mean() > 100  # input units really are not normalized
 
 
+def test_units_given_twice_differently_are_refused_not_the_last_one_taken(client, key):
+    window = {"ecg_signal": noisy_windows(1)[0].tolist()}
+    twice = client.simulate_post(
+        "/api/v1/denoising", json=window, query_string="units=input&units=normalized", headers={"x-api-key": key}
+    )
+    assert twice.status_code == 400
+    assert twice.json == {"error": "units given more than once, differently: 'input' and 'normalized'"}
+
+
 @pytest.mark.parametrize("units, input_units", [("normalized", False), ("input", True)])
 def test_batch_equals_direct_inference(client, key, units, input_units):
     windows = noisy_windows(5, seed=2)

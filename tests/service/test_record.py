@@ -159,6 +159,11 @@ def test_a_json_recording_takes_its_rate_from_the_query_too_and_never_ignores_it
     differ = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}, params={"sampling_rate": "360"})
     assert differ.status_code == 400
     assert differ.json == {"error": "sampling_rate given twice, differently: 250 Hz in the body, 360 Hz in the query"}
+    twice = post_json(client, key, {"ecg_signal": x.tolist()}, query_string="sampling_rate=250&sampling_rate=130")
+    assert twice.status_code == 400
+    assert twice.json == {"error": "sampling_rate given more than once, differently: '250' and '130'"}
+    same = post_json(client, key, {"ecg_signal": x.tolist()}, query_string="sampling_rate=250&sampling_rate=250")
+    assert same.json == in_body
     low = post_json(client, key, {"ecg_signal": x.tolist()}, params={"sampling_rate": "20"})
     assert (low.status_code, low.json) == (400, {"error": "sampling_rate must be from 50 to 1000 Hz (got 20)"})
 
