@@ -104,7 +104,7 @@ def create_app(deps: Deps) -> falcon.App:
                 allow_origins=config.cors_allow_origins, expose_headers=["X-Request-ID", "Retry-After"]
             )
         )
-    middleware += [SecurityHeaders(), ReleaseConnection(deps.store.release)]
+    middleware += [SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
     if deps.metrics is not None:
         middleware.insert(1, RequestMetrics(deps.metrics))
     app = falcon.App(middleware=middleware)

@@ -115,7 +115,7 @@ class JsonErrorTask(ErrorTask):
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers += [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

@@ -73,12 +73,19 @@ def _loggable(text: str) -> str:
 
 class SecurityHeaders:
     """``nosniff`` everywhere; ``no-store`` where a resource says its answers hold secrets or
-    personal data (its ``no_store`` attribute); a strict policy on HTML pages."""
+    personal data (its ``no_store`` attribute); a strict policy on HTML pages. With CORS on,
+    ``Vary: Origin``: the answer's ``Access-Control-Allow-Origin`` depends on the caller's origin,
+    and a shared cache must not hand one origin's answer to another."""
+
+    def __init__(self, cors: bool = False) -> None:
+        self._cors = cors
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         resp.set_header("X-Content-Type-Options", "nosniff")
+        if self._cors:
+            resp.append_header("Vary", "Origin")
         if getattr(resource, "no_store", False):
             resp.set_header("Cache-Control", "no-store")
         if (resp.content_type or "").startswith(falcon.MEDIA_HTML):

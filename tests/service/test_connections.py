@@ -217,6 +217,7 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     )
     assert slashes.startswith(b"HTTP/1.1 200 ")  # the route Falcon finds: /large, and its limit
     assert declared.startswith(b"HTTP/1.1 413 ") and b"Content-Type: application/json" in declared
+    assert b"X-Content-Type-Options: nosniff" in declared
     assert declared.endswith(b'{"error":"Request body too large (limit 1000 bytes)"}')
     expecting = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
     assert expecting.startswith(b"HTTP/1.1 413 ")  # not "100 Continue", which curl takes to send it all

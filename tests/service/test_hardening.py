@@ -240,11 +240,13 @@ def test_cors_is_off_by_default_and_allows_named_origins(runtime_with, sqlite_ur
     closed_rt = runtime_with(sqlite_url)
     closed = client_of(closed_rt)
     assert "access-control-allow-origin" not in closed.simulate_get("/healthz", headers=origin).headers
+    assert "vary" not in closed.simulate_get("/healthz", headers=origin).headers
     closed_rt.close()
     opened = client_of(runtime_with(sqlite_url, cors_allow_origins=("https://app.example.org",)))
     assert opened.simulate_get("/healthz", headers=origin).headers["access-control-allow-origin"] == origin["Origin"]
     other = opened.simulate_get("/healthz", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+    assert other.headers["vary"] == "Origin"  # a shared cache keeps one answer per origin
     preflight = opened.simulate_options(
         DENOISE,
         headers={
