@@ -27,12 +27,11 @@ from service.middleware import ReleaseConnection, RequestContext, SecurityHeader
 from service.ratelimit import RateLimited
 from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
-from service.turns import Busy
+from service.turns import BUSY_RETRY_AFTER_S, Busy
 from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
 DATABASE_RETRY_AFTER_S = 5
-BUSY_RETRY_AFTER_S = 5  # a recording busy with others: most take a few seconds
 RECORD = "/api/v1/denoising/record"
 KEY_ROUTES = ("/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation")
 KEY_BODY_BYTES = 1 << 14  # an email address in JSON, with room to spare

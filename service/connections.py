@@ -37,6 +37,7 @@ import os
 import resource
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,9 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.utilities import Error
+
+from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
 if TYPE_CHECKING:
     from service.config import Config
@@ -83,24 +87,74 @@ def _timeout_response(seconds: float) -> bytes:
     return head + body
 
 
+class UploadsBusy(Error):
+    """Every place for a large upload is taken (``UploadPlaces``)."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+class UploadPlaces:
+    """How many bodies larger than the default limit (whole recordings) one worker receives at
+    once. waitress spools each to a file as it arrives, before the app checks the key: without a
+    bound, clients with no key could fill the disk (hundreds of connections × 115 MB)."""
+
+    def __init__(self, places: int) -> None:
+        self._free = places
+        self._lock = threading.Lock()  # taken in the loop's thread, given back in a task's
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    def take(self) -> bool:
+        with self._lock:
+            if not self._free:
+                return False
+            self._free -= 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._free += 1
+
+
 class Request(HTTPRequestParser):
     """waitress's request parser, with the body limit of the request's route: a body declared
-    (or chunked) past it is refused before it is read, as waitress does past its one limit."""
+    (or chunked) past it is refused before it is read, as waitress does past its one limit. A
+    body larger than the default limit needs an upload place, or gets a 503 before it is read."""
 
-    def __init__(self, adj: Adjustments, limits: dict[str, Adjustments]) -> None:
+    holds_place = False
+
+    def __init__(self, adj: Adjustments, limits: dict[str, Adjustments], places: UploadPlaces) -> None:
         super().__init__(adj)
         self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
+        self._places = places
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
         self.adj = self._limits.get("/" + self.path.lstrip("/"), self._limits[""])
+        default = self._limits[""].max_request_body_size
+        large_route = self.adj.max_request_body_size > default
+        if large_route and (self.chunked or default <= self.content_length < self.adj.max_request_body_size):
+            self.holds_place = self._places.take()
+            if not self.holds_place:
+                self.error = UploadsBusy("every place for a large upload is taken")
+                self.completed = True
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
         if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
             self.expect_continue = False
         return consumed
+
+    def close(self) -> None:
+        """After its answer, or when its client hangs up while it is read (``Channel``)."""
+        super().close()
+        if self.holds_place:
+            self.holds_place = False
+            self._places.give_back()
 
 
 class JsonErrorTask(ErrorTask):
@@ -111,6 +165,9 @@ class JsonErrorTask(ErrorTask):
         error = self.request.error
         if error.code == 413:  # the words of the app's own 413
             message = f"Request body too large (limit {self.request.adj.max_request_body_size - 1} bytes)"
+        elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)
+            message = BUSY
+            self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
         else:
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})
@@ -146,7 +203,12 @@ class Channel(HTTPChannel):
         super().__init__(*args, **kw)
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
-        return Request(adj, self.server.body_limits)
+        return Request(adj, self.server.body_limits, self.server.upload_places)
+
+    def handle_close(self) -> None:
+        if self.request is not None:  # its client hung up while it was read: its place is free
+            self.request.close()
+        super().handle_close()
 
     def received(self, data: bytes) -> bool:
         if self.request is None:  # no request half-read: these bytes begin one
@@ -230,6 +292,7 @@ class Server(TcpWSGIServer):
         self.timed_out = 0  # connections closed for slow headers since the last log line
         self._timeout_response = _timeout_response(header_timeout_s)
         super().__init__(app, **kw)
+        self.upload_places = UploadPlaces(max(1, self.adj.threads // 2))  # as many as recordings' turns
         self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 BUSY = "Busy with other recordings. Try again shortly."
+BUSY_RETRY_AFTER_S = 5  # most recordings take a few seconds
 
 
 class Busy(Exception):

@@ -235,6 +235,49 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     loop.join(10)
 
 
+def test_large_uploads_need_a_place_and_give_it_back():
+    """Bodies past the default limit are spooled to disk as they arrive, before any key is
+    checked: a worker receives as many at once as recordings have turns (half its threads), and
+    answers the next one 503 from its headers, unread."""
+    app = falcon.App()
+    app.add_route("/echo", Echo())
+    app.add_route("/large", Echo())
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    port = server.effective_port
+    head = b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n"
+
+    def upload_begun(body: bytes = b"x" * 100) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(head + body)
+        return client
+
+    first = upload_begun()
+    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+        second.sendall(head)
+        refused = read_all(second)
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in refused
+    assert refused.endswith(b'{"error":"Busy with other recordings. Try again shortly."}')
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as small:  # small bodies need none
+        small.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 500\r\n\r\n" + b"y" * 500
+        )
+        assert read_all(small).endswith(b'{"received": 500}')
+    first.sendall(b"x" * 49_900)
+    assert read_all(first).endswith(b'{"received": 50000}')  # answered: its place is free again
+    first.close()
+    hung_up = upload_begun()
+    hung_up.close()  # its client gives up mid-upload: the place comes back too
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    with upload_begun(b"x" * 50_000) as last:
+        assert read_all(last).endswith(b'{"received": 50000}')
+    server.drain(1)
+    loop.join(10)
+
+
 class Ordered:
     """Records the order in which requests reach the app; the first one waits to be released."""
 
