@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -260,6 +261,13 @@ def configured() -> Config | None:
         return None
     logs.configure(config.log_level)
     return config
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that drain and stop the service: SIGTERM, and SIGHUP (a closed terminal; there
+    is nothing to reload) unless it was ignored when the service started, as ``nohup`` does."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, *hangup)
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> int:

@@ -184,8 +184,8 @@ class Task(WSGITask):
     takes or the stopped service refuses, instead of on this one as the drain closes it."""
 
     def build_response_header(self) -> bytes:
-        if self.channel.server.drain_until is not None:
-            self.set_close_on_finish()
+        if self.channel.server.drain_until is not None:  # as if the client had asked (HTTP/1.0 too)
+            self.request.headers["CONNECTION"] = "close"
         return super().build_response_header()
 
 
@@ -209,6 +209,16 @@ class Channel(HTTPChannel):
         if self.request is not None:  # its client hung up while it was read: its place is free
             self.request.close()
         super().handle_close()
+
+    def service(self) -> None:
+        """waitress's, then: a client that hung up while an earlier answer was written leaves
+        the requests it had pipelined behind it unserved; close them, and give back their places."""
+        super().service()
+        if not self.connected:
+            with self.requests_lock:
+                for request in self.requests:
+                    request.close()
+                self.requests = []
 
     def received(self, data: bytes) -> bool:
         if self.request is None:  # no request half-read: these bytes begin one

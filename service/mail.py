@@ -143,7 +143,7 @@ class Outbox:
         # What a database failure in the middle of a batch left (``_settle``): mails delivered but
         # not yet recorded as sent, and mails claimed but not tried.
         self._unrecorded: list[int] = []
-        self._untried: list[int] = []
+        self._untried: list[OutboxMail] = []
         self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
     def start(self) -> Outbox:
@@ -202,7 +202,7 @@ class Outbox:
                 if row.id not in done:
                     self._failed(row, exc, permanent=False)
         except Exception:  # the database failed: the batch stops, and _settle mends it
-            self._untried = [row.id for row in due if row.id not in done]
+            self._untried = [row for row in due if row.id not in done]
             raise
 
     def _failed(self, row: OutboxMail, exc: Exception, permanent: bool) -> None:

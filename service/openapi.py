@@ -97,7 +97,8 @@ def _record(max_seconds: float) -> dict[str, Any]:
                 "503": _error(
                     "`Model not loaded`; the database does not answer; or `Busy with other recordings. Try again "
                     "shortly.` when no turn came within 30 s (`RECORD_CONCURRENCY`), or at once when half of the "
-                    "worker's threads already run or wait for recordings (all with `Retry-After`, but `Model not loaded`)"
+                    "worker's threads already run or wait for recordings, or from the headers when as many large "
+                    "bodies are being received (all with `Retry-After`, but `Model not loaded`)"
                 ),
             },
         }

@@ -48,8 +48,9 @@ def _query(req: falcon.Request, name: str) -> str | None:
     """A query parameter that takes one value: given more than once, differently, it is a 400
     (Falcon would keep the last one, and the others would be ignored silently)."""
     values = req.get_param_as_list(name) or []
-    if len(set(values)) > 1:
-        raise validation.ValidationError(f"{name} given more than once, differently: {values[0]!r} and {values[1]!r}")
+    other = next((value for value in values if value != values[0]), None)
+    if other is not None:
+        raise validation.ValidationError(f"{name} given more than once, differently: {values[0]!r} and {other!r}")
     return values[0] if values else None
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from service.app import body_limits, create_app
-from service.config import Config, ConfigError, cannot_listen, refuse
+from service.config import Config, ConfigError, cannot_listen, refuse, stop_signals
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
@@ -55,7 +55,7 @@ def serve(
                 stack.callback(serve_metrics(config.host, config.metrics_port, registry))
             except OSError as exc:
                 return cannot_listen(config.host, config.metrics_port, exc)
-        for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal; nothing to reload
+        for signum in stop_signals():
             signal.signal(signum, lambda signum, frame: server.drain(config.shutdown_grace_s))
         log.info(
             "Serving on http://%s:%s with %d threads, up to %d connections",

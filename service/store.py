@@ -337,6 +337,8 @@ class Store:
             claimed = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
             ids = [mail.id for mail in claimed]
             OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(OutboxMail.id.in_(ids)).execute()
+            for mail in claimed:  # as PostgreSQL's RETURNING gives them: with the claim's end
+                mail.next_attempt_at = now + CLAIM_LEASE
             return claimed
 
     def mark_sent(self, mail_id: int) -> None:
@@ -345,12 +347,19 @@ class Store:
                 OutboxMail.id == mail_id
             ).execute()
 
-    def release_mails(self, mail_ids: list[int]) -> None:
-        """Give back the claim on mails not yet tried: due again now, for any worker."""
+    def release_mails(self, claimed: list[OutboxMail]) -> None:
+        """Give back this worker's claim on mails it has not tried (as ``claim_due_mails``
+        returned them): due again now, for any worker. Not a claim another worker has made since
+        this one's ended: the claim's end must still be the one this worker wrote."""
+        now = utcnow()
         with self.db.connection_context():
-            OutboxMail.update(next_attempt_at=utcnow()).where(
-                OutboxMail.id.in_(mail_ids) & OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null()
-            ).execute()
+            for mail in claimed:
+                OutboxMail.update(next_attempt_at=now).where(
+                    (OutboxMail.id == mail.id)
+                    & (OutboxMail.next_attempt_at == mail.next_attempt_at)
+                    & OutboxMail.sent_at.is_null()
+                    & OutboxMail.failed_at.is_null()
+                ).execute()
 
     def retry_mail(self, mail_id: int, attempts: int, delay_s: float, error: str) -> None:
         with self.db.connection_context():

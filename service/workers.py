@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Config, cannot_listen, configured, refuse
+from service.config import Config, cannot_listen, configured, refuse, stop_signals
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
@@ -91,7 +91,7 @@ class Supervisor:
         self._restart_at: list[tuple[float, int]] = []  # when, and the slot of the worker that died
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGINT, *stop_signals()):
             signal.signal(signum, self._stop)
         for slot in range(self._config.web_workers):
             self._workers.append(self._spawn(slot))
@@ -231,7 +231,9 @@ def supervise(config: Config) -> int:
 def worker(listen_fd: int, ready_fd: int, occupancy_fd: int, slot: int, supervisor: int) -> int:
     """A worker: serve on the inherited socket, in ``slot`` of the occupancy file, while the
     process ``supervisor`` is its parent; write to ``ready_fd`` once serving."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
+    # Ctrl-C and a closed terminal reach the whole group: the parent stops the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = configured()
     if config is None:
         return 1

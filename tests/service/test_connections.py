@@ -76,7 +76,8 @@ def test_answers_given_during_a_drain_close_their_connection():
         held.release.set()
         answer = read_all(client)  # the server closes the connection after the answer
     head = answer.split(b"\r\n\r\n", 1)[0]
-    assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close" in head
+    assert head.startswith(b"HTTP/1.1 200") and head.count(b"\r\nConnection: ") == 1
+    assert b"\r\nConnection: close" in head
     loop.join(10)
     assert not loop.is_alive()
 
@@ -235,6 +236,13 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     loop.join(10)
 
 
+class Long:
+    """An answer longer than waitress buffers before its task waits for the client to read."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = b"x" * (40 << 20)
+
+
 def test_large_uploads_need_a_place_and_give_it_back():
     """Bodies past the default limit are spooled to disk as they arrive, before any key is
     checked: a worker receives as many at once as recordings have turns (half its threads), and
@@ -242,6 +250,7 @@ def test_large_uploads_need_a_place_and_give_it_back():
     app = falcon.App()
     app.add_route("/echo", Echo())
     app.add_route("/large", Echo())
+    app.add_route("/long", Long())
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
     server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
     loop = threading.Thread(target=server.run, daemon=True)
@@ -270,8 +279,15 @@ def test_large_uploads_need_a_place_and_give_it_back():
     assert read_all(first).endswith(b'{"received": 50000}')  # answered: its place is free again
     first.close()
     hung_up = upload_begun()
+    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
     hung_up.close()  # its client gives up mid-upload: the place comes back too
     wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    for _ in range(2):  # a large upload pipelined behind a long answer, and the client hangs up
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            chunked = b"POST /large HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n" + chunked)
+            client.recv(65536)
+        wait_until(lambda: server.upload_places.free == 1, 10, "the pipelined request's place given back")
     with upload_begun(b"x" * 50_000) as last:
         assert read_all(last).endswith(b'{"received": 50000}')
     server.drain(1)

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import falcon.testing
 import pytest
@@ -257,6 +258,19 @@ def test_concurrent_workers_claim_every_mail_once(bare_store):
     claimed = [mail_id for mine in claims for mail_id in mine]
     assert len(claimed) == 60 and len(set(claimed)) == 60
     assert bare_store.claim_due_mails(4) == []  # leased: nothing is due again before CLAIM_LEASE
+
+
+def test_a_worker_gives_back_only_its_own_claims(bare_store):
+    """After a database outage longer than a claim, another worker may have claimed the mails
+    this one had not tried: giving them back then would let both send them."""
+    queue_mails(bare_store, 2)
+    first, second = bare_store.claim_due_mails(2)
+    with bare_store.db.connection_context():  # the claim on the first mail ended meanwhile
+        OutboxMail.update(next_attempt_at=utcnow() - timedelta(seconds=1)).where(OutboxMail.id == first.id).execute()
+    [taken] = bare_store.claim_due_mails(2)  # another worker claims it
+    assert taken.id == first.id
+    bare_store.release_mails([first, second])
+    assert [mail.id for mail in bare_store.claim_due_mails(2)] == [second.id]  # the other's claim holds
 
 
 @pytest.mark.postgres

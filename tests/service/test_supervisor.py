@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from service.config import stop_signals
+
 from .conftest import wait_until
 
 
@@ -71,3 +73,15 @@ def test_a_worker_started_by_a_supervisor_of_another_version_says_so():
         "heartify: this worker's code is not its supervisor's (the service was replaced on disk while it ran): "
         "restart the service."
     )
+
+
+def test_a_service_started_with_nohup_keeps_ignoring_sighup():
+    """``nohup`` starts it with SIGHUP ignored, to outlive the terminal: the service must not
+    take SIGHUP back as a stop."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert stop_signals() == (signal.SIGTERM,)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    if previous is not signal.SIG_IGN:
+        assert stop_signals() == (signal.SIGTERM, signal.SIGHUP)
