@@ -58,6 +58,9 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     )
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     assert http("GET", f"{server.url}/metrics")[0] == 404  # on its own port only
+    # Both ready, as the supervisor sees them: one that dies before it is ready on the first start
+    # stops the service (it would not start either), and a worker shows in the metrics before then.
+    wait_until(lambda: "with 2 workers" in server.log(), 30, "both workers ready")
     first = wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and p, 30, "both workers")
 
     sent = 0
