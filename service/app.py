@@ -25,7 +25,7 @@ from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveK
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
 from service.ratelimit import RateLimited
-from service.resources import Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
+from service.resources import BINARY, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
 from service.turns import BUSY_RETRY_AFTER_S, Busy
 from service.validation import ValidationError
@@ -86,11 +86,16 @@ HUGE = 10**400
 
 
 def body_limits(config: Config) -> dict[str, int]:
-    """The largest body each route reads, by path ("" for every route not named). waitress
-    refuses a larger one before reading it (``connections.Request``): on a route that takes an
-    email address, nobody can make the service spool an hour's recording to disk before the app
-    sees it. The resources check the same limits on what they read."""
-    limits = {"": config.max_body_bytes, RECORD: config.record_body_bytes(binary=False)}
+    """The largest body each route reads, by path ("" for every route not named), or by path
+    and media type where they differ. waitress refuses a larger one before reading it
+    (``connections.Request``): on a route that takes an email address, nobody can make the
+    service spool an hour's recording to disk before the app sees it. The resources check the
+    same limits on what they read."""
+    limits = {
+        "": config.max_body_bytes,
+        RECORD: config.record_body_bytes(binary=False),
+        f"{RECORD} {BINARY}": config.record_body_bytes(binary=True),
+    }
     return limits | dict.fromkeys(KEY_ROUTES, KEY_BODY_BYTES)
 
 

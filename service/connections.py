@@ -134,7 +134,9 @@ class Request(HTTPRequestParser):
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
-        self.adj = self._limits.get("/" + self.path.lstrip("/"), self._limits[""])
+        path = "/" + self.path.lstrip("/")
+        media = self.headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
         default = self._limits[""].max_request_body_size
         large_route = self.adj.max_request_body_size > default
         if large_route and (self.chunked or default <= self.content_length < self.adj.max_request_body_size):
@@ -428,7 +430,8 @@ def create_server(
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
     parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
     every worker); ``run()`` serves until SystemExit. ``body_limits``: the largest body of each
-    route, by path ("" for the others; ``app.body_limits``), else ``MAX_BATCH_WINDOWS``'s."""
+    route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
+    ``MAX_BATCH_WINDOWS``'s."""
     body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
