@@ -27,7 +27,7 @@ from service.middleware import ReleaseConnection, RequestContext, SecurityHeader
 from service.ratelimit import RateLimited
 from service.resources import BINARY, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
-from service.turns import BUSY_RETRY_AFTER_S, Busy
+from service.turns import BUSY_RETRY_AFTER_S, Busy, ClientGone
 from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
@@ -129,6 +129,7 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(RateLimited, partial(_rate_limited, deps.metrics))
     app.add_error_handler(TooManyValues, _too_many_values)
     app.add_error_handler(Busy, _busy)
+    app.add_error_handler(ClientGone, _client_gone)
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
     limit = config.max_body_bytes
@@ -193,6 +194,12 @@ def _busy(req: falcon.Request, resp: falcon.Response, exc: Busy, params: dict) -
     resp.status = falcon.HTTP_503
     resp.set_header("Retry-After", str(BUSY_RETRY_AFTER_S))
     resp.media = {"error": str(exc)}
+
+
+def _client_gone(req: falcon.Request, resp: falcon.Response, exc: ClientGone, params: dict) -> None:
+    """Nobody reads it; the access log and the metrics say what happened (nginx's 499)."""
+    resp.status = "499 Client Closed Request"
+    resp.media = {"error": "The client closed the connection"}
 
 
 def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUnavailable, params: dict) -> None:

@@ -445,6 +445,9 @@ def create_server(
         max_request_body_size=max(body_limits.values()) + 1,
         ident="heartify",
         recv_bytes=1 << 16,  # a one-window body in one read instead of four
+        # Read one request ahead: a client's hang-up is then seen while its request is served
+        # (environ["waitress.client_disconnected"]), so a recording waiting for a turn leaves.
+        channel_request_lookahead=1,
         connection_limit=limit,
         asyncore_use_poll=True,
         cleanup_interval=1,

@@ -112,7 +112,8 @@ class Recording:
         key_id = authenticate(self._keys, req)
         binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
         _check_length(req, self._limits[binary])  # a refusal that costs nothing waits for no turn
-        with self._turns.turn():
+        # waitress tells whether the client has hung up (its loop reads one request ahead).
+        with self._turns.turn(req.env.get("waitress.client_disconnected", lambda: False)):
             self._denoise(req, resp, key_id, binary)
 
     def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int, binary: bool) -> None:

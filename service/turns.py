@@ -11,16 +11,24 @@ takes a freed turn from one already waiting.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 BUSY = "Busy with other recordings. Try again shortly."
 BUSY_RETRY_AFTER_S = 5  # most recordings take a few seconds
 
 
+CHECK_GONE_S = 0.5  # how often a waiter looks whether its client has hung up
+
+
 class Busy(Exception):
     """No turn now, nor within the wait: the client is asked to try again (503)."""
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited for a turn: nobody would read the answer."""
 
 
 class Turns:
@@ -32,29 +40,38 @@ class Turns:
         self._wait_s = wait_s
 
     @contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self, gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
         """A turn for the ``with`` block; ``Busy`` if none came within the wait, or at once if as
-        many requests as allowed already wait."""
+        many requests as allowed already wait; ``ClientGone`` if ``gone()`` says the client has
+        hung up meanwhile (it leaves the line, and its turn goes to the next)."""
         with self._changed:
             if self._free and not self._line:
                 self._free -= 1
             elif len(self._line) >= self._most_waiting:
                 raise Busy(BUSY)
             else:
-                self._wait_in_line()
+                self._wait_in_line(gone)
         try:
+            if gone():
+                raise ClientGone()
             yield
         finally:
             with self._changed:
                 self._free += 1
                 self._changed.notify_all()
 
-    def _wait_in_line(self) -> None:
+    def _wait_in_line(self, gone: Callable[[], bool]) -> None:
         ticket = object()
         self._line.append(ticket)
+        deadline = time.monotonic() + self._wait_s
         try:
-            if not self._changed.wait_for(lambda: self._free and self._line[0] is ticket, self._wait_s):
-                raise Busy(BUSY)
+            while not self._changed.wait_for(
+                lambda: self._free and self._line[0] is ticket, min(CHECK_GONE_S, deadline - time.monotonic())
+            ):
+                if gone():
+                    raise ClientGone()
+                if time.monotonic() >= deadline:
+                    raise Busy(BUSY)
             self._free -= 1
         finally:
             self._line.remove(ticket)

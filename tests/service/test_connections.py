@@ -225,7 +225,7 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     assert expecting.startswith(b"HTTP/1.1 413 ")  # not "100 Continue", which curl takes to send it all
     binary = b"Content-Type: Application/Octet-Stream; x=y\r\nContent-Length: 5000\r\nExpect: 100-continue"
     by_type = send(b"POST /large HTTP/1.1\r\nHost: x\r\n" + binary + b"\r\n\r\n")  # its media type's limit
-    assert by_type.startswith(b"HTTP/1.1 413 ") and by_type.endswith(b"(limit 2000 bytes)\"}")
+    assert by_type.startswith(b"HTTP/1.1 413 ") and by_type.endswith(b'(limit 2000 bytes)"}')
     chunk = b"%x\r\n%s\r\n" % (1500, b"x" * 1500)
     chunked = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", chunk + b"0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 413 ") and chunked.endswith(b'(limit 1000 bytes)"}')

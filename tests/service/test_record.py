@@ -5,17 +5,21 @@ Synthetic signals always; the real recordings of ``../shared/data`` where they a
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 from pathlib import Path
 
 import falcon.testing
 import numpy as np
+import orjson
 import pytest
 
 from service import record, recording, resources
 from service.app import create_app
 from service.batcher import Batcher
+from service.connections import create_server
 from service.contract import SAMPLING_RATE_HZ, WINDOW
 from service.runtime import Runtime
 
@@ -320,6 +324,47 @@ def test_recordings_past_the_workers_turns_wait_then_get_503(tmp_path, engine, s
         running.join(30)
         assert first == [200]
         assert post_json(client, key, body).status_code == 200  # the turn is free again
+
+
+def test_a_recording_whose_client_hung_up_leaves_the_line(tmp_path, engine, smtp, sqlite_url, caplog):
+    """A real server: one recording runs, one waits in line and its client hangs up, a third
+    comes. The second leaves the line without running (logged 499), so the third waits for the
+    turn instead of getting the 503 for a full line, and nothing runs for nobody."""
+    caplog.set_level(logging.INFO, logger="service.access")
+    gated = GatedEngine(engine)
+    config = smtp_config(tmp_path, sqlite_url, smtp, host="127.0.0.1", port=0, web_threads=4)  # 1 turn, 1 waiting
+    with Runtime(config, engine=gated) as rt:
+        server = create_server(create_app(rt.deps), config)
+        loop = threading.Thread(target=server.run, daemon=True)
+        loop.start()
+        key = issue_key(rt.store, "gone@example.org")
+        body = orjson.dumps({"ecg_signal": ecg(4, 130).tolist()})
+        head = b"POST /api/v1/denoising/record HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n" % key.encode()
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        answers: dict[str, bytes] = {}
+
+        def post(name: str) -> None:
+            with socket.create_connection(("127.0.0.1", server.effective_port), timeout=30) as client:
+                client.sendall(head + body)
+                answers[name] = client.recv(12)
+
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        assert gated.entered.wait(10)
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as hung_up:
+            hung_up.sendall(head + body)
+            time.sleep(0.3)  # in line by now
+        wait_until(lambda: any(" 499 " in r.getMessage() for r in caplog.records), 10, "the hung-up one gone")
+        third = threading.Thread(target=post, args=("third",))
+        third.start()
+        time.sleep(0.3)
+        assert "third" not in answers  # waiting for the turn, not refused
+        gated.gate.set()
+        for thread in (first, third):
+            thread.join(30)
+        assert answers == {"first": b"HTTP/1.1 200", "third": b"HTTP/1.1 200"}
+        server.drain(1)
+        loop.join(10)
 
 
 def test_503_without_a_model(runtime):

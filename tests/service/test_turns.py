@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from service.turns import Busy, Turns
+from service.turns import Busy, ClientGone, Turns
 
 from .conftest import wait_until
 
@@ -50,4 +50,28 @@ def test_a_wait_that_ends_without_a_turn_is_busy_and_frees_its_place():
             with pytest.raises(Busy), turns.turn():
                 pass
     with turns.turn():
+        pass
+
+
+def test_a_client_that_hung_up_leaves_the_line_and_runs_nothing():
+    turns = Turns(at_once=1, waiting=1, wait_s=30)
+    hung_up = threading.Event()
+    outcomes: list[str] = []
+
+    def wait() -> None:
+        try:
+            with turns.turn(hung_up.is_set):
+                outcomes.append("ran")
+        except ClientGone:
+            outcomes.append("gone")
+
+    with turns.turn():
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        hung_up.set()
+        waiter.join(10)  # it leaves within a check, long before the 30 s wait ends
+        assert outcomes == ["gone"]
+    with pytest.raises(ClientGone), turns.turn(lambda: True):  # a free turn: not run either
+        pass
+    with turns.turn():  # and given back
         pass
