@@ -193,7 +193,10 @@ def _duration(samples: int, rate: float, max_seconds: float) -> None:
             f"ecg_signal must hold at least {MIN_SECONDS:g} seconds: {need} values at {rate:g} Hz (got {samples})"
         )
     if seconds > max_seconds:
-        raise TooLong(f"Recording too long: at most {max_seconds:g} seconds (got {seconds:.1f} s at {rate:g} Hz)")
+        shown = f"{seconds:.1f}"
+        if float(shown) <= max_seconds:  # 600.001 s must not read as the 600.0 it exceeds
+            shown = f"{seconds:.9g}"
+        raise TooLong(f"Recording too long: at most {max_seconds:g} seconds (got {shown} s at {rate:g} Hz)")
 
 
 def _window(value: Any, label: str) -> np.ndarray:

@@ -286,6 +286,8 @@ def test_a_body_of_more_numbers_than_any_recording_holds_is_refused_before_it_is
     assert result.status_code == 413
     assert result.json == {"error": "Request body too large: more than 83216 values"}
     assert post_json(client, key, {"ecg_signal": [0] * 2500, "sampling_rate": 1000}).status_code == 413  # too long
+    just_over = post_json(client, key, {"ecg_signal": [0] * 2001, "sampling_rate": 1000})
+    assert just_over.json == {"error": "Recording too long: at most 2 seconds (got 2.001 s at 1000 Hz)"}
     assert post_json(client, key, {"ecg_signal": ecg(2, 1000).tolist(), "sampling_rate": 1000}).status_code == 200
 
 
