@@ -18,8 +18,6 @@ from contextlib import contextmanager
 
 BUSY = "Busy with other recordings. Try again shortly."
 BUSY_RETRY_AFTER_S = 5  # most recordings take a few seconds
-
-
 CHECK_GONE_S = 0.5  # how often a waiter looks whether its client has hung up
 
 
