@@ -16,9 +16,24 @@ import falcon
 import pytest
 
 from service.config import Config
-from service.connections import create_server
+from service.connections import Server, create_server
 
 from .conftest import wait_until
+
+
+def app_with(routes: dict[str, object]) -> falcon.App:
+    """A Falcon app serving each resource at its path."""
+    app = falcon.App()
+    for path, resource in routes.items():
+        app.add_route(path, resource)
+    return app
+
+
+def started(server: Server) -> threading.Thread:
+    """The server's loop, running in a thread: joining it tells that the server stopped."""
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    return loop
 
 
 class Held:
@@ -39,11 +54,9 @@ def test_a_shut_socket_drains_the_worker_after_its_requests(caplog):
     must finish its requests and then stop, not lose its loop's upkeep (waitress closes a server
     whose socket hangs up, and then nothing would ever end the loop)."""
     held = Held()
-    app = falcon.App()
-    app.add_route("/held", held)
+    app = app_with({"/held": held})
     server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     answers: list[int] = []
     url = f"http://127.0.0.1:{server.effective_port}/held"
     client = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(url, timeout=10).status))
@@ -63,11 +76,9 @@ def test_answers_given_during_a_drain_close_their_connection():
     """A kept-alive client whose answer came during the drain would send its next request on a
     connection the drain is about to close; told "Connection: close", it opens a new one."""
     held = Held()
-    app = falcon.App()
-    app.add_route("/held", held)
+    app = app_with({"/held": held})
     server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")  # HTTP/1.1: kept alive by default
         assert held.entered.wait(10)
@@ -89,8 +100,7 @@ def test_a_workers_own_drain_leaves_the_shared_socket_serving():
     others = listener.dup()  # the other workers' hold on the same socket
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=5)
     server = create_server(falcon.App(), config, listener, supervisor=os.getppid())
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     server.drain(5)
     loop.join(10)
     assert not loop.is_alive()
@@ -127,8 +137,7 @@ def answer_to(client: socket.socket) -> bytes:
 def test_connections_queued_when_the_service_stops_are_served_and_later_ones_refused(worker):
     """Shutting a listening socket resets the connections queued in it: clients that connected
     before the stop, most with their request sent. The drain accepts them first."""
-    app = falcon.App()
-    app.add_route("/hello", Hello())
+    app = app_with({"/hello": Hello()})
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=10)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -136,8 +145,7 @@ def test_connections_queued_when_the_service_stops_are_served_and_later_ones_ref
     server = create_server(app, config, listener, **stopping)  # no supervisor: the socket is its own
     clients = [queued_request(port) for _ in range(3)]  # no loop runs yet: nothing accepts them
     server.drain(10)
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     answers = [answer_to(client) for client in clients]
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b'{"hello": "world"}') for a in answers), answers
     with pytest.raises(ConnectionRefusedError):
@@ -151,8 +159,7 @@ def test_a_request_waiting_unread_on_a_kept_alive_connection_when_the_drain_begi
     """The drain closes kept-alive connections between two requests, but not one whose next
     request has arrived and waits in the socket for the loop to read it: closing a socket with
     unread bytes resets the connection, and the client loses a request it had sent."""
-    app = falcon.App()
-    app.add_route("/hello", Hello())
+    app = app_with({"/hello": Hello()})
     server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
     client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
     server.handle_accept()
@@ -160,8 +167,7 @@ def test_a_request_waiting_unread_on_a_kept_alive_connection_when_the_drain_begi
     channel.first_request = False  # as after an answered request: kept alive, between two
     client.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
     server.drain(10)  # before the loop has read it
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     answer = answer_to(client)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"hello": "world"}'), answer
     loop.join(10)
@@ -174,11 +180,9 @@ class Echo:
 
 
 def test_a_request_still_uploading_when_the_drain_begins_is_answered():
-    app = falcon.App()
-    app.add_route("/echo", Echo())
+    app = app_with({"/echo": Echo()})
     server = create_server(app, Config(host="127.0.0.1", port=0, shutdown_grace_s=10))
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     body = b"x" * 100_000
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
@@ -199,14 +203,11 @@ def test_a_request_still_uploading_when_the_drain_begins_is_answered():
 def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     """A body past its route's limit is refused from its headers, unread, with the app's JSON
     413; another route takes a larger one. waitress's other refusals are JSON too."""
-    app = falcon.App()
-    app.add_route("/echo", Echo())
-    app.add_route("/large", Echo())
+    app = app_with({"/echo": Echo(), "/large": Echo()})
     config = Config(host="127.0.0.1", port=0)
     limits = {"": 1000, "/large": 100_000, "/large application/octet-stream": 2000}
     server = create_server(app, config, body_limits=limits)
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
 
     def send(head: bytes, body: bytes = b"") -> bytes:
         with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
@@ -251,14 +252,10 @@ def test_large_uploads_need_a_place_and_give_it_back():
     """Bodies past the default limit are spooled to disk as they arrive, before any key is
     checked: a worker receives as many at once as recordings have turns (half its threads), and
     answers the next one 503 from its headers, unread."""
-    app = falcon.App()
-    app.add_route("/echo", Echo())
-    app.add_route("/large", Echo())
-    app.add_route("/long", Long())
+    app = app_with({"/echo": Echo(), "/large": Echo(), "/long": Long()})
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
     server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     port = server.effective_port
     head = b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n"
 
@@ -316,12 +313,9 @@ class Ordered:
 
 def test_health_checks_go_ahead_of_the_requests_waiting_for_a_thread():
     ordered = Ordered()
-    app = falcon.App()
-    for path in ("/busy/{name}", "/healthz", "/readyz"):
-        app.add_route(path, ordered)
+    app = app_with(dict.fromkeys(("/busy/{name}", "/healthz", "/readyz"), ordered))
     server = create_server(app, Config(host="127.0.0.1", port=0, web_threads=1))
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     base = f"http://127.0.0.1:{server.effective_port}"
 
     def get(path: str) -> threading.Thread:
@@ -363,11 +357,9 @@ def test_a_request_that_cannot_be_parsed_gets_its_400_and_the_connection_closes(
     the connection is dropped unanswered, or, behind a pipelined request, held open forever."""
     ordered = Ordered()
     ordered.order.append("")  # no request waits to be released
-    app = falcon.App()
-    app.add_route("/healthz", ordered)
+    app = app_with({"/healthz": ordered})
     server = create_server(app, Config(host="127.0.0.1", port=0))
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
+    loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(sent)
         answer = read_all(client)  # to the end: the server closes the connection
