@@ -72,8 +72,9 @@ def _loggable(text: str) -> str:
 
 
 class SecurityHeaders:
-    """``nosniff`` everywhere; ``no-store`` where a resource says its answers hold secrets or
-    personal data (its ``no_store`` attribute); a strict policy on HTML pages. With CORS on,
+    """``nosniff`` everywhere; ``no-store`` unless a resource says its answers may be cached (its
+    ``cacheable`` attribute): signals, keys, links and errors must not stay in a shared cache,
+    and a route added later is safe by default. A strict policy on HTML pages. With CORS on,
     ``Vary: Origin``: the answer's ``Access-Control-Allow-Origin`` depends on the caller's origin,
     and a shared cache must not hand one origin's answer to another."""
 
@@ -86,7 +87,7 @@ class SecurityHeaders:
         resp.set_header("X-Content-Type-Options", "nosniff")
         if self._cors:
             resp.append_header("Vary", "Origin")
-        if getattr(resource, "no_store", False):
+        if not getattr(resource, "cacheable", False):
             resp.set_header("Cache-Control", "no-store")
         if (resp.content_type or "").startswith(falcon.MEDIA_HTML):
             resp.set_header("Content-Security-Policy", PAGE_CSP)

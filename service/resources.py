@@ -62,8 +62,6 @@ def _check_length(req: falcon.Request, limit: int) -> None:
 class Denoising:
     """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher."""
 
-    no_store = True  # signals or personal data: no cache may keep them
-
     def __init__(
         self,
         keys: KeyService,
@@ -147,8 +145,6 @@ def _number(rate: float) -> int | float:
 class KeyRequest:
     """``POST /api/v1/api-keys/generation`` and ``/deactivation``: both mail a link for an email."""
 
-    no_store = True  # signals or personal data: no cache may keep them
-
     def __init__(self, action: Callable[[str, str], None], body_limit: int) -> None:
         self._action = action
         self._body_limit = body_limit
@@ -161,8 +157,6 @@ class KeyRequest:
 
 class Verification:
     """``GET /api/v1/api-keys/verify?token=…``: the link in the mails; answers with a page."""
-
-    no_store = True  # signals or personal data: no cache may keep them
 
     def __init__(self, keys: KeyService) -> None:
         self._keys = keys
@@ -201,6 +195,8 @@ class Readiness:
 
 class Document:
     """Serves a prebuilt JSON document (the OpenAPI description)."""
+
+    cacheable = True  # the same for everyone until the service restarts
 
     def __init__(self, document: dict[str, Any]) -> None:
         self._document = document

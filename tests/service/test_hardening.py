@@ -215,10 +215,11 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
 
 
 # -- HTTP hygiene -------------------------------------------------------------------------------
-def test_every_answer_is_nosniff_and_secrets_are_not_stored(runtime, client, smtp):
+def test_every_answer_is_nosniff_and_only_the_openapi_document_may_be_cached(runtime, client, smtp):
     key = issue_key(runtime.store, "h@example.org")
     answers = {
         "ok": client.simulate_post(DENOISE, json=WINDOW, headers={"x-api-key": key}),
+        "recording": client.simulate_post(DENOISE + "/record", json=WINDOW, headers={"x-api-key": key}),
         "bad": client.simulate_post(DENOISE, json={}, headers={"x-api-key": key}),
         "unauthorized": client.simulate_post(DENOISE, json=WINDOW),
         "missing": client.simulate_get("/nowhere"),
@@ -226,8 +227,10 @@ def test_every_answer_is_nosniff_and_secrets_are_not_stored(runtime, client, smt
         "mail": client.simulate_post(GENERATION, json={"email": "new@example.org"}),
     }
     assert all(a.headers["x-content-type-options"] == "nosniff" for a in answers.values())
-    for name in ("ok", "bad", "unauthorized", "mail"):
+    assert answers["recording"].status_code == 200
+    for name in ("ok", "recording", "bad", "unauthorized", "missing", "health", "mail"):
         assert answers[name].headers["cache-control"] == "no-store", name
+    assert "cache-control" not in client.simulate_get("/openapi.json").headers
     page = client.simulate_get(verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", ""))
     assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
     assert page.headers["x-frame-options"] == "DENY"
