@@ -18,8 +18,9 @@ from service.manifest import ModelError, verify_model
 from service.sealing import secret_beside, split_secrets
 from service.store import Store
 
-# Connections beyond the request threads: the mail worker and the last_used flusher.
-BACKGROUND_CONNECTIONS = 2
+# Pooled connections beyond the request threads: the mail worker, the last_used flusher and the
+# housekeeping purge (the probe and the PostgreSQL listener open their own).
+BACKGROUND_CONNECTIONS = 3
 
 
 class StartupError(Exception):
