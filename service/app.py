@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,7 +25,7 @@ from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.metrics import Exposition, Metrics, RequestMetrics
-from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders
+from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
 from service.ratelimit import RateLimited
 from service.resources import BINARY, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
 from service.store import Store
@@ -46,6 +48,8 @@ class Deps:
     batcher: Batcher | None  # None: no model loaded, denoising answers 503
     model_version: int
     metrics: Metrics | None = None  # None: METRICS=off, no /metrics and nothing counted
+    clock: Callable[[], float] = time.perf_counter  # times requests for the access log and metrics
+    new_id: Callable[[], str] = random_id  # a request's id when the client gives none
 
 
 class TooManyValues(Exception):
@@ -101,7 +105,7 @@ def body_limits(config: Config) -> dict[str, int]:
 
 def create_app(deps: Deps) -> falcon.App:
     config = deps.config
-    middleware: list[object] = [RequestContext(config.trusted_proxies)]
+    middleware: list[object] = [RequestContext(config.trusted_proxies, deps.clock, deps.new_id)]
     if config.cors_allow_origins:
         middleware.append(
             falcon.CORSMiddleware(
@@ -110,7 +114,7 @@ def create_app(deps: Deps) -> falcon.App:
         )
     middleware += [SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
     if deps.metrics is not None:
-        middleware.insert(1, RequestMetrics(deps.metrics))
+        middleware.insert(1, RequestMetrics(deps.metrics, deps.clock))
     app = falcon.App(middleware=middleware)
     # The most numbers a body may hold: a whole batch, or the longest recording (and a few more
     # for the other fields).

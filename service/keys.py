@@ -137,9 +137,9 @@ class MailLimits:
 
 
 class KeyService:
-    """The key flows over the store; ``clock`` and ``new_secret`` are injected so tests can pin
-    the time and the secrets; ``siblings``: the worker processes beside this one, which hear of
-    its deactivations and tell it of theirs (``service.occupancy``)."""
+    """The key flows over the store; ``clock`` gives the time tokens are issued and checked at,
+    ``new_secret`` the keys and tokens; ``siblings``: the worker processes beside this one, which
+    hear of its deactivations and tell it of theirs (``service.occupancy``)."""
 
     def __init__(
         self,

@@ -109,17 +109,19 @@ class Metrics:
 class RequestMetrics:
     """Falcon middleware: counts every response by route template (never the raw path) and status."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.perf_counter) -> None:
         self._metrics = metrics
+        self._clock = clock
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.metrics_start = time.perf_counter()
+        req.context.metrics_start = self._clock()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         route = req.uri_template if resource is not None and req.uri_template else UNMATCHED
-        elapsed = time.perf_counter() - req.context.get("metrics_start", time.perf_counter())
+        now = self._clock()
+        elapsed = now - req.context.get("metrics_start", now)
         self._metrics.requests.labels(route, str(resp.status_code)).inc()
         self._metrics.request_duration.labels(route).observe(elapsed)
 

@@ -27,6 +27,10 @@ PAGE_CSP = (
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+def random_id() -> str:
+    return uuid.uuid4().hex
+
+
 class RequestContext:
     """First in, last out: gives each request an id and its client's address, and logs one line
     when the response is ready: method, path (never the query, which may hold a token), status,
@@ -36,7 +40,7 @@ class RequestContext:
         self,
         trusted_proxies: tuple[Network, ...] = (),
         clock: Callable[[], float] = time.perf_counter,
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_id: Callable[[], str] = random_id,
     ) -> None:
         self._proxies = trusted_proxies
         self._clock = clock

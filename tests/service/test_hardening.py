@@ -4,6 +4,7 @@ purged, and the HTTP headers every answer carries."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 
@@ -276,6 +277,16 @@ def test_one_access_line_per_request_with_its_id_and_no_secret(runtime, client, 
     assert lines[0].startswith("POST /api/v1/denoising 200 ") and "id=abc-123" in lines[0]
     assert lines[1].startswith("GET /api/v1/api-keys/verify 400 ")
     assert not any(key in line or "secret-token-value" in line for line in lines)
+
+
+def test_the_app_takes_its_clock_and_request_ids_from_its_dependencies(runtime, caplog):
+    caplog.set_level(logging.INFO, logger="service.access")
+    ticks = iter([100.0, 100.0, 100.25, 100.25])  # in and out, the access log's and the metrics'
+    deps = dataclasses.replace(runtime.deps, clock=lambda: next(ticks), new_id=lambda: "req-1")
+    answer = falcon.testing.TestClient(create_app(deps)).simulate_get("/healthz")
+    assert answer.headers["x-request-id"] == "req-1"
+    [line] = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert line.startswith("GET /healthz 200 250.0ms id=req-1 ")
 
 
 def test_a_path_cannot_forge_log_lines_or_send_terminal_escapes(client, caplog):
