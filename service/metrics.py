@@ -88,7 +88,6 @@ class Metrics:
             multiprocess_mode="liveall",
             registry=r,
         )
-        # Defined for the hardening work (rate limits, mail failures) to wire in.
         self.rate_limited = Counter("heartify_rate_limited", "Requests refused by a rate limit", ["limit"], registry=r)
         self.mail_failures = Counter("heartify_mail_failures", "Mails that failed to send", ["kind"], registry=r)
         self.worker_start_time.set_to_current_time()
