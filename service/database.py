@@ -10,12 +10,13 @@ again as soon as the database answers, so recovery needs no restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -151,14 +152,9 @@ class _Guarded:
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         self.health.check()
-        try:
+        with self._translated():
             self.check_file()
             return super().connect(reuse_if_open)  # type: ignore[misc]
-        except Exception as exc:
-            if not unavailable(exc):
-                raise
-            self._failed(exc)
-            raise DatabaseUnavailable(first_line(exc)) from exc
 
     def _connect(self) -> object:
         """Runs under the database's lock: threads that queued on it while the first one found
@@ -173,14 +169,20 @@ class _Guarded:
         if not unwritable(exc):
             self.close_idle()  # type: ignore[attr-defined]
 
-    def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The driver's unavailability errors open the breaker and become ``DatabaseUnavailable``."""
         try:
-            cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
+            yield
         except Exception as exc:
             if not unavailable(exc):
                 raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
+
+    def execute_sql(self, sql: str, params: tuple | None = None, *args: object, **kwargs: object) -> object:
+        with self._translated():
+            cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
         self.health.succeeded()
         return cursor
 
