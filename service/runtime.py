@@ -144,7 +144,7 @@ class Runtime:
                 TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
                 siblings=self._occupancy,
             )
-            if self.store.notifies:
+            if self.store.is_postgres:  # other processes hear of deactivations at once
                 listener = Listener(
                     lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached, keys.revalidate_cached
                 ).start()

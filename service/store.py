@@ -161,7 +161,7 @@ class Store:
             if self._schema_complete():
                 return
             with self.db.atomic():
-                if self.notifies:
+                if self.is_postgres:
                     self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 if not self._schema_complete():  # another process may have made it meanwhile
                     self._create_missing()
@@ -192,8 +192,8 @@ class Store:
         self.db.create_tables(MODELS, safe=True)  # indexes on the columns just added
 
     @property
-    def notifies(self) -> bool:
-        """Whether other processes hear of key deactivations at once (PostgreSQL's NOTIFY)."""
+    def is_postgres(self) -> bool:
+        """PostgreSQL: it has NOTIFY, advisory locks and ``SKIP LOCKED``; SQLite has none of them."""
         return isinstance(self.db, pw.PostgresqlDatabase)
 
     def listen(self, channel: str) -> psycopg2.extensions.connection:
@@ -245,7 +245,7 @@ class Store:
             .where((ApiKey.email == email) & (ApiKey.is_active == True))  # noqa: E712
             .execute()
         )
-        if count and self.notifies:
+        if count and self.is_postgres:
             # Queued in this transaction: the listeners hear it when (and only if) it commits.
             self.db.execute_sql("SELECT pg_notify(%s, '')", (KEYS_CHANNEL,))
         return count
@@ -271,7 +271,7 @@ class Store:
         """Serialise the transactions about the same names (an email, a client) until this one
         ends: a mail request's count and insert, a verification's updates of the email's tokens
         and keys. SQLite's write lock, taken at BEGIN, already does."""
-        if isinstance(self.db, pw.PostgresqlDatabase):
+        if self.is_postgres:
             for name in sorted(names):
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
 
@@ -323,7 +323,7 @@ class Store:
         with self.db.connection_context(), self.db.atomic():
             now = utcnow()
             due = OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
-            if self.notifies:
+            if self.is_postgres:
                 # One statement: rows another worker is claiming are skipped, not waited for.
                 free = OutboxMail.select(OutboxMail.id).where(due).order_by(*oldest).limit(limit)
                 lease = OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(
