@@ -86,6 +86,8 @@ class Runtime:
         self.outbox: Outbox
         self.usage: LastUsed
         self.batcher: Batcher
+        self.sealer: Sealer
+        self.housekeeping: Housekeeping
         self.deps: Deps
 
     def start(self) -> Runtime:

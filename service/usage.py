@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 
 class LastUsed:
+    """The latest use of each key, held in memory and written in the background."""
+
     def __init__(self, store: Store, flush_every_s: float) -> None:
         self._store = store
         self._pending: dict[int, datetime] = {}
@@ -48,8 +50,9 @@ class LastUsed:
                     self._pending.setdefault(key_id, when)
             raise
 
-    def start(self) -> None:
+    def start(self) -> LastUsed:
         self._loop.start()
+        return self
 
     def close(self) -> None:
         """A last flush; while the database is away the times still held are reported, not raised."""
