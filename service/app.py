@@ -208,7 +208,7 @@ def _client_gone(req: falcon.Request, resp: falcon.Response, exc: ClientGone, pa
 
 def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUnavailable, params: dict) -> None:
     resp.status = falcon.HTTP_503
-    resp.media = {"error": "Model not loaded"}
+    resp.media = {"error": str(exc)}
 
 
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 class ModelUnavailable(RuntimeError):
     """No model to run: none was loaded, or the service is shutting down."""
 
+    def __init__(self) -> None:
+        super().__init__("Model not loaded")  # the contract's 503 message
+
 
 @dataclass
 class _Job:
@@ -165,7 +168,7 @@ class Batcher:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ModelUnavailable("Model not loaded")
+            raise ModelUnavailable
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the workers (each one ends at the first stop marker it takes)."""

@@ -26,7 +26,6 @@ from service.sealing import Sealer
 from service.store import DEACTIVATION, GENERATION, KeyConflict, Store, utcnow
 from service.usage import LastUsed
 
-TOKEN_TTL = timedelta(hours=24)
 # The window of the key-mail rate limits.
 MAIL_WINDOW = timedelta(hours=1)
 VERIFY_PATH = "/api/v1/api-keys/verify"
@@ -261,7 +260,7 @@ class KeyService:
         with self._store.transaction():
             self._store.lock_names(email, client_digest)
             self._check_mail_limits(email, client_digest, now)
-            self._store.add_token(digest(token), kind, email, now, TOKEN_TTL, client=client_digest)
+            self._store.add_token(digest(token), kind, email, now, messages.LINK_TTL, client=client_digest)
             self._store.enqueue_mail(self._sealer.seal(build(email, link)), now)
         self._outbox.wake()
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 PRODUCT = "Heartify Denoising API"
+LINK_TTL = timedelta(hours=24)  # how long a mailed link works, as the mails say
+LINK_LIFE = f"The link works once and expires in {LINK_TTL.total_seconds() / 3600:g} hours."
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,13 @@ def _page(title: str, *paragraphs: str) -> str:
 
 
 def _link_mail(email: str, link: str, subject: str, action: str, ignore: str) -> Mail:
-    text = (
-        f"{action}, open this link:\n\n{link}\n\n"
-        f"The link works once and expires in 24 hours. {ignore}\n\n-- {PRODUCT}\n"
-    )
+    text = f"{action}, open this link:\n\n{link}\n\n{LINK_LIFE} {ignore}\n\n-- {PRODUCT}\n"
     href = html.escape(link)
     body = _page(
         subject,
         f"{html.escape(action)}, open this link:",
         f'<a href="{href}">{href}</a>',
-        f"The link works once and expires in 24 hours. {html.escape(ignore)}",
+        f"{LINK_LIFE} {html.escape(ignore)}",
     )
     return Mail(email, f"{PRODUCT}: {subject}", text, body)
 

@@ -9,11 +9,12 @@ import math
 from typing import Any
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.messages import LINK_TTL
 from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
+from service.resources import BINARY
 from service.validation import EMAIL_PATTERN, MAX_ABS
 
 _JSON = "application/json"
-_BINARY = "application/octet-stream"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -77,12 +78,12 @@ def _record(max_seconds: float) -> dict[str, Any]:
             ],
             "requestBody": {
                 "required": True,
-                "content": {_JSON: {"schema": _ref("RecordRequest")}, _BINARY: {"schema": float32}},
+                "content": {_JSON: {"schema": _ref("RecordRequest")}, BINARY: {"schema": float32}},
             },
             "responses": {
                 "200": {
                     "description": "The denoised recording, as long as the request and in its form",
-                    "content": {_JSON: {"schema": _ref("RecordResponse")}, _BINARY: {"schema": float32}},
+                    "content": {_JSON: {"schema": _ref("RecordResponse")}, BINARY: {"schema": float32}},
                 },
                 "400": _error(
                     "Body missing or not JSON, shorter than 2 s, a bad or missing rate, or a sample that is not a "
@@ -310,7 +311,7 @@ def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = 
             ),
             "/api/v1/api-keys/verify": {
                 "get": {
-                    "summary": "Follow a mailed link (single use, valid 24 hours)",
+                    "summary": f"Follow a mailed link (single use, valid {LINK_TTL.total_seconds() / 3600:g} hours)",
                     "tags": ["API keys"],
                     "parameters": [
                         {

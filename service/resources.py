@@ -83,7 +83,7 @@ class Denoising:
         windows = self._parse(json_body(req, self._body_limit))
         input_units = validation.input_units(_query(req, "units"))
         if self._batcher is None:
-            raise ModelUnavailable("Model not loaded")
+            raise ModelUnavailable
         denoised = self._batcher.denoise(windows, input_units)
         self._keys.used(key_id)
         resp.media = {"modelVersion": self._model_version, **self._render(denoised)}
@@ -123,7 +123,7 @@ class Recording:
             body = json_body(req, self._limits[binary])
             samples, rate = validation.record(body, self._max_seconds, _query(req, "sampling_rate"))
         if self._batcher is None:
-            raise ModelUnavailable("Model not loaded")
+            raise ModelUnavailable
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
         self._keys.used(key_id)
         if binary:  # float32 in, float32 out
