@@ -1,9 +1,8 @@
 """``python -m service``: serve the API with waitress, configured from the environment.
 
-Start-up failures print one sentence to stderr and exit 1. SIGTERM (``docker stop``) and Ctrl-C
-stop accepting requests, let the batcher finish, flush ``last_used`` and close the database.
-``WEB_WORKERS`` > 1 runs that many serving processes under a supervisor (``service.workers``);
-1 serves from this process.
+Start-up failures print one sentence to stderr and exit 1. ``WEB_WORKERS`` > 1 runs that many
+serving processes under a supervisor (``service.workers``); 1 serves from this process
+(``service.server``, which also says what SIGTERM, SIGHUP and Ctrl-C do).
 """
 
 from __future__ import annotations

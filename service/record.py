@@ -19,7 +19,9 @@ import numpy as np
 from service import recording
 from service.batcher import Batcher
 from service.config import Config, ConfigError, refuse
-from service.runtime import StartupError, model_version, start_engine
+from service.contract import SAMPLING_RATE_HZ
+from service.runtime import start_engine
+from service.startup import StartupError, model_version
 
 FORMATS = (".csv", ".npy")
 CHUNK_WINDOWS = 64  # windows between progress updates
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.record", description=__doc__.splitlines()[0])
     parser.add_argument("input", type=Path, help="one column of samples: .csv or .npy")
     parser.add_argument("output", type=Path, help="where the denoised recording goes: .csv or .npy")
-    parser.add_argument("--rate", type=float, default=130.0, help="sampling rate in Hz (default 130)")
+    parser.add_argument(
+        "--rate", type=float, default=SAMPLING_RATE_HZ, help=f"sampling rate in Hz (default {SAMPLING_RATE_HZ})"
+    )
     args = parser.parse_args(argv)
     for path in (args.input, args.output):
         if path.suffix not in FORMATS:

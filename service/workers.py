@@ -1,23 +1,25 @@
 """``WEB_WORKERS`` processes serving one listening socket, under a supervising parent.
 
-One Python process spends about a millisecond of CPU per request in waitress, Falcon and JSON,
-all under one GIL; several processes use every core for it. The parent binds the socket and
-starts each worker as a fresh interpreter (``python -m service.workers INTERFACE FD READY_FD
-OCCUPANCY_FD SLOT SUPERVISOR``) that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and serves
-with waitress, the kernel handing each connection to whichever worker accepts it first. Each
-worker also gets a slot of the occupancy file (``service.occupancy``), where the workers tell each
-other whether they are running the model; a replacement takes the slot of the worker it replaces.
-A worker whose supervisor has gone (killed with -9: nothing would replace the workers, and they
-would keep the port from a new supervisor) drains and exits (``connections.Server``).
+One Python process spends its CPU per request in waitress, Falcon and JSON under one GIL; several
+processes use every core for it. The parent binds the socket and starts each worker as a fresh
+interpreter (``python -m service.workers INTERFACE FD READY_FD OCCUPANCY_FD SLOT SUPERVISOR``)
+that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and
+serves with waitress, the kernel handing each connection to whichever worker accepts it first.
+Each worker also gets a slot of the occupancy file (``service.occupancy``), where the workers
+tell each other whether they are running the model; a replacement takes the slot of the worker
+it replaces. A worker whose supervisor has gone (killed with -9: nothing would replace the
+workers, and they would keep the port from a new supervisor) drains and exits
+(``connections.Server``).
 
 The parent checks what it can before any worker starts (configuration, model against its
 manifest, database: ``python -m service.startup``, in a process of its own), so those failures
-still print one sentence and exit 1. A worker that dies
-before it is ready on the first start stops the service the same way; one that dies later is
-started again, after a delay that doubles while workers keep failing young (so a worker that
-cannot start does not spin; one that drained and exited 0 is replaced after the shortest delay). SIGTERM, SIGHUP or Ctrl-C: the parent marks the service as stopping in the occupancy file and
-sends SIGTERM to every worker; each drains as a single process does, the first closing the
-shared socket's door, and the parent exits 0 when they all have.
+still print one sentence and exit 1. A worker that dies before it is ready on the first start
+stops the service the same way; one that dies later is started again, after a delay that
+doubles while workers keep failing young (so a worker that cannot start does not spin; one that
+drained and exited 0 is replaced after the shortest delay). SIGTERM, SIGHUP or Ctrl-C: the
+parent marks the service as stopping in the occupancy file and sends SIGTERM to every worker;
+each drains as a single process does, the first closing the shared socket's door, and the
+parent exits 0 when they all have.
 
 Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit, or by
 the next start after a kill: ``files.scratch_folder``), marks dead workers there, and serves
