@@ -239,6 +239,12 @@ class Config:
         return max(1 << 20, self.max_record_samples * (4 if binary else 32))
 
     @property
+    def recording_threads(self) -> int:
+        """The most web threads recordings hold, running or waiting for a turn, and so the most
+        large bodies a process receives at once: half, the rest serving windows and probes."""
+        return max(1, self.web_threads // 2)
+
+    @property
     def max_record_samples(self) -> int:
         """The most samples a recording may hold: ``MAX_RECORD_SECONDS`` at the highest rate."""
         from service.recording import MAX_RATE_HZ

@@ -289,6 +289,7 @@ class Server(TcpWSGIServer):
         header_timeout_s: float,
         channel_timeout_s: float,
         grace_s: float,
+        upload_places: int,
         supervisor: int | None = None,
         service_stopping: Callable[[], bool] = lambda: False,
         body_limits: dict[str, int] | None = None,
@@ -304,7 +305,7 @@ class Server(TcpWSGIServer):
         self.timed_out = 0  # connections closed for slow headers since the last log line
         self._timeout_response = _timeout_response(header_timeout_s)
         super().__init__(app, **kw)
-        self.upload_places = UploadPlaces(max(1, self.adj.threads // 2))  # as many as recordings' turns
+        self.upload_places = UploadPlaces(upload_places)
         self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)
@@ -463,6 +464,7 @@ def create_server(
         header_timeout_s=config.header_timeout_s,
         channel_timeout_s=config.channel_timeout_s,
         grace_s=config.shutdown_grace_s,
+        upload_places=config.recording_threads,
         supervisor=supervisor,
         service_stopping=service_stopping,
         body_limits=body_limits,

@@ -99,12 +99,10 @@ class Recording:
         self._max_seconds = config.max_record_seconds
         self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
         # A recording's memory is taken while it is read and denoised; a request waits for a turn
-        # with its body still in waitress's buffer (on disk past half a megabyte). Recordings hold
-        # at most half of the worker's threads, running or waiting: the rest serve windows and
-        # health checks.
-        half = max(1, config.web_threads // 2)
-        at_once = min(config.record_concurrency, half)
-        self._turns = Turns(at_once, half - at_once, RECORD_WAIT_S)
+        # with its body still in waitress's buffer (on disk past half a megabyte).
+        threads = config.recording_threads
+        at_once = min(config.record_concurrency, threads)
+        self._turns = Turns(at_once, threads - at_once, RECORD_WAIT_S)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
