@@ -21,7 +21,7 @@ per-call overhead; a wait only delays lone requests, hence 0 by default. The mea
 behind these choices are in docs/performance.md.
 
 A long request (a whole recording: hundreds of windows) goes through the queue in chunks of at
-most ``share`` windows, half a batch by default, with at most two chunks per worker queued or
+most half a batch of windows, with at most two chunks per worker queued or
 running, so the recording keeps every worker busy (with one chunk per worker, a worker waited for
 the request thread to hand it the next one, and a recording ran at half the engine's rate). The
 queue serves window requests before a recording's chunks, and a window that finds nothing but a
@@ -84,14 +84,13 @@ class Batcher:
         max_size: int,
         max_wait_s: float,
         workers: int = 1,
-        share: int | None = None,
         observer: RunObserver = _unobserved,
         occupancy: Occupancy | None = None,
     ) -> None:
         self._engine = engine
         self._observer = observer
         self._max_size = max_size
-        self._share = share or max(1, max_size // 2)
+        self._share = max(1, max_size // 2)  # a recording's chunk: half a batch
         self._workers = workers
         self._max_wait_s = max_wait_s
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
@@ -135,7 +134,7 @@ class Batcher:
         return restore(job.result.result(), mu, sigma, input_units)
 
     def denoise_many(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
-        """``denoise`` for many windows, fed to the queue a chunk of at most ``share`` at a time,
+        """``denoise`` for many windows, fed to the queue a chunk of half a batch at a time,
         with at most two chunks per worker outstanding (see the module's docstring)."""
         z, mu, sigma = normalize(windows)
         out = np.empty_like(z)
