@@ -48,7 +48,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import Error
+from waitress.utilities import Error, RequestEntityTooLarge
 
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
@@ -147,6 +147,12 @@ class Request(HTTPRequestParser):
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
+        chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
+        if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
+            # A chunk declared past the limit: refused now, as a Content-Length past it is,
+            # instead of once the body has come (or after the idle timeout, if it never does).
+            self.error = RequestEntityTooLarge("a chunk exceeds the body limit")
+            self.completed = True
         if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
             self.expect_continue = False
         return consumed
@@ -449,6 +455,9 @@ def create_server(
         # Read one request ahead: a client's hang-up is then seen while its request is served
         # (environ["waitress.client_disconnected"]), so a recording waiting for a turn leaves.
         channel_request_lookahead=1,
+        # X-Forwarded-For reaches the app, which trusts it only from TRUSTED_PROXIES
+        # (clients.client_address); waitress would drop it, as it trusts no proxy here.
+        clear_untrusted_proxy_headers=False,
         connection_limit=limit,
         asyncore_use_poll=True,
         cleanup_interval=1,

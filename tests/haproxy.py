@@ -29,6 +29,7 @@ defaults
     timeout check 1s
     retries 3
     option redispatch 1
+    option forwardfor
     option httpchk GET /readyz
     http-check expect status 200
     default-server check inter 500ms fall 2 rise 1

@@ -230,6 +230,9 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     chunk = b"%x\r\n%s\r\n" % (1500, b"x" * 1500)
     chunked = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", chunk + b"0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 413 ") and chunked.endswith(b'(limit 1000 bytes)"}')
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    huge_chunk = send(head, b"ffffffffffffffffffff\r\nxx")  # declared past the limit, then silence
+    assert huge_chunk.startswith(b"HTTP/1.1 413 ") and huge_chunk.endswith(b'(limit 1000 bytes)"}')
     body = b"x" * 50_000
     large = send(b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n", body)
     assert large.startswith(b"HTTP/1.1 200 ") and large.endswith(b'{"received": 50000}')

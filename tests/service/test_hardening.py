@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from datetime import timedelta
 
 import falcon.testing
 import pytest
 
 from service.app import create_app
+from service.connections import create_server
 from service.housekeeping import Housekeeping
 from service.keys import digest
 from service.messages import Mail
@@ -73,12 +75,22 @@ def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_anothe
     )
     first.close()  # one store per process at a time (service.store binds the models globally)
     behind_proxy = f"sqlite:///{tmp_path / 'proxied.db'}"  # a database of its own: one store per database
-    proxied = client_of(runtime_with(behind_proxy, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),)))
-    for n in range(3):  # three different clients behind the proxy
-        headers = {"X-Forwarded-For": f"198.51.100.{n}, 127.0.0.1"}
-        assert (
-            proxied.simulate_post(GENERATION, json={"email": f"b{n}@example.org"}, headers=headers).status_code == 200
-        )
+    proxied = runtime_with(behind_proxy, mail_limit_per_client=2, trusted_proxies=(_net("127.0.0.1"),))
+    # Through waitress, which drops X-Forwarded-For unless told to pass it on.
+    server = create_server(create_app(proxied.deps), dataclasses.replace(proxied.config, host="127.0.0.1", port=0))
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    url = f"http://127.0.0.1:{server.effective_port}{GENERATION}"
+    try:
+        for n in range(3):  # three different clients behind the proxy
+            headers = {"X-Forwarded-For": f"198.51.100.{n}, 127.0.0.1"}
+            assert http("POST", url, {"email": f"b{n}@example.org"}, headers)[0] == 200
+        again = {"X-Forwarded-For": "198.51.100.0"}
+        assert http("POST", url, {"email": "b8@example.org"}, again)[0] == 200
+        assert http("POST", url, {"email": "b9@example.org"}, again)[0] == 429  # its third
+    finally:
+        server.drain(1)
+        loop.join(10)
 
 
 def _net(address: str):
