@@ -1,4 +1,4 @@
-"""The WSGI application: routes, JSON codec and error mapping over injected collaborators.
+"""The WSGI application: routes and error mapping over injected collaborators (JSON: ``codec``).
 
 ``create_app`` only wires; what the collaborators are (a loaded model, a database, a mail
 worker) is decided by ``runtime`` in production and by the tests.
@@ -6,20 +6,17 @@ worker) is decided by ``runtime`` in production and by the tests.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import falcon
 import orjson
-from falcon.media import JSONHandler
 
-from service import openapi, validation
+from service import codec, openapi, validation
 from service.batcher import Batcher, ModelUnavailable
+from service.codec import TooManyValues
 from service.config import Config
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
@@ -52,43 +49,6 @@ class Deps:
     new_id: Callable[[], str] = random_id  # a request's id when the client gives none
 
 
-class TooManyValues(Exception):
-    """A JSON body with more numbers than any route takes (``args[0]``)."""
-
-
-def loads(text: str, max_values: int | None = None) -> Any:
-    """orjson, falling back to the stdlib for what the old Flask service also accepted.
-
-    Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
-    reach validation and get the 400 that names the value's index, not the "not JSON" 400.
-
-    A body with ``max_values`` commas or more (so more values) is refused before it is parsed: a number costs
-    tens of bytes once parsed, and the record route's body limit, sized for long numbers,
-    admits twenty times as many short ones ("0,0,0…": gigabytes for one request).
-    """
-    if max_values is not None and text.count(",") >= max_values:
-        raise TooManyValues(max_values)
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(text, parse_int=_integer)
-        except RecursionError:  # absurdly deep nesting is just malformed JSON
-            raise ValueError("JSON nested too deeply") from None
-
-
-def _integer(digits: str) -> int:
-    """An integer too long for Python to convert (a guard against quadratic time) is beyond every
-    limit we have: any one beyond them stands in for it, with its sign."""
-    limit = sys.get_int_max_str_digits()  # 0: no limit
-    if not limit or len(digits) <= limit:
-        return int(digits)
-    return -HUGE if digits.startswith("-") else HUGE
-
-
-HUGE = 10**400
-
-
 def body_limits(config: Config) -> dict[str, int]:
     """The largest body each route reads, by path ("" for every route not named), or by path
     and media type where they differ. waitress refuses a larger one before reading it
@@ -117,11 +77,10 @@ def create_app(deps: Deps) -> falcon.App:
         middleware.insert(1, RequestMetrics(deps.metrics, deps.clock))
     app = falcon.App(middleware=middleware)
     # The most numbers a body may hold: a whole batch, or the longest recording (and a few more
-    # for the other fields).
+    # for the other fields); arrays and objects: a batch's windows, with room for a batch over
+    # its limit to get the 400 that says so.
     max_values = max(config.max_batch_windows * WINDOW, config.max_record_samples) + 16
-    handler = JSONHandler(
-        dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=partial(loads, max_values=max_values)
-    )
+    handler = codec.handler(max_values, max_containers=2 * config.max_batch_windows + 16)
     # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
@@ -191,7 +150,7 @@ def _refused(req: falcon.Request, resp: falcon.Response, exc: Refused, params: d
 
 def _too_many_values(req: falcon.Request, resp: falcon.Response, exc: TooManyValues, params: dict) -> None:
     resp.status = falcon.HTTP_413
-    resp.media = {"error": f"Request body too large: more than {exc.args[0]} values"}
+    resp.media = {"error": str(exc)}
 
 
 def _busy(req: falcon.Request, resp: falcon.Response, exc: Busy, params: dict) -> None:

@@ -278,7 +278,8 @@ def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with
 
 def test_a_body_of_more_numbers_than_any_recording_holds_is_refused_before_it_is_parsed(runtime_with, sqlite_url):
     """Within the body limit, which is sized for long numbers, "0,0,0…" packs twenty times as many
-    values: parsed, they took gigabytes. The commas are counted first."""
+    values, and "[[[…]]]" a list every byte: parsed, they took gigabytes. The commas and the
+    brackets are counted first."""
     rt = runtime_with(sqlite_url, max_record_seconds=2)  # 2000 samples at most; batches hold 83200
     client = falcon.testing.TestClient(create_app(rt.deps))
     key = issue_key(rt.store, "many@example.org")
@@ -289,6 +290,14 @@ def test_a_body_of_more_numbers_than_any_recording_holds_is_refused_before_it_is
     just_over = post_json(client, key, {"ecg_signal": [0] * 2001, "sampling_rate": 1000})
     assert just_over.json == {"error": "Recording too long: at most 2 seconds (got 2.001 s at 1000 Hz)"}
     assert post_json(client, key, {"ecg_signal": ecg(2, 1000).tolist(), "sampling_rate": 1000}).status_code == 200
+    nested = b'{"ecg_signal": [' + b",".join([b"[" * 50 + b"]" * 50] * 40) + b"]}"  # 2000 lists, 39 commas
+    bomb = client.simulate_post(URL, body=nested, headers={"x-api-key": key, "Content-Type": "application/json"})
+    assert bomb.status_code == 413 and bomb.json == {
+        "error": "Request body too large: more than 144 arrays and objects"
+    }
+    too_many = {"ecg_signals": [[0.0]] * 65}  # one window over the batch limit: the 400 that says so
+    over = client.simulate_post("/api/v1/denoising/batch", json=too_many, headers={"x-api-key": key})
+    assert over.status_code == 400 and over.json == {"error": "ecg_signals must hold 1 to 64 windows (got 65)"}
 
 
 class GatedEngine(CountingEngine):

@@ -1,0 +1,67 @@
+"""The JSON of request and response bodies: orjson, as lenient as the old service where old
+clients need it, and bounded before a body is parsed.
+
+A body's size says little about what it costs once parsed. The record route's limit is sized for
+a long recording written with long numbers; within it, "0,0,0…" packs twenty times as many
+values, and "[[[[…]]]]" a list every byte, each costing tens of bytes as Python objects:
+gigabytes for one request. So the commas and the opening brackets are counted first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from typing import Any
+
+import orjson
+from falcon.media import JSONHandler
+
+
+class TooManyValues(Exception):
+    """A JSON body with more numbers, or more arrays and objects, than any route takes."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        super().__init__(f"Request body too large: more than {limit} {what}")
+
+
+def loads(text: str, max_values: int | None = None, max_containers: int | None = None) -> Any:
+    """orjson, falling back to the stdlib for what the old Flask service also accepted.
+
+    Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
+    reach validation and get the 400 that names the value's index, not the "not JSON" 400.
+
+    A body with ``max_values`` commas or more (so more values), or more than ``max_containers``
+    arrays and objects, is refused before it is parsed.
+    """
+    if max_values is not None and text.count(",") >= max_values:
+        raise TooManyValues(max_values, "values")
+    if max_containers is not None and text.count("[") + text.count("{") > max_containers:
+        raise TooManyValues(max_containers, "arrays and objects")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(text, parse_int=_integer)
+        except RecursionError:  # absurdly deep nesting is just malformed JSON
+            raise ValueError("JSON nested too deeply") from None
+
+
+def handler(max_values: int, max_containers: int) -> JSONHandler:
+    """Falcon's JSON media handler with these limits; NumPy arrays serialize as lists."""
+    return JSONHandler(
+        dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY),
+        loads=partial(loads, max_values=max_values, max_containers=max_containers),
+    )
+
+
+HUGE = 10**400
+
+
+def _integer(digits: str) -> int:
+    """An integer too long for Python to convert (a guard against quadratic time) is beyond every
+    limit we have: any one beyond them stands in for it, with its sign."""
+    limit = sys.get_int_max_str_digits()  # 0: no limit
+    if not limit or len(digits) <= limit:
+        return int(digits)
+    return -HUGE if digits.startswith("-") else HUGE
