@@ -39,7 +39,7 @@ IDLE_POLL_S = 60.0
 SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 
 
-Send = Callable[[EmailMessage], None]
+Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
 
 
 class Sender(Protocol):
@@ -69,7 +69,8 @@ class SmtpSender:
                 client.starttls(context=context)
             if self._user:
                 client.login(self._user, self._password or "")
-            yield client.send_message
+            # The envelope names the stored address itself, never what the To header decodes to.
+            yield lambda message, recipient: client.send_message(message, to_addrs=[recipient])
         finally:
             try:
                 client.quit()
@@ -88,7 +89,7 @@ class FolderSender:
         self._folder.mkdir(parents=True, exist_ok=True)
         yield self._write
 
-    def _write(self, message: EmailMessage) -> None:
+    def _write(self, message: EmailMessage, recipient: str) -> None:
         """Written atomically, so whoever watches the folder for ``*.eml`` never reads half a
         mail; readable by this user only, since key mails carry keys."""
         path = self._folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.eml"
@@ -96,7 +97,7 @@ class FolderSender:
         text = message.get_body(("plain",))
         log.info(
             "Mail to %s (no SMTP_HOST; saved as %s)\nSubject: %s\n\n%s",
-            message["To"],
+            recipient,
             path,
             message["Subject"],
             text.get_content() if text else "",
@@ -189,7 +190,8 @@ class Outbox:
                         break
                     done.add(row.id)
                     try:
-                        send(compose(self._sealer.open(row.as_mail()), self._from))
+                        mail = self._sealer.open(row.as_mail())
+                        send(compose(mail, self._from), mail.recipient)
                     except Exception as exc:  # whatever one mail raises must not hold back the others
                         self._failed(row, exc, permanent(exc))
                     else:

@@ -125,6 +125,8 @@ def email(body: Any) -> str:
     value = value.strip().lower()
     if not value.isascii():
         raise ValidationError("Invalid email format", reason="Only ASCII email addresses are accepted.")
+    if "=?" in value:  # legal characters, but mail software decodes "=?utf-8?q?victim?=@x" to another address
+        raise ValidationError("Invalid email format", reason="An address may not hold an encoded word (=?…?=).")
     try:
         validate_email(value, check_deliverability=False, allow_smtputf8=False, strict=True)
     except EmailNotValidError as exc:
@@ -151,8 +153,8 @@ def _email_pattern() -> str:
     addresses ``email`` accepts: dot-atom local parts of at most 64 characters, lower-case
     host names of 2 to 4 labels, a top-level domain of letters other than the special-use names
     email-validator refuses (``local``, ``test``…), 254 characters at most. It is narrower than
-    ``email`` (no upper-case domains, at most two dots before the @)."""
-    atext = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+    ``email`` (no upper-case domains, at most two dots before the @, no "?": so no encoded word)."""
+    atext = "[A-Za-z0-9!#$%&'*+/=^_`{|}~-]"
     local = f"(?:{atext}{{1,64}}|{atext}{{1,20}}(?:\\.{atext}{{1,20}}){{1,2}})"
     label = "[a-z0-9]{1,20}(?:-[a-z0-9]{1,20})?"
     special = {n: {w for w in SPECIAL_USE_DOMAIN_NAMES if len(w) == n} for n in range(2, 64)}

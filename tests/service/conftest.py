@@ -31,6 +31,7 @@ import falcon.testing
 import orjson
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from service.app import create_app
 from service.config import Config
@@ -92,6 +93,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        self.rcpt_lines: list[str] = []  # each RCPT command's argument, as sent
         self.refuse: dict[str, str] = {}
         self.on_message: Callable[[EmailMessage], None] = lambda message: None  # after it is kept
         self._lock = threading.Lock()
@@ -126,11 +128,25 @@ def key_in(message: EmailMessage) -> str:
     return KEY.search(text_of(message)).group(1)
 
 
+class _RecordingSmtp(SMTP):
+    """aiosmtpd's server, keeping each RCPT argument as the client sent it (aiosmtpd decodes
+    what it hands the handler)."""
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.event_handler.rcpt_lines.append(arg or "")
+        await super().smtp_RCPT(arg)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _RecordingSmtp(self.handler, **self.SMTP_kwargs)
+
+
 class SmtpServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.mailbox = Mailbox()
-        self._controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
+        self._controller = _Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
 
     def start(self) -> SmtpServer:
         self._controller.start()

@@ -234,6 +234,9 @@ def test_email_body_not_json(client, runtime, path, content_type):
         "owner@localhost",
         "jürgen@example.com",
         "me@bücher.de",
+        # mail software decodes these encoded words to another mailbox, "victim@example.com"
+        "=?utf-8?q?victim?=@example.com",
+        "=?utf-8?b?dmljdGlt?=@example.com",
     ],
 )
 def test_email_invalid(client, runtime, path, address):

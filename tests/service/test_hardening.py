@@ -227,6 +227,15 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
         assert Token.select().count() == 2 and OutboxMail.select().count() == 1
 
 
+def test_a_mail_goes_to_the_stored_address_whatever_its_to_header_decodes_to(runtime, smtp):
+    """An encoded word decodes to another mailbox in the To header; the envelope keeps the stored
+    address (an outbox row from before addresses holding one were refused)."""
+    runtime.store.enqueue_mail(runtime.sealer.seal(Mail("=?utf-8?q?victim?=@example.org", "s", "t", "h")), utcnow())
+    runtime.outbox.wake()
+    smtp.mailbox.wait_for(1)
+    assert smtp.mailbox.rcpt_lines == ["TO:<=?utf-8?q?victim?=@example.org>"]
+
+
 # -- HTTP hygiene -------------------------------------------------------------------------------
 def test_every_answer_is_nosniff_and_only_the_openapi_document_may_be_cached(runtime, client, smtp):
     key = issue_key(runtime.store, "h@example.org")
