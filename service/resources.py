@@ -50,7 +50,9 @@ def _query(req: falcon.Request, name: str) -> str | None:
     values = req.get_param_as_list(name) or []
     other = next((value for value in values if value != values[0]), None)
     if other is not None:
-        raise validation.ValidationError(f"{name} given more than once, differently: {values[0]!r} and {other!r}")
+        raise validation.ValidationError(
+            f"{name} given more than once, differently: {validation.quoted(values[0])} and {validation.quoted(other)}"
+        )
     return values[0] if values else None
 
 

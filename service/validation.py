@@ -79,7 +79,7 @@ def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tupl
         queried = _rate_param(rate_param)
         if "sampling_rate" in body and queried != rate:
             raise ValidationError(
-                f"sampling_rate given twice, differently: {rate:g} Hz in the body, {queried:g} Hz in the query"
+                f"sampling_rate given twice, differently: {_hz(rate)} Hz in the body, {_hz(queried)} Hz in the query"
             )
         rate = queried
     _duration(len(value), rate, max_seconds)
@@ -88,7 +88,7 @@ def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tupl
 
 def _rate_param(rate_param: str) -> float:
     if not _DECIMAL.fullmatch(rate_param):  # float() also takes "1_000", "inf" and other scripts' digits
-        raise ValidationError(f"sampling_rate must be a number of Hz (got {rate_param!r})")
+        raise ValidationError(f"sampling_rate must be a number of Hz (got {quoted(rate_param)})")
     return _rate(float(rate_param))
 
 
@@ -170,7 +170,7 @@ def input_units(units: str | None) -> bool:
     if units is None:
         return False
     if units not in UNITS:
-        raise ValidationError(f"units must be 'normalized' or 'input' (got {units!r})")
+        raise ValidationError(f"units must be 'normalized' or 'input' (got {quoted(units)})")
     return UNITS[units]
 
 
@@ -181,9 +181,20 @@ def _field(body: Any, name: str, expected: str) -> Any:
     return value
 
 
+def quoted(text: str, limit: int = 40) -> str:
+    """A client's text in an error message: quoted, and cut short (a query value may be long)."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _hz(rate: float) -> str:
+    """A rate as given, to its last digit (1000.0000000001 must not read as the bound 1000)."""
+    text = repr(float(rate))
+    return text.removesuffix(".0")
+
+
 def _rate(rate: float) -> float:
     if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:  # NaN fails too
-        raise ValidationError(f"sampling_rate must be from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:g} Hz (got {rate:g})")
+        raise ValidationError(f"sampling_rate must be from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:g} Hz (got {_hz(rate)})")
     return rate
 
 
