@@ -64,26 +64,40 @@ def body_limits(config: Config) -> dict[str, int]:
 
 
 def create_app(deps: Deps) -> falcon.App:
+    app = falcon.App(middleware=_middleware(deps))
+    _use_json(app, deps.config)
+    _map_errors(app, deps)
+    _add_routes(app, deps)
+    return app
+
+
+def _middleware(deps: Deps) -> list[object]:
+    """Outermost first: the request's id and access line, its metrics, CORS, the security
+    headers, and the database connection handed back."""
     config = deps.config
     middleware: list[object] = [RequestContext(config.trusted_proxies, deps.clock, deps.new_id)]
-    if config.cors_allow_origins:
-        middleware.append(
-            falcon.CORSMiddleware(
-                allow_origins=config.cors_allow_origins, expose_headers=["X-Request-ID", "Retry-After"]
-            )
-        )
-    middleware += [SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
     if deps.metrics is not None:
-        middleware.insert(1, RequestMetrics(deps.metrics, deps.clock))
-    app = falcon.App(middleware=middleware)
-    # The most numbers a body may hold: a whole batch, or the longest recording (and a few more
-    # for the other fields); arrays and objects: a batch's windows, with room for a batch over
-    # its limit to get the 400 that says so.
+        middleware.append(RequestMetrics(deps.metrics, deps.clock))
+    if config.cors_allow_origins:
+        expose = ["X-Request-ID", "Retry-After"]
+        middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_allow_origins, expose_headers=expose))
+    return [*middleware, SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
+
+
+def _use_json(app: falcon.App, config: Config) -> None:
+    """JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
+
+    The most numbers a body may hold: a whole batch, or the longest recording (and a few more
+    for the other fields); arrays and objects: a batch's windows, with room for a batch over its
+    limit to get the 400 that says so.
+    """
     max_values = max(config.max_batch_windows * WINDOW, config.max_record_samples) + 16
     handler = codec.handler(max_values, max_containers=2 * config.max_batch_windows + 16)
-    # JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
+
+
+def _map_errors(app: falcon.App, deps: Deps) -> None:
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(ValidationError, _validation_error)
     app.add_error_handler(Refused, _refused)
@@ -95,41 +109,33 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_error_handler(ClientGone, _client_gone)
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
-    limit = config.max_body_bytes
-    app.add_route(
-        "/api/v1/denoising",
-        Denoising(
-            deps.keys,
-            deps.batcher,
-            deps.model_version,
-            limit,
-            validation.ecg_signal,
-            lambda out: {"denoised_signal": out[0]},
-        ),
+
+def _add_routes(app: falcon.App, deps: Deps) -> None:
+    config, keys, batcher, version = deps.config, deps.keys, deps.batcher, deps.model_version
+    one = Denoising(
+        keys, batcher, version, config.max_body_bytes, validation.ecg_signal, lambda out: {"denoised_signal": out[0]}
     )
-    app.add_route(
-        "/api/v1/denoising/batch",
-        Denoising(
-            deps.keys,
-            deps.batcher,
-            deps.model_version,
-            limit,
-            partial(validation.ecg_signals, limit=config.max_batch_windows),
-            lambda out: {"denoised_signals": out},
-        ),
+    batch = Denoising(
+        keys,
+        batcher,
+        version,
+        config.max_body_bytes,
+        partial(validation.ecg_signals, limit=config.max_batch_windows),
+        lambda out: {"denoised_signals": out},
     )
-    app.add_route(RECORD, Recording(deps.keys, deps.batcher, deps.model_version, config))
-    for route, action in zip(KEY_ROUTES, (deps.keys.request_key, deps.keys.request_deactivation), strict=True):
+    app.add_route("/api/v1/denoising", one)
+    app.add_route("/api/v1/denoising/batch", batch)
+    app.add_route(RECORD, Recording(keys, batcher, version, config))
+    for route, action in zip(KEY_ROUTES, (keys.request_key, keys.request_deactivation), strict=True):
         app.add_route(route, KeyRequest(action, KEY_BODY_BYTES))
-    app.add_route("/api/v1/api-keys/verify", Verification(deps.keys))
+    app.add_route("/api/v1/api-keys/verify", Verification(keys))
     app.add_route("/healthz", Health())
-    app.add_route("/readyz", Readiness(deps.batcher, deps.store))
+    app.add_route("/readyz", Readiness(batcher, deps.store))
     metrics_here = deps.metrics is not None and not config.metrics_port
     document = openapi.document(config.max_batch_windows, config.max_record_seconds, metrics_here)
     app.add_route("/openapi.json", Document(document))
     if metrics_here:
         app.add_route("/metrics", Exposition(deps.metrics))
-    return app
 
 
 def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
