@@ -26,7 +26,7 @@ running, so the recording keeps every worker busy (with one chunk per worker, a 
 the request thread to hand it the next one, and a recording ran at half the engine's rate). The
 queue serves window requests before a recording's chunks, and a window that finds nothing but a
 recording's chunks in its worker runs at once in its own thread, beside them on one core,
-instead of waiting for a chunk under way (which took single windows to 4× their latency).
+instead of waiting for a chunk under way (which multiplied their latency; docs/performance.md).
 """
 
 from __future__ import annotations

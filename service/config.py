@@ -134,7 +134,7 @@ class Config:
     # Longest recording /denoising/record takes; its body limits follow from it (record_body_bytes).
     max_record_seconds: float = field(default=3600.0, metadata=_env("MAX_RECORD_SECONDS", _number, 2))
     # Recordings one worker reads and denoises at once; the others wait for a turn (up to
-    # RECORD_WAIT_S, then 503). The longest one at 1000 Hz takes about 300 MB while it runs
+    # RECORD_WAIT_S, then 503). The longest one takes hundreds of MB while it runs
     # (docs/performance.md, Memory): this, times WEB_WORKERS, is what to leave room for.
     record_concurrency: int = field(default=1, metadata=_env("RECORD_CONCURRENCY", int, 1))
     smtp_host: str | None = field(default=None, metadata=_env("SMTP_HOST"))

@@ -97,7 +97,7 @@ class UploadsBusy(Error):
 class UploadPlaces:
     """How many bodies larger than the default limit (whole recordings) one worker receives at
     once. waitress spools each to a file as it arrives, before the app checks the key: without a
-    bound, clients with no key could fill the disk (hundreds of connections × 115 MB)."""
+    bound, clients with no key could fill the disk (hundreds of connections, each a whole recording)."""
 
     def __init__(self, places: int) -> None:
         self._free = places

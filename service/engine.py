@@ -56,7 +56,7 @@ def session_options(
 
     No memory patterns: onnxruntime keeps one preplanned block per input shape and run under way,
     so every batch size the batcher forms, times the runs side by side, stayed resident; without
-    them a worker held about 35 MB less after load, at the same speed (docs/performance.md).
+    them a worker held less memory after load, at the same speed (docs/performance.md).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or usable_cpus()

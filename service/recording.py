@@ -3,8 +3,8 @@
 NumPy (and soxr) only; the HTTP resource and ``python -m service.record`` both go through
 ``denoise``, which takes the function that runs the windows (the batcher, or an engine).
 
-- Resampling uses soxr, a polyphase resampler for any ratio (250.5 Hz too) and about 1 MB, so
-  the runtime image stays small; docs/performance.md compares it with scipy's ``resample_poly``.
+- Resampling uses soxr, a small polyphase resampler for any ratio (250.5 Hz too), so the
+  runtime image stays small; docs/performance.md compares it with scipy's ``resample_poly``.
   soxr treats the signal as zero beyond its ends, which rings at an offset, so the straight line
   through the first and last samples is taken out before and put back (exactly) after.
 - Windows overlap by ``WINDOW − hop`` samples. The record's ends are padded by reflection half a
@@ -28,7 +28,7 @@ import soxr
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
 
-HOP = WINDOW // 2  # each sample is covered by two windows; the issue asks for 650 or less
+HOP = WINDOW // 2  # each sample is covered by two windows, which the cross-fade blends
 MIN_RATE_HZ = 50.0
 MAX_RATE_HZ = 1000.0
 MIN_SECONDS = 2.0
