@@ -18,6 +18,11 @@ import orjson
 from falcon.media import JSONHandler
 
 
+# Bodies up to this many characters are parsed uncounted: whatever they hold costs at most a few
+# MB once parsed, and the counts would be a few passes over every window request's body.
+SMALL_BODY = 1 << 16
+
+
 class TooManyValues(Exception):
     """A JSON body with more numbers, or more arrays and objects, than any route takes."""
 
@@ -31,13 +36,14 @@ def loads(text: str, max_values: int | None = None, max_containers: int | None =
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
 
-    A body with ``max_values`` commas or more (so more values), or more than ``max_containers``
-    arrays and objects, is refused before it is parsed.
+    A body (larger than ``SMALL_BODY``) with ``max_values`` commas or more (so more values), or
+    more than ``max_containers`` arrays and objects, is refused before it is parsed.
     """
-    if max_values is not None and text.count(",") >= max_values:
-        raise TooManyValues(max_values, "values")
-    if max_containers is not None and text.count("[") + text.count("{") > max_containers:
-        raise TooManyValues(max_containers, "arrays and objects")
+    if len(text) > SMALL_BODY:
+        if max_values is not None and text.count(",") >= max_values:
+            raise TooManyValues(max_values, "values")
+        if max_containers is not None and text.count("[") + text.count("{") > max_containers:
+            raise TooManyValues(max_containers, "arrays and objects")
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
