@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 from falcon.media import JSONHandler
 
-
 # Bodies up to this many characters are parsed uncounted: whatever they hold costs at most a few
 # MB once parsed, and the counts would be a few passes over every window request's body.
 SMALL_BODY = 1 << 16
