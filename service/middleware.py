@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 import falcon
@@ -28,7 +28,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def random_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits, as a UUID4's hex, without building the UUID."""
+    return os.urandom(16).hex()
 
 
 class RequestContext:
