@@ -130,16 +130,25 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
     assert http("GET", f"{server.url}/readyz") == (200, {"status": "ready", "model": True, "database": True})
     assert http("HEAD", f"{server.url}/healthz") == http("HEAD", f"{server.url}/readyz") == (200, "")
     limit = 1 << 20  # the floor of the body limit
-    status, body = http("POST", f"{server.url}/api/v1/denoising", {"ecg_signal": [0] * 1300, "pad": "x" * limit})
-    assert (status, body) == (413, {"error": f"Request body too large (limit {limit} bytes)"})
-    # A route that takes an email address refuses from its headers a body past 16 KiB, unread:
-    # waitress would have spooled up to an hour's recording to disk before the app saw it.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
-        client.sendall(b"POST /api/v1/api-keys/generation HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
-        answer = b""
-        while part := client.recv(65536):
-            answer += part
-    assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(
+
+    def answer_to_headers(path: str, length: int) -> bytes:
+        """The answer to a POST whose headers declare ``length`` bytes, none of them sent: a
+        body past the route's limit is refused from its headers, unread (a client still sending
+        it may meet a closed connection, as with any server that refuses early)."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), length))
+            answer = b""
+            while part := client.recv(65536):
+                answer += part
+        return answer
+
+    oversized = answer_to_headers("/api/v1/denoising", limit + 1)
+    assert oversized.startswith(b"HTTP/1.1 413 ")
+    assert oversized.endswith(b'{"error":"Request body too large (limit %d bytes)"}' % limit)
+    # A route that takes an email address refuses a body past 16 KiB: waitress would have
+    # spooled up to an hour's recording to disk before the app saw it.
+    keys = answer_to_headers("/api/v1/api-keys/generation", 100_000_000)
+    assert keys.startswith(b"HTTP/1.1 413 ") and keys.endswith(
         b'{"error":"Request body too large (limit 16384 bytes)"}'
     )
     server.signal(signal.SIGHUP)  # a closed terminal: it stopped at once, dropping what was under way
