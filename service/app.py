@@ -24,7 +24,17 @@ from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveK
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
 from service.ratelimit import RateLimited
-from service.resources import BINARY, Denoising, Document, Health, KeyRequest, Readiness, Recording, Verification
+from service.resources import (
+    BINARY,
+    Denoising,
+    Document,
+    Health,
+    JsonBody,
+    KeyRequest,
+    Readiness,
+    Recording,
+    Verification,
+)
 from service.store import Store
 from service.turns import BUSY_RETRY_AFTER_S, Busy, ClientGone
 from service.validation import ValidationError
@@ -65,7 +75,7 @@ def body_limits(config: Config) -> dict[str, int]:
 
 def create_app(deps: Deps) -> falcon.App:
     app = falcon.App(middleware=_middleware(deps))
-    _use_json(app, deps.config)
+    _use_json(app)
     _map_errors(app, deps)
     _add_routes(app, deps)
     return app
@@ -84,15 +94,10 @@ def _middleware(deps: Deps) -> list[object]:
     return [*middleware, SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
 
 
-def _use_json(app: falcon.App, config: Config) -> None:
+def _use_json(app: falcon.App) -> None:
     """JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
-
-    The most numbers a body may hold: a whole batch, or the longest recording (and a few more
-    for the other fields); arrays and objects: a batch's windows, with room for a batch over its
-    limit to get the 400 that says so.
-    """
-    max_values = max(config.max_batch_windows * WINDOW, config.max_record_samples) + 16
-    handler = codec.handler(max_values, max_containers=2 * config.max_batch_windows + 16)
+    Request bodies are read by each route with its own limits (``resources.JsonBody``)."""
+    handler = codec.handler()
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
 
@@ -111,23 +116,31 @@ def _map_errors(app: falcon.App, deps: Deps) -> None:
 
 
 def _add_routes(app: falcon.App, deps: Deps) -> None:
+    """The window routes take up to twice the numbers they need: a window a little too long
+    gets the 400 that says so, not a 413."""
     config, keys, batcher, version = deps.config, deps.keys, deps.batcher, deps.model_version
+    windows = config.max_batch_windows
     one = Denoising(
-        keys, batcher, version, config.max_body_bytes, validation.ecg_signal, lambda out: {"denoised_signal": out[0]}
+        keys,
+        batcher,
+        version,
+        JsonBody(config.max_body_bytes, 2 * WINDOW + 16),
+        validation.ecg_signal,
+        lambda out: {"denoised_signal": out[0]},
     )
     batch = Denoising(
         keys,
         batcher,
         version,
-        config.max_body_bytes,
-        partial(validation.ecg_signals, limit=config.max_batch_windows),
+        JsonBody(config.max_body_bytes, 2 * windows * WINDOW + 16),
+        partial(validation.ecg_signals, limit=windows),
         lambda out: {"denoised_signals": out},
     )
     app.add_route("/api/v1/denoising", one)
     app.add_route("/api/v1/denoising/batch", batch)
     app.add_route(RECORD, Recording(keys, batcher, version, config))
     for route, action in zip(KEY_ROUTES, (keys.request_key, keys.request_deactivation), strict=True):
-        app.add_route(route, KeyRequest(action, KEY_BODY_BYTES))
+        app.add_route(route, KeyRequest(action, JsonBody(KEY_BODY_BYTES, 16)))
     app.add_route("/api/v1/api-keys/verify", Verification(keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(batcher, deps.store))

@@ -20,6 +20,7 @@ from falcon.media import JSONHandler
 # Bodies up to this many characters are parsed uncounted: whatever they hold costs at most a few
 # MB once parsed, and the counts would be a few passes over every window request's body.
 SMALL_BODY = 1 << 16
+HUGE = 10**400  # stands in for an integer too long to convert (``_integer``)
 
 
 class TooManyValues(Exception):
@@ -52,15 +53,9 @@ def loads(text: str, max_values: int | None = None, max_containers: int | None =
             raise ValueError("JSON nested too deeply") from None
 
 
-def handler(max_values: int, max_containers: int) -> JSONHandler:
-    """Falcon's JSON media handler with these limits; NumPy arrays serialize as lists."""
-    return JSONHandler(
-        dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY),
-        loads=partial(loads, max_values=max_values, max_containers=max_containers),
-    )
-
-
-HUGE = 10**400
+def handler() -> JSONHandler:
+    """Falcon's JSON media handler; NumPy arrays serialize as lists."""
+    return JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
 
 
 def _integer(digits: str) -> int:

@@ -48,7 +48,7 @@ _DENOISE_ERRORS = {
         "number (the message names it)"
     ),
     "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
-    "413": _error("Request body too large"),
+    "413": _error("Request body too large: over the byte limit, or more numbers (or arrays) than the route takes"),
     "429": _error("`Too many requests for this API key. Slow down.` (with `Retry-After`)"),
     "503": _error("`Model not loaded`, or the database does not answer (with `Retry-After`)"),
 }
@@ -92,7 +92,7 @@ def _record(max_seconds: float) -> dict[str, Any]:
                 "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
                 "413": _error(
                     f"Longer than {max_seconds:g} s, a body over the limit that follows from it, or more "
-                    "numbers than a recording that long can hold"
+                    "numbers (or arrays and objects) than a recording that long can hold"
                 ),
                 "429": _DENOISE_ERRORS["429"],
                 "503": _error(

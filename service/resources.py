@@ -7,15 +7,17 @@ become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import falcon
 import numpy as np
 
-from service import pages, recording, validation
+from service import codec, pages, recording, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.config import Config
+from service.contract import WINDOW
 from service.keys import KeyService
 from service.store import Store
 from service.turns import Turns
@@ -25,15 +27,35 @@ BINARY = "application/octet-stream"
 RECORD_WAIT_S = 30.0  # how long a recording waits for a turn (RECORD_CONCURRENCY) before its 503
 
 
-def json_body(req: falcon.Request, limit: int) -> Any:
-    """The parsed JSON body, or None when it is missing or not JSON (the contract's 400 case)."""
-    _check_length(req, limit)
-    if req.content_type:  # media types are case-insensitive (RFC 9110); Falcon's lookup is not
-        req.content_type = req.content_type.lower()
-    try:
-        return req.get_media()
-    except (falcon.MediaNotFoundError, falcon.MediaMalformedError, falcon.HTTPUnsupportedMediaType):
-        return None
+@dataclass(frozen=True)
+class JsonBody:
+    """What a route reads as JSON: at most ``max_bytes``, holding at most ``max_values`` numbers
+    (and an array per window of them), counted before it is parsed (``codec``): within the
+    bytes, short numbers or nested arrays would cost many times the route's need once parsed."""
+
+    max_bytes: int
+    max_values: int
+
+    def read(self, req: falcon.Request) -> Any:
+        """The parsed body, or None when it is missing or not JSON (the contract's 400 case).
+
+        JSON only, as Falcon's media handling with our handler reads it: no media type means
+        JSON; media types are case-insensitive (RFC 9110); the text is UTF-8.
+        """
+        _check_length(req, self.max_bytes)
+        if (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower() != falcon.MEDIA_JSON:
+            return None
+        data = req.bounded_stream.read()
+        if not data:
+            return None
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            return None
+        try:
+            return codec.loads(text, self.max_values, self.max_values // WINDOW + 16)
+        except ValueError:
+            return None
 
 
 def authenticate(keys: KeyService, req: falcon.Request) -> int:
@@ -69,20 +91,20 @@ class Denoising:
         keys: KeyService,
         batcher: Batcher | None,
         model_version: int,
-        body_limit: int,
+        body: JsonBody,
         parse: Callable[[Any], np.ndarray],
         render: Callable[[np.ndarray], dict[str, Any]],
     ) -> None:
         self._keys = keys
         self._batcher = batcher
         self._model_version = model_version
-        self._body_limit = body_limit
+        self._body = body
         self._parse = parse
         self._render = render
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
-        windows = self._parse(json_body(req, self._body_limit))
+        windows = self._parse(self._body.read(req))
         input_units = validation.input_units(_query(req, "units"))
         if self._batcher is None:
             raise ModelUnavailable
@@ -100,6 +122,7 @@ class Recording:
         self._model_version = model_version
         self._max_seconds = config.max_record_seconds
         self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
+        self._json = JsonBody(self._limits[False], config.max_record_samples + 16)
         # A recording's memory is taken while it is read and denoised; a request waits for a turn
         # with its body still in waitress's buffer (on disk past half a megabyte).
         threads = config.recording_threads
@@ -120,7 +143,7 @@ class Recording:
                 req.bounded_stream.read(), _query(req, "sampling_rate"), self._max_seconds
             )
         else:
-            body = json_body(req, self._limits[binary])
+            body = self._json.read(req)
             samples, rate = validation.record(body, self._max_seconds, _query(req, "sampling_rate"))
         if self._batcher is None:
             raise ModelUnavailable
@@ -145,12 +168,12 @@ def _number(rate: float) -> int | float:
 class KeyRequest:
     """``POST /api/v1/api-keys/generation`` and ``/deactivation``: both mail a link for an email."""
 
-    def __init__(self, action: Callable[[str, str], None], body_limit: int) -> None:
+    def __init__(self, action: Callable[[str, str], None], body: JsonBody) -> None:
         self._action = action
-        self._body_limit = body_limit
+        self._body = body
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        email = validation.email(json_body(req, self._body_limit))
+        email = validation.email(self._body.read(req))
         self._action(email, req.context.client)
         resp.media = {"message": SENT, "email": email}
 

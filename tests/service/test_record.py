@@ -279,27 +279,34 @@ def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with
     assert big.status_code == 413 and big.json["error"] == f"Request body too large (limit {limit} bytes)"
 
 
-def test_a_body_of_more_numbers_than_any_recording_holds_is_refused_before_it_is_parsed(runtime_with, sqlite_url):
-    """Within the body limit, which is sized for long numbers, "0,0,0…" packs twenty times as many
-    values, and "[[[…]]]" a list every byte: parsed, they took gigabytes. The commas and the
-    brackets are counted first."""
-    rt = runtime_with(sqlite_url, max_record_seconds=2)  # 2000 samples at most; batches hold 83200
+def test_a_body_of_more_numbers_or_arrays_than_its_route_takes_is_refused_before_it_is_parsed(runtime_with, sqlite_url):
+    """Within a body limit, which is sized for long numbers, "0,0,0…" packs many times as many
+    values, and "[[[…]]]" a list every byte: parsed, they took gigabytes. Each route counts the
+    commas and brackets of a body over 64 KiB first: a recording up to its longest, a window
+    route up to twice what it takes (a window a little too long gets the 400 that says so)."""
+    rt = runtime_with(sqlite_url, max_record_seconds=2)  # 2000 samples at most
     client = falcon.testing.TestClient(create_app(rt.deps))
     key = issue_key(rt.store, "many@example.org")
+    headers = {"x-api-key": key, "Content-Type": "application/json"}
     result = post_json(client, key, {"ecg_signal": [0] * 90_000, "sampling_rate": 1000})
     assert result.status_code == 413
-    assert result.json == {"error": "Request body too large: more than 83216 values"}
-    assert post_json(client, key, {"ecg_signal": [0] * 2500, "sampling_rate": 1000}).status_code == 413  # too long
+    assert result.json == {"error": "Request body too large: more than 2016 values"}
     just_over = post_json(client, key, {"ecg_signal": [0] * 2001, "sampling_rate": 1000})
     assert just_over.json == {"error": "Recording too long: at most 2 seconds (got 2.001 s at 1000 Hz)"}
     assert post_json(client, key, {"ecg_signal": ecg(2, 1000).tolist(), "sampling_rate": 1000}).status_code == 200
     nested = b'{"ecg_signal": [' + b",".join([b"[" * 50 + b"]" * 50] * 700) + b"]}"  # 35000 lists in 70 kB
-    bomb = client.simulate_post(URL, body=nested, headers={"x-api-key": key, "Content-Type": "application/json"})
-    assert bomb.status_code == 413 and bomb.json == {
-        "error": "Request body too large: more than 144 arrays and objects"
-    }
-    too_many = {"ecg_signals": [[0.0]] * 65}  # one window over the batch limit: the 400 that says so
-    over = client.simulate_post("/api/v1/denoising/batch", json=too_many, headers={"x-api-key": key})
+    bomb = client.simulate_post(URL, body=nested, headers=headers)
+    assert bomb.status_code == 413 and bomb.json == {"error": "Request body too large: more than 17 arrays and objects"}
+    batch_bomb = client.simulate_post(
+        "/api/v1/denoising/batch", body=nested.replace(b"signal", b"signals"), headers=headers
+    )
+    assert batch_bomb.json == {"error": "Request body too large: more than 144 arrays and objects"}
+    zeros = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0] * 30_000}, headers=headers)
+    assert zeros.status_code == 413 and zeros.json == {"error": "Request body too large: more than 2616 values"}
+    long = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0.123456789] * 2600}, headers=headers)
+    assert long.status_code == 400 and long.json["error"] == "ecg_signal must have exactly 1300 values (got 2600)"
+    too_many = {"ecg_signals": [[0.123456789] * WINDOW] * 65}  # one window over the batch limit, 1 MB
+    over = client.simulate_post("/api/v1/denoising/batch", json=too_many, headers=headers)
     assert over.status_code == 400 and over.json == {"error": "ecg_signals must hold 1 to 64 windows (got 65)"}
 
 
