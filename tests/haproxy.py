@@ -29,13 +29,13 @@ defaults
     timeout check 1s
     retries 3
     option redispatch 1
-    option forwardfor
     option httpchk GET /readyz
     http-check expect status 200
     default-server check inter 500ms fall 2 rise 1
 
 frontend api
     bind 127.0.0.1:{port}
+    http-request set-header X-Forwarded-For %[src]
     default_backend replicas
 
 backend replicas
