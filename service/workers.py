@@ -55,7 +55,9 @@ INTERFACE = "2"
 POLL_S = 0.2
 RESTART_DELAY_S = (0.5, 30.0)  # first and longest delay before a dead worker is started again
 YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
-DRAIN_S = 30.0  # how long workers may drain after SIGTERM before they are killed
+# How long workers may take to stop after SIGTERM beyond their drain (SHUTDOWN_GRACE_SECONDS):
+# closing the runtime (the last writes, the model) before they are killed.
+CLOSE_S = 5.0
 
 
 @dataclass
@@ -95,12 +97,17 @@ class Supervisor:
     def run(self) -> int:
         for signum in (signal.SIGINT, *stop_signals()):
             signal.signal(signum, self._stop)
-        for slot in range(self._config.web_workers):
-            self._workers.append(self._spawn(slot))
-        if not self._await_first_start():
+        try:
+            for slot in range(self._config.web_workers):
+                self._workers.append(self._spawn(slot))
+        except OSError as exc:  # out of processes or memory: a limit of the container
+            problem = f"cannot start worker process {len(self._workers) + 1} of {self._config.web_workers} ({exc})."
+        else:
+            problem = self._first_start_failure()
+        if problem:
             self._stop()
             self._reap_all()
-            return 1
+            return refuse(problem)
         if not self._stopping:
             log.info(
                 "Serving on http://%s:%s with %d workers of %d threads",
@@ -127,14 +134,17 @@ class Supervisor:
         os.close(write_fd)
         return _Worker(process, read_fd, slot)
 
-    def _await_first_start(self) -> bool:
+    def _first_start_failure(self) -> str | None:
+        """Wait until every worker serves; what went wrong if one exited before it did. (Its
+        own sentence, such as a database refusal, is already on stderr; a kill left none.)"""
         while not self._stopping:
-            if any(w.process.poll() is not None and not w.poll_ready() for w in self._workers):
-                return False
+            failed = next((w for w in self._workers if w.process.poll() is not None and not w.poll_ready()), None)
+            if failed is not None:
+                return f"worker {failed.process.pid} exited with {failed.process.returncode} before it was ready."
             if all(w.poll_ready() for w in self._workers):
-                return True
+                return None
             time.sleep(POLL_S / 4)
-        return True
+        return None
 
     def _replace_dead(self) -> None:
         now = time.monotonic()
@@ -156,7 +166,12 @@ class Supervisor:
             self._restart_at.append((now + self._delay_s, worker.slot))
         for due in [d for d in self._restart_at if d[0] <= now]:
             self._restart_at.remove(due)
-            self._workers.append(self._spawn(due[1]))
+            try:
+                self._workers.append(self._spawn(due[1]))
+            except OSError as exc:  # out of processes or memory for now: try again, later each time
+                self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2)
+                log.error("Cannot start a worker (%s); trying again in %.1f s", exc, self._delay_s)
+                self._restart_at.append((now + self._delay_s, due[1]))
 
     def _forget(self, pid: int) -> None:
         if MULTIPROC_ENV in self._env:
@@ -182,13 +197,14 @@ class Supervisor:
 
     def _reap_all(self) -> int:
         """Wait for every worker to drain (killing those that take too long); 0 if all stopped cleanly."""
-        deadline = time.monotonic() + DRAIN_S
+        allowed_s = self._config.shutdown_grace_s + CLOSE_S
+        deadline = time.monotonic() + allowed_s
         code = 0
         for worker in self._workers:
             try:
                 worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("Worker %d did not stop within %.0f s; killing it", worker.process.pid, DRAIN_S)
+                log.error("Worker %d did not stop within %.0f s; killing it", worker.process.pid, allowed_s)
                 worker.process.kill()
                 worker.process.wait()
             # Ended by SIGTERM's default action: it was still starting, before it could serve.

@@ -1,6 +1,7 @@
-"""The supervisor of ``WEB_WORKERS=2`` killed with SIGKILL, as real processes on loopback: its
+"""The supervisor of ``WEB_WORKERS=2``, as real processes on loopback: killed with SIGKILL, its
 workers drain and exit, and the next start finds the port free and removes what the killed one
-left in the temporary folder; and a worker started by a supervisor of another version."""
+left in the temporary folder; a worker started by a supervisor of another version; a worker that
+does not stop, killed after the configured grace."""
 
 from __future__ import annotations
 
@@ -85,3 +86,23 @@ def test_a_service_started_with_nohup_keeps_ignoring_sighup():
         signal.signal(signal.SIGHUP, previous)
     if previous is not signal.SIG_IGN:
         assert stop_signals() == (signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.mark.slow
+def test_a_worker_that_does_not_stop_is_killed_after_the_grace_the_configuration_gives(service_process, tmp_path):
+    """A frozen worker (or a request longer than the grace) held every stop for a fixed 30 s,
+    whatever SHUTDOWN_GRACE_SECONDS said: longer than docker waits, and shorter than a grace set
+    above it."""
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'f.db'}",
+        "OUTBOX_DIR": str(tmp_path / "outbox"),
+        "WEB_WORKERS": "2",
+        "SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    service = service_process(env)
+    wait_until(lambda: "with 2 workers" in service.log(), 30, "both workers ready")
+    frozen = int(Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()[0])
+    os.kill(frozen, signal.SIGSTOP)
+    service.signal(signal.SIGTERM)
+    assert service.wait() != 0  # a worker had to be killed
+    assert f"Worker {frozen} did not stop within 6 s; killing it" in service.log()
