@@ -85,7 +85,9 @@ class ActiveKeys:
     stale answer back. A deactivation by another worker process of the same service reaches
     ``forget`` through ``service.occupancy``, and one by another replica on PostgreSQL as a
     notification (service.notifications); with notifications lost, or by a process outside the
-    service on SQLite, such a key works here for ``ttl_s`` more at most.
+    service on SQLite, such a key works here for ``ttl_s`` more at most. While news of
+    deactivations cannot arrive at all (the listener has lost its connection: ``suspend``),
+    every use reads the key again, until ``resume``.
     """
 
     def __init__(self, ttl_s: float, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -93,7 +95,8 @@ class ActiveKeys:
         self._limit = limit
         self._clock = clock
         self._entries: dict[str, tuple[int, float]] = {}
-        self._epoch = 0  # bumped by forget; a lookup from an older epoch is not kept
+        self._epoch = 0  # bumped by forget and expire; a lookup from an older epoch is not kept
+        self._suspended = False  # entries are kept as the outage fallback only
         self._lock = threading.Lock()
 
     def get(self, key_hash: str, lookup: Callable[[str], int | None]) -> int | None:
@@ -113,7 +116,7 @@ class ActiveKeys:
                 if epoch == self._epoch:
                     if len(self._entries) >= self._limit:
                         self._entries.clear()
-                    self._entries[key_hash] = (key_id, now + self._ttl_s)
+                    self._entries[key_hash] = (key_id, 0.0 if self._suspended else now + self._ttl_s)
         return key_id
 
     def forget(self) -> None:
@@ -124,7 +127,20 @@ class ActiveKeys:
     def expire(self) -> None:
         """Read every key again on its next use, keeping the entries as the outage fallback."""
         with self._lock:
+            self._epoch += 1
             self._entries = {key_hash: (key_id, 0.0) for key_hash, (key_id, _) in self._entries.items()}
+
+    def suspend(self) -> None:
+        """Until ``resume``, read every key on every use (entries stay as the outage fallback)."""
+        with self._lock:
+            self._suspended = True
+        self.expire()
+
+    def resume(self) -> None:
+        """Cache again, from fresh reads: what was held may be stale."""
+        with self._lock:
+            self._suspended = False
+        self.expire()
 
 
 @dataclass(frozen=True)
@@ -185,8 +201,13 @@ class KeyService:
         self._active.forget()
 
     def revalidate_cached(self) -> None:
-        """News of deactivations may have been lost: read every key again on its next use."""
-        self._active.expire()
+        """News of deactivations can arrive again, and some may have been lost: read every key
+        again on its next use, then cache again."""
+        self._active.resume()
+
+    def stop_caching(self) -> None:
+        """News of deactivations cannot arrive: read every key on every use until told again."""
+        self._active.suspend()
 
     def used(self, key_id: int) -> None:
         self._usage.touch(key_id)

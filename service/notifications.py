@@ -4,8 +4,10 @@ Replicas share one database but each caches the keys it found active (``keys.Act
 transaction that deactivates a key also issues ``NOTIFY`` (``Store.deactivate_keys``); this
 listener hears it on commit and clears the cache, so every replica refuses the key at once
 instead of after ``KEY_CACHE_SECONDS``. Notifications sent while the listener is disconnected
-are lost, so on every (re)connection it marks the whole cache for reading again (the entries
-stay as the fallback for an outage); the TTL stays as the last resort.
+are lost: from the moment it knows its connection is gone until it has a new one, the replica
+reads every key on every use; on every (re)connection it marks the whole cache for reading again
+(the entries stay as the fallback for an outage). The TTL stays as the last resort, for a
+connection that breaks without the listener noticing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ Connect = Callable[[], psycopg2.extensions.connection]
 
 class Listener:
     """Calls ``on_notice`` for each batch of notifications that arrives on the connections
-    ``connect`` opens (already listening), and after each successful connection.
+    ``connect`` opens (already listening), ``on_connect`` after each successful connection, and
+    ``on_disconnect`` when one breaks or cannot be opened.
 
     The thread sleeps in ``select`` on the connection and on a socket pair that ``close`` writes
     to, so it costs nothing while idle and stops at once. A connection that breaks (server
@@ -38,19 +41,20 @@ class Listener:
         connect: Connect,
         on_notice: Callable[[], None],
         on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] = lambda: None,
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
-        name: str = "db-notifications",
     ) -> None:
         self._connect = connect
         self._on_notice = on_notice
         self._on_connect = on_connect or on_notice
+        self._on_disconnect = on_disconnect
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
         self._delay_s = backoff_min_s
         self._stopping = threading.Event()
         self._stop_reader, self._stop_writer = socket.socketpair()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="db-notifications", daemon=True)
 
     def start(self) -> Listener:
         self._thread.start()
@@ -71,6 +75,7 @@ class Listener:
             try:
                 self._listen()
             except (psycopg2.Error, OSError) as exc:
+                self._on_disconnect()
                 text = str(exc).strip().splitlines()
                 # Once per outage: the database's own outage log says the rest.
                 log.log(

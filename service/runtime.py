@@ -148,7 +148,10 @@ class Runtime:
             )
             if self.store.is_postgres:  # other processes hear of deactivations at once
                 listener = Listener(
-                    lambda: self.store.listen(KEYS_CHANNEL), keys.forget_cached, keys.revalidate_cached
+                    lambda: self.store.listen(KEYS_CHANNEL),
+                    keys.forget_cached,
+                    keys.revalidate_cached,
+                    keys.stop_caching,
                 ).start()
                 stack.callback(listener.close)
             self.deps = Deps(

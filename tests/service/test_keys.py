@@ -111,3 +111,33 @@ def test_expired_entries_are_read_again_and_serve_through_an_outage():
     cache.forget()  # a deactivation: nothing is trusted any more
     with pytest.raises(DatabaseUnavailable):
         cache.get("h", away)
+
+
+def test_while_deactivations_cannot_be_heard_every_use_reads_the_key():
+    """The listener lost its connection (``suspend``): a key deactivated meanwhile by another
+    replica must be refused at once, so nothing is served from the cache, except through an
+    outage of the database itself; once it listens again (``resume``), keys are cached again."""
+    cache = ActiveKeys(30.0)
+    reads: list[str] = []
+    answers = {"h": 7}
+
+    def lookup(key_hash: str) -> int | None:
+        reads.append(key_hash)
+        if key_hash not in answers:
+            raise DatabaseUnavailable("connection refused")
+        return answers[key_hash]
+
+    assert cache.get("h", lookup) == 7
+    cache.suspend()
+    assert [cache.get("h", lookup) for _ in range(2)] == [7, 7]
+    assert len(reads) == 3
+    answers["h"] = None  # deactivated through another replica
+    assert cache.get("h", lookup) is None
+    answers["h"] = 7
+    assert cache.get("h", lookup) == 7 and len(reads) == 5
+    del answers["h"]  # the database is away: the key this process verified still serves
+    assert cache.get("h", lookup) == 7
+    answers["h"] = 7
+    cache.resume()
+    assert [cache.get("h", lookup) for _ in range(3)] == [7, 7, 7]
+    assert len(reads) == 7  # one fresh read, then the cache

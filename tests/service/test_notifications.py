@@ -20,12 +20,17 @@ pytestmark = pytest.mark.postgres
 
 
 class Notices:
-    """What the listener calls: counts the calls, and each connection it opened."""
+    """What the listener calls: counts the calls, and each connection it opened or lost."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.lost = 0  # connections that broke or could not be opened
         self.connections: list[psycopg2.extensions.connection] = []
         self._lock = threading.Lock()
+
+    def disconnected(self) -> None:
+        with self._lock:
+            self.lost += 1
 
     def __call__(self) -> None:
         with self._lock:
@@ -64,7 +69,9 @@ def listening() -> Iterator[Callable[..., tuple[Listener, Notices]]]:
             notices.connections.append(conn)
             return conn
 
-        listener = Listener(opened, notices, backoff_min_s=0.05, backoff_max_s=0.2).start()
+        listener = Listener(
+            opened, notices, on_disconnect=notices.disconnected, backoff_min_s=0.05, backoff_max_s=0.2
+        ).start()
         started.append(listener)
         notices.after(0)  # connected and listening
         return listener, notices
@@ -99,7 +106,7 @@ def test_a_broken_connection_is_opened_again_and_the_cache_cleared(store, listen
     with store.db.connection_context():
         store.db.execute_sql("SELECT pg_terminate_backend(%s)", (notices.connections[-1].get_backend_pid(),))
     notices.after(seen, timeout_s=2.0)  # the clear that comes with the new connection
-    assert len(notices.connections) == 2
+    assert len(notices.connections) == 2 and notices.lost == 1  # keys were read on every use meanwhile
     issue_key(store, "after-reconnect@example.org")
     seen = notices.count
     deactivate(store, "after-reconnect@example.org")
@@ -115,7 +122,7 @@ def test_a_database_that_refuses_connections_is_tried_again(store, listening):
         return (Store(refused, 1) if len(attempts) <= 2 else store).listen(KEYS_CHANNEL)
 
     listener, notices = listening(store, connect)
-    assert attempts == ["refused", "refused", "ok"]
+    assert attempts == ["refused", "refused", "ok"] and notices.lost == 2
     started = time.monotonic()
     listener.close()
     assert time.monotonic() - started < 1.0
