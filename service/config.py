@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from service import logs
 from service.clients import Network, parse_networks
@@ -187,6 +188,10 @@ class Config:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
+        try:
+            _ = urlsplit(self.database_url).port  # read only when asked: a bad port or IPv6 host raises
+        except ValueError as exc:  # its message holds no part of the URL (no password)
+            raise ConfigError(f"DATABASE_URL is not a valid URL ({exc}).") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -208,7 +213,10 @@ class Config:
             if meta["high"] is not None and value > meta["high"]:
                 raise ConfigError(f"{meta['env']} must be at most {meta['high']} (got {raw!r}).")
             values[f.name] = value
-        return cls(**{**per_worker_defaults(values.get("web_workers", usable_cpus())), **values})
+        config = cls(**{**per_worker_defaults(values.get("web_workers", usable_cpus())), **values})
+        if config.port == 0 and not config.base_url:
+            raise ConfigError("PORT=0 (any free port) needs BASE_URL: the mailed links cannot name port 0.")
+        return config
 
     @property
     def manifest(self) -> Path:

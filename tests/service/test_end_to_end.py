@@ -211,6 +211,9 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"METRICS_PORT": "70000"}, "METRICS_PORT must be at most 65535"),
         ({"MAX_RECORD_SECONDS": "inf"}, "MAX_RECORD_SECONDS must be a finite number"),
         ({"SHUTDOWN_GRACE_SECONDS": "nan"}, "SHUTDOWN_GRACE_SECONDS must be a finite number"),  # no drain at all
+        ({"DATABASE_URL": "postgresql://u:secret@db:99999/x"}, "DATABASE_URL is not a valid URL (Port out of range"),
+        ({"DATABASE_URL": "postgresql://u@[::1/x"}, "DATABASE_URL is not a valid URL (Invalid IPv6 URL)"),
+        ({"PORT": "0"}, "PORT=0 (any free port) needs BASE_URL"),  # the links would name port 0
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):
