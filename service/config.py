@@ -98,12 +98,12 @@ class Config:
     port: int = field(default=8000, metadata=_env("PORT", int, 0, MAX_PORT))
     # Processes serving the one listening socket (service.workers), each with its own model: one
     # per core takes the GIL out of the way. 1 keeps a single process and no supervisor.
-    web_workers: int = field(default_factory=usable_cpus, metadata=_env("WEB_WORKERS", int, 1))
+    web_workers: int = field(default_factory=usable_cpus, metadata=_env("WEB_WORKERS", int, 1, 256))
     # Requests wait on the batcher while the model runs, so more threads than cores keep batches
     # full; a waiting thread costs little, and fewer threads than connections queue requests
     # inside waitress (which then logs a warning for each one).
     web_threads: int = field(
-        default_factory=lambda: per_worker_defaults(1)["web_threads"], metadata=_env("WEB_THREADS", int, 1)
+        default_factory=lambda: per_worker_defaults(1)["web_threads"], metadata=_env("WEB_THREADS", int, 1, 1024)
     )
     # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
@@ -126,7 +126,7 @@ class Config:
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", _number, 0))
     # Batches that run at once on the shared session (see service.batcher).
     batch_workers: int = field(
-        default_factory=lambda: per_worker_defaults(1)["batch_workers"], metadata=_env("BATCH_WORKERS", int, 1)
+        default_factory=lambda: per_worker_defaults(1)["batch_workers"], metadata=_env("BATCH_WORKERS", int, 1, 256)
     )
     # How long a key found active is trusted without reading the database (service.keys);
     # 0 reads it on every request.

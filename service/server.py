@@ -48,6 +48,8 @@ def serve(
             server = create_server(app, config, listener, supervisor, body_limits=body_limits(config), **stopping)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
+        except RuntimeError as exc:  # "can't start new thread": a limit of the container
+            return refuse(f"cannot start {config.web_threads} web threads ({exc}): lower WEB_THREADS.")
         stack.callback(server.close)
         if listener is None and runtime.deps.metrics is not None and config.metrics_port:
             registry = exposition_registry(runtime.deps.metrics.registry)
