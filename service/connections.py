@@ -455,8 +455,9 @@ def create_server(
         # Read one request ahead: a client's hang-up is then seen while its request is served
         # (environ["waitress.client_disconnected"]), so a recording waiting for a turn leaves.
         channel_request_lookahead=1,
-        # X-Forwarded-For reaches the app, which trusts it only from TRUSTED_PROXIES
-        # (clients.client_address); waitress would drop it, as it trusts no proxy here.
+        # The proxy headers reach the app, which reads only X-Forwarded-For, and trusts it only
+        # from TRUSTED_PROXIES (clients.client_address); waitress would drop them all, as it
+        # trusts no proxy here. Forwarded and X-Forwarded-Host/Proto/Port are the client's say.
         clear_untrusted_proxy_headers=False,
         connection_limit=limit,
         asyncore_use_poll=True,
