@@ -95,7 +95,8 @@ class ActiveKeys:
         self._limit = limit
         self._clock = clock
         self._entries: dict[str, tuple[int, float]] = {}
-        self._epoch = 0  # bumped by forget and expire; a lookup from an older epoch is not kept
+        self._epoch = 0  # bumped by forget: a lookup from an older epoch is not kept
+        self._generation = 0  # bumped by expire: a lookup from an older one is kept as the fallback only
         self._suspended = False  # entries are kept as the outage fallback only
         self._lock = threading.Lock()
 
@@ -104,7 +105,7 @@ class ActiveKeys:
         now = self._clock()
         if entry is not None and entry[1] > now:
             return entry[0]
-        epoch = self._epoch
+        epoch, generation = self._epoch, self._generation
         try:
             key_id = lookup(key_hash)
         except DatabaseUnavailable:
@@ -116,7 +117,8 @@ class ActiveKeys:
                 if epoch == self._epoch:
                     if len(self._entries) >= self._limit:
                         self._entries.clear()
-                    self._entries[key_hash] = (key_id, 0.0 if self._suspended else now + self._ttl_s)
+                    fresh = generation == self._generation and not self._suspended
+                    self._entries[key_hash] = (key_id, now + self._ttl_s if fresh else 0.0)
         return key_id
 
     def forget(self) -> None:
@@ -127,7 +129,7 @@ class ActiveKeys:
     def expire(self) -> None:
         """Read every key again on its next use, keeping the entries as the outage fallback."""
         with self._lock:
-            self._epoch += 1
+            self._generation += 1
             self._entries = {key_hash: (key_id, 0.0) for key_hash, (key_id, _) in self._entries.items()}
 
     def suspend(self) -> None:

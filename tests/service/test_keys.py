@@ -141,3 +141,22 @@ def test_while_deactivations_cannot_be_heard_every_use_reads_the_key():
     cache.resume()
     assert [cache.get("h", lookup) for _ in range(3)] == [7, 7, 7]
     assert len(reads) == 7  # one fresh read, then the cache
+
+
+def test_a_lookup_overtaken_by_a_reread_is_kept_only_as_the_outage_fallback():
+    """The listener (re)connected while a request read the key: the answer may predate a lost
+    deactivation, so the next use reads again; but while the database is away it still serves."""
+    cache = ActiveKeys(30.0)
+
+    def read_then_expired(key_hash: str) -> int:
+        cache.expire()  # the listener's reconnection lands between the read and the write-back
+        return 7
+
+    def away(key_hash: str) -> int:
+        raise DatabaseUnavailable("connection refused")
+
+    assert cache.get("h", read_then_expired) == 7
+    reads: list[str] = []
+    assert cache.get("h", lambda key_hash: reads.append(key_hash) or 7) == 7 and reads == ["h"]
+    cache.expire()
+    assert cache.get("h", away) == 7
