@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.keys import EmailTaken, NoActiveKey
 from service.messages import LINK_TTL
 from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
 from service.resources import BINARY
@@ -150,6 +151,22 @@ def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
 
 def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = False) -> dict[str, Any]:
     """``metrics``: the app serves ``/metrics`` on its API port."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Heartify Denoising API",
+            "version": "1.0.0",
+            "description": "Attention U-Net denoising of 10-second single-lead ECG windows; API keys by email.",
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": _schemas(max_batch_windows, max_record_seconds),
+        },
+        "paths": _paths(max_batch_windows, max_record_seconds, metrics),
+    }
+
+
+def _schemas(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any]:
     window = {
         "type": "array",
         "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
@@ -166,185 +183,177 @@ def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = 
         "description": f"{WINDOW} denoised values",
     }
     return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Heartify Denoising API",
-            "version": "1.0.0",
-            "description": "Attention U-Net denoising of 10-second single-lead ECG windows; API keys by email.",
+        "Window": window,
+        "DenoisedWindow": denoised,
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "expected_format": {"type": "object"},
+                "note": {"type": "string"},
+                "reason": {"type": "string", "description": "why an email address was refused"},
+            },
         },
-        "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
-            "schemas": {
-                "Window": window,
-                "DenoisedWindow": denoised,
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "expected_format": {"type": "object"},
-                        "note": {"type": "string"},
-                        "reason": {"type": "string", "description": "why an email address was refused"},
-                    },
+        "DenoiseRequest": {
+            "type": "object",
+            "required": ["ecg_signal"],
+            "properties": {"ecg_signal": _ref("Window")},
+        },
+        "DenoiseResponse": {
+            "type": "object",
+            "required": ["modelVersion", "denoised_signal"],
+            "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("DenoisedWindow")},
+        },
+        "BatchRequest": {
+            "type": "object",
+            "required": ["ecg_signals"],
+            "properties": {
+                "ecg_signals": {
+                    "type": "array",
+                    "items": _ref("Window"),
+                    "minItems": 1,
+                    "maxItems": max_batch_windows,
+                }
+            },
+        },
+        "BatchResponse": {
+            "type": "object",
+            "required": ["modelVersion", "denoised_signals"],
+            "properties": {
+                "modelVersion": {"type": "integer"},
+                "denoised_signals": {"type": "array", "items": _ref("DenoisedWindow")},
+            },
+        },
+        "RecordRequest": {
+            "type": "object",
+            "required": ["ecg_signal"],
+            "properties": {
+                # What some rate admits: 2 s at the lowest rate, the longest recording at
+                # the highest (the service checks the rate's own, with a 400 or a 413).
+                "ecg_signal": {
+                    "type": "array",
+                    "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
+                    "minItems": math.ceil(MIN_SECONDS * MIN_RATE_HZ),
+                    "maxItems": math.floor(max_record_seconds * MAX_RATE_HZ),
                 },
-                "DenoiseRequest": {
-                    "type": "object",
-                    "required": ["ecg_signal"],
-                    "properties": {"ecg_signal": _ref("Window")},
-                },
-                "DenoiseResponse": {
-                    "type": "object",
-                    "required": ["modelVersion", "denoised_signal"],
-                    "properties": {"modelVersion": {"type": "integer"}, "denoised_signal": _ref("DenoisedWindow")},
-                },
-                "BatchRequest": {
-                    "type": "object",
-                    "required": ["ecg_signals"],
-                    "properties": {
-                        "ecg_signals": {
-                            "type": "array",
-                            "items": _ref("Window"),
-                            "minItems": 1,
-                            "maxItems": max_batch_windows,
-                        }
-                    },
-                },
-                "BatchResponse": {
-                    "type": "object",
-                    "required": ["modelVersion", "denoised_signals"],
-                    "properties": {
-                        "modelVersion": {"type": "integer"},
-                        "denoised_signals": {"type": "array", "items": _ref("DenoisedWindow")},
-                    },
-                },
-                "RecordRequest": {
-                    "type": "object",
-                    "required": ["ecg_signal"],
-                    "properties": {
-                        # What some rate admits: 2 s at the lowest rate, the longest recording at
-                        # the highest (the service checks the rate's own, with a 400 or a 413).
-                        "ecg_signal": {
-                            "type": "array",
-                            "items": {"type": "number", "maximum": MAX_ABS, "minimum": -MAX_ABS},
-                            "minItems": math.ceil(MIN_SECONDS * MIN_RATE_HZ),
-                            "maxItems": math.floor(max_record_seconds * MAX_RATE_HZ),
-                        },
-                        "sampling_rate": {
-                            "type": "number",
-                            "minimum": MIN_RATE_HZ,
-                            "maximum": MAX_RATE_HZ,
-                            "default": SAMPLING_RATE_HZ,
-                        },
-                    },
-                },
-                "RecordResponse": {
-                    "type": "object",
-                    "required": ["modelVersion", "sampling_rate", "denoised_signal"],
-                    "properties": {
-                        "modelVersion": {"type": "integer"},
-                        "sampling_rate": {"type": "number"},
-                        "denoised_signal": {"type": "array", "items": {"type": "number"}},
-                    },
-                },
-                "EmailRequest": {
-                    "type": "object",
-                    "required": ["email"],
-                    "properties": {
-                        "email": {
-                            "type": "string",
-                            "format": "email",
-                            "maxLength": 254,
-                            "pattern": EMAIL_PATTERN,
-                            "description": "An address a mail can be sent to: ASCII, a public domain name "
-                            "(no IP address, no special-use name such as `.local` or `.test`), no quoted "
-                            "local part. The pattern admits a subset of what the service accepts.",
-                        }
-                    },
-                },
-                "MailSent": {
-                    "type": "object",
-                    "required": ["message", "email"],
-                    "properties": {"message": {"type": "string"}, "email": {"type": "string"}},
-                },
-                "Status": {
-                    "type": "object",
-                    "required": ["status"],
-                    "properties": {
-                        "status": {"type": "string"},
-                        "model": {"type": "boolean"},
-                        "database": {"type": "boolean"},
-                    },
+                "sampling_rate": {
+                    "type": "number",
+                    "minimum": MIN_RATE_HZ,
+                    "maximum": MAX_RATE_HZ,
+                    "default": SAMPLING_RATE_HZ,
                 },
             },
         },
-        "paths": {
-            "/api/v1/denoising": {
-                "post": {
-                    "summary": "Denoise one window",
-                    "tags": ["Denoising"],
-                    "security": [{"apiKey": []}],
-                    "parameters": [_UNITS],
-                    "requestBody": _body("DenoiseRequest"),
-                    "responses": {"200": _response("Denoised window", "DenoiseResponse"), **_DENOISE_ERRORS},
-                }
+        "RecordResponse": {
+            "type": "object",
+            "required": ["modelVersion", "sampling_rate", "denoised_signal"],
+            "properties": {
+                "modelVersion": {"type": "integer"},
+                "sampling_rate": {"type": "number"},
+                "denoised_signal": {"type": "array", "items": {"type": "number"}},
             },
-            "/api/v1/denoising/batch": {
-                "post": {
-                    "summary": f"Denoise 1 to {max_batch_windows} windows in one request",
-                    "description": "Each window is validated as in `/api/v1/denoising`; errors name the window, "
-                    "e.g. `ecg_signals[3][17] must be a finite number (got null)`.",
-                    "tags": ["Denoising"],
-                    "security": [{"apiKey": []}],
-                    "parameters": [_UNITS],
-                    "requestBody": _body("BatchRequest"),
-                    "responses": {"200": _response("Denoised windows, in order", "BatchResponse"), **_DENOISE_ERRORS},
-                }
-            },
-            "/api/v1/denoising/record": _record(max_record_seconds),
-            "/api/v1/api-keys/generation": _key_request(
-                "Mail a link that creates an API key",
-                ("409", "Email already has an active API key. Please deactivate it first."),
-            ),
-            "/api/v1/api-keys/deactivation": _key_request(
-                "Mail a link that deactivates the active API key",
-                ("404", "No active API key found for this email"),
-            ),
-            "/api/v1/api-keys/verify": {
-                "get": {
-                    "summary": f"Follow a mailed link (single use, valid {LINK_TTL.total_seconds() / 3600:g} hours)",
-                    "tags": ["API keys"],
-                    "parameters": [
-                        {
-                            "name": "token",
-                            "in": "query",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        }
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "Key created and mailed, or key deactivated",
-                            "content": {"text/html": {"schema": {"type": "string"}}},
-                        },
-                        "400": _error("`Invalid verification link`, `Invalid or expired token` or `Token has expired`"),
-                        "503": _error("The database does not answer (with `Retry-After`)"),
-                    },
-                }
-            },
-            "/healthz": _probe("The process answers", {"200": _response("Alive", "Status")}),
-            "/readyz": _probe(
-                "Model loaded and database reachable",
-                {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
-            ),
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "tags": ["Operations"],
-                    "responses": {
-                        "200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}
-                    },
-                }
-            },
-            **({"/metrics": _METRICS} if metrics else {}),
         },
+        "EmailRequest": {
+            "type": "object",
+            "required": ["email"],
+            "properties": {
+                "email": {
+                    "type": "string",
+                    "format": "email",
+                    "maxLength": 254,
+                    "pattern": EMAIL_PATTERN,
+                    "description": "An address a mail can be sent to: ASCII, a public domain name "
+                    "(no IP address, no special-use name such as `.local` or `.test`), no quoted "
+                    "local part. The pattern admits a subset of what the service accepts.",
+                }
+            },
+        },
+        "MailSent": {
+            "type": "object",
+            "required": ["message", "email"],
+            "properties": {"message": {"type": "string"}, "email": {"type": "string"}},
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {
+                "status": {"type": "string"},
+                "model": {"type": "boolean"},
+                "database": {"type": "boolean"},
+            },
+        },
+    }
+
+
+def _paths(max_batch_windows: int, max_record_seconds: float, metrics: bool) -> dict[str, Any]:
+    return {
+        "/api/v1/denoising": {
+            "post": {
+                "summary": "Denoise one window",
+                "tags": ["Denoising"],
+                "security": [{"apiKey": []}],
+                "parameters": [_UNITS],
+                "requestBody": _body("DenoiseRequest"),
+                "responses": {"200": _response("Denoised window", "DenoiseResponse"), **_DENOISE_ERRORS},
+            }
+        },
+        "/api/v1/denoising/batch": {
+            "post": {
+                "summary": f"Denoise 1 to {max_batch_windows} windows in one request",
+                "description": "Each window is validated as in `/api/v1/denoising`; errors name the window, "
+                "e.g. `ecg_signals[3][17] must be a finite number (got null)`.",
+                "tags": ["Denoising"],
+                "security": [{"apiKey": []}],
+                "parameters": [_UNITS],
+                "requestBody": _body("BatchRequest"),
+                "responses": {"200": _response("Denoised windows, in order", "BatchResponse"), **_DENOISE_ERRORS},
+            }
+        },
+        "/api/v1/denoising/record": _record(max_record_seconds),
+        "/api/v1/api-keys/generation": _key_request(
+            "Mail a link that creates an API key",
+            ("409", EmailTaken.message),
+        ),
+        "/api/v1/api-keys/deactivation": _key_request(
+            "Mail a link that deactivates the active API key",
+            ("404", NoActiveKey.message),
+        ),
+        "/api/v1/api-keys/verify": {
+            "get": {
+                "summary": f"Follow a mailed link (single use, valid {LINK_TTL.total_seconds() / 3600:g} hours)",
+                "tags": ["API keys"],
+                "parameters": [
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Key created and mailed, or key deactivated",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("`Invalid verification link`, `Invalid or expired token` or `Token has expired`"),
+                    "503": _error("The database does not answer (with `Retry-After`)"),
+                },
+            }
+        },
+        "/healthz": _probe("The process answers", {"200": _response("Alive", "Status")}),
+        "/readyz": _probe(
+            "Model loaded and database reachable",
+            {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
+        ),
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "tags": ["Operations"],
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}
+                },
+            }
+        },
+        **({"/metrics": _METRICS} if metrics else {}),
     }
