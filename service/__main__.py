@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from service.config import configured
+from service.process import configured
 from service.workers import supervise
 
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from service import recording
 from service.batcher import Batcher
-from service.config import Config, ConfigError, refuse
+from service.config import Config, ConfigError
 from service.contract import SAMPLING_RATE_HZ
+from service.process import refuse
 from service.runtime import start_engine
 from service.startup import StartupError, model_version
 

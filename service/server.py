@@ -16,10 +16,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from service.app import body_limits, create_app
-from service.config import Config, ConfigError, cannot_listen, refuse, stop_signals
+from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
+from service.process import cannot_listen, refuse, stop_signals
 from service.runtime import Runtime, StartupError
 
 log = logging.getLogger("service")

@@ -12,9 +12,10 @@ import sys
 
 import peewee as pw
 
-from service.config import Config, ConfigError, configured, refuse
+from service.config import Config, ConfigError
 from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
 from service.manifest import ModelError, verify_model
+from service.process import configured, refuse
 from service.sealing import secret_beside, split_secrets
 from service.store import Store
 

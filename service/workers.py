@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Config, cannot_listen, configured, refuse, stop_signals
+from service.config import Config
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
+from service.process import cannot_listen, configured, refuse, stop_signals
 
 log = logging.getLogger("service.workers")
 

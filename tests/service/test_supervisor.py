@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import stop_signals
+from service.process import stop_signals
 
 from .conftest import wait_until
 
