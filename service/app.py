@@ -116,23 +116,17 @@ def _map_errors(app: falcon.App, deps: Deps) -> None:
 
 
 def _add_routes(app: falcon.App, deps: Deps) -> None:
-    """The window routes take up to twice the numbers they need: a window a little too long
-    gets the 400 that says so, not a 413."""
+    """The window routes read up to twice the numbers of a full batch: a window at another rate,
+    a batch sent to the one-window route or one window too many gets the 400 that says so."""
     config, keys, batcher, version = deps.config, deps.keys, deps.batcher, deps.model_version
     windows = config.max_batch_windows
-    one = Denoising(
-        keys,
-        batcher,
-        version,
-        JsonBody(config.max_body_bytes, 2 * WINDOW + 16),
-        validation.ecg_signal,
-        lambda out: {"denoised_signal": out[0]},
-    )
+    body = JsonBody(config.max_body_bytes, 2 * windows * WINDOW + 16)
+    one = Denoising(keys, batcher, version, body, validation.ecg_signal, lambda out: {"denoised_signal": out[0]})
     batch = Denoising(
         keys,
         batcher,
         version,
-        JsonBody(config.max_body_bytes, 2 * windows * WINDOW + 16),
+        body,
         partial(validation.ecg_signals, limit=windows),
         lambda out: {"denoised_signals": out},
     )

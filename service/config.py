@@ -68,6 +68,12 @@ def _env(
     return {"env": name, "parse": parse, "low": low, "high": high}
 
 
+# Beyond these, a setting is a typo or a machine this service was not measured on; the defaults
+# stay within them too.
+MAX_WORKERS = 256
+MAX_WEB_THREADS = 1024
+
+
 def per_worker_defaults(workers: int) -> dict[str, int]:
     """Thread defaults for one of ``workers`` processes (variables that are set win).
 
@@ -79,7 +85,11 @@ def per_worker_defaults(workers: int) -> dict[str, int]:
     """
     cpus = usable_cpus()
     cores = max(1, cpus // workers)
-    return {"web_threads": max(8, 8 * cores), "batch_workers": min(cpus, 2 * cores)}
+    return {"web_threads": min(MAX_WEB_THREADS, max(8, 8 * cores)), "batch_workers": min(MAX_WORKERS, cpus, 2 * cores)}
+
+
+def default_workers() -> int:
+    return min(MAX_WORKERS, usable_cpus())
 
 
 @dataclass(frozen=True)
@@ -95,12 +105,13 @@ class Config:
     port: int = field(default=8000, metadata=_env("PORT", int, 0, MAX_PORT))
     # Processes serving the one listening socket (service.workers), each with its own model: one
     # per core takes the GIL out of the way. 1 keeps a single process and no supervisor.
-    web_workers: int = field(default_factory=usable_cpus, metadata=_env("WEB_WORKERS", int, 1, 256))
+    web_workers: int = field(default_factory=default_workers, metadata=_env("WEB_WORKERS", int, 1, MAX_WORKERS))
     # Requests wait on the batcher while the model runs, so more threads than cores keep batches
     # full; a waiting thread costs little, and fewer threads than connections queue requests
     # inside waitress (which then logs a warning for each one).
     web_threads: int = field(
-        default_factory=lambda: per_worker_defaults(1)["web_threads"], metadata=_env("WEB_THREADS", int, 1, 1024)
+        default_factory=lambda: per_worker_defaults(1)["web_threads"],
+        metadata=_env("WEB_THREADS", int, 1, MAX_WEB_THREADS),
     )
     # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
@@ -123,7 +134,8 @@ class Config:
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", _number, 0))
     # Batches that run at once on the shared session (see service.batcher).
     batch_workers: int = field(
-        default_factory=lambda: per_worker_defaults(1)["batch_workers"], metadata=_env("BATCH_WORKERS", int, 1, 256)
+        default_factory=lambda: per_worker_defaults(1)["batch_workers"],
+        metadata=_env("BATCH_WORKERS", int, 1, MAX_WORKERS),
     )
     # How long a key found active is trusted without reading the database (service.keys);
     # 0 reads it on every request.
@@ -187,8 +199,11 @@ class Config:
             raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
         try:
             _ = urlsplit(self.database_url).port  # read only when asked: a bad port or IPv6 host raises
-        except ValueError as exc:  # its message holds no part of the URL (no password)
-            raise ConfigError(f"DATABASE_URL is not a valid URL ({exc}).") from None
+        except ValueError:  # its message may quote part of the password: not shown
+            raise ConfigError(
+                "DATABASE_URL is not a valid URL: its port is not a number from 0 to 65535, or an IPv6 host "
+                "lacks a bracket (percent-encode / ? # @ : in the password)."
+            ) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -210,7 +225,7 @@ class Config:
             if meta["high"] is not None and value > meta["high"]:
                 raise ConfigError(f"{meta['env']} must be at most {meta['high']} (got {raw!r}).")
             values[f.name] = value
-        config = cls(**{**per_worker_defaults(values.get("web_workers", usable_cpus())), **values})
+        config = cls(**{**per_worker_defaults(values.get("web_workers", default_workers())), **values})
         if config.port == 0 and not config.base_url:
             raise ConfigError("PORT=0 (any free port) needs BASE_URL: the mailed links cannot name port 0.")
         return config

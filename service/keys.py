@@ -112,7 +112,10 @@ class ActiveKeys:
             if entry is not None:  # verified here before: it keeps working through an outage
                 return entry[0]
             raise
-        if key_id is not None and self._ttl_s > 0:
+        if key_id is None:
+            with self._lock:  # deactivated: no outage may bring it back
+                self._entries.pop(key_hash, None)
+        elif self._ttl_s > 0:
             with self._lock:
                 if epoch == self._epoch:
                     if len(self._entries) >= self._limit:

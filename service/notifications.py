@@ -74,7 +74,7 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 self._listen()
-            except (psycopg2.Error, OSError) as exc:
+            except Exception as exc:  # psycopg2's errors, OSError, and whatever else: never die
                 self._on_disconnect()
                 text = str(exc).strip().splitlines()
                 # Once per outage: the database's own outage log says the rest.

@@ -39,11 +39,12 @@ class JsonBody:
     def read(self, req: falcon.Request) -> Any:
         """The parsed body, or None when it is missing or not JSON (the contract's 400 case).
 
-        JSON only, as Falcon's media handling with our handler reads it: no media type means
-        JSON; media types are case-insensitive (RFC 9110); the text is UTF-8.
+        JSON only: ``application/json`` or a ``+json`` type (as the old Flask service read
+        them), or none; media types are case-insensitive (RFC 9110); the text is UTF-8.
         """
         _check_length(req, self.max_bytes)
-        if (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower() != falcon.MEDIA_JSON:
+        media = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
+        if not (media == falcon.MEDIA_JSON or (media.startswith("application/") and media.endswith("+json"))):
             return None
         data = req.bounded_stream.read()
         if not data:

@@ -49,7 +49,9 @@ def serve(
             server = create_server(app, config, listener, supervisor, body_limits=body_limits(config), **stopping)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
-        except RuntimeError as exc:  # "can't start new thread": a limit of the container
+        except RuntimeError as exc:
+            if "can't start new thread" not in str(exc):
+                raise
             return refuse(f"cannot start {config.web_threads} web threads ({exc}): lower WEB_THREADS.")
         stack.callback(server.close)
         if listener is None and runtime.deps.metrics is not None and config.metrics_port:

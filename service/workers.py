@@ -127,12 +127,17 @@ class Supervisor:
         os.set_blocking(read_fd, False)
         fds = (self._listener.fileno(), write_fd, self._occupancy_fd)
         held = () if self._lock_fd is None else (self._lock_fd,)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.workers", INTERFACE, *map(str, fds), str(slot), str(os.getpid())],
-            pass_fds=fds + held,
-            env=self._env,
-        )
-        os.close(write_fd)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service.workers", INTERFACE, *map(str, fds), str(slot), str(os.getpid())],
+                pass_fds=fds + held,
+                env=self._env,
+            )
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         return _Worker(process, read_fd, slot)
 
     def _first_start_failure(self) -> str | None:

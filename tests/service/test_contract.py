@@ -87,7 +87,9 @@ def test_form_body_is_not_json(client, key):
     assert result.json["error"] == "Missing required field: ecg_signal"
 
 
-@pytest.mark.parametrize("content_type", ["APPLICATION/JSON", "Application/Json; Charset=UTF-8"])
+@pytest.mark.parametrize(
+    "content_type", ["APPLICATION/JSON", "Application/Json; Charset=UTF-8", "application/vnd.heartify+json"]
+)
 def test_media_type_is_case_insensitive(client, key, content_type):
     result = post_raw(client, key, json.dumps({"ecg_signal": window()}), content_type=content_type)
     assert result.status_code == 200

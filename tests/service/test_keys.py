@@ -160,3 +160,21 @@ def test_a_lookup_overtaken_by_a_reread_is_kept_only_as_the_outage_fallback():
     assert cache.get("h", lambda key_hash: reads.append(key_hash) or 7) == 7 and reads == ["h"]
     cache.expire()
     assert cache.get("h", away) == 7
+
+
+def test_a_key_found_deactivated_is_not_brought_back_by_an_outage():
+    cache = ActiveKeys(30.0)
+    answers: dict[str, int | None] = {"h": 7}
+
+    def lookup(key_hash: str) -> int | None:
+        if key_hash not in answers:
+            raise DatabaseUnavailable("connection refused")
+        return answers[key_hash]
+
+    assert cache.get("h", lookup) == 7
+    cache.expire()  # the next use reads the database again
+    answers["h"] = None  # deactivated
+    assert cache.get("h", lookup) is None
+    del answers["h"]  # then the database goes away
+    with pytest.raises(DatabaseUnavailable):
+        cache.get("h", lookup)

@@ -301,10 +301,11 @@ def test_a_body_of_more_numbers_or_arrays_than_its_route_takes_is_refused_before
         "/api/v1/denoising/batch", body=nested.replace(b"signal", b"signals"), headers=headers
     )
     assert batch_bomb.json == {"error": "Request body too large: more than 144 arrays and objects"}
-    zeros = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0] * 30_000}, headers=headers)
-    assert zeros.status_code == 413 and zeros.json == {"error": "Request body too large: more than 2616 values"}
-    long = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0.123456789] * 2600}, headers=headers)
-    assert long.status_code == 400 and long.json["error"] == "ecg_signal must have exactly 1300 values (got 2600)"
+    zeros = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0] * 200_000}, headers=headers)
+    assert zeros.status_code == 413 and zeros.json == {"error": "Request body too large: more than 166416 values"}
+    at_500_hz = client.simulate_post("/api/v1/denoising", json={"ecg_signal": [0.123456789] * 5000}, headers=headers)
+    assert at_500_hz.status_code == 400
+    assert at_500_hz.json["error"] == "ecg_signal must have exactly 1300 values (got 5000)"
     too_many = {"ecg_signals": [[0.123456789] * WINDOW] * 65}  # one window over the batch limit, 1 MB
     over = client.simulate_post("/api/v1/denoising/batch", json=too_many, headers=headers)
     assert over.status_code == 400 and over.json == {"error": "ecg_signals must hold 1 to 64 windows (got 65)"}

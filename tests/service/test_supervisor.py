@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,22 @@ def test_a_worker_that_does_not_stop_is_killed_after_the_grace_the_configuration
     service.signal(signal.SIGTERM)
     assert service.wait() != 0  # a worker had to be killed
     assert f"Worker {frozen} did not stop within 6 s; killing it" in service.log()
+
+
+def test_a_worker_that_cannot_be_started_leaves_no_descriptor_behind(monkeypatch):
+    """The supervisor tries again while the container is out of processes: each try must not
+    cost descriptors, or after a few hundred it could open nothing at all."""
+    from service.config import Config
+    from service.workers import Supervisor
+
+    def out_of_processes(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", out_of_processes)
+    with socket.socket() as listener:
+        supervisor = Supervisor(Config(), listener, {}, occupancy_fd=listener.fileno(), lock_fd=None)
+        before = len(os.listdir("/proc/self/fd"))
+        for slot in range(5):
+            with pytest.raises(OSError):
+                supervisor._spawn(slot)
+        assert len(os.listdir("/proc/self/fd")) == before
