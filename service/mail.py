@@ -49,7 +49,9 @@ class Sender(Protocol):
 
 
 class SmtpSender:
-    """Delivers through an SMTP server; one connection per batch of due mails."""
+    """Delivers through an SMTP server; one connection per batch of due mails, opened again when
+    the server has closed it (after a 421, a hang-up or a time-out on one recipient): one
+    recipient's trouble must not fail the mails after it."""
 
     def __init__(
         self, host: str, port: int, security: str, user: str | None, password: str | None, timeout_s: float
@@ -59,6 +61,24 @@ class SmtpSender:
 
     @contextmanager
     def session(self) -> Iterator[Send]:
+        client = self._open()
+
+        def send(message: EmailMessage, recipient: str) -> None:
+            nonlocal client
+            if client.sock is None:  # smtplib closed it after the last mail's failure
+                client = self._open()
+            # The envelope names the stored address itself, never what the To header decodes to.
+            client.send_message(message, to_addrs=[recipient])
+
+        try:
+            yield send
+        finally:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
+
+    def _open(self) -> smtplib.SMTP:
         context = ssl.create_default_context()
         if self._security == "ssl":
             client = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout_s, context=context)
@@ -69,13 +89,10 @@ class SmtpSender:
                 client.starttls(context=context)
             if self._user:
                 client.login(self._user, self._password or "")
-            # The envelope names the stored address itself, never what the To header decodes to.
-            yield lambda message, recipient: client.send_message(message, to_addrs=[recipient])
-        finally:
-            try:
-                client.quit()
-            except (OSError, smtplib.SMTPException):
-                client.close()
+        except BaseException:
+            client.close()
+            raise
+        return client
 
 
 class FolderSender:

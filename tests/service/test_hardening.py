@@ -227,6 +227,21 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
         assert Token.select().count() == 2 and OutboxMail.select().count() == 1
 
 
+def test_a_recipient_whose_refusal_closes_the_connection_holds_back_no_other_mail(runtime, smtp):
+    """On a 421 smtplib closes the connection: the mails after it in the batch went out on a dead
+    connection and failed with it, for as long as that recipient kept failing."""
+    smtp.mailbox.refuse["closing@example.org"] = "421 Too busy, closing"
+    with runtime.store.db.connection_context():
+        for address in ("closing@example.org", "first@example.org", "second@example.org"):
+            runtime.store.enqueue_mail(runtime.sealer.seal(Mail(address, "s", "t", "h")), utcnow())
+    runtime.outbox.wake()
+    delivered = smtp.mailbox.wait_for(2)
+    assert sorted(m["To"] for m in delivered) == ["first@example.org", "second@example.org"]
+    with runtime.store.db.connection_context():
+        tries = {m.recipient: m.attempts for m in OutboxMail.select()}
+    assert tries["first@example.org"] == tries["second@example.org"] == 0  # sent at the first try
+
+
 def test_a_mail_goes_to_the_stored_address_whatever_its_to_header_decodes_to(runtime, smtp):
     """An encoded word decodes to another mailbox in the To header; the envelope keeps the stored
     address (an outbox row from before addresses holding one were refused)."""
