@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("service.connections")
 PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued for a thread
 # Descriptors the process needs besides client connections: the listening socket, the database,
-# the model, log and outbox files, the waitress trigger pipe.
+# the model, log and outbox files, the waitress trigger pipe, METRICS_PORT's connections.
 RESERVED_FILES = 64
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,7 +26,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"  # the route label of every path no route matches: raw paths would be unbounded
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Connections METRICS_PORT serves at once: scrapers come one or two at a time. Within the
+# descriptors the API's connection limit leaves free (connections.RESERVED_FILES).
+METRICS_CONNECTIONS = 8
 
 
 def multiprocess_dir() -> str | None:
@@ -136,9 +143,54 @@ class Exposition:
         resp.data = generate_latest(exposition_registry(self._metrics.registry))
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> Callable[[], None]:
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus-client's threaded server, bounded: at most ``connections`` at once (more are
+    closed unanswered) and ``idle_s`` of silence on each. Unbounded, a thousand idle connections
+    took every descriptor of the process, and the API's port stopped accepting."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], connections: int, idle_s: float) -> None:
+        self._slots = threading.BoundedSemaphore(connections)
+        self._idle_s = idle_s
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self._idle_s)
+        try:
+            super().process_request(request, client_address)  # its thread gives the slot back
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("Metrics request from %s failed", client_address, exc_info=True)  # timed out, hung up
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """No line per scrape."""
+
+
+def serve_metrics(
+    host: str, port: int, registry: CollectorRegistry, connections: int = METRICS_CONNECTIONS, idle_s: float = 10.0
+) -> Callable[[], None]:
     """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
-    httpd, thread = start_http_server(port, host, registry)
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+    httpd = server_class(address[:2], connections, idle_s)
+    httpd.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-port", daemon=True)
+    thread.start()
     log.info("Metrics on http://%s:%s/metrics", host, port)
 
     def stop() -> None:

@@ -74,3 +74,39 @@ def test_metrics_off_has_no_route(runtime_with, sqlite_url):
 def test_separate_metrics_port_leaves_the_api_port_without_it(runtime_with, sqlite_url):
     runtime = runtime_with(sqlite_url, metrics_port=9)  # served by service.server, not the app
     assert falcon.testing.TestClient(create_app(runtime.deps)).simulate_get("/metrics").status_code == 404
+
+
+def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_ones():
+    """prometheus-client's own server had no bound: a thousand silent connections took every
+    descriptor of the process, and the API's port stopped accepting."""
+    import socket
+    import time
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from service.metrics import serve_metrics
+
+    from .conftest import free_port, wait_until
+
+    registry = CollectorRegistry()
+    Counter("probe_total", "A counter", registry=registry).inc()
+    port = free_port()
+    stop = serve_metrics("127.0.0.1", port, registry, connections=2, idle_s=0.5)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.2)  # both taken by the server's threads
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            assert third.recv(1024) == b""  # no slot: closed at once
+        for client in silent:  # closed by the server once idle for half a second
+            client.settimeout(5)
+            assert client.recv(1024) == b""
+            client.close()
+
+        def scraped() -> bool:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            return b"probe_total 1.0" in body
+
+        assert wait_until(scraped, 5, "a scrape once the slots are free")
+    finally:
+        stop()
