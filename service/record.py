@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from service import recording
+from service import files, recording
 from service.batcher import Batcher
 from service.config import Config, ConfigError
 from service.contract import SAMPLING_RATE_HZ
 from service.process import refuse
 from service.runtime import start_engine
 from service.startup import StartupError, model_version
+from service.validation import MAX_ABS
 
 FORMATS = (".csv", ".npy")
 CHUNK_WINDOWS = 64  # windows between progress updates
@@ -37,26 +39,38 @@ def read(path: Path) -> tuple[np.ndarray, str | None]:
     header = None
     try:
         if path.suffix == ".npy":
-            samples = np.load(path, allow_pickle=False)
+            # Mapped, not read: a header that declares more than the file holds fails here,
+            # instead of allocating what it declares.
+            samples = np.load(path, allow_pickle=False, mmap_mode="r")
         else:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's byte-order mark goes
             if lines and not _is_number(lines[0].split(",")[-1]):
                 header, lines = lines[0], lines[1:]
-            samples = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
-    except ValueError as exc:
-        raise BadFile(f"{path} is not a column of numbers ({exc}).") from None
+            with warnings.catch_warnings():  # an empty file: said below, in one sentence
+                warnings.simplefilter("ignore")
+                samples = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
+    except (ValueError, EOFError) as exc:
+        raise BadFile(f"{path} is not a column of numbers ({exc or 'it is empty'}).") from None
+    if not isinstance(samples, np.ndarray):  # an .npz archive under another name
+        raise BadFile(f"{path} is not a column of numbers (it holds several arrays).")
     if samples.ndim == 2 and samples.shape[1] == 1:
         samples = samples[:, 0]
-    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number) or not np.all(np.isfinite(samples)):
-        raise BadFile(f"{path} must hold one column of finite numbers (got shape {samples.shape}).")
-    return samples.astype(np.float64), header
+    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number) or np.iscomplexobj(samples):
+        raise BadFile(f"{path} must hold one column of real numbers (got {samples.dtype} of shape {samples.shape}).")
+    samples = np.array(samples, dtype=np.float64)
+    if not np.all(np.abs(samples) <= MAX_ABS):  # NaN fails too
+        raise BadFile(f"{path} must hold finite numbers of magnitude at most {MAX_ABS:g}, as the API takes.")
+    return samples, header
 
 
 def write(path: Path, samples: np.ndarray, header: str | None) -> None:
-    if path.suffix == ".npy":
-        np.save(path, recording.compact(samples))
-    else:
-        np.savetxt(path, samples, fmt="%.7g", header=header or "", comments="")
+    """Written beside ``path`` and renamed onto it: a write that fails leaves ``path`` as it was
+    (it may be the input)."""
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as out:
+        if path.suffix == ".npy":
+            np.save(out, recording.compact(samples))
+        else:
+            np.savetxt(out, samples, fmt="%.7g", header=header or "", comments="")
 
 
 def runner(batcher: Batcher, progress: Callable[[int, int], None]) -> recording.Runner:
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.output.parent.is_dir():  # before the work, not after it
             raise BadFile(f"{args.output.parent} is not a folder: {args.output} cannot be written.")
+        if args.output.is_dir():
+            raise BadFile(f"{args.output} is a folder: the output must be a file.")
         samples, header = read(args.input)
         if len(samples) / args.rate < recording.MIN_SECONDS:
             raise BadFile(f"{args.input} holds {len(samples)} samples; at least {recording.MIN_SECONDS:g} s is needed.")

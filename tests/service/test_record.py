@@ -475,6 +475,59 @@ def test_the_command_refuses_a_bad_file_in_one_line(tmp_path: Path, capsys):
     assert err.startswith("heartify: ") and "missing is not a folder" in err and len(err.splitlines()) == 1
 
 
+def odd_npy(path: Path, kind: str) -> None:
+    x = ecg(3, 130)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "archive":
+        with open(path, "wb") as out:
+            np.savez(out, a=x, b=x)
+    elif kind == "declares more than it holds":
+        np.save(path, x)
+        path.write_bytes(path.read_bytes().replace(b"(390,)", b"(10000000000,)"))
+    elif kind == "complex":
+        np.save(path, x + 1j * x)
+    elif kind == "beyond float64's reach":
+        np.save(path, x / np.abs(x).max() * 1.7e308)  # finite, but squares overflow
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty", "archive", "declares more than it holds", "complex", "beyond float64's reach"]
+)
+def test_the_command_refuses_an_odd_npy_file_in_one_line(tmp_path: Path, capsys, kind):
+    """Each of these gave a traceback, or a silently wrong output (the imaginary part dropped,
+    infinities written)."""
+    odd_npy(tmp_path / "odd.npy", kind)
+    assert record.main([str(tmp_path / "odd.npy"), str(tmp_path / "out.npy")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("heartify: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_write_that_fails_leaves_the_file_it_replaces_as_it_was(tmp_path: Path, monkeypatch, capsys):
+    """Output and input may be one file: a full disk halfway through had left half a file."""
+    path = tmp_path / "same.csv"
+    path.write_text("\n".join(f"{v:.6f}" for v in ecg(3, 130)) + "\n")
+    before = path.read_bytes()
+
+    def half_then_full(out, samples, **kwargs):
+        out.write(b"0.1\n" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savetxt", half_then_full)
+    assert record.main([str(path), str(path)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["same.csv"]
+
+
+def test_an_output_that_is_a_folder_is_refused_before_the_work(tmp_path: Path, capsys):
+    (tmp_path / "in.csv").write_text("\n".join(map(str, ecg(3, 130))))
+    (tmp_path / "out.csv").mkdir()
+    assert record.main([str(tmp_path / "in.csv"), str(tmp_path / "out.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"heartify: {tmp_path / 'out.csv'} is a folder: the output must be a file.\n"
+
+
 def test_a_byte_order_mark_is_not_taken_for_a_header(tmp_path: Path):
     """Spreadsheets save "CSV UTF-8" with one; the first sample must stay a sample."""
     x = ecg(3, 130)
