@@ -227,3 +227,5 @@ class Document:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self._document
+
+    on_head = on_get

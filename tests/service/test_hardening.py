@@ -268,6 +268,7 @@ def test_every_answer_is_nosniff_and_only_the_openapi_document_may_be_cached(run
     for name in ("ok", "recording", "bad", "unauthorized", "missing", "health", "mail"):
         assert answers[name].headers["cache-control"] == "no-store", name
     assert "cache-control" not in client.simulate_get("/openapi.json").headers
+    assert client.simulate_head("/openapi.json").status_code == 200
     page = client.simulate_get(verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", ""))
     assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
     assert page.headers["x-frame-options"] == "DENY"
