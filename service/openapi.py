@@ -137,8 +137,8 @@ _METRICS = {
 }
 
 
-def _probe(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
-    """A health endpoint: GET, and HEAD with the same status and no body."""
+def _get_and_head(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    """GET, and HEAD with the same status and no body (health checks, this document)."""
     return {
         "get": {"summary": summary, "tags": ["Operations"], "responses": responses},
         "head": {
@@ -341,19 +341,13 @@ def _paths(max_batch_windows: int, max_record_seconds: float, metrics: bool) -> 
                 },
             }
         },
-        "/healthz": _probe("The process answers", {"200": _response("Alive", "Status")}),
-        "/readyz": _probe(
+        "/healthz": _get_and_head("The process answers", {"200": _response("Alive", "Status")}),
+        "/readyz": _get_and_head(
             "Model loaded and database reachable",
             {"200": _response("Ready", "Status"), "503": _response("Not ready", "Status")},
         ),
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "tags": ["Operations"],
-                "responses": {
-                    "200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}
-                },
-            }
-        },
+        "/openapi.json": _get_and_head(
+            "This document", {"200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}}
+        ),
         **({"/metrics": _METRICS} if metrics else {}),
     }
