@@ -48,6 +48,21 @@ class Sender(Protocol):
     def session(self) -> AbstractContextManager[Send]: ...
 
 
+class SessionLost(smtplib.SMTPServerDisconnected):
+    """The server closed the connection and cannot be reached again: the batch ends here, and
+    the mails not sent wait for the next one, as when the first connection fails."""
+
+
+def _reset(client: smtplib.SMTP) -> None:
+    """After a failed mail, a connection ready for the next one, or closed: a refusal of DATA
+    leaves the transaction open (smtplib resets only after MAIL and RCPT refusals)."""
+    if client.sock is not None:
+        try:
+            client.rset()
+        except (OSError, smtplib.SMTPException):
+            client.close()
+
+
 class SmtpSender:
     """Delivers through an SMTP server; one connection per batch of due mails, opened again when
     the server has closed it (after a 421, a hang-up or a time-out on one recipient): one
@@ -65,10 +80,17 @@ class SmtpSender:
 
         def send(message: EmailMessage, recipient: str) -> None:
             nonlocal client
-            if client.sock is None:  # smtplib closed it after the last mail's failure
-                client = self._open()
-            # The envelope names the stored address itself, never what the To header decodes to.
-            client.send_message(message, to_addrs=[recipient])
+            if client.sock is None:  # closed after the last mail's failure
+                try:
+                    client = self._open()
+                except (OSError, smtplib.SMTPException) as exc:
+                    raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
+            try:
+                # The envelope names the stored address itself, never what the To header decodes to.
+                client.send_message(message, to_addrs=[recipient])
+            except BaseException:
+                _reset(client)
+                raise
 
         try:
             yield send
@@ -209,6 +231,9 @@ class Outbox:
                     try:
                         mail = self._sealer.open(row.as_mail())
                         send(compose(mail, self._from), mail.recipient)
+                    except SessionLost:
+                        done.discard(row.id)  # failed with the rest, below
+                        raise
                     except Exception as exc:  # whatever one mail raises must not hold back the others
                         self._failed(row, exc, permanent(exc))
                     else:

@@ -95,6 +95,7 @@ class Mailbox:
         self.messages: list[EmailMessage] = []
         self.rcpt_lines: list[str] = []  # each RCPT command's argument, as sent
         self.refuse: dict[str, str] = {}
+        self.refuse_data: dict[str, str] = {}  # the same, in reply to the DATA command itself
         self.on_message: Callable[[EmailMessage], None] = lambda message: None  # after it is kept
         self._lock = threading.Lock()
 
@@ -130,11 +131,19 @@ def key_in(message: EmailMessage) -> str:
 
 class _RecordingSmtp(SMTP):
     """aiosmtpd's server, keeping each RCPT argument as the client sent it (aiosmtpd decodes
-    what it hands the handler)."""
+    what it hands the handler), and refusing the DATA command for ``Mailbox.refuse_data``."""
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.event_handler.rcpt_lines.append(arg or "")
         await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        recipients = self.envelope.rcpt_tos if self.envelope is not None else []
+        refusal = self.event_handler.refuse_data.get(recipients[0]) if recipients else None
+        if refusal:
+            await self.push(refusal)
+            return
+        await super().smtp_DATA(arg)
 
 
 class _Controller(Controller):

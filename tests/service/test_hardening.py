@@ -227,10 +227,13 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
         assert Token.select().count() == 2 and OutboxMail.select().count() == 1
 
 
-def test_a_recipient_whose_refusal_closes_the_connection_holds_back_no_other_mail(runtime, smtp):
-    """On a 421 smtplib closes the connection: the mails after it in the batch went out on a dead
-    connection and failed with it, for as long as that recipient kept failing."""
-    smtp.mailbox.refuse["closing@example.org"] = "421 Too busy, closing"
+@pytest.mark.parametrize("at", ["RCPT", "DATA"])
+def test_a_recipient_whose_refusal_closes_the_connection_holds_back_no_other_mail(runtime, smtp, at):
+    """On a 421 to RCPT smtplib closes the connection: the mails after it in the batch went out on
+    a dead connection and failed with it, for as long as that recipient kept failing. A refusal
+    of DATA leaves the transaction open: the next mail's MAIL FROM was refused as nested."""
+    refusals = smtp.mailbox.refuse if at == "RCPT" else smtp.mailbox.refuse_data
+    refusals["closing@example.org"] = "421 Too busy, closing" if at == "RCPT" else "451 Try again later"
     with runtime.store.db.connection_context():
         for address in ("closing@example.org", "first@example.org", "second@example.org"):
             runtime.store.enqueue_mail(runtime.sealer.seal(Mail(address, "s", "t", "h")), utcnow())
