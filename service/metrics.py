@@ -9,6 +9,7 @@ so that each process makes them after that variable is known and tests can make 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -145,35 +146,52 @@ class Exposition:
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
     """prometheus-client's threaded server, bounded: at most ``connections`` at once (more are
-    closed unanswered) and ``idle_s`` of silence on each. Unbounded, a thousand idle connections
-    took every descriptor of the process, and the API's port stopped accepting."""
+    closed unanswered), ``idle_s`` of silence and ``deadline_s`` in all on each. Unbounded, a
+    thousand idle connections took every descriptor of the process, and the API's port stopped
+    accepting."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], connections: int, idle_s: float) -> None:
+    def __init__(self, address: tuple, connections: int, idle_s: float, deadline_s: float) -> None:
         self._slots = threading.BoundedSemaphore(connections)
         self._idle_s = idle_s
+        self._deadline_s = deadline_s
         super().__init__(address, _QuietHandler)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        request.settimeout(self._idle_s)
         try:
+            request.settimeout(self._idle_s)
             super().process_request(request, client_address)  # its thread gives the slot back
         except BaseException:
             self._slots.release()
             raise
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        """ThreadingMixIn's, with the slot given back before the connection closes (a client
+        that sees the close may connect again at once), and a deadline: a client that trickles
+        a byte at a time is never idle."""
+        deadline = threading.Timer(self._deadline_s, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+            self.shutdown_request(request)
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.debug("Metrics request from %s failed", client_address, exc_info=True)  # timed out, hung up
+
+
+def _cut(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -182,12 +200,17 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def serve_metrics(
-    host: str, port: int, registry: CollectorRegistry, connections: int = METRICS_CONNECTIONS, idle_s: float = 10.0
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    connections: int = METRICS_CONNECTIONS,
+    idle_s: float = 10.0,
+    deadline_s: float = 30.0,
 ) -> Callable[[], None]:
     """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
-    httpd = server_class(address[:2], connections, idle_s)
+    httpd = server_class(address, connections, idle_s, deadline_s)
     httpd.set_app(make_wsgi_app(registry))
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-port", daemon=True)
     thread.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import falcon.testing
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -76,7 +77,7 @@ def test_separate_metrics_port_leaves_the_api_port_without_it(runtime_with, sqli
     assert falcon.testing.TestClient(create_app(runtime.deps)).simulate_get("/metrics").status_code == 404
 
 
-def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_ones():
+def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and_slow_ones():
     """prometheus-client's own server had no bound: a thousand silent connections took every
     descriptor of the process, and the API's port stopped accepting."""
     import socket
@@ -91,22 +92,38 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_one
 
     registry = CollectorRegistry()
     Counter("probe_total", "A counter", registry=registry).inc()
-    port = free_port()
-    stop = serve_metrics("127.0.0.1", port, registry, connections=2, idle_s=0.5)
+
+    def scraped(port: int) -> bool:
+        try:
+            return b"probe_total 1.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:  # refused while the slots were full
+            return False
+
+    bounded, lenient = free_port(), free_port()
+    stops = [
+        serve_metrics("127.0.0.1", bounded, registry, connections=2, idle_s=30, deadline_s=30),
+        serve_metrics("127.0.0.1", lenient, registry, connections=8, idle_s=0.5, deadline_s=1.5),
+    ]
     try:
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        time.sleep(0.2)  # both taken by the server's threads
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
-            assert third.recv(1024) == b""  # no slot: closed at once
-        for client in silent:  # closed by the server once idle for half a second
-            client.settimeout(5)
-            assert client.recv(1024) == b""
+        silent = [socket.create_connection(("127.0.0.1", bounded)) for _ in range(2)]
+        time.sleep(0.2)  # both taken by the server's threads, and kept: 30 s of silence allowed
+        with socket.create_connection(("127.0.0.1", bounded), timeout=2) as third:
+            assert third.recv(1024) == b""  # no slot: closed at once, not after a time-out
+        for client in silent:
             client.close()
+        assert wait_until(lambda: scraped(bounded), 5, "a scrape once the slots are free")
 
-        def scraped() -> bool:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-            return b"probe_total 1.0" in body
-
-        assert wait_until(scraped, 5, "a scrape once the slots are free")
+        idle = socket.create_connection(("127.0.0.1", lenient), timeout=5)
+        assert idle.recv(1024) == b""  # closed after half a second of silence
+        idle.close()
+        trickle = socket.create_connection(("127.0.0.1", lenient), timeout=5)
+        started = time.monotonic()
+        with pytest.raises(OSError):  # a byte every 0.3 s is never idle, but the deadline cuts it
+            while time.monotonic() - started < 10:
+                trickle.sendall(b"G")
+                time.sleep(0.3)
+        trickle.close()
+        assert scraped(lenient)
     finally:
-        stop()
+        for stop in stops:
+            stop()
