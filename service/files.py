@@ -13,23 +13,37 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write and check; renamed onto ``path`` when the block
-    ends normally, removed when it raises. The folder is created if needed."""
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write and check; flushed to disk and renamed onto
+    ``path`` when the block ends normally, removed when it raises. The folder is created if
+    needed. ``mode``: the file's permissions; by default those of the file it replaces, else
+    what the umask allows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if mode is None:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, mode)  # mkstemp makes 0600; the service may run as another user
+        os.chmod(tmp, mode)  # mkstemp makes 0600
+        with open(tmp, "rb") as written:  # on disk before it takes the name: never an empty file
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+def _umask() -> int:
+    """The process's umask. Reading it means setting it for a moment: not for a process whose
+    other threads create files meanwhile (the service passes ``mode``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
 

@@ -37,6 +37,21 @@ def test_a_passed_write_replaces_the_file_with_the_mode_asked_for(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["mail.eml"]
 
 
+def test_without_a_mode_a_replaced_file_keeps_its_own_and_a_new_one_follows_the_umask(tmp_path):
+    """A recording written over a private file must stay private (it was made 0644)."""
+    private = tmp_path / "private.csv"
+    private.write_text("1\n")
+    private.chmod(0o600)
+    atomic_write(private, b"2\n")
+    assert private.stat().st_mode & 0o777 == 0o600
+    mask = os.umask(0o077)
+    try:
+        atomic_write(tmp_path / "new.csv", b"3\n")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_scratch_folder_is_removed_by_the_next_start_once_its_processes_are_gone(tmp_path, monkeypatch):
     """kill -9 leaves the folder. While a child that got its descriptor runs (an orphaned worker
     still writing there) the next call leaves it, and removes it once the child is gone too; a
