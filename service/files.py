@@ -27,9 +27,9 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, mode)  # mkstemp makes 0600
         with open(tmp, "rb") as written:  # on disk before it takes the name: never an empty file
             os.fsync(written.fileno())
+        os.chmod(tmp, mode)  # mkstemp made it 0600; after the read, which a mode may forbid
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -175,8 +175,8 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         a byte at a time is never idle."""
         deadline = threading.Timer(self._deadline_s, _cut, (request,))
         deadline.daemon = True
-        deadline.start()
         try:
+            deadline.start()  # inside: a thread that cannot start must not keep the slot
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
