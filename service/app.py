@@ -95,11 +95,7 @@ def _middleware(deps: Deps) -> list[object]:
 
 
 def _use_json(app: falcon.App) -> None:
-    """JSON only: Falcon also parses forms by default, which the contract treats as "not JSON".
-    Request bodies are read by each route with its own limits (``resources.JsonBody``)."""
-    handler = codec.handler()
-    app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
-    app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = codec.response_handler()
 
 
 def _map_errors(app: falcon.App, deps: Deps) -> None:

@@ -1,5 +1,5 @@
 """The JSON of request and response bodies: orjson, as lenient as the old service where old
-clients need it, and bounded before a body is parsed.
+clients need it, and bounded before a request's body is parsed.
 
 A body's size says little about what it costs once parsed. The record route's limit is sized for
 a long recording written with long numbers; within it, "0,0,0…" packs twenty times as many
@@ -30,7 +30,7 @@ class TooManyValues(Exception):
         super().__init__(f"Request body too large: more than {limit} {what}")
 
 
-def loads(text: str, max_values: int | None = None, max_containers: int | None = None) -> Any:
+def loads(text: str, max_values: int, max_containers: int) -> Any:
     """orjson, falling back to the stdlib for what the old Flask service also accepted.
 
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
@@ -40,9 +40,9 @@ def loads(text: str, max_values: int | None = None, max_containers: int | None =
     more than ``max_containers`` arrays and objects, is refused before it is parsed.
     """
     if len(text) > SMALL_BODY:
-        if max_values is not None and text.count(",") >= max_values:
+        if text.count(",") >= max_values:
             raise TooManyValues(max_values, "values")
-        if max_containers is not None and text.count("[") + text.count("{") > max_containers:
+        if text.count("[") + text.count("{") > max_containers:
             raise TooManyValues(max_containers, "arrays and objects")
     try:
         return orjson.loads(text)
@@ -53,9 +53,10 @@ def loads(text: str, max_values: int | None = None, max_containers: int | None =
             raise ValueError("JSON nested too deeply") from None
 
 
-def handler() -> JSONHandler:
-    """Falcon's JSON media handler; NumPy arrays serialize as lists."""
-    return JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY), loads=loads)
+def response_handler() -> JSONHandler:
+    """Falcon's JSON media handler for answers; NumPy arrays serialize as lists. (Requests are
+    read by each route with its own limits: ``resources.JsonBody``.)"""
+    return JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def _integer(digits: str) -> int:

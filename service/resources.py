@@ -156,14 +156,9 @@ class Recording:
             return
         resp.media = {
             "modelVersion": self._model_version,
-            "sampling_rate": _number(rate),
+            "sampling_rate": validation.as_written(rate),
             "denoised_signal": recording.compact(clean),
         }
-
-
-def _number(rate: float) -> int | float:
-    """250.0 → 250, as the client most likely wrote it; 250.5 stays."""
-    return int(rate) if rate.is_integer() else rate
 
 
 class KeyRequest:

@@ -79,7 +79,7 @@ def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tupl
         queried = _rate_param(rate_param)
         if "sampling_rate" in body and queried != rate:
             raise ValidationError(
-                f"sampling_rate given twice, differently: {_hz(rate)} Hz in the body, {_hz(queried)} Hz in the query"
+                f"sampling_rate given twice, differently: {as_written(rate)} Hz in the body, {as_written(queried)} Hz in the query"
             )
         rate = queried
     _duration(len(value), rate, max_seconds)
@@ -186,15 +186,18 @@ def quoted(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-def _hz(rate: float) -> str:
-    """A rate as given, to its last digit (1000.0000000001 must not read as the bound 1000)."""
-    text = repr(float(rate))
-    return text.removesuffix(".0")
+def as_written(rate: float) -> int | float:
+    """A rate as the client most likely wrote it: 250.0 → 250; 250.5 and 1000.0000000001 stay,
+    to their last digit (the latter must not read as the bound 1000)."""
+    rate = float(rate)
+    return int(rate) if rate.is_integer() else rate
 
 
 def _rate(rate: float) -> float:
     if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:  # NaN fails too
-        raise ValidationError(f"sampling_rate must be from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:g} Hz (got {_hz(rate)})")
+        raise ValidationError(
+            f"sampling_rate must be from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:g} Hz (got {as_written(rate)})"
+        )
     return rate
 
 

@@ -162,7 +162,7 @@ class Supervisor:
             # A worker that crashed young doubles the delay; one that drained and exited 0 (sent
             # SIGTERM on its own) is simply replaced.
             young = now - worker.started < YOUNG_S and worker.process.returncode != 0
-            self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2) if young else RESTART_DELAY_S[0]
+            self._delay_s = self._longer_delay() if young else RESTART_DELAY_S[0]
             log.warning(
                 "Worker %d exited with %s; starting another in %.1f s",
                 worker.process.pid,
@@ -175,9 +175,12 @@ class Supervisor:
             try:
                 self._workers.append(self._spawn(due[1]))
             except OSError as exc:  # out of processes or memory for now: try again, later each time
-                self._delay_s = min(RESTART_DELAY_S[1], self._delay_s * 2)
+                self._delay_s = self._longer_delay()
                 log.error("Cannot start a worker (%s); trying again in %.1f s", exc, self._delay_s)
                 self._restart_at.append((now + self._delay_s, due[1]))
+
+    def _longer_delay(self) -> float:
+        return min(RESTART_DELAY_S[1], self._delay_s * 2)
 
     def _forget(self, pid: int) -> None:
         if MULTIPROC_ENV in self._env:
