@@ -18,6 +18,7 @@ from service import codec, openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.codec import TooManyValues
 from service.config import Config
+from service.connections import Refusal, UploadGate
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
@@ -26,6 +27,7 @@ from service.middleware import ReleaseConnection, RequestContext, SecurityHeader
 from service.ratelimit import RateLimited
 from service.resources import (
     BINARY,
+    MISSING_KEY,
     Denoising,
     Document,
     Health,
@@ -41,6 +43,7 @@ from service.validation import ValidationError
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
 DATABASE_RETRY_AFTER_S = 5
+DATABASE_AWAY = "Service temporarily unavailable: the database does not answer. Try again later."
 RECORD = "/api/v1/denoising/record"
 KEY_ROUTES = ("/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation")
 KEY_BODY_BYTES = 1 << 14  # an email address in JSON, with room to spare
@@ -71,6 +74,29 @@ def body_limits(config: Config) -> dict[str, int]:
         f"{RECORD} {BINARY}": config.record_body_bytes(binary=True),
     }
     return limits | dict.fromkeys(KEY_ROUTES, KEY_BODY_BYTES)
+
+
+def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
+    """Judges a whole recording larger than the default body limit by its key, before waitress
+    reads the body (``connections.UploadGate``): with no key, or one that is not active, or with
+    the database away and the key not known here, it gets the answer the route would give,
+    at once, instead of after an upload of up to a hundred megabytes; nothing is spooled for it.
+    The key's rate is left to the route, which takes from it once the body has come."""
+
+    def refusal(key: str | None) -> Refusal | None:
+        if not key:
+            return Refusal(401, "Unauthorized", MISSING_KEY)
+        try:
+            keys.key_id(key)
+        except InvalidKey as exc:
+            return Refusal(401, "Unauthorized", str(exc))
+        except DatabaseUnavailable:
+            return Refusal(503, "Service Unavailable", DATABASE_AWAY, (("Retry-After", str(DATABASE_RETRY_AFTER_S)),))
+        finally:
+            release()  # the gate's thread holds no pooled connection between uploads
+        return None
+
+    return refusal
 
 
 def create_app(deps: Deps) -> falcon.App:
@@ -182,7 +208,7 @@ def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUna
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
     resp.status = falcon.HTTP_503
     resp.set_header("Retry-After", str(DATABASE_RETRY_AFTER_S))
-    resp.media = {"error": "Service temporarily unavailable: the database does not answer. Try again later."}
+    resp.media = {"error": DATABASE_AWAY}
 
 
 def _database_error(

@@ -40,6 +40,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -82,7 +84,7 @@ def _timeout_response(seconds: float) -> bytes:
     body = b'{"error": "Request headers not received within %g seconds"}' % seconds
     head = (
         b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        b"X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
     return head + body
 
@@ -94,10 +96,35 @@ class UploadsBusy(Error):
     reason = "Service Unavailable"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given to a large upload before its body is read (``UploadGate``)."""
+
+    code: int
+    reason: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# Judges a large upload from its x-api-key header (None when it has none) before its body is
+# read: None lets the body in, a Refusal answers at once. It may read the database, so it runs
+# on a thread of its own, never in the loop's.
+UploadGate = Callable[[str | None], Refusal | None]
+
+
+class Refused(Error):
+    """A large upload the gate refused (``Refusal``)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.code, self.reason, self.refusal = refusal.code, refusal.reason, refusal
+
+
 class UploadPlaces:
     """How many bodies larger than the default limit (whole recordings) one worker receives at
-    once. waitress spools each to a file as it arrives, before the app checks the key: without a
-    bound, clients with no key could fill the disk (hundreds of connections, each a whole recording)."""
+    once. waitress spools each to a file as it arrives, before the app sees it: without a bound,
+    clients could fill the disk (hundreds of connections, each a whole recording). The gate
+    (``UploadGate``) keeps clients without an active key out; this bounds the others."""
 
     def __init__(self, places: int) -> None:
         self._free = places
@@ -125,11 +152,16 @@ class Request(HTTPRequestParser):
     body larger than the default limit needs an upload place, or gets a 503 before it is read."""
 
     holds_place = False
+    judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
+    held_continue = False  # its client expects "100 Continue", which waits for the verdict
 
-    def __init__(self, adj: Adjustments, limits: dict[str, Adjustments], places: UploadPlaces) -> None:
+    def __init__(
+        self, adj: Adjustments, limits: dict[str, Adjustments], places: UploadPlaces, gated: bool = False
+    ) -> None:
         super().__init__(adj)
         self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
         self._places = places
+        self._gated = gated  # large uploads wait for the gate's verdict
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
@@ -144,6 +176,17 @@ class Request(HTTPRequestParser):
             if not self.holds_place:
                 self.error = UploadsBusy("every place for a large upload is taken")
                 self.completed = True
+            elif self._gated:
+                self.judging = True
+                self.held_continue, self.expect_continue = self.expect_continue, False
+
+    @property
+    def api_key(self) -> str | None:
+        return self.headers.get("X_API_KEY") or None
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.error = Refused(refusal)
+        self.completed = True
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
@@ -173,6 +216,9 @@ class JsonErrorTask(ErrorTask):
         error = self.request.error
         if error.code == 413:  # the words of the app's own 413
             message = f"Request body too large (limit {self.request.adj.max_request_body_size - 1} bytes)"
+        elif isinstance(error, Refused):
+            message = error.body
+            self.response_headers += list(error.refusal.headers)
         elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)
             message = BUSY
             self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
@@ -180,7 +226,11 @@ class JsonErrorTask(ErrorTask):
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})
         self.status = f"{error.code} {error.reason}"
-        self.response_headers += [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
+        self.response_headers += [
+            ("Content-Type", "application/json"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "no-store"),
+        ]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -211,7 +261,28 @@ class Channel(HTTPChannel):
         super().__init__(*args, **kw)
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
-        return Request(adj, self.server.body_limits, self.server.upload_places)
+        return Request(adj, self.server.body_limits, self.server.upload_places, self.server.gated)
+
+    def readable(self) -> bool:
+        return super().readable() and not (self.request is not None and self.request.judging)
+
+    def judged(self, request: Request, refusal: Refusal | None) -> None:
+        """The gate's verdict on the large upload being read; in the loop's thread. Refused, it
+        is answered as waitress answers a request it cannot take, and its connection closed."""
+        if request is not self.request or not self.connected:  # closed meanwhile (timed out)
+            return
+        with self.requests_lock:  # as waitress's received, which ``readable`` kept from running
+            request.judging = False
+            if refusal is not None:
+                request.refuse(refusal)
+                self.request = None
+                self.requests.append(request)
+                if len(self.requests) == 1:
+                    self.server.add_task(self)
+            elif request.held_continue:
+                request.expect_continue = True
+                if not self.requests and not self.sent_continue:  # else service() sends it, in order
+                    self.send_continue()
 
     def handle_close(self) -> None:
         if self.request is not None:  # its client hung up while it was read: its place is free
@@ -231,9 +302,12 @@ class Channel(HTTPChannel):
     def received(self, data: bytes) -> bool:
         if self.request is None:  # no request half-read: these bytes begin one
             self.request_began = time.time()
+        judging = self.request is not None and self.request.judging
         more = super().received(data)
         if self.requests:
             self.first_request = False
+        if self.request is not None and self.request.judging and not judging:  # its headers just came
+            self.server.judge(self, self.request)
         return more
 
     def owed(self, now: float) -> bool:
@@ -299,9 +373,14 @@ class Server(TcpWSGIServer):
         supervisor: int | None = None,
         service_stopping: Callable[[], bool] = lambda: False,
         body_limits: dict[str, int] | None = None,
+        upload_gate: UploadGate | None = None,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
+        self._upload_gate = upload_gate
+        # One thread: the verdicts are quick (a cached key, or one indexed read), and at most
+        # every upload place's wait for one.
+        self._judges = ThreadPoolExecutor(1, thread_name_prefix="upload-gate")
         self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
         self.service_stopping = service_stopping  # a worker's: its supervisor is stopping them all
         self.door_closed = False
@@ -316,6 +395,31 @@ class Server(TcpWSGIServer):
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)
             self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
+
+    @property
+    def gated(self) -> bool:
+        return self._upload_gate is not None
+
+    def judge(self, channel: Channel, request: Request) -> None:
+        """Ask the gate about ``request``, a large upload whose headers have come; the verdict
+        goes back to ``channel`` in the loop's thread. A gate that fails lets the body in: the
+        app answers it then, as it answers any request."""
+
+        def verdict(done: Future) -> None:
+            refusal = None
+            if not done.cancelled():  # cancelled: the server is closing
+                if (exc := done.exception()) is None:
+                    refusal = done.result()
+                else:
+                    log.warning("The upload gate failed (%r); the app will judge the upload", exc)
+            with contextlib.suppress(OSError):  # the loop has stopped
+                self.trigger.pull_trigger(lambda: channel.judged(request, refusal))
+
+        self._judges.submit(self._upload_gate, request.api_key).add_done_callback(verdict)
+
+    def close(self) -> None:
+        self._judges.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
     def drain(self, grace_s: float) -> None:
         """Called from a signal handler: the loop's next maintenance pass starts the drain. A
@@ -433,12 +537,14 @@ def create_server(
     supervisor: int | None = None,
     service_stopping: Callable[[], bool] = lambda: False,
     body_limits: dict[str, int] | None = None,
+    upload_gate: UploadGate | None = None,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
     parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
     every worker); ``run()`` serves until SystemExit. ``body_limits``: the largest body of each
     route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
-    ``MAX_BATCH_WINDOWS``'s."""
+    ``MAX_BATCH_WINDOWS``'s. ``upload_gate``: judges a body past the default limit from its key
+    before it is read (``app.upload_gate``); without one, every such body is read."""
     body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
@@ -478,6 +584,7 @@ def create_server(
         supervisor=supervisor,
         service_stopping=service_stopping,
         body_limits=body_limits,
+        upload_gate=upload_gate,
         dispatcher=dispatcher,
         adj=adj,
         **where,

@@ -189,16 +189,21 @@ class KeyService:
         self._deactivations = self._siblings.deactivations()  # as last seen
 
     def authenticate(self, key: str) -> int:
+        """The id of the active key ``key`` (``key_id``), within its rate."""
+        key_id = self.key_id(key)
+        if self._buckets is not None and (wait := self._buckets.take(key_id)):
+            raise RateLimited("Too many requests for this API key. Slow down.", wait, "api_key")
+        return key_id
+
+    def key_id(self, key: str) -> int:
         """The id of the active key ``key`` (from the cache, else one indexed read; no write),
-        within its rate."""
+        or ``InvalidKey``; it takes nothing from the key's rate."""
         if (seen := self._siblings.deactivations()) != self._deactivations:
             self._deactivations = seen  # another worker deactivated a key: it may be cached here
             self._active.forget()
         key_id = self._active.get(digest(key), self._store.active_key_id)
         if key_id is None:
             raise InvalidKey()
-        if self._buckets is not None and (wait := self._buckets.take(key_id)):
-            raise RateLimited("Too many requests for this API key. Slow down.", wait, "api_key")
         return key_id
 
     def forget_cached(self) -> None:

@@ -23,6 +23,7 @@ from service.store import Store
 from service.turns import Turns
 
 SENT = "Verification email sent. Please check your inbox."
+MISSING_KEY = "Missing x-api-key header"
 BINARY = "application/octet-stream"
 RECORD_WAIT_S = 30.0  # how long a recording waits for a turn (RECORD_CONCURRENCY) before its 503
 
@@ -63,7 +64,7 @@ def authenticate(keys: KeyService, req: falcon.Request) -> int:
     """The key's id, or ``Refused`` (401, and 429 where rate limits apply)."""
     key = req.get_header("x-api-key")
     if not key:
-        raise falcon.HTTPUnauthorized(description="Missing x-api-key header")
+        raise falcon.HTTPUnauthorized(description=MISSING_KEY)
     return keys.authenticate(key)
 
 

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from service.app import body_limits, create_app
+from service.app import body_limits, create_app, upload_gate
 from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
@@ -45,8 +45,11 @@ def serve(
             return refuse(exc)
         try:
             stopping = {} if occupancy is None else {"service_stopping": occupancy.stopping}
-            app = create_app(runtime.deps)
-            server = create_server(app, config, listener, supervisor, body_limits=body_limits(config), **stopping)
+            deps = runtime.deps
+            app = create_app(deps)
+            gate = upload_gate(deps.keys, deps.store.release)
+            limits = body_limits(config)
+            server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **stopping)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         except RuntimeError as exc:

@@ -19,9 +19,9 @@ from service.process import configured, refuse
 from service.sealing import secret_beside, split_secrets
 from service.store import Store
 
-# Pooled connections beyond the request threads: the mail worker, the last_used flusher and the
-# housekeeping purge (the probe and the PostgreSQL listener open their own).
-BACKGROUND_CONNECTIONS = 3
+# Pooled connections beyond the request threads: the mail worker, the last_used flusher, the
+# housekeeping purge and the upload gate (the probe and the PostgreSQL listener open their own).
+BACKGROUND_CONNECTIONS = 4
 
 
 class StartupError(Exception):

@@ -16,7 +16,7 @@ import falcon
 import pytest
 
 from service.config import Config
-from service.connections import Server, create_server
+from service.connections import Refusal, Server, create_server
 
 from .conftest import wait_until
 
@@ -220,7 +220,7 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     )
     assert slashes.startswith(b"HTTP/1.1 200 ")  # the route Falcon finds: /large, and its limit
     assert declared.startswith(b"HTTP/1.1 413 ") and b"Content-Type: application/json" in declared
-    assert b"X-Content-Type-Options: nosniff" in declared
+    assert b"X-Content-Type-Options: nosniff" in declared and b"Cache-Control: no-store" in declared
     assert declared.endswith(b'{"error":"Request body too large (limit 1000 bytes)"}')
     expecting = send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
     assert expecting.startswith(b"HTTP/1.1 413 ")  # not "100 Continue", which curl takes to send it all
@@ -252,9 +252,9 @@ class Long:
 
 
 def test_large_uploads_need_a_place_and_give_it_back():
-    """Bodies past the default limit are spooled to disk as they arrive, before any key is
-    checked: a worker receives as many at once as recordings have turns (half its threads), and
-    answers the next one 503 from its headers, unread."""
+    """Bodies past the default limit are spooled to disk as they arrive: a worker receives as
+    many at once as recordings have turns (half its threads), and answers the next one 503 from
+    its headers, unread."""
     app = app_with({"/echo": Echo(), "/large": Echo(), "/long": Long()})
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
     server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
@@ -294,6 +294,66 @@ def test_large_uploads_need_a_place_and_give_it_back():
         wait_until(lambda: server.upload_places.free == 1, 10, "the pipelined request's place given back")
     with upload_begun(b"x" * 50_000) as last:
         assert read_all(last).endswith(b'{"received": 50000}')
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read():
+    """The gate answers a large upload from its headers: refused, the client gets the answer
+    without sending its body, and the place is free again; let in, a client that expects
+    "100 Continue" gets it only then. A gate that fails lets the body in for the app to judge,
+    and bodies under the default limit never wait for it."""
+    held = threading.Event()
+
+    def gate(key: str | None) -> Refusal | None:
+        if key == "broken":
+            raise RuntimeError("the gate broke")
+        if key == "slow":
+            held.wait(10)
+        if key in ("good", "slow", "broken"):
+            return None
+        return Refusal(401, "Unauthorized", "No key" if key is None else "Bad key", (("Retry-After", "7"),))
+
+    app = app_with({"/large": Echo()})
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000}, upload_gate=gate)
+    loop = started(server)
+    port = server.effective_port
+
+    def connect(key: str | None, length: int = 50_000, extra: bytes = b"") -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        named = b"" if key is None else b"x-api-key: %s\r\n" % key.encode()
+        client.sendall(
+            b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n%s%s\r\n"
+            % (length, named, extra)
+        )
+        return client
+
+    for key, message in ((None, b"No key"), ("wrong", b"Bad key")):
+        with connect(key) as client:  # no body sent: the answer comes from the headers
+            answer = read_all(client)
+        assert answer.startswith(b"HTTP/1.1 401 Unauthorized") and b"Retry-After: 7" in answer
+        assert answer.endswith(b'{"error":"%s"}' % message)
+        wait_until(lambda: server.upload_places.free == 1, 10, "the refused upload's place given back")
+    with connect("good", extra=b"Expect: 100-continue\r\n") as client:
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect("slow", extra=b"Expect: 100-continue\r\n") as client:
+        client.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no "100 Continue" before the verdict
+            client.recv(100)
+        held.set()
+        client.settimeout(10)
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect("broken") as client:
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect(None, 500) as client:  # under the default limit: no place, no gate
+        client.sendall(b"x" * 500)
+        assert read_all(client).endswith(b'{"received": 500}')
     server.drain(1)
     loop.join(10)
 

@@ -18,7 +18,7 @@ import falcon.testing
 import peewee
 import pytest
 
-from service.app import create_app
+from service.app import create_app, upload_gate
 from service.database import unwritable
 from service.keys import digest
 from service.messages import Mail
@@ -61,6 +61,10 @@ def test_postgres_stopped_and_restarted(pg_cluster, runtime_with, smtp, caplog):
     started = time.monotonic()
     assert client.simulate_get("/readyz").status_code == 503
     assert time.monotonic() - started < 2
+    gate = upload_gate(rt.deps.keys, rt.store.release)  # a large upload's, from its headers
+    refusal = gate("unknown-key")
+    assert (refusal.code, refusal.message, refusal.headers) == (503, UNAVAILABLE["error"], (("Retry-After", "5"),))
+    assert gate(key) is None  # verified here before: its upload is let in
     for _ in range(20):
         assert_unavailable(denoise(client, "unknown-key"))
         assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "during@example.org"}))

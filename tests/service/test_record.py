@@ -23,7 +23,15 @@ from service.connections import create_server
 from service.contract import SAMPLING_RATE_HZ, WINDOW
 from service.runtime import Runtime
 
-from .conftest import REPO, CountingEngine, ThreadRecordingEngine, issue_key, smtp_config, wait_until
+from .conftest import (
+    REPO,
+    CountingEngine,
+    ThreadRecordingEngine,
+    issue_key,
+    service_with_key,
+    smtp_config,
+    wait_until,
+)
 
 DATA = REPO.parent / "shared" / "data"
 URL = "/api/v1/denoising/record"
@@ -387,6 +395,40 @@ def test_a_recording_whose_client_hung_up_leaves_the_line(tmp_path, engine, smtp
         assert answers == {"first": b"HTTP/1.1 200", "third": b"HTTP/1.1 200"}
         server.drain(1)
         loop.join(10)
+
+
+def test_a_large_recording_without_an_active_key_is_refused_before_it_is_uploaded(service_process, tmp_path):
+    """A body past the default limit is spooled to disk as it arrives. The served process
+    answers a recording without a key, or with a key that is not active, from its headers: the
+    client gets its 401 without sending the body. With an active key, a client that expects
+    "100 Continue" gets it, sends the body and is served."""
+    service, key = service_with_key(service_process, tmp_path, {"MAX_BATCH_WINDOWS": "1"})  # 1 MiB default
+    samples = ecg(300, 1000).astype("<f4")  # 1.2 MB
+    head = (
+        b"POST /api/v1/denoising/record?sampling_rate=1000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n" % samples.nbytes
+    )
+
+    def answer(client: socket.socket) -> tuple[bytes, bytes]:
+        data = b""
+        while part := client.recv(1 << 20):
+            data += part
+        status, _, body = data.partition(b"\r\n\r\n")
+        return status.split(b"\r\n")[0], body
+
+    for named, message in (
+        (b"", b"Missing x-api-key header"),
+        (b"x-api-key: nope\r\n", b"Invalid or inactive API key"),
+    ):
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as client:
+            client.sendall(head + named + b"\r\n")  # and not a byte of the body
+            assert answer(client) == (b"HTTP/1.1 401 Unauthorized", b'{"error":"%s"}' % message)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as client:
+        client.sendall(head + b"x-api-key: %s\r\nExpect: 100-continue\r\n\r\n" % key.encode())
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(samples.tobytes())
+        status, body = answer(client)
+    assert status == b"HTTP/1.1 200 OK" and len(body) == samples.nbytes
 
 
 def test_503_without_a_model(runtime):
