@@ -72,6 +72,8 @@ def _env(
 # stay within them too.
 MAX_WORKERS = 256
 MAX_WEB_THREADS = 1024
+# A worker's loop shows it is alive every second; a long JSON body holds it a while.
+MIN_WORKER_TIMEOUT_S = 5.0
 
 
 def per_worker_defaults(workers: int) -> dict[str, int]:
@@ -187,6 +189,9 @@ class Config:
     retention_days: float = field(default=30.0, metadata=_env("RETENTION_DAYS", _number, 1))
     # SIGTERM: requests under way may finish for this long before the process stops.
     shutdown_grace_s: float = field(default=25.0, metadata=_env("SHUTDOWN_GRACE_SECONDS", _number, 0))
+    # With several workers: one whose serving loop has shown no sign of life for this long
+    # (frozen, or hung) is killed and replaced (service.workers); 0: never.
+    worker_timeout_s: float = field(default=30.0, metadata=_env("WORKER_TIMEOUT_SECONDS", _number, 0))
 
     def __post_init__(self) -> None:
         if self.smtp_security not in SMTP_SECURITY:
@@ -195,6 +200,10 @@ class Config:
             raise ConfigError(f"MAIL_MAX_ATTEMPTS must be at most 5 (got {self.mail_max_attempts}).")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
+        if 0 < self.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
+            raise ConfigError(
+                f"WORKER_TIMEOUT_SECONDS must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} (got {self.worker_timeout_s:g})."
+            )
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
         try:

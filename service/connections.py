@@ -374,9 +374,11 @@ class Server(TcpWSGIServer):
         service_stopping: Callable[[], bool] = lambda: False,
         body_limits: dict[str, int] | None = None,
         upload_gate: UploadGate | None = None,
+        heartbeat: Callable[[], None] = lambda: None,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
+        self.heartbeat = heartbeat  # a worker's: tells its supervisor that the loop runs
         self._upload_gate = upload_gate
         # One thread: the verdicts are quick (a cached key, or one indexed read), and at most
         # every upload place's wait for one.
@@ -507,6 +509,7 @@ class Server(TcpWSGIServer):
 
     def maintenance(self, now: float) -> None:
         """Runs every ``cleanup_interval`` seconds in the loop's thread (waitress's hook)."""
+        self.heartbeat()
         if self.drain_until is None and self.orphaned():
             log.warning("The supervisor (pid %d) is gone: draining", self.supervisor)
             self.drain(self.grace_s)
@@ -538,10 +541,12 @@ def create_server(
     service_stopping: Callable[[], bool] = lambda: False,
     body_limits: dict[str, int] | None = None,
     upload_gate: UploadGate | None = None,
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
     parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
-    every worker); ``run()`` serves until SystemExit. ``body_limits``: the largest body of each
+    every worker, and hears through ``heartbeat`` that its loop runs); ``run()`` serves until
+    SystemExit. ``body_limits``: the largest body of each
     route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
     ``MAX_BATCH_WINDOWS``'s. ``upload_gate``: judges a body past the default limit from its key
     before it is read (``app.upload_gate``); without one, every such body is read."""
@@ -585,6 +590,7 @@ def create_server(
         service_stopping=service_stopping,
         body_limits=body_limits,
         upload_gate=upload_gate,
+        heartbeat=heartbeat,
         dispatcher=dispatcher,
         adj=adj,
         **where,

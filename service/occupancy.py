@@ -17,6 +17,11 @@ notifications: the worker counts each deactivation it commits in a second slot o
 a worker that sees the sum of those counts change forgets its cache before it looks a key up.
 Each count only grows, a replacement continuing from its slot, so a change is never missed.
 
+Heartbeats: each worker's serving loop writes the time (``time.monotonic``, the machine's
+monotonic clock, the same in every process) into a third slot of its own every second. The
+supervisor replaces a worker whose loop has stopped (frozen with SIGSTOP, or hung) for
+``WORKER_TIMEOUT_SECONDS``: it holds connections that nothing else serves.
+
 The file's last slot is the supervisor's: non-zero once the whole service is stopping (rather than
 one worker being replaced), so a draining worker knows it may shut the listening socket they share.
 
@@ -30,11 +35,13 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from contextlib import suppress
 from typing import BinaryIO
 
 SLOT_BYTES = 8  # one signed 64-bit count
-COUNTS = 2  # per worker: its runs queued or under way, then the key deactivations it made
+COUNTS = 3  # per worker: its runs queued or under way, the key deactivations it made, its heartbeat
+BEAT = 2  # the heartbeat's place among a worker's counts: milliseconds of time.monotonic()
 
 
 def create_file(workers: int) -> BinaryIO:
@@ -50,6 +57,13 @@ def clear_slot(fd: int, slot: int) -> None:
     """The supervisor's part when a worker has died: its runs are gone with it (its count of
     deactivations stays, for its replacement to go on from)."""
     os.pwrite(fd, bytes(SLOT_BYTES), slot * COUNTS * SLOT_BYTES)
+
+
+def last_beat(fd: int, slot: int) -> float:
+    """The supervisor's part: when the worker in ``slot`` last showed its loop alive
+    (``time.monotonic()``; 0 before it first did)."""
+    raw = os.pread(fd, SLOT_BYTES, (slot * COUNTS + BEAT) * SLOT_BYTES)
+    return int.from_bytes(raw, sys.byteorder, signed=True) / 1000
 
 
 def announce_stopping(fd: int) -> None:
@@ -98,6 +112,13 @@ class Occupancy:
         if slots is not None:
             with suppress(ValueError):  # released by close() meanwhile: the worker is stopping
                 slots[COUNTS * self._slot] = count
+
+    def beat(self) -> None:
+        """This worker's serving loop is alive (called every second from it)."""
+        slots = self._slots
+        if slots is not None:
+            with suppress(ValueError):  # released by close() meanwhile
+                slots[COUNTS * self._slot + BEAT] = int(time.monotonic() * 1000)
 
     def others_idle(self) -> bool:
         """True when no other worker has a run queued or under way."""

@@ -44,12 +44,14 @@ def serve(
         except (ConfigError, StartupError) as exc:
             return refuse(exc)
         try:
-            stopping = {} if occupancy is None else {"service_stopping": occupancy.stopping}
+            siblings = (
+                {} if occupancy is None else {"service_stopping": occupancy.stopping, "heartbeat": occupancy.beat}
+            )
             deps = runtime.deps
             app = create_app(deps)
             gate = upload_gate(deps.keys, deps.store.release)
             limits = body_limits(config)
-            server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **stopping)
+            server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **siblings)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         except RuntimeError as exc:

@@ -16,7 +16,9 @@ manifest, database: ``python -m service.startup``, in a process of its own), so 
 still print one sentence and exit 1. A worker that dies before it is ready on the first start
 stops the service the same way; one that dies later is started again, after a delay that
 doubles while workers keep failing young (so a worker that cannot start does not spin; one that
-drained and exited 0 is replaced after the shortest delay). SIGTERM, SIGHUP or Ctrl-C: the
+drained and exited 0 is replaced after the shortest delay). A serving worker whose loop shows no
+sign of life for ``WORKER_TIMEOUT_SECONDS`` (``occupancy`` heartbeats: frozen, or hung) is killed,
+and so replaced. SIGTERM, SIGHUP or Ctrl-C: the
 parent marks the service as stopping in the occupancy file and sends SIGTERM to every worker;
 each drains as a single process does, the first closing the shared socket's door, and the
 parent exits 0 when they all have.
@@ -43,7 +45,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from service.config import Config
 from service.files import scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
-from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
+from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file, last_beat
 from service.process import cannot_listen, configured, refuse, stop_signals
 
 log = logging.getLogger("service.workers")
@@ -52,7 +54,7 @@ log = logging.getLogger("service.workers")
 # them changes (the arguments, the occupancy file's layout): a worker started by a supervisor of
 # another version (the code replaced under a running service) then says so and exits, instead of
 # misreading what it was given.
-INTERFACE = "2"
+INTERFACE = "3"
 POLL_S = 0.2
 RESTART_DELAY_S = (0.5, 30.0)  # first and longest delay before a dead worker is started again
 YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
@@ -68,11 +70,15 @@ class _Worker:
     slot: int
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    ready_since: float = 0.0  # when the supervisor saw it ready (time.monotonic)
+    killed: bool = False  # by the supervisor, as hung
 
     def poll_ready(self) -> bool:
         if not self.ready:
             with suppress(BlockingIOError):
                 self.ready = os.read(self.ready_fd, 1) == b"1"
+            if self.ready:
+                self.ready_since = time.monotonic()
         return self.ready
 
     def close(self) -> None:
@@ -118,6 +124,7 @@ class Supervisor:
                 self._config.web_threads,
             )
         while not self._stopping:
+            self._kill_hung()
             self._replace_dead()
             time.sleep(POLL_S)
         return self._reap_all()
@@ -151,6 +158,26 @@ class Supervisor:
                 return None
             time.sleep(POLL_S / 4)
         return None
+
+    def _kill_hung(self) -> None:
+        """Kill a serving worker whose loop has shown no sign of life for WORKER_TIMEOUT_SECONDS:
+        frozen (SIGSTOP) or hung, it holds its connections and serves none of them; killed, its
+        clients' connections fail at once and ``_replace_dead`` starts another."""
+        timeout_s = self._config.worker_timeout_s
+        if not timeout_s:
+            return
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.killed or not worker.poll_ready() or worker.process.poll() is not None:
+                continue
+            if now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s:
+                log.error(
+                    "Worker %d has shown no sign of life for over %g s (frozen or hung); killing it",
+                    worker.process.pid,
+                    timeout_s,
+                )
+                worker.process.kill()
+                worker.killed = True
 
     def _replace_dead(self) -> None:
         now = time.monotonic()

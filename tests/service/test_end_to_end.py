@@ -216,6 +216,7 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"DATABASE_URL": "postgresql://u:se/cret@db:5432/x"}, "DATABASE_URL is not a valid URL: its port"),  # no "se"
         ({"DATABASE_URL": "postgresql://u@[::1/x"}, "DATABASE_URL is not a valid URL: its port"),
         ({"PORT": "0"}, "PORT=0 (any free port) needs BASE_URL"),  # the links would name port 0
+        ({"WORKER_TIMEOUT_SECONDS": "1"}, "WORKER_TIMEOUT_SECONDS must be 0 (off) or at least 5 (got 1)"),
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):

@@ -1,7 +1,7 @@
 """The supervisor of ``WEB_WORKERS=2``, as real processes on loopback: killed with SIGKILL, its
 workers drain and exit, and the next start finds the port free and removes what the killed one
 left in the temporary folder; a worker started by a supervisor of another version; a worker that
-does not stop, killed after the configured grace."""
+does not stop, killed after the configured grace; a frozen one, replaced."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def alive(pid: int) -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 @pytest.mark.slow
 def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(service_process, tmp_path):
     """Nothing would replace the orphans, and they would keep the port from the next supervisor."""
@@ -40,7 +44,7 @@ def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(servi
     }
     first = service_process(env)
     wait_until(lambda: "with 2 workers" in first.log(), 30, "both workers ready")
-    workers = [int(p) for p in Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split()]
+    workers = children(first.pid)
     assert len(workers) == 2
     [metrics] = scratch.glob("heartify-prometheus-*")
     first.kill()
@@ -90,19 +94,31 @@ def test_a_service_started_with_nohup_keeps_ignoring_sighup():
 
 
 @pytest.mark.slow
-def test_a_worker_that_does_not_stop_is_killed_after_the_grace_the_configuration_gives(service_process, tmp_path):
-    """A frozen worker (or a request longer than the grace) held every stop for a fixed 30 s,
-    whatever SHUTDOWN_GRACE_SECONDS said: longer than docker waits, and shorter than a grace set
-    above it."""
+def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_the_grace(service_process, tmp_path):
+    """A worker frozen while it serves (SIGSTOP here; a hung loop alike) keeps the connections
+    it holds, and nothing else serves them: after WORKER_TIMEOUT_SECONDS without a sign of life
+    it is killed and replaced. When the service stops, a frozen worker (or a request longer than
+    the grace) held every stop for a fixed 30 s, whatever SHUTDOWN_GRACE_SECONDS said: longer
+    than docker waits, and shorter than a grace set above it."""
     env = {
         "DATABASE_URL": f"sqlite:///{tmp_path / 'f.db'}",
         "OUTBOX_DIR": str(tmp_path / "outbox"),
         "WEB_WORKERS": "2",
         "SHUTDOWN_GRACE_SECONDS": "1",
+        "WORKER_TIMEOUT_SECONDS": "5",
     }
     service = service_process(env)
     wait_until(lambda: "with 2 workers" in service.log(), 30, "both workers ready")
-    frozen = int(Path(f"/proc/{service.pid}/task/{service.pid}/children").read_text().split()[0])
+    hung, other = children(service.pid)
+    os.kill(hung, signal.SIGSTOP)
+    wait_until(lambda: not alive(hung), 20, "the frozen worker killed")
+    assert f"Worker {hung} has shown no sign of life for over 5 s (frozen or hung); killing it" in service.log()
+    wait_until(lambda: len(children(service.pid)) == 2 and hung not in children(service.pid), 20, "a replacement")
+    replacement = next(pid for pid in children(service.pid) if pid != other)
+    # The supervisor's line, the first two workers', then the replacement's.
+    wait_until(lambda: service.log().count("Serving on") == 4, 30, "the replacement serving")
+    assert alive(other)  # its loop kept beating
+    frozen = replacement
     os.kill(frozen, signal.SIGSTOP)
     service.signal(signal.SIGTERM)
     assert service.wait() != 0  # a worker had to be killed
