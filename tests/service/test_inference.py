@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from service.batcher import Batcher, ModelUnavailable
 from service.cpus import usable_cpus
 from service.engine import Engine
-from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file
+from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file, last_beat
 
 from .conftest import MODEL, CountingEngine, ThreadRecordingEngine, issue_key
 
@@ -394,3 +395,16 @@ def test_closed_batcher_refuses_work(engine):
     assert not batcher.ready
     with pytest.raises(ModelUnavailable):
         batcher.denoise(noisy_windows(1))
+
+
+def test_each_worker_beats_in_its_own_slot_and_the_counts_stay_apart(occupancy_file):
+    fd = occupancy_file(2)
+    first, second = (Occupancy(fd, slot).start() for slot in (0, 1))
+    first.publish(0)
+    assert last_beat(fd, 0) == last_beat(fd, 1) == 0  # neither loop has run yet
+    before = time.monotonic()
+    second.beat()
+    assert last_beat(fd, 0) == 0 and before - 0.001 <= last_beat(fd, 1) <= time.monotonic()
+    assert second.others_idle() and first.deactivations() == 0  # a beat is neither a run nor a deactivation
+    first.close()
+    second.close()
