@@ -260,7 +260,7 @@ class KeyService:
         now = self._clock()
         with self._store.transaction():
             row = self._store.find_token(digest(token))
-            if row is None or row.used_at is not None:
+            if row is None or row.used:
                 raise BadToken()
             if row.expires_at <= now:
                 raise ExpiredToken()

@@ -26,7 +26,7 @@ from service.sealing import CannotOpen, Sealer
 from service.store import CLAIM_LEASE
 
 if TYPE_CHECKING:
-    from service.store import OutboxMail, Store
+    from service.store import ClaimedMail, Store
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Outbox:
         # What a database failure in the middle of a batch left (``_settle``): mails delivered but
         # not yet recorded as sent, and mails claimed but not tried.
         self._unrecorded: list[int] = []
-        self._untried: list[OutboxMail] = []
+        self._untried: list[ClaimedMail] = []
         self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
     def start(self) -> Outbox:
@@ -218,7 +218,7 @@ class Outbox:
             self._store.release_mails(self._untried)
             self._untried = []
 
-    def _deliver(self, due: list[OutboxMail]) -> None:
+    def _deliver(self, due: list[ClaimedMail]) -> None:
         done: set[int] = set()
         deadline = time.monotonic() + SEND_WITHIN_S
         try:
@@ -229,7 +229,7 @@ class Outbox:
                         break
                     done.add(row.id)
                     try:
-                        mail = self._sealer.open(row.as_mail())
+                        mail = self._sealer.open(row.mail)
                         send(compose(mail, self._from), mail.recipient)
                     except SessionLost:
                         done.discard(row.id)  # failed with the rest, below
@@ -240,7 +240,7 @@ class Outbox:
                         self._unrecorded.append(row.id)
                         self._store.mark_sent(row.id)
                         self._unrecorded.pop()
-                        log.info("Mail %d to %s delivered", row.id, row.recipient)
+                        log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
         except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
             for row in due:
                 if row.id not in done:
@@ -249,20 +249,20 @@ class Outbox:
             self._untried = [row for row in due if row.id not in done]
             raise
 
-    def _failed(self, row: OutboxMail, exc: Exception, permanent: bool) -> None:
+    def _failed(self, row: ClaimedMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
         error = f"{type(exc).__name__}: {exc}"
         self._on_failure("permanent" if permanent else "transient")
         if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
             self._on_failure("given_up")
-            log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.recipient, attempts, error)
+            log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.mail.recipient, attempts, error)
             self._store.give_up_mail(row.id, attempts, error)
             return
         delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
         log.warning(
             "Mail %d to %s not delivered (attempt %d, %s); retrying in %.3g s",
             row.id,
-            row.recipient,
+            row.mail.recipient,
             attempts,
             error,
             delay,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +42,27 @@ LISTEN_CONNECT = {
 SCHEMA_LOCK = 7_201_020
 
 _proxy = pw.DatabaseProxy()
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A verification token as the key flows read it (``find_token``)."""
+
+    id: int
+    kind: str  # GENERATION or DEACTIVATION
+    email: str
+    expires_at: datetime
+    used: bool
+
+
+@dataclass(frozen=True)
+class ClaimedMail:
+    """A mail the outbox worker has claimed (``claim_due_mails``), its bodies still sealed."""
+
+    id: int
+    mail: Mail
+    attempts: int  # made before this claim
+    claimed_until: datetime  # the claim's end as written: ``release_mails`` gives back only this claim
 
 
 class KeyConflict(Exception):
@@ -108,8 +130,9 @@ class OutboxMail(_Model):
     class Meta:
         table_name = "outbox_mail"
 
-    def as_mail(self) -> Mail:
-        return Mail(self.recipient, self.subject, self.text_body or "", self.html_body or "")
+    def claimed(self, until: datetime) -> ClaimedMail:
+        mail = Mail(self.recipient, self.subject, self.text_body or "", self.html_body or "")
+        return ClaimedMail(self.id, mail, self.attempts, until)
 
 
 MODELS = (ApiKey, Token, OutboxMail)
@@ -289,8 +312,11 @@ class Store:
             oldest = datetime.fromisoformat(oldest)
         return count, oldest
 
-    def find_token(self, token_hash: str) -> Token | None:
-        return Token.get_or_none(Token.token_hash == token_hash)
+    def find_token(self, token_hash: str) -> TokenRecord | None:
+        row = Token.get_or_none(Token.token_hash == token_hash)
+        if row is None:
+            return None
+        return TokenRecord(row.id, row.kind, row.email, row.expires_at, row.used_at is not None)
 
     def use_token(self, token_id: int, now: datetime) -> bool:
         """Mark the token used; False when another request used it first (single use)."""
@@ -313,7 +339,7 @@ class Store:
             next_attempt_at=now,
         )
 
-    def claim_due_mails(self, limit: int) -> list[OutboxMail]:
+    def claim_due_mails(self, limit: int) -> list[ClaimedMail]:
         """Due mails this worker now owns for ``CLAIM_LEASE``: concurrent workers (threads or
         replicas) never claim the same mail, so each is sent once unless a worker dies between
         sending it and ``mark_sent`` (then it is sent again after the lease: SMTP offers no way
@@ -322,24 +348,23 @@ class Store:
         oldest = (OutboxMail.next_attempt_at, OutboxMail.id)
         with self.db.connection_context(), self.db.atomic():
             now = utcnow()
+            until = now + CLAIM_LEASE
             due = OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
             if self.is_postgres:
                 # One statement: rows another worker is claiming are skipped, not waited for.
                 free = OutboxMail.select(OutboxMail.id).where(due).order_by(*oldest).limit(limit)
-                lease = OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(
+                lease = OutboxMail.update(next_attempt_at=until).where(
                     OutboxMail.id.in_(free.for_update("FOR UPDATE SKIP LOCKED"))
                 )
-                return sorted(lease.returning(OutboxMail).execute(), key=lambda mail: mail.id)
-            # SQLite: the IMMEDIATE transaction already holds the write lock, so no other worker
-            # is in between. The rows are read before the first update: updating while the
-            # select's cursor was open upgraded a read snapshot to a write, which fails at once
-            # ("database is locked") when another connection wrote in between.
-            claimed = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
-            ids = [mail.id for mail in claimed]
-            OutboxMail.update(next_attempt_at=now + CLAIM_LEASE).where(OutboxMail.id.in_(ids)).execute()
-            for mail in claimed:  # as PostgreSQL's RETURNING gives them: with the claim's end
-                mail.next_attempt_at = now + CLAIM_LEASE
-            return claimed
+                rows = sorted(lease.returning(OutboxMail).execute(), key=lambda mail: mail.id)
+            else:
+                # SQLite: the IMMEDIATE transaction already holds the write lock, so no other
+                # worker is in between. The rows are read before the first update: updating while
+                # the select's cursor was open upgraded a read snapshot to a write, which fails at
+                # once ("database is locked") when another connection wrote in between.
+                rows = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
+                OutboxMail.update(next_attempt_at=until).where(OutboxMail.id.in_([m.id for m in rows])).execute()
+            return [row.claimed(until) for row in rows]
 
     def mark_sent(self, mail_id: int) -> None:
         with self.db.connection_context():
@@ -347,7 +372,7 @@ class Store:
                 OutboxMail.id == mail_id
             ).execute()
 
-    def release_mails(self, claimed: list[OutboxMail]) -> None:
+    def release_mails(self, claimed: list[ClaimedMail]) -> None:
         """Give back this worker's claim on mails it has not tried (as ``claim_due_mails``
         returned them): due again now, for any worker. Not a claim another worker has made since
         this one's ended: the claim's end must still be the one this worker wrote."""
@@ -356,7 +381,7 @@ class Store:
             for mail in claimed:
                 OutboxMail.update(next_attempt_at=now).where(
                     (OutboxMail.id == mail.id)
-                    & (OutboxMail.next_attempt_at == mail.next_attempt_at)
+                    & (OutboxMail.next_attempt_at == mail.claimed_until)
                     & OutboxMail.sent_at.is_null()
                     & OutboxMail.failed_at.is_null()
                 ).execute()
