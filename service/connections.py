@@ -52,6 +52,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error, RequestEntityTooLarge
 
+from service.logs import log_access
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
 if TYPE_CHECKING:
@@ -210,7 +211,9 @@ class Request(HTTPRequestParser):
 
 class JsonErrorTask(ErrorTask):
     """waitress's answer to a request it does not pass on (malformed, too large, an encoding it
-    does not implement), in the shape of every other error: ``{"error": "…"}``."""
+    does not implement, a large upload refused), in the shape of every other error: ``{"error":
+    "…"}``, with its access-log line (the peer's address: it never reached the app, which knows
+    the trusted proxies)."""
 
     def execute(self) -> None:
         error = self.request.error
@@ -234,6 +237,11 @@ class JsonErrorTask(ErrorTask):
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+        request, channel = self.request, self.channel
+        took_ms = (time.time() - channel.request_began) * 1000
+        peer = channel.addr[0] if isinstance(channel.addr, tuple) else "-"
+        method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))  # unparsed: none
+        log_access(method, path, error.code, took_ms, "-", str(peer))
 
 
 class Task(WSGITask):

@@ -8,6 +8,27 @@ import time
 from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+access_log = logging.getLogger("service.access")
+
+
+def log_access(method: str, path: str, status: int, duration_ms: float, request_id: str, client: str) -> None:
+    """One access-log line: the app's answers (``middleware.RequestContext``) and waitress's
+    refusals from the headers (``connections.JsonErrorTask``) alike."""
+    access_log.info(
+        "%s %s %s %.1fms id=%s client=%s",
+        _loggable(method),
+        _loggable(path[:200]),
+        status,
+        duration_ms,
+        request_id,
+        client,
+    )
+
+
+def _loggable(text: str) -> str:
+    """The client's text with control characters (and non-ASCII) escaped: a decoded path may hold
+    a newline that forges a log line of its choosing, or terminal escape sequences."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 class QueueDepthSummary(logging.Filter):

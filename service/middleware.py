@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import os
 import re
 import time
@@ -14,8 +13,7 @@ from collections.abc import Callable
 import falcon
 
 from service.clients import Network, client_address
-
-access_log = logging.getLogger("service.access")
+from service.logs import log_access
 
 # The pages have one inline <style>: allowed by its hash, nothing else may load or run.
 PAGE_STYLE = "body{font-family:sans-serif;max-width:36em;margin:4em auto;text-align:center}"
@@ -59,21 +57,14 @@ class RequestContext:
     ) -> None:
         started = getattr(req.context, "started", None)
         duration_ms = (self._clock() - started) * 1000 if started is not None else 0.0
-        access_log.info(
-            "%s %s %s %.1fms id=%s client=%s",
-            _loggable(req.method),
-            _loggable(req.path[:200]),
+        log_access(
+            req.method,
+            req.path,
             resp.status_code,
             duration_ms,
             getattr(req.context, "request_id", "-"),
             getattr(req.context, "client", "-"),
         )
-
-
-def _loggable(text: str) -> str:
-    """The client's text with control characters (and non-ASCII) escaped: a decoded path may hold
-    a newline that forges a log line of its choosing, or terminal escape sequences."""
-    return text.encode("unicode_escape").decode("ascii")
 
 
 class SecurityHeaders:

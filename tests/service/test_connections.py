@@ -6,6 +6,7 @@ waitress cannot parse."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -298,11 +299,12 @@ def test_large_uploads_need_a_place_and_give_it_back():
     loop.join(10)
 
 
-def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read():
+def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
     """The gate answers a large upload from its headers: refused, the client gets the answer
     without sending its body, and the place is free again; let in, a client that expects
     "100 Continue" gets it only then. A gate that fails lets the body in for the app to judge,
     and bodies under the default limit never wait for it."""
+    caplog.set_level(logging.INFO, logger="service.access")
     held = threading.Event()
 
     def gate(key: str | None) -> Refusal | None:
@@ -335,6 +337,10 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read():
         assert answer.startswith(b"HTTP/1.1 401 Unauthorized") and b"Retry-After: 7" in answer
         assert answer.endswith(b'{"error":"%s"}' % message)
         wait_until(lambda: server.upload_places.free == 1, 10, "the refused upload's place given back")
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(lines) == 2 and all(
+        re.fullmatch(r"POST /large 401 [0-9.]+ms id=- client=127\.0\.0\.1", x) for x in lines
+    )
     with connect("good", extra=b"Expect: 100-continue\r\n") as client:
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         client.sendall(b"x" * 50_000)
@@ -415,9 +421,11 @@ def read_all(client: socket.socket) -> bytes:
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n", [b"200", b"400"]),  # pipelined
     ],
 )
-def test_a_request_that_cannot_be_parsed_gets_its_400_and_the_connection_closes(sent, statuses):
+def test_a_request_that_cannot_be_parsed_gets_its_400_and_the_connection_closes(sent, statuses, caplog):
     """Such a request has no path: the queue that puts health checks first must pass it on, or
-    the connection is dropped unanswered, or, behind a pipelined request, held open forever."""
+    the connection is dropped unanswered, or, behind a pipelined request, held open forever. Its
+    refusal has its access-log line all the same."""
+    caplog.set_level(logging.INFO, logger="service.access")
     ordered = Ordered()
     ordered.order.append("")  # no request waits to be released
     app = app_with({"/healthz": ordered})
@@ -427,5 +435,6 @@ def test_a_request_that_cannot_be_parsed_gets_its_400_and_the_connection_closes(
         client.sendall(sent)
         answer = read_all(client)  # to the end: the server closes the connection
     assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == statuses
+    assert [r.getMessage().split()[:3] for r in caplog.records if r.name == "service.access"] == [["-", "-", "400"]]
     server.drain(1)
     loop.join(10)
