@@ -349,6 +349,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
         client.settimeout(0.5)
         with pytest.raises(TimeoutError):  # no "100 Continue" before the verdict
             client.recv(100)
+        assert server.upload_places.free == 1  # nor a place: uploads the gate refuses take none
         held.set()
         client.settimeout(10)
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -360,6 +361,41 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
     with connect(None, 500) as client:  # under the default limit: no place, no gate
         client.sendall(b"x" * 500)
         assert read_all(client).endswith(b'{"received": 500}')
+    server.drain(1)
+    loop.join(10)
+
+
+BASE = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"  # 3 header lines
+HEADS = {
+    "100 header lines": (BASE + b"a: b\r\n" * 97 + b"\r\n", b"200"),
+    "101 header lines": (BASE + b"a: b\r\n" * 98 + b"\r\n", b"431"),
+    "33 KiB of head": (BASE + b"x: " + b"y" * (33 << 10) + b"\r\n\r\n", b"431"),
+    "bare LF": (b"POST /echo HTTP/1.1\nHost: x\nContent-Length: 0\n\n", b"400"),
+    "Content-Length and Transfer-Encoding": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"400",
+    ),
+    "HTTP/1.1 without Host": (b"POST /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"400"),
+    "two Hosts": (b"POST /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n", b"400"),
+    "HTTP/1.0 without Host": (b"POST /echo HTTP/1.0\r\nContent-Length: 0\r\n\r\n", b"200"),
+}
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_closed(name):
+    """Checked as they arrive, at the speed of C: waitress parses a head in the loop that serves
+    every connection, a few microseconds a line. A refused head is answered at once (bare LFs
+    waited for the header timeout), and its connection closed: bytes a front end may have read
+    as this request's body (Content-Length with Transfer-Encoding) are never read as another."""
+    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
+    loop = started(server)
+    sent, status = HEADS[name]
+    smuggled = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=5) as client:
+        client.sendall(sent + (smuggled if status != b"200" else b""))
+        answer = read_all(client)
+    assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == [status]
+    assert status == b"200" or b'{"error":' in answer
     server.drain(1)
     loop.join(10)
 
