@@ -6,6 +6,7 @@ become JSON ``{"error": …}`` responses in the handlers that ``app`` registers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -41,7 +42,9 @@ class JsonBody:
         """The parsed body, or None when it is missing or not JSON (the contract's 400 case).
 
         JSON only: ``application/json`` or a ``+json`` type (as the old Flask service read
-        them), or none; media types are case-insensitive (RFC 9110); the text is UTF-8.
+        them), or none; media types are case-insensitive (RFC 9110). The text is UTF-8, with or
+        without a byte order mark, or UTF-16 or UTF-32, told apart as the old service's
+        ``json.loads`` told them (RFC 8259 asks for UTF-8, and clients of the old API sent others).
         """
         _check_length(req, self.max_bytes)
         media = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
@@ -51,7 +54,7 @@ class JsonBody:
         if not data:
             return None
         try:
-            text = data.decode()
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
         except UnicodeDecodeError:
             return None
         try:
@@ -182,7 +185,9 @@ class Verification:
         self._keys = keys
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        kind, email = self._keys.verify(req.get_param("token"))
+        tokens = set(req.get_param_as_list("token") or ())
+        # Several, differently: not a link the service sent (Falcon would take the last one).
+        kind, email = self._keys.verify(tokens.pop() if len(tokens) == 1 else None)
         resp.content_type = falcon.MEDIA_HTML
         resp.text = pages.verified(kind, email)
 

@@ -95,6 +95,14 @@ def test_media_type_is_case_insensitive(client, key, content_type):
     assert result.status_code == 200
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_bodies_in_the_encodings_the_old_service_read(client, key, encoding):
+    """The old Flask service parsed bytes with ``json.loads``, which takes a UTF-8 byte order
+    mark and UTF-16 or UTF-32 (with or without theirs) as well as UTF-8."""
+    result = post_raw(client, key, json.dumps({"ecg_signal": window()}).encode(encoding))
+    assert result.status_code == 200 and len(result.json["denoised_signal"]) == 1300
+
+
 @pytest.mark.parametrize("value", ["1,2,3", 5, {"a": 1}, True])
 def test_signal_not_an_array(client, key, value):
     result = client.simulate_post(DENOISE, json={"ecg_signal": value}, headers={"x-api-key": key})
@@ -249,7 +257,9 @@ def test_email_invalid(client, runtime, path, address):
     assert queued_mails(runtime) == 0
 
 
-@pytest.mark.parametrize("address", ["first.last+tag@mail.example.co.uk", "o'brien@example.ie", "a@b.c"])
+@pytest.mark.parametrize(
+    "address", ["first.last+tag@mail.example.co.uk", "o'brien@example.ie", "a@b.c", "a!#$%&'*+/=?^_`{|}~@example.com"]
+)
 def test_email_unusual_but_valid(client, address):
     result = client.simulate_post("/api/v1/api-keys/generation", json={"email": address})
     assert result.status_code == 200
@@ -319,6 +329,16 @@ def test_verify_without_token(client, query):
     result = client.simulate_get("/api/v1/api-keys/verify", query_string=query)
     assert result.status_code == 400
     assert result.json == {"error": "Invalid verification link"}
+
+
+def test_a_link_with_two_tokens_is_invalid_whichever_is_real(client, smtp):
+    client.simulate_post("/api/v1/api-keys/generation", json={"email": "twice@example.org"})
+    token = verify_link(smtp.mailbox.wait_for(1)[0]).split("token=")[1]
+    for query in (f"token=made-up&token={token}", f"token={token}&token=made-up"):
+        result = client.simulate_get("/api/v1/api-keys/verify", query_string=query)
+        assert result.status_code == 400 and result.json == {"error": "Invalid verification link"}
+    same = client.simulate_get("/api/v1/api-keys/verify", query_string=f"token={token}&token={token}")
+    assert same.status_code == 200  # the same one twice is still the link that was sent
 
 
 def test_verify_unknown_token(client):
