@@ -72,6 +72,11 @@ SWEEP_MAX = 8192
 # client's unfinished head is held in memory until the header timeout).
 MAX_HEADER_LINES = 100
 MAX_HEADER_BYTES = 32 << 10
+# A large upload (one that holds an upload place) must average this many bytes a second once
+# this long has passed since its first byte, or it is answered 408 and closed: a few clients
+# that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a 64 kbit/s link.
+UPLOAD_GRACE_S = 30.0
+MIN_UPLOAD_BYTES_PER_S = 8 << 10
 
 
 def raise_open_files_limit() -> int:
@@ -86,8 +91,8 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def _timeout_response(seconds: float) -> bytes:
-    body = b'{"error": "Request headers not received within %g seconds"}' % seconds
+def _timeout_response(message: str) -> bytes:
+    body = orjson.dumps({"error": message})
     head = (
         b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
         b"X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -380,6 +385,14 @@ class Channel(HTTPChannel):
         """Part of a request's headers has arrived, and no response is being made."""
         return self.request is not None and not self.request.headers_finished and not self.requests
 
+    def uploading_slowly(self, now: float) -> bool:
+        """A large upload under way, past its grace, that averages less than the least rate."""
+        request = self.request
+        if request is None or not request.holds_place or self.requests:
+            return False
+        took_s = now - self.request_began
+        return took_s > UPLOAD_GRACE_S and request.body_bytes_received < MIN_UPLOAD_BYTES_PER_S * took_s
+
     def time_out(self, response: bytes) -> None:
         """Answer ``response`` and close: nothing else is writing, as no request is under way."""
         with self.outbuf_lock:
@@ -441,8 +454,11 @@ class Server(TcpWSGIServer):
         self.sweep_ended = False  # close_door can accept no more (the socket shut, no descriptor left)
         self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
-        self.timed_out = 0  # connections closed for slow headers since the last log line
-        self._timeout_response = _timeout_response(header_timeout_s)
+        self.timed_out = 0  # connections closed for slow headers or uploads since the last log line
+        self._timeout_response = _timeout_response(f"Request headers not received within {header_timeout_s:g} seconds")
+        self._slow_upload_response = _timeout_response(
+            f"Request body too slow: uploads must average {MIN_UPLOAD_BYTES_PER_S >> 10} KiB/s"
+        )
         super().__init__(app, **kw)
         self.upload_places = UploadPlaces(upload_places)
         self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
@@ -573,13 +589,18 @@ class Server(TcpWSGIServer):
             if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
                 channel.time_out(self._timeout_response)
                 self.timed_out += 1
+            elif channel.uploading_slowly(now):
+                channel.time_out(self._slow_upload_response)
+                self.timed_out += 1
             elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
                 channel.will_close = True
         if self.timed_out and now >= self.next_log:
             log.warning(
-                "Closed %d connection(s) whose request headers took longer than %g s (slow clients)",
+                "Closed %d connection(s) whose request headers took longer than %g s, or whose large upload "
+                "averaged under %d KiB/s (slow clients)",
                 self.timed_out,
                 self.header_timeout_s,
+                MIN_UPLOAD_BYTES_PER_S >> 10,
             )
             self.timed_out = 0
             self.next_log = now + 60

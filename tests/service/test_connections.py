@@ -16,6 +16,7 @@ import urllib.request
 import falcon
 import pytest
 
+from service import connections
 from service.config import Config
 from service.connections import Refusal, Server, create_server
 
@@ -396,6 +397,29 @@ def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_clo
         answer = read_all(client)
     assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == [status]
     assert status == b"200" or b'{"error":' in answer
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeypatch):
+    """A byte now and then keeps a connection from ever being idle: a few such uploads held every
+    place, and every other recording got 503. Past its grace, an upload must average the least
+    rate."""
+    monkeypatch.setattr(connections, "UPLOAD_GRACE_S", 0.5)
+    monkeypatch.setattr(connections, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
+    app = app_with({"/large": Echo()})
+    server = create_server(
+        app, Config(host="127.0.0.1", port=0, web_threads=2), body_limits={"": 1000, "/large": 100_000}
+    )
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + b"x" * 100)
+        wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(
+        b'{"error":"Request body too slow: uploads must average 1024 KiB/s"}'
+    )
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
     server.drain(1)
     loop.join(10)
 

@@ -43,7 +43,7 @@ def test_slow_clients_neither_block_the_others_nor_stay(service_process, tmp_pat
         assert min(seconds for seconds, _ in tricklers.closed) >= HEADER_TIMEOUT_S - 0.5
         answers = {received.split(b"\r\n", 1)[0] for _, received in tricklers.closed}
         assert answers == {b"HTTP/1.1 408 Request Timeout"}
-        assert tricklers.closed[0][1].endswith(b'{"error": "Request headers not received within 4 seconds"}')
+        assert tricklers.closed[0][1].endswith(b'{"error":"Request headers not received within 4 seconds"}')
         assert idle.recv(1) == b""  # closed without an answer
     finally:
         tricklers.close()
