@@ -70,6 +70,8 @@ SWEEP_MAX = 8192
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
 # bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
 # client's unfinished head is held in memory until the header timeout).
+# Seconds a client is asked to wait when the temporary directory is full.
+NO_ROOM_RETRY_AFTER_S = 30
 MAX_HEADER_LINES = 100
 MAX_HEADER_BYTES = 32 << 10
 # A large upload (one that holds an upload place) must average this many bytes a second once
@@ -102,6 +104,13 @@ def _timeout_response(message: str) -> bytes:
 
 class UploadsBusy(Error):
     """Every place for a large upload is taken (``UploadPlaces``)."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+class NoRoom(Error):
+    """The temporary directory, where waitress spools large bodies, cannot hold this one."""
 
     code = 503
     reason = "Service Unavailable"
@@ -227,7 +236,15 @@ class Request(HTTPRequestParser):
             self.error = error
             self.completed = True
             return len(data)
-        consumed = super().received(data)
+        try:
+            consumed = super().received(data)
+        except OSError as exc:  # the spool file: a full disk, or over a quota
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            log.warning("No room in the temporary directory for a request body: %s", exc.strerror)
+            self.error = NoRoom(exc.strerror)
+            self.completed = True
+            return len(data)
         chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
         if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
             # A chunk declared past the limit: refused now, as a Content-Length past it is,
@@ -273,6 +290,9 @@ class JsonErrorTask(ErrorTask):
         elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)
             message = BUSY
             self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
+        elif isinstance(error, NoRoom):
+            message = "The server has no room for this upload now. Try again later."
+            self.response_headers.append(("Retry-After", str(NO_ROOM_RETRY_AFTER_S)))
         else:
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})

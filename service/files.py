@@ -48,10 +48,21 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) 
         tmp.write_bytes(data)
 
 
+def memory_root() -> Path | None:
+    """``/dev/shm`` where the process may write there, else None (the temporary directory).
+
+    Files of memory, which no full disk takes from under a memory map: prometheus-client maps its
+    multiprocess files sparse, and a page first written on a full disk raised SIGBUS in every
+    worker, again after each restart, while uploads spooled to the temporary directory filled it.
+    """
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 @contextmanager
-def scratch_folder(prefix: str) -> Iterator[tuple[Path, int]]:
-    """A new folder ``<prefix>…`` in the temporary directory, removed when the block ends; with
-    the descriptor that holds its lock.
+def scratch_folder(prefix: str, root: Path | None = None) -> Iterator[tuple[Path, int]]:
+    """A new folder ``<prefix>…`` in ``root`` (by default the temporary directory), removed when
+    the block ends; with the descriptor that holds its lock.
 
     A process killed with -9 cannot remove its folder, so each folder is locked (``flock``) while
     it is in use, and every call first removes the unlocked folders of the same prefix. The lock
@@ -59,7 +70,7 @@ def scratch_folder(prefix: str) -> Iterator[tuple[Path, int]]:
     outlives a killed parent for as long as they run. A folder is locked before it gets its name,
     so a start beside another never takes the other's new folder for an abandoned one.
     """
-    root = Path(tempfile.gettempdir())
+    root = root or Path(tempfile.gettempdir())
     for old in root.glob(f"{prefix}*"):
         _remove_if_abandoned(old)
     hidden = Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=root))

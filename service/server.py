@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 
@@ -38,6 +39,9 @@ def serve(
     ``listener``, ``occupancy``, ``supervisor``: a worker's bound socket, its slot among the
     workers and its parent's pid; else bind ``config.host:config.port``, alone on the machine.
     """
+    # Where waitress spools large bodies: chosen now, while TMPDIR can be written, not at the first
+    # upload, when tempfile would pass over a full TMPDIR for another directory without a word.
+    tempfile.gettempdir()
     with ExitStack() as stack:
         try:
             runtime = stack.enter_context(Runtime(config, occupancy=occupancy))

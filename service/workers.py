@@ -23,8 +23,9 @@ parent marks the service as stopping in the occupancy file and sends SIGTERM to 
 each drains as a single process does, the first closing the shared socket's door, and the
 parent exits 0 when they all have.
 
-Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` (removed at exit, or by
-the next start after a kill: ``files.scratch_folder``), marks dead workers there, and serves
+Metrics: the parent gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR`` in ``/dev/shm`` where it
+can (``files.memory_root``; removed at exit, or by the next start after a kill:
+``files.scratch_folder``), marks dead workers there, and serves
 ``METRICS_PORT`` itself when one is set.
 """
 
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config
-from service.files import scratch_folder
+from service.files import memory_root, scratch_folder
 from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file, last_beat
 from service.process import cannot_listen, configured, refuse, stop_signals
@@ -272,7 +273,7 @@ def supervise(config: Config) -> int:
         if config.metrics:
             # Not the "heartify-metrics-" of earlier versions, whose folders were not locked: a
             # start must not take a live one of theirs for abandoned.
-            path, lock_fd = stack.enter_context(scratch_folder("heartify-prometheus-"))
+            path, lock_fd = stack.enter_context(scratch_folder("heartify-prometheus-", memory_root()))
             folder = env[MULTIPROC_ENV] = str(path)
             if config.metrics_port:
                 try:

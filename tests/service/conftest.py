@@ -8,6 +8,7 @@ server and runtime around it, which start in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import os
 import re
@@ -406,6 +407,28 @@ def service_process(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real file system of 2 MiB (tmpfs), for a disk that fills up; needs the right to mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the file that does it."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as file:
+        while True:
+            file.write(bytes(1 << 16))
+            file.flush()
+    return filler
 
 
 # -- a PostgreSQL cluster of the test's own, for fault tests ---------------------------------------

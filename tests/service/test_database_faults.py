@@ -5,10 +5,8 @@ corrupted, deleted, replaced, or on a disk that fills up."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from service.keys import digest
 from service.messages import Mail
 from service.store import ApiKey, OutboxMail, Store, utcnow
 
-from .conftest import issue_key, wait_until
+from .conftest import fill, issue_key, wait_until
 
 DENOISE = "/api/v1/denoising"
 WINDOW = {"ecg_signal": [float(i % 50) for i in range(1300)]}
@@ -178,29 +176,13 @@ def test_a_sqlite_file_deleted_or_replaced_under_the_service_is_refused(tmp_path
     assert path.exists() == (change == "replaced")  # no empty database made at the path
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system of 2 MiB (tmpfs), for a disk that fills up; needs the right to mount."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_refuses_writes_once_logged_and_reads_go_on(small_disk, tmp_path, runtime_with, smtp, caplog):
     """Writes get the 503 and one log line that says why; the database still answers reads, so
     keys are still looked up, the replica stays ready, and no outage flaps open and shut."""
     rt = runtime_with(f"sqlite:///{small_disk / 'full.db'}", outbox_dir=str(tmp_path / "outbox"))
     client = falcon.testing.TestClient(create_app(rt.deps))
     key = issue_key(rt.store, "reads@example.org")
-    filler = small_disk / "filler"
-    with contextlib.suppress(OSError), filler.open("wb") as file:
-        while True:
-            file.write(bytes(1 << 16))
-            file.flush()
+    filler = fill(small_disk)
     for n in range(5):
         assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": f"full{n}@example.org"}))
         assert denoise(client, key).status_code == 200  # looked up: this key was never cached

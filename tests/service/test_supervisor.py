@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from service.files import memory_root
 from service.process import stop_signals
 
-from .conftest import wait_until
+from .conftest import fill, http, service_with_key, wait_until
 
 
 def alive(pid: int) -> bool:
@@ -46,7 +47,8 @@ def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(servi
     wait_until(lambda: "with 2 workers" in first.log(), 30, "both workers ready")
     workers = children(first.pid)
     assert len(workers) == 2
-    [metrics] = scratch.glob("heartify-prometheus-*")
+    metrics = metrics_folder(workers[0])
+    assert metrics.parent == (memory_root() or scratch) and metrics.name.startswith("heartify-prometheus-")
     first.kill()
     wait_until(lambda: not any(alive(pid) for pid in workers), 15, "the orphaned workers to exit")
     log = first.log()  # the first to notice drains, and the socket it shuts tells the other
@@ -54,10 +56,18 @@ def test_workers_of_a_killed_supervisor_drain_and_the_next_start_tidies_up(servi
 
     again = service_process({**env, "PORT": str(first.port)})  # the same port
     assert not metrics.exists()
-    assert [p.name.startswith("heartify-prometheus-") for p in ours(scratch)] == [True]
+    wait_until(lambda: "with 2 workers" in again.log(), 30, "both workers ready")
+    current = metrics_folder(children(again.pid)[0])
+    assert current.exists()
     again.signal(signal.SIGHUP)  # a closed terminal: the same clean stop as SIGTERM
     assert again.wait() == 0
-    assert ours(scratch) == [] and "Stopped" in again.log()
+    assert not current.exists() and ours(scratch) == [] and "Stopped" in again.log()
+
+
+def metrics_folder(worker: int) -> Path:
+    """The Prometheus folder its supervisor gave the worker."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    return Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
 
 
 def ours(folder: Path) -> list[Path]:
@@ -142,3 +152,35 @@ def test_a_worker_that_cannot_be_started_leaves_no_descriptor_behind(monkeypatch
             with pytest.raises(OSError):
                 supervisor._spawn(slot)
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.slow
+def test_a_full_temporary_directory_crashes_no_worker_and_a_body_it_cannot_hold_gets_its_503(
+    service_process, tmp_path, small_disk
+):
+    """waitress spools large bodies to the temporary directory, where uploads can fill it. The
+    workers' metrics do not live there (a page of their memory-mapped files first written on a
+    full disk killed every worker with SIGBUS, again after each restart), and a body that no
+    longer fits gets a JSON 503 instead of a reset connection."""
+    env = {"WEB_WORKERS": "2", "TMPDIR": str(small_disk), "MAX_BATCH_WINDOWS": "1"}  # bodies of 1 MiB at most
+    service, key = service_with_key(service_process, tmp_path, env)
+    wait_until(lambda: "with 2 workers" in service.log(), 30, "both workers ready")
+    fill(small_disk)
+    window = {"ecg_signal": [float(i % 40) for i in range(1300)]}
+    for _ in range(6):  # new connections, so both workers serve; each answer counts new labels
+        assert http("POST", f"{service.url}/api/v1/denoising", window, {"x-api-key": key})[0] == 200
+        assert http("GET", f"{service.url}/api/v1/unknown")[0] == 404
+        assert http("GET", f"{service.url}/readyz")[0] == 200
+    head = (
+        b"POST /api/v1/denoising/record?sampling_rate=1000 HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: 1200000\r\n\r\n" % key.encode()
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as client:
+        client.sendall(head + bytes(600_000))  # past what waitress keeps in memory: spooled
+        answer = b""
+        while part := client.recv(65536):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 30" in answer
+    assert answer.endswith(b'{"error":"The server has no room for this upload now. Try again later."}')
+    assert http("GET", f"{service.url}/metrics")[0] == 200
+    assert "exited with" not in service.log()
