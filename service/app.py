@@ -6,6 +6,7 @@ worker) is decided by ``runtime`` in production and by the tests.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from service.connections import Refusal, UploadGate
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.logs import loggable
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
 from service.ratelimit import RateLimited
@@ -40,6 +42,8 @@ from service.resources import (
 from service.store import Store
 from service.turns import BUSY_RETRY_AFTER_S, Busy, ClientGone
 from service.validation import ValidationError
+
+log = logging.getLogger(__name__)
 
 # Seconds a client is asked to wait when the database is away; the probe tries every second.
 DATABASE_RETRY_AFTER_S = 5
@@ -126,6 +130,7 @@ def _use_json(app: falcon.App) -> None:
 
 def _map_errors(app: falcon.App, deps: Deps) -> None:
     app.set_error_serializer(_serialize_error)
+    app.add_error_handler(Exception, _unexpected)  # the most specific handler wins: this one is last
     app.add_error_handler(ValidationError, _validation_error)
     app.add_error_handler(Refused, _refused)
     app.add_error_handler(ModelUnavailable, _model_unavailable)
@@ -165,6 +170,20 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
     app.add_route("/openapi.json", Document(document))
     if metrics_here:
         app.add_route("/metrics", Exposition(deps.metrics))
+
+
+def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+    """A bug: logged with its traceback, the path and the request's id, and never the query
+    string, which may hold a verification token (Falcon's own handler logs the whole URL)."""
+    log.error(
+        "Unexpected error on %s %s (id=%s)",
+        req.method,
+        loggable(req.path[:200]),
+        getattr(req.context, "request_id", "-"),
+        exc_info=exc,
+    )
+    resp.status = falcon.HTTP_500
+    resp.media = {"error": "Internal server error"}
 
 
 def _serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:

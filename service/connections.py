@@ -52,6 +52,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import BadRequest, Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
+from service.config import ConfigError
 from service.logs import log_access
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
@@ -63,6 +64,7 @@ PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued
 # Descriptors the process needs besides client connections: the listening socket, the database,
 # the model, log and outbox files, the waitress trigger pipe, METRICS_PORT's connections.
 RESERVED_FILES = 64
+MIN_CONNECTIONS = 16  # fewer, and a start is refused: health checks and a few clients need room
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0
 # The most connections a stop accepts from the listening socket's queue: more than its backlog.
@@ -646,6 +648,11 @@ def create_server(
     body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
+    if limit < MIN_CONNECTIONS:
+        raise ConfigError(
+            f"the open-files limit ({files}) leaves room for {max(0, limit)} client connections: "
+            f"raise it (ulimit -n) to at least {RESERVED_FILES + MIN_CONNECTIONS}."
+        )
     if limit < config.connection_limit:
         log.warning("CONNECTION_LIMIT lowered to %d: the open-files limit is %d", limit, files)
     adj = Adjustments(

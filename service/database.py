@@ -48,7 +48,17 @@ def unwritable(exc: BaseException) -> bool:
     driver = exc.__context__ or exc  # peewee raises its own error while handling the driver's
     name = getattr(driver, "sqlite_errorname", "")
     # Extended names too: SQLITE_READONLY_DIRECTORY, _CANTINIT… (a read-only folder, WAL files).
-    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY")) or getattr(driver, "pgcode", None) == "53100"
+    # PostgreSQL: disk full (53100), or a read-only transaction (25006: a standby after a failover,
+    # or default_transaction_read_only set).
+    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY")) or getattr(driver, "pgcode", None) in ("53100", "25006")
+
+
+def schema_lost(exc: BaseException) -> bool:
+    """A table of the service is missing: the database was dropped and made again, or replaced."""
+    driver = exc.__context__ or exc
+    if getattr(driver, "pgcode", None) == "42P01":  # undefined_table
+        return True
+    return getattr(driver, "sqlite_errorname", "") == "SQLITE_ERROR" and str(driver).startswith("no such table")
 
 
 class DatabaseUnavailable(Exception):
@@ -150,6 +160,9 @@ class _Guarded:
     def check_file(self) -> None:
         """Raise peewee's OperationalError if the database's file is not the one opened."""
 
+    def on_schema_lost(self) -> None:
+        """A statement found a table missing (``Store`` makes them again)."""
+
     def connect(self, reuse_if_open: bool = False) -> bool:
         self.health.check()
         with self._translated():
@@ -171,11 +184,15 @@ class _Guarded:
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
-        """The driver's unavailability errors open the breaker and become ``DatabaseUnavailable``."""
+        """The driver's unavailability errors open the breaker and become ``DatabaseUnavailable``;
+        so do refused writes, and missing tables, which ``on_schema_lost`` is told of."""
         try:
             yield
         except Exception as exc:
-            if not unavailable(exc):
+            if schema_lost(exc):
+                self.on_schema_lost()
+                raise DatabaseUnavailable(first_line(exc)) from exc
+            if not (unavailable(exc) or unwritable(exc)):
                 raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc

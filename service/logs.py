@@ -16,8 +16,8 @@ def log_access(method: str, path: str, status: int, duration_ms: float, request_
     refusals from the headers (``connections.JsonErrorTask``) alike."""
     access_log.info(
         "%s %s %s %.1fms id=%s client=%s",
-        _loggable(method),
-        _loggable(path[:200]),
+        loggable(method),
+        loggable(path[:200]),
         status,
         duration_ms,
         request_id,
@@ -25,7 +25,7 @@ def log_access(method: str, path: str, status: int, duration_ms: float, request_
     )
 
 
-def _loggable(text: str) -> str:
+def loggable(text: str) -> str:
     """The client's text with control characters (and non-ASCII) escaped: a decoded path may hold
     a newline that forges a log line of its choosing, or terminal escape sequences."""
     return text.encode("unicode_escape").decode("ascii")

@@ -58,6 +58,8 @@ def serve(
             server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **siblings)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
+        except ConfigError as exc:
+            return refuse(exc)
         except RuntimeError as exc:
             if "can't start new thread" not in str(exc):
                 raise

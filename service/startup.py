@@ -20,8 +20,9 @@ from service.sealing import secret_beside, split_secrets
 from service.store import Store
 
 # Pooled connections beyond the request threads: the mail worker, the last_used flusher, the
-# housekeeping purge and the upload gate (the probe and the PostgreSQL listener open their own).
-BACKGROUND_CONNECTIONS = 4
+# housekeeping purge, the upload gate and a rare schema restore (the probe and the PostgreSQL
+# listener open their own).
+BACKGROUND_CONNECTIONS = 5
 
 
 class StartupError(Exception):

@@ -7,6 +7,7 @@ store talks SQL only; the flows that combine these queries live in ``keys`` and 
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ import peewee as pw
 import psycopg2
 from playhouse.migrate import SchemaMigrator, migrate
 
-from service.database import DatabaseHealth, DatabaseUnavailable, open_database, postgres_params
+from service.database import DatabaseHealth, DatabaseUnavailable, first_line, open_database, postgres_params
 from service.messages import Mail
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,29 @@ class Store:
         )
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
         self.create_tables()
+        self._restoring = threading.Lock()
+        self.db.on_schema_lost = self._restore_schema
         return self
+
+    def _restore_schema(self) -> None:
+        """The tables went away under the service (the database dropped and made again, or
+        replaced by an empty one): make them again, as a restart would, on a thread of its own
+        (the request that found out holds a failed transaction) and once at a time. Until then
+        requests get 503; the keys, tokens and mails the lost tables held are gone."""
+        if not self._restoring.acquire(blocking=False):
+            return
+
+        def restore() -> None:
+            try:
+                log.error("The database has lost the service's tables (dropped or replaced): making them again")
+                self.create_tables()
+                log.error("Tables made again: the keys, tokens and mails the database held before are gone")
+            except Exception as exc:  # the next statement that finds them missing tries again
+                log.error("Cannot make the tables again: %s", first_line(exc))
+            finally:
+                self._restoring.release()
+
+        threading.Thread(target=restore, name="schema-restore", daemon=True).start()
 
     def create_tables(self) -> None:
         """Idempotent: ``IF NOT EXISTS`` for every table and index, and the columns that later

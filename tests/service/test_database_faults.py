@@ -14,6 +14,7 @@ from functools import partial
 
 import falcon.testing
 import peewee
+import psycopg2
 import pytest
 
 from service.app import create_app, upload_gate
@@ -271,3 +272,58 @@ def test_which_sqlite_errors_only_refuse_writes(name, writes_only):
     except peewee.OperationalError as wrapped:
         assert wrapped.__context__ is driver
         assert unwritable(wrapped) is writes_only
+
+
+@pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_tables_lost_under_the_service_are_made_again(database_url, runtime_with, smtp, caplog):
+    """The database dropped and made again, or replaced by an empty one: each statement failed
+    with a 500 until a restart, while /readyz said 200. The service makes its tables again, as a
+    restart would; meanwhile requests get the 503."""
+    rt = runtime_with(database_url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "lost@example.org")
+    assert denoise(client, key).status_code == 200
+    with rt.store.db.connection_context():
+        for table in ("api_key", "verification_token", "outbox_mail"):
+            rt.store.db.execute_sql(f"DROP TABLE {table}")
+    rt.deps.keys.forget_cached()
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "again@example.org"}))
+    wait_until(
+        lambda: (
+            client.simulate_post("/api/v1/api-keys/generation", json={"email": "again@example.org"}).status_code == 200
+        ),
+        10,
+        "the tables made again",
+    )
+    assert denoise(client, key).status_code == 401  # it went with its table
+    assert smtp.mailbox.wait_for(1)[0]["To"] == "again@example.org"
+    assert any("lost the service's tables" in r.getMessage() for r in caplog.records)
+
+
+def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster, runtime_with):
+    """A standby after a failover, or default_transaction_read_only: writes got a 500."""
+    rt = runtime_with(pg_cluster.url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "ro@example.org")
+
+    def read_only(on: bool) -> None:
+        admin = psycopg2.connect(pg_cluster.url)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"ALTER SYSTEM {'SET default_transaction_read_only = on' if on else 'RESET ALL'}")
+            cur.execute("SELECT pg_reload_conf()")
+        admin.close()
+
+    def generation() -> falcon.testing.Result:
+        return client.simulate_post("/api/v1/api-keys/generation", json={"email": "ro@example.net"})
+
+    read_only(True)
+    try:
+        assert_unavailable(wait_until(lambda: (r := generation()).status_code != 200 and r, 10, "read-only"))
+        assert denoise(client, key).status_code == 200  # reads go on
+        assert client.simulate_get("/readyz").status_code == 200
+    finally:
+        read_only(False)
+    wait_until(lambda: generation().status_code == 200, 10, "writes again")

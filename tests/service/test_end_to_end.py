@@ -4,9 +4,13 @@ on SQLite and on PostgreSQL: the path a new user takes, a restart, and a mail se
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,6 +23,7 @@ from service.config import Config
 
 from .conftest import (
     MODEL,
+    REPO,
     SHIPPED_VERSION,
     SmtpServer,
     free_port,
@@ -264,3 +269,29 @@ def http_refused(url: str) -> bool:
     except OSError:
         return True
     return False
+
+
+def test_an_open_files_limit_with_no_room_for_clients_stops_the_start_with_one_sentence(tmp_path):
+    """With the limit at 64, every descriptor went to the process's own files: it served on, up
+    to 0 connections, and answered nothing, health checks included."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'f.db'}",
+        "WEB_WORKERS": "1",
+        "PORT": "0",
+        "BASE_URL": "http://127.0.0.1",
+        "ORT_LONE_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "heartify: the open-files limit (64) leaves room for 0 client connections: raise it (ulimit -n) to at least 80."
+    )
