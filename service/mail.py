@@ -37,6 +37,12 @@ IDLE_POLL_S = 60.0
 # A worker stops sending its claimed batch this long after claiming it (slow mail server): the
 # rest waits for the lease to end rather than risk another worker claiming it mid-send.
 SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
+# How long one mail's transaction (MAIL FROM to the reply after the data) may take, whatever
+# SMTP_TIMEOUT_SECONDS (which bounds connecting and the greeting). A server that has the whole
+# message but confirms it late has likely delivered it: given up after 10 s, the mail was sent
+# again and again. RFC 5321 allows 10 minutes for that reply; within the batch's time (above),
+# the claim cannot end under a mail still waiting for it.
+TRANSACTION_S = SEND_WITHIN_S
 
 
 Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
@@ -86,8 +92,13 @@ class SmtpSender:
                 except (OSError, smtplib.SMTPException) as exc:
                     raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
             try:
-                # The envelope names the stored address itself, never what the To header decodes to.
-                client.send_message(message, to_addrs=[recipient])
+                try:
+                    client.sock.settimeout(max(self._timeout_s, TRANSACTION_S))
+                    # The envelope names the stored address itself, never what the To header decodes to.
+                    client.send_message(message, to_addrs=[recipient])
+                finally:  # the reset below, and the next greeting, wait no longer than before
+                    if client.sock is not None:
+                        client.sock.settimeout(self._timeout_s)
             except BaseException:
                 _reset(client)
                 raise

@@ -8,6 +8,7 @@ server and runtime around it, which start in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import os
@@ -98,6 +99,7 @@ class Mailbox:
         self.refuse: dict[str, str] = {}
         self.refuse_data: dict[str, str] = {}  # the same, in reply to the DATA command itself
         self.on_message: Callable[[EmailMessage], None] = lambda message: None  # after it is kept
+        self.confirm_after_s = 0.0  # how long the reply to a message's data waits, once it is kept
         self._lock = threading.Lock()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list) -> str:
@@ -111,6 +113,7 @@ class Mailbox:
         with self._lock:
             self.messages.append(message)
         self.on_message(message)
+        await asyncio.sleep(self.confirm_after_s)
         return "250 OK"
 
     def wait_for(self, count: int, timeout_s: float = 20.0) -> list[EmailMessage]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import falcon.testing
@@ -225,6 +226,17 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
     assert removed == {"tokens": 1, "mails": 1}
     with store.db.connection_context():
         assert Token.select().count() == 2 and OutboxMail.select().count() == 1
+
+
+def test_a_mail_server_slow_to_confirm_a_message_gets_it_once(runtime_with, sqlite_url, smtp):
+    """The server had the whole message and confirmed it after SMTP_TIMEOUT_SECONDS: each
+    attempt was taken for a failure, and the mail sent again and again."""
+    smtp.mailbox.confirm_after_s = 1.5
+    rt = runtime_with(sqlite_url, smtp_timeout_s=0.5, mail_retry_min_s=0.1, mail_retry_max_s=0.2)
+    assert client_of(rt).simulate_post(GENERATION, json={"email": "slow@example.org"}).status_code == 200
+    smtp.mailbox.wait_for(1)
+    time.sleep(2.5)  # a repeat would have come by now
+    assert [m["To"] for m in smtp.mailbox.messages] == ["slow@example.org"]
 
 
 @pytest.mark.parametrize("at", ["RCPT", "DATA"])
