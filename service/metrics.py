@@ -10,12 +10,13 @@ so that each process makes them after that variable is known and tests can make 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -29,6 +30,7 @@ from prometheus_client import (
     generate_latest,
     make_wsgi_app,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:  # the supervisor imports this module, and never loads Falcon
@@ -57,8 +59,29 @@ def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
 def merged_registry(folder: str) -> CollectorRegistry:
     """The metrics of every process that wrote to ``folder``, merged at each scrape."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
+    _SizedFiles(registry, folder)
     return registry
+
+
+class _SizedFiles(MultiProcessCollector):
+    """prometheus-client's merge of every process's files, but for those a starting worker has
+    made and not yet sized: reading one failed the whole scrape (a 500 while a worker started).
+    Such a file holds no value yet, so leaving it out loses nothing."""
+
+    def __init__(self, registry: CollectorRegistry, folder: str) -> None:
+        self._folder = folder
+        super().__init__(registry, path=folder)
+
+    def collect(self) -> Iterable[Metric]:
+        files = [path for path in glob.glob(os.path.join(self._folder, "*.db")) if _sized(path)]
+        return self.merge(files, accumulate=True)
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # a dead worker's live gauge, removed meanwhile
+        return False
 
 
 class Metrics:

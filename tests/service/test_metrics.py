@@ -3,12 +3,17 @@ batcher's and the outbox's figures, and METRICS=off."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import falcon.testing
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.metrics import merged_registry
 
 from .conftest import issue_key
 
@@ -127,3 +132,13 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
     finally:
         for stop in stops:
             stop()
+
+
+def test_a_scrape_leaves_out_the_file_a_starting_worker_has_not_sized_yet(tmp_path):
+    """prometheus-client reads every process's file; one just made, still empty, failed the whole
+    scrape (a 500 while a worker restarted)."""
+    writer = "from prometheus_client import Counter; Counter('heartify_test', 'x').inc(3)"
+    subprocess.run([sys.executable, "-c", writer], env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, check=True)
+    (tmp_path / "counter_999999.db").touch()  # made, not yet sized
+    text = generate_latest(merged_registry(str(tmp_path))).decode()
+    assert "heartify_test_total 3.0" in text
