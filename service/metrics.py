@@ -222,6 +222,19 @@ class _QuietHandler(WSGIRequestHandler):
         """No line per scrape."""
 
 
+def _only_metrics(app: Callable) -> Callable:
+    """prometheus-client's app answers every path; the port serves ``/metrics``, and the rest
+    get the JSON 404 of the API."""
+
+    def only(environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")])
+        return [b'{"error":"Not Found"}']
+
+    return only
+
+
 def serve_metrics(
     host: str,
     port: int,
@@ -234,7 +247,7 @@ def serve_metrics(
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
     httpd = server_class(address, connections, idle_s, deadline_s)
-    httpd.set_app(make_wsgi_app(registry))
+    httpd.set_app(_only_metrics(make_wsgi_app(registry)))
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-port", daemon=True)
     thread.start()
     log.info("Metrics on http://%s:%s/metrics", host, port)

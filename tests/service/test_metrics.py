@@ -87,6 +87,7 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
     descriptor of the process, and the API's port stopped accepting."""
     import socket
     import time
+    import urllib.error
     import urllib.request
 
     from prometheus_client import CollectorRegistry, Counter
@@ -129,6 +130,9 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
                 time.sleep(0.3)
         trickle.close()
         assert scraped(lenient)
+        with pytest.raises(urllib.error.HTTPError) as other:  # the port serves /metrics only
+            urllib.request.urlopen(f"http://127.0.0.1:{lenient}/", timeout=5)
+        assert other.value.code == 404 and other.value.read() == b'{"error":"Not Found"}'
     finally:
         for stop in stops:
             stop()
