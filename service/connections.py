@@ -199,6 +199,8 @@ class Request(HTTPRequestParser):
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             raise ParsingError("both Content-Length and Transfer-Encoding")
+        if "TRANSFER_ENCODING" in self.headers:  # left by waitress on HTTP/1.0, which has none
+            raise ParsingError("Transfer-Encoding in an HTTP/1.0 request")
         if self.version == "1.1" and not self.headers.get("HOST"):
             raise ParsingError("an HTTP/1.1 request needs a Host header")
         if "," in self.headers.get("HOST", ""):  # waitress joins repeated headers with commas
@@ -270,10 +272,13 @@ class Request(HTTPRequestParser):
 
     def close(self) -> None:
         """After its answer, or when its client hangs up while it is read (``Channel``)."""
-        super().close()
-        if self.holds_place:
-            self.holds_place = False
-            self._places.give_back()
+        try:
+            with contextlib.suppress(OSError):  # a spool file that cannot flush on a full disk
+                super().close()
+        finally:
+            if self.holds_place:
+                self.holds_place = False
+                self._places.give_back()
 
 
 class JsonErrorTask(ErrorTask):
@@ -467,9 +472,10 @@ class Server(TcpWSGIServer):
         self.header_timeout_s = header_timeout_s
         self.heartbeat = heartbeat  # a worker's: tells its supervisor that the loop runs
         self._upload_gate = upload_gate
-        # One thread: the verdicts are quick (a cached key, or one indexed read), and at most
-        # every upload place's wait for one.
-        self._judges = ThreadPoolExecutor(1, thread_name_prefix="upload-gate")
+        # One thread: the verdicts are quick (a cached key, or one indexed read).
+        self._judges = ThreadPoolExecutor(1, thread_name_prefix="upload-gate") if upload_gate else None
+        self._loop_closed = False  # a verdict that comes later must not write to the closed wake-up pipe
+        self._closing = threading.Lock()
         self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
         self.service_stopping = service_stopping  # a worker's: its supervisor is stopping them all
         self.door_closed = False
@@ -504,14 +510,19 @@ class Server(TcpWSGIServer):
                     refusal = done.result()
                 else:
                     log.warning("The upload gate failed (%r); the app will judge the upload", exc)
-            with contextlib.suppress(OSError):  # the loop has stopped
-                self.trigger.pull_trigger(lambda: channel.judged(request, refusal))
+            with self._closing:  # its descriptor may belong to another file once closed
+                if not self._loop_closed:
+                    self.trigger.pull_trigger(lambda: channel.judged(request, refusal))
 
+        assert self._judges is not None and self._upload_gate is not None  # judging needs a gate
         self._judges.submit(self._upload_gate, request.api_key).add_done_callback(verdict)
 
     def close(self) -> None:
-        self._judges.shutdown(wait=False, cancel_futures=True)
-        super().close()
+        if self._judges is not None:
+            self._judges.shutdown(wait=False, cancel_futures=True)
+        with self._closing:
+            self._loop_closed = True
+            super().close()
 
     def drain(self, grace_s: float) -> None:
         """Called from a signal handler: the loop's next maintenance pass starts the drain. A

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import threading
 import urllib.request
 
@@ -20,7 +21,7 @@ from service import connections
 from service.config import Config
 from service.connections import Refusal, Server, create_server
 
-from .conftest import wait_until
+from .conftest import fill, wait_until
 
 
 def app_with(routes: dict[str, object]) -> falcon.App:
@@ -376,6 +377,10 @@ HEADS = {
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"400",
     ),
+    "Transfer-Encoding in HTTP/1.0": (
+        b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n0\r\n\r\n",
+        b"400",
+    ),
     "HTTP/1.1 without Host": (b"POST /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"400"),
     "two Hosts": (b"POST /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n", b"400"),
     "HTTP/1.0 without Host": (b"POST /echo HTTP/1.0\r\nContent-Length: 0\r\n\r\n", b"200"),
@@ -399,6 +404,58 @@ def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_clo
     assert status == b"200" or b'{"error":' in answer
     server.drain(1)
     loop.join(10)
+
+
+def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(small_disk, monkeypatch):
+    """The spool file that cannot be written cannot be closed either (its buffer cannot be
+    flushed): the place went with it, and once every place had, each recording got 503."""
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    fill(small_disk)
+    app = app_with({"/large": Echo()})
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 2_000_000})
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        with contextlib.suppress(OSError):  # the server may close while the rest is sent
+            for _ in range(150):
+                client.sendall(b"x" * 4096)
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_verdict_that_comes_after_the_server_closed_writes_nowhere(tmp_path):
+    """The gate's thread outlives the loop when a verdict is slow; it woke the loop through a pipe
+    whose descriptor, once closed, the next file opened took."""
+    release, asked = threading.Event(), threading.Event()
+
+    def gate(key: str | None) -> Refusal | None:
+        asked.set()
+        release.wait(10)
+
+    server = create_server(
+        app_with({"/large": Echo()}),
+        Config(host="127.0.0.1", port=0),
+        body_limits={"": 1000, "/large": 100_000},
+        upload_gate=gate,
+    )
+    loop = started(server)
+    client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+    client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: 50000\r\n\r\n")
+    assert asked.wait(10)
+    server.drain(0.1)
+    loop.join(10)
+    server.close()
+    client.close()
+    opened = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT) for i in range(4)]  # the pipe's numbers, likely
+    release.set()
+    server._judges.shutdown(wait=True)  # the verdict has been given
+    assert all(os.fstat(fd).st_size == 0 for fd in opened)
+    for fd in opened:
+        os.close(fd)
 
 
 def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeypatch):
