@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.background import Loop
 from service.database import QUIET_ERRORS
@@ -37,12 +37,12 @@ IDLE_POLL_S = 60.0
 # A worker stops sending its claimed batch this long after claiming it (slow mail server): the
 # rest waits for the lease to end rather than risk another worker claiming it mid-send.
 SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
-# How long one mail's transaction (MAIL FROM to the reply after the data) may take, whatever
-# SMTP_TIMEOUT_SECONDS (which bounds connecting and the greeting). A server that has the whole
-# message but confirms it late has likely delivered it: given up after 10 s, the mail was sent
-# again and again. RFC 5321 allows 10 minutes for that reply; within the batch's time (above),
-# the claim cannot end under a mail still waiting for it.
-TRANSACTION_S = SEND_WITHIN_S
+# How long the server's reply after a message's data is awaited, if SMTP_TIMEOUT_SECONDS (every
+# other step's) is shorter. A server that has the whole message but confirms it late has likely
+# delivered it: given up after SMTP_TIMEOUT_SECONDS, the mail was sent again at each retry.
+# RFC 5321 allows 10 minutes; a mail begun within the batch's time (above) then still ends
+# within its claim, unless its other steps each take their whole SMTP_TIMEOUT_SECONDS too.
+FINAL_REPLY_S = CLAIM_LEASE.total_seconds() / 4
 
 
 Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
@@ -92,13 +92,8 @@ class SmtpSender:
                 except (OSError, smtplib.SMTPException) as exc:
                     raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
             try:
-                try:
-                    client.sock.settimeout(max(self._timeout_s, TRANSACTION_S))
-                    # The envelope names the stored address itself, never what the To header decodes to.
-                    client.send_message(message, to_addrs=[recipient])
-                finally:  # the reset below, and the next greeting, wait no longer than before
-                    if client.sock is not None:
-                        client.sock.settimeout(self._timeout_s)
+                # The envelope names the stored address itself, never what the To header decodes to.
+                client.send_message(message, to_addrs=[recipient])
             except BaseException:
                 _reset(client)
                 raise
@@ -114,9 +109,9 @@ class SmtpSender:
     def _open(self) -> smtplib.SMTP:
         context = ssl.create_default_context()
         if self._security == "ssl":
-            client = smtplib.SMTP_SSL(self._host, self._port, timeout=self._timeout_s, context=context)
+            client: smtplib.SMTP = _PatientSmtpSsl(self._host, self._port, timeout=self._timeout_s, context=context)
         else:
-            client = smtplib.SMTP(self._host, self._port, timeout=self._timeout_s)
+            client = _PatientSmtp(self._host, self._port, timeout=self._timeout_s)
         try:
             if self._security == "starttls":
                 client.starttls(context=context)
@@ -126,6 +121,38 @@ class SmtpSender:
             client.close()
             raise
         return client
+
+
+class _PatientReply:
+    """smtplib's client, waiting ``FINAL_REPLY_S`` (at least) for the reply to a message's data,
+    and its usual timeout for every other reply."""
+
+    timeout: float
+    sock: Any
+    _data_sent = False
+
+    def send(self, s: bytes | str) -> None:
+        super().send(s)  # type: ignore[misc]
+        self._data_sent = isinstance(s, bytes) and s.endswith(b"\r\n.\r\n")  # smtplib sends the data so
+
+    def getreply(self) -> tuple[int, bytes]:
+        if not self._data_sent or self.sock is None:
+            return super().getreply()  # type: ignore[misc]
+        self._data_sent = False
+        self.sock.settimeout(max(self.timeout, FINAL_REPLY_S))
+        try:
+            return super().getreply()  # type: ignore[misc]
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)
+
+
+class _PatientSmtp(_PatientReply, smtplib.SMTP):
+    pass
+
+
+class _PatientSmtpSsl(_PatientReply, smtplib.SMTP_SSL):
+    pass
 
 
 class FolderSender:
