@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # A pooled request thread waits this long for a free connection before failing.
 POOL_WAIT_S = 5
+# A pooled PostgreSQL connection is opened again once this old: after a failover, connections
+# to the old primary, now a standby that refuses every write, would otherwise stay for good.
+RENEW_AFTER_S = 60
 # What the driver raises when the database cannot be reached or does not answer in time.
 UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
 
@@ -363,7 +366,9 @@ def open_database(
         server_timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
         params["options"] = f"{params['options']} {server_timeout}" if params.get("options") else server_timeout
         _bound_postgres(connect_timeout_s, statement_timeout_s + 0.5)  # the server's own timeout first
-        db = GuardedPostgres(max_connections=max_connections, timeout=POOL_WAIT_S, **params)
+        db = GuardedPostgres(
+            max_connections=max_connections, timeout=POOL_WAIT_S, stale_timeout=RENEW_AFTER_S, **params
+        )
     else:
         raise ConfigError(
             f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {parts.scheme or 'no'} scheme)."

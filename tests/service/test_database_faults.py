@@ -17,6 +17,7 @@ import peewee
 import psycopg2
 import pytest
 
+from service import database
 from service.app import create_app, upload_gate
 from service.database import unwritable
 from service.keys import digest
@@ -327,3 +328,19 @@ def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster
     finally:
         read_only(False)
     wait_until(lambda: generation().status_code == 200, 10, "writes again")
+
+
+@pytest.mark.postgres
+def test_pooled_postgres_connections_are_opened_anew_once_old(postgres_url, runtime_with, monkeypatch):
+    """After a failover, connections to the old primary (a standby now, refusing every write)
+    stayed in the pool for good."""
+    monkeypatch.setattr(database, "RENEW_AFTER_S", 0.3)
+    rt = runtime_with(postgres_url)
+
+    def backend() -> int:
+        with rt.store.db.connection_context():
+            return rt.store.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+
+    before = {backend() for _ in range(3)}
+    time.sleep(0.5)
+    assert backend() not in before
