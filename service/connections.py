@@ -184,6 +184,7 @@ class Request(HTTPRequestParser):
     """
 
     holds_place = False
+    flowing_since = 0.0  # when it took its place (time.time()): a gate's verdict may come later than its head
     judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
     held_continue = False  # its client expects "100 Continue", which waits for the verdict
 
@@ -221,6 +222,7 @@ class Request(HTTPRequestParser):
     def take_place(self) -> bool:
         """An upload place for this large upload, or the busy 503 (from its headers)."""
         self.holds_place = self._places.take()
+        self.flowing_since = time.time()  # its body may come from now on: its rate counts from here
         if not self.holds_place:
             self.error = UploadsBusy("every place for a large upload is taken")
             self.completed = True
@@ -417,7 +419,7 @@ class Channel(HTTPChannel):
         request = self.request
         if request is None or not request.holds_place or self.requests:
             return False
-        took_s = now - self.request_began
+        took_s = now - request.flowing_since
         return took_s > UPLOAD_GRACE_S and request.body_bytes_received < MIN_UPLOAD_BYTES_PER_S * took_s
 
     def time_out(self, response: bytes) -> None:

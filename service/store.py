@@ -184,9 +184,11 @@ class Store:
 
         def restore() -> None:
             try:
-                log.error("The database has lost the service's tables (dropped or replaced): making them again")
-                self.create_tables()
-                log.error("Tables made again: the keys, tokens and mails the database held before are gone")
+                if self.create_tables():  # else another thread or replica has made them meanwhile
+                    log.error(
+                        "The database had lost the service's tables (dropped or replaced): made them again; "
+                        "the keys, tokens and mails it held before are gone"
+                    )
             except Exception as exc:  # the next statement that finds them missing tries again
                 log.error("Cannot make the tables again: %s", first_line(exc))
             finally:
@@ -194,23 +196,25 @@ class Store:
 
         threading.Thread(target=restore, name="schema-restore", daemon=True).start()
 
-    def create_tables(self) -> None:
+    def create_tables(self) -> bool:
         """Idempotent: ``IF NOT EXISTS`` for every table and index, and the columns that later
         versions added to existing tables (all nullable).
 
         Only when something is missing: ``CREATE INDEX IF NOT EXISTS`` locks its table before it
         looks, so a process starting beside replicas that serve held every table against their
         writes until it committed, and a start once met another replica's transaction in a
-        deadlock. The check reads the catalog, which locks no table.
+        deadlock. The check reads the catalog, which locks no table. True when it made something.
         """
         with self.db.connection_context():
             if self._schema_complete():
-                return
+                return False
             with self.db.atomic():
                 if self.is_postgres:
                     self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                if not self._schema_complete():  # another process may have made it meanwhile
-                    self._create_missing()
+                if self._schema_complete():  # another process made it meanwhile
+                    return False
+                self._create_missing()
+                return True
 
     def _schema_complete(self) -> bool:
         tables = set(self.db.get_tables())

@@ -62,6 +62,8 @@ YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
 # How long workers may take to stop after SIGTERM beyond their drain (SHUTDOWN_GRACE_SECONDS):
 # closing the runtime (the last writes, the model) before they are killed.
 CLOSE_S = 5.0
+# A supervisor loop that comes round this late (it sleeps POLL_S) was paused with the machine.
+PAUSED_S = 2.0
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Supervisor:
         self._stopping = False
         self._delay_s = RESTART_DELAY_S[0]
         self._restart_at: list[tuple[float, int]] = []  # when, and the slot of the worker that died
+        self._last_check = time.monotonic()  # of hung workers (_kill_hung)
 
     def run(self) -> int:
         for signum in (signal.SIGINT, *stop_signals()):
@@ -167,7 +170,13 @@ class Supervisor:
         timeout_s = self._config.worker_timeout_s
         if not timeout_s:
             return
-        now = time.monotonic()
+        now, last = time.monotonic(), self._last_check
+        self._last_check = now
+        if now - last > PAUSED_S:  # the whole machine stood still (docker pause, a VM suspended):
+            for worker in self._workers:
+                if worker.ready:  # its silence counts from now, not from before the pause
+                    worker.ready_since = now
+            return
         for worker in self._workers:
             if worker.killed or not worker.poll_ready() or worker.process.poll() is not None:
                 continue

@@ -300,7 +300,7 @@ def test_tables_lost_under_the_service_are_made_again(database_url, runtime_with
     )
     assert denoise(client, key).status_code == 401  # it went with its table
     assert smtp.mailbox.wait_for(1)[0]["To"] == "again@example.org"
-    assert any("lost the service's tables" in r.getMessage() for r in caplog.records)
+    assert any("had lost the service's tables" in r.getMessage() for r in caplog.records)
 
 
 def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster, runtime_with):

@@ -10,12 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from service.config import Config
 from service.files import memory_root
+from service.occupancy import create_file
 from service.process import stop_signals
+from service.workers import Supervisor, _Worker
 
 from .conftest import fill, http, service_with_key, wait_until
 
@@ -184,3 +188,29 @@ def test_a_full_temporary_directory_crashes_no_worker_and_a_body_it_cannot_hold_
     assert answer.endswith(b'{"error":"The server has no room for this upload now. Try again later."}')
     assert http("GET", f"{service.url}/metrics")[0] == 200
     assert "exited with" not in service.log()
+
+
+def test_a_pause_of_the_whole_machine_kills_no_worker(tmp_path):
+    """After a docker pause or a suspended VM, the clock has moved on and no worker has beaten
+    yet: every worker looked hung at once. A supervisor that comes round late starts counting
+    anew; one that does not kills the silent worker."""
+    config = Config(worker_timeout_s=5)
+    with create_file(1) as occupancy, socket.socket() as listener:
+        supervisor = Supervisor(config, listener, {}, occupancy.fileno(), None)
+        process = subprocess.Popen(["sleep", "60"])
+        read_fd, write_fd = os.pipe()
+        os.close(write_fd)
+        worker = _Worker(process, read_fd, 0, ready=True, ready_since=time.monotonic() - 100)  # silent for long
+        supervisor._workers.append(worker)
+        try:
+            supervisor._last_check = time.monotonic() - 60  # the supervisor stood still too
+            supervisor._kill_hung()
+            supervisor._kill_hung()
+            assert process.poll() is None and not worker.killed
+            worker.ready_since = time.monotonic() - 100
+            supervisor._kill_hung()
+            assert process.wait(10) == -signal.SIGKILL and worker.killed
+        finally:
+            process.kill()
+            process.wait()
+            worker.close()
