@@ -84,7 +84,7 @@ def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
     """Judges a whole recording larger than the default body limit by its key, before waitress
     reads the body (``connections.UploadGate``): with no key, or one that is not active, or with
     the database away and the key not known here, it gets the answer the route would give,
-    at once, instead of after an upload of up to a hundred megabytes; nothing is spooled for it.
+    at once, instead of after the whole upload; nothing is spooled for it.
     The key's rate is left to the route, which takes from it once the body has come."""
 
     def refusal(key: str | None) -> Refusal | None:

@@ -72,12 +72,12 @@ SWEEP_MAX = 8192
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
 # bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
 # client's unfinished head is held in memory until the header timeout).
-# Seconds a client is asked to wait when the temporary directory is full.
-NO_ROOM_RETRY_AFTER_S = 30
 MAX_HEADER_LINES = 100
 MAX_HEADER_BYTES = 32 << 10
+# Seconds a client is asked to wait when the temporary directory is full.
+NO_ROOM_RETRY_AFTER_S = 30
 # A large upload (one that holds an upload place) must average this many bytes a second once
-# this long has passed since its first byte, or it is answered 408 and closed: a few clients
+# this long has passed since it took its place, or it is answered 408 and closed: a few clients
 # that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a 64 kbit/s link.
 UPLOAD_GRACE_S = 30.0
 MIN_UPLOAD_BYTES_PER_S = 8 << 10
@@ -134,7 +134,7 @@ class Refusal:
 UploadGate = Callable[[str | None], Refusal | None]
 
 
-class Refused(Error):
+class GateRefused(Error):
     """A large upload the gate refused (``Refusal``)."""
 
     def __init__(self, refusal: Refusal) -> None:
@@ -176,9 +176,8 @@ class Request(HTTPRequestParser):
 
     And stricter about the head, which waitress parses in its one loop for every connection:
     more than ``MAX_HEADER_LINES`` lines are refused (431) as they arrive, before waitress's
-    parsing, which costs the loop a few microseconds a line (a 256 KiB head of empty headers held
-    it 0.2 s); a head that ends in bare LFs gets its 400 at once, not a 408 after the header
-    timeout; and, as RFC 9112 requires, a request with both Content-Length and Transfer-Encoding
+    parsing, which costs the loop time for every line (docs/security.md); a head that ends in
+    bare LFs gets its 400 at once, not a 408 after the header timeout; and, as RFC 9112 requires, a request with both Content-Length and Transfer-Encoding
     (the way requests are smuggled past a front end that reads the other one), an HTTP/1.1 request
     without a Host, and one with several, get a 400 and their connection is closed.
     """
@@ -233,7 +232,7 @@ class Request(HTTPRequestParser):
         return self.headers.get("X_API_KEY") or None
 
     def refuse(self, refusal: Refusal) -> None:
-        self.error = Refused(refusal)
+        self.error = GateRefused(refusal)
         self.completed = True
 
     def received(self, data: bytes) -> int:
@@ -293,7 +292,7 @@ class JsonErrorTask(ErrorTask):
         error = self.request.error
         if error.code == 413:  # the words of the app's own 413
             message = f"Request body too large (limit {self.request.adj.max_request_body_size - 1} bytes)"
-        elif isinstance(error, Refused):
+        elif isinstance(error, GateRefused):
             message = error.body
             self.response_headers += list(error.refusal.headers)
         elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)

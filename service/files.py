@@ -70,8 +70,9 @@ def scratch_folder(prefix: str, root: Path | None = None) -> Iterator[tuple[Path
     outlives a killed parent for as long as they run. A folder is locked before it gets its name,
     so a start beside another never takes the other's new folder for an abandoned one.
     """
-    root = root or Path(tempfile.gettempdir())
-    for old in root.glob(f"{prefix}*"):
+    temporary = Path(tempfile.gettempdir())
+    root = root or temporary
+    for old in {*root.glob(f"{prefix}*"), *temporary.glob(f"{prefix}*")}:  # earlier versions used the latter
         _remove_if_abandoned(old)
     hidden = Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=root))
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)

@@ -229,8 +229,13 @@ def _only_metrics(app: Callable) -> Callable:
     def only(environ: dict, start_response: Callable) -> list[bytes]:
         if environ.get("PATH_INFO") == "/metrics":
             return app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")])
-        return [b'{"error":"Not Found"}']
+        headers = [
+            ("Content-Type", "application/json"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "no-store"),
+        ]
+        start_response("404 Not Found", headers)
+        return [b'{"error":"404 Not Found"}']
 
     return only
 

@@ -132,7 +132,7 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
         assert scraped(lenient)
         with pytest.raises(urllib.error.HTTPError) as other:  # the port serves /metrics only
             urllib.request.urlopen(f"http://127.0.0.1:{lenient}/", timeout=5)
-        assert other.value.code == 404 and other.value.read() == b'{"error":"Not Found"}'
+        assert other.value.code == 404 and other.value.read() == b'{"error":"404 Not Found"}'
     finally:
         for stop in stops:
             stop()
