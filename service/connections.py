@@ -72,6 +72,8 @@ SWEEP_MAX = 8192
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
 # bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
 # client's unfinished head is held in memory until the header timeout).
+# How long a connection answered before its request's body was read drops what still comes.
+LINGER_S = 5.0
 MAX_HEADER_LINES = 100
 MAX_HEADER_BYTES = 32 << 10
 # Seconds a client is asked to wait when the temporary directory is full.
@@ -311,6 +313,7 @@ class JsonErrorTask(ErrorTask):
             ("Cache-Control", "no-store"),
         ]
         self.set_close_on_finish()
+        self.channel.linger = True
         self.content_length = len(body)
         self.write(body)
         request, channel = self.request, self.channel
@@ -339,6 +342,13 @@ class Channel(HTTPChannel):
 
     request_began = 0.0  # time.time() of the first byte of the request being read
     first_request = True  # no request has been read whole on this connection yet
+    # Answered and closed before its request's body was read (JsonErrorTask): closed at once, the
+    # body still arriving made the kernel reset the connection, and a client that sends its body
+    # before it reads (most do, but for Expect: 100-continue) lost the answer to the reset. So the
+    # close lingers, as nginx's does: the answer and then the end are sent, and what the client
+    # still sends is read and dropped, for up to LINGER_S.
+    linger = False
+    lingering_until: float | None = None
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         self.opened = time.time()
@@ -346,9 +356,6 @@ class Channel(HTTPChannel):
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
         return Request(adj, self.server.body_limits, self.server.upload_places, self.server.gated)
-
-    def readable(self) -> bool:
-        return super().readable() and not (self.request is not None and self.request.judging)
 
     def judged(self, request: Request, refusal: Refusal | None) -> None:
         """The gate's verdict on the large upload being read; in the loop's thread. Refused, it
@@ -372,7 +379,40 @@ class Channel(HTTPChannel):
     def handle_close(self) -> None:
         if self.request is not None:  # its client hung up while it was read: its place is free
             self.request.close()
+            self.request = None
+        if self.linger and self.lingering_until is None and self.connected:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)  # after the answer: the client reads it, then the end
+            except OSError:
+                pass
+            else:
+                self.lingering_until = time.time() + LINGER_S
+                return
+        self.lingering_until = None
         super().handle_close()
+
+    def readable(self) -> bool:
+        if self.lingering_until is not None:
+            return True
+        return super().readable() and not (self.request is not None and self.request.judging)
+
+    def writable(self) -> bool:
+        return self.lingering_until is None and super().writable()
+
+    def handle_read(self) -> None:
+        """waitress's, but for a lingering close: what the client still sends is read and dropped,
+        until it has sent it all (or gone) or ``LINGER_S`` has passed (``Server.maintenance``)."""
+        if self.lingering_until is None:
+            super().handle_read()
+            return
+        try:
+            if self.socket.recv(1 << 16):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.handle_close()
 
     def service(self) -> None:
         """waitress's, then: a client that hung up while an earlier answer was written leaves
@@ -400,6 +440,8 @@ class Channel(HTTPChannel):
         being read (headers bounded by the header timeout), served or answered; while bytes of
         the next one wait unread in the socket; and, for ``FIRST_BYTES_S``, on a connection
         opened for a request not sent yet. A kept-alive connection with nothing to read is not."""
+        if self.lingering_until is not None:  # answered already
+            return False
         if self.requests or self.request is not None or self.total_outbufs_len:
             return True
         if self.first_request and now - self.opened < FIRST_BYTES_S:
@@ -618,6 +660,8 @@ class Server(TcpWSGIServer):
         if self.drain_until is not None and self._drained(now):
             raise SystemExit(0)  # run() catches it and stops waitress's (now idle) threads
         for channel in list(self.active_channels.values()):
+            if channel.lingering_until is not None and now > channel.lingering_until:
+                channel.handle_close()
             if channel.will_close or channel.close_when_flushed:
                 continue
             if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:

@@ -6,6 +6,7 @@ waitress cannot parse."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import re
@@ -423,6 +424,28 @@ def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(sma
         answer = read_all(client)
     assert answer.startswith(b"HTTP/1.1 503 ")
     wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_client_that_sends_its_whole_body_before_it_reads_gets_the_refusal():
+    """Answered from its head, an upload still arriving was reset by the kernel once the
+    connection closed, and a client that sends before it reads (without Expect: 100-continue)
+    lost the answer to the reset. The close lingers: the answer, the end, then what still comes
+    is dropped."""
+    server = create_server(
+        app_with({"/large": Echo()}),
+        Config(host="127.0.0.1", port=0),
+        body_limits={"": 1000, "/large": 50_000_000},
+        upload_gate=lambda key: Refusal(401, "Unauthorized", "Bad key"),
+    )
+    loop = started(server)
+    for size in (2_000_000, 20_000_000):
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        connection.request("POST", "/large", body=bytes(size), headers={"x-api-key": "wrong"})
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (401, b'{"error":"Bad key"}')
+        connection.close()
     server.drain(1)
     loop.join(10)
 
