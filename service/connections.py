@@ -37,6 +37,7 @@ import os
 import resource
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -199,7 +200,9 @@ class Request(HTTPRequestParser):
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
-        if self.chunked and "CONTENT_LENGTH" in self.headers:
+        # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
+        framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
+        if framed_twice:
             raise ParsingError("both Content-Length and Transfer-Encoding")
         if "TRANSFER_ENCODING" in self.headers:  # left by waitress on HTTP/1.0, which has none
             raise ParsingError("Transfer-Encoding in an HTTP/1.0 request")
@@ -211,6 +214,8 @@ class Request(HTTPRequestParser):
         path = "/" + self.path.lstrip("/")
         media = self.headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
+        if self.command != "POST":  # the large routes take their large bodies by POST only
+            self.adj = self._limits[""]
         default = self._limits[""].max_request_body_size
         large_route = self.adj.max_request_body_size > default
         if large_route and (self.chunked or default <= self.content_length < self.adj.max_request_body_size):
@@ -252,6 +257,16 @@ class Request(HTTPRequestParser):
             self.error = NoRoom(exc.strerror)
             self.completed = True
             return len(data)
+        receiver = self.body_rcv if self.chunked else None
+        if (
+            self.error is None
+            and receiver is not None
+            and max(len(receiver.control_line), len(receiver.trailer)) > MAX_HEADER_BYTES
+        ):
+            # waitress holds a chunk's size line (and the trailer) in memory until its end, and
+            # searches all of it again at every read: megabytes of it held the loop for seconds.
+            self.error = BadRequest("a chunk size line or trailer too long")
+            self.completed = True
         chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
         if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
             # A chunk declared past the limit: refused now, as a Content-Length past it is,
@@ -269,7 +284,7 @@ class Request(HTTPRequestParser):
         head = head if end < 0 else head[:end]
         if head.count(b"\n") > MAX_HEADER_LINES:
             return RequestHeaderFieldsTooLarge(f"more than {MAX_HEADER_LINES} header lines")
-        if b"\n\n" in head:
+        if head.count(b"\n") != head.count(b"\r\n"):
             return BadRequest("lines must end in CRLF")
         return None
 
@@ -425,15 +440,21 @@ class Channel(HTTPChannel):
                 self.requests = []
 
     def received(self, data: bytes) -> bool:
-        if self.request is None:  # no request half-read: these bytes begin one
-            self.request_began = time.time()
-        judging = self.request is not None and self.request.judging
+        reading = self.request
+        judging = reading is not None and reading.judging
         more = super().received(data)
+        if self.request is not None and self.request is not reading:  # these bytes began one
+            self.request_began = time.time()
         if self.requests:
             self.first_request = False
         if self.request is not None and self.request.judging and not judging:  # its headers just came
             self.server.judge(self, self.request)
         return more
+
+    def send_continue(self) -> None:
+        """waitress's; the upload's rate counts from here: its client waited for this."""
+        self.request.flowing_since = time.time()
+        super().send_continue()
 
     def owed(self, now: float) -> bool:
         """During a drain: this connection's client is owed an answer. It is while a request is
@@ -458,8 +479,8 @@ class Channel(HTTPChannel):
     def uploading_slowly(self, now: float) -> bool:
         """A large upload under way, past its grace, that averages less than the least rate."""
         request = self.request
-        if request is None or not request.holds_place or self.requests:
-            return False
+        if request is None or not request.holds_place or self.requests or request.expect_continue:
+            return False  # (its client waits for "100 Continue")
         took_s = now - request.flowing_since
         return took_s > UPLOAD_GRACE_S and request.body_bytes_received < MIN_UPLOAD_BYTES_PER_S * took_s
 
@@ -662,7 +683,11 @@ class Server(TcpWSGIServer):
         for channel in list(self.active_channels.values()):
             if channel.lingering_until is not None and now > channel.lingering_until:
                 channel.handle_close()
-            if channel.will_close or channel.close_when_flushed:
+            elif channel.total_outbufs_len and now - channel.last_activity > self.channel_timeout_s:
+                # An answer its client does not read: closed, the thread that waits to write the
+                # rest gives up (and a recording its upload place), as nginx's send_timeout does.
+                channel.handle_close()
+            if channel.will_close or channel.close_when_flushed or not channel.connected:
                 continue
             if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
                 channel.time_out(self._timeout_response)
@@ -720,6 +745,10 @@ def create_server(
         ident="heartify",
         recv_bytes=1 << 16,  # a one-window body in one read instead of four
         max_request_header_size=MAX_HEADER_BYTES,
+        # Answers stay in memory, where the app has made them already (their size follows the
+        # bodies'): past waitress's 1 MiB they went to a file, and on a full disk one was cut
+        # short, its connection never closed, and its worker spun.
+        outbuf_overflow=sys.maxsize,
         # Read one request ahead: a client's hang-up is then seen while its request is served
         # (environ["waitress.client_disconnected"]), so a recording waiting for a turn leaves.
         channel_request_lookahead=1,
