@@ -1,0 +1,233 @@
+"""Large uploads through ``service.connections.Server`` in-process: upload places, the gate that
+judges a key before the body is read, a disk that fills, a client that sends before it reads,
+and uploads that trickle."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+
+import pytest
+
+from service import connections
+from service.config import Config
+from service.connections import Refusal, create_server
+
+from .conftest import fill, wait_until
+from .inprocess import Echo, Long, app_with, read_all, started
+
+
+def test_large_uploads_need_a_place_and_give_it_back():
+    """Bodies past the default limit are spooled to disk as they arrive: a worker receives as
+    many at once as recordings have turns (half its threads), and answers the next one 503 from
+    its headers, unread."""
+    app = app_with({"/echo": Echo(), "/large": Echo(), "/long": Long()})
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
+    loop = started(server)
+    port = server.effective_port
+    head = b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n"
+
+    def upload_begun(body: bytes = b"x" * 100) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(head + body)
+        return client
+
+    first = upload_begun()
+    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+        second.sendall(head)
+        refused = read_all(second)
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in refused
+    assert refused.endswith(b'{"error":"Busy with other recordings. Try again shortly."}')
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as small:  # small bodies need none
+        small.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 500\r\n\r\n" + b"y" * 500
+        )
+        assert read_all(small).endswith(b'{"received": 500}')
+    first.sendall(b"x" * 49_900)
+    assert read_all(first).endswith(b'{"received": 50000}')  # answered: its place is free again
+    first.close()
+    hung_up = upload_begun()
+    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+    hung_up.close()  # its client gives up mid-upload: the place comes back too
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    for _ in range(2):  # a large upload pipelined behind a long answer, and the client hangs up
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            chunked = b"POST /large HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n" + chunked)
+            client.recv(65536)
+        wait_until(lambda: server.upload_places.free == 1, 10, "the pipelined request's place given back")
+    with upload_begun(b"x" * 50_000) as last:
+        assert read_all(last).endswith(b'{"received": 50000}')
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
+    """The gate answers a large upload from its headers: refused, the client gets the answer
+    without sending its body, and the place is free again; let in, a client that expects
+    "100 Continue" gets it only then. A gate that fails lets the body in for the app to judge,
+    and bodies under the default limit never wait for it."""
+    caplog.set_level(logging.INFO, logger="service.access")
+    held = threading.Event()
+
+    def gate(key: str | None) -> Refusal | None:
+        if key == "broken":
+            raise RuntimeError("the gate broke")
+        if key == "slow":
+            held.wait(10)
+        if key in ("good", "slow", "broken"):
+            return None
+        return Refusal(401, "Unauthorized", "No key" if key is None else "Bad key", (("Retry-After", "7"),))
+
+    app = app_with({"/large": Echo()})
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000}, upload_gate=gate)
+    loop = started(server)
+    port = server.effective_port
+
+    def connect(key: str | None, length: int = 50_000, extra: bytes = b"") -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        named = b"" if key is None else b"x-api-key: %s\r\n" % key.encode()
+        client.sendall(
+            b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n%s%s\r\n"
+            % (length, named, extra)
+        )
+        return client
+
+    for key, message in ((None, b"No key"), ("wrong", b"Bad key")):
+        with connect(key) as client:  # no body sent: the answer comes from the headers
+            answer = read_all(client)
+        assert answer.startswith(b"HTTP/1.1 401 Unauthorized") and b"Retry-After: 7" in answer
+        assert answer.endswith(b'{"error":"%s"}' % message)
+        wait_until(lambda: server.upload_places.free == 1, 10, "the refused upload's place given back")
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(lines) == 2 and all(
+        re.fullmatch(r"POST /large 401 [0-9.]+ms id=- client=127\.0\.0\.1", x) for x in lines
+    )
+    with connect("good", extra=b"Expect: 100-continue\r\n") as client:
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect("slow", extra=b"Expect: 100-continue\r\n") as client:
+        client.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no "100 Continue" before the verdict
+            client.recv(100)
+        assert server.upload_places.free == 1  # nor a place: uploads the gate refuses take none
+        held.set()
+        client.settimeout(10)
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect("broken") as client:
+        client.sendall(b"x" * 50_000)
+        assert read_all(client).endswith(b'{"received": 50000}')
+    with connect(None, 500) as client:  # under the default limit: no place, no gate
+        client.sendall(b"x" * 500)
+        assert read_all(client).endswith(b'{"received": 500}')
+    server.drain(1)
+    loop.join(10)
+
+
+def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(small_disk, monkeypatch):
+    """The spool file that cannot be written cannot be closed either (its buffer cannot be
+    flushed): the place went with it, and once every place had, each recording got 503."""
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    fill(small_disk)
+    app = app_with({"/large": Echo()})
+    config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
+    server = create_server(app, config, body_limits={"": 1000, "/large": 2_000_000})
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        with contextlib.suppress(OSError):  # the server may close while the rest is sent
+            for _ in range(150):
+                client.sendall(b"x" * 4096)
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_client_that_sends_its_whole_body_before_it_reads_gets_the_refusal():
+    """Answered from its head, an upload still arriving was reset by the kernel once the
+    connection closed, and a client that sends before it reads (without Expect: 100-continue)
+    lost the answer to the reset. The close lingers: the answer, the end, then what still comes
+    is dropped."""
+    server = create_server(
+        app_with({"/large": Echo()}),
+        Config(host="127.0.0.1", port=0),
+        body_limits={"": 1000, "/large": 50_000_000},
+        upload_gate=lambda key: Refusal(401, "Unauthorized", "Bad key"),
+    )
+    loop = started(server)
+    for size in (2_000_000, 20_000_000):
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        connection.request("POST", "/large", body=bytes(size), headers={"x-api-key": "wrong"})
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (401, b'{"error":"Bad key"}')
+        connection.close()
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_verdict_that_comes_after_the_server_closed_writes_nowhere(tmp_path):
+    """The gate's thread outlives the loop when a verdict is slow; it woke the loop through a pipe
+    whose descriptor, once closed, the next file opened took."""
+    release, asked = threading.Event(), threading.Event()
+
+    def gate(key: str | None) -> Refusal | None:
+        asked.set()
+        release.wait(10)
+
+    server = create_server(
+        app_with({"/large": Echo()}),
+        Config(host="127.0.0.1", port=0),
+        body_limits={"": 1000, "/large": 100_000},
+        upload_gate=gate,
+    )
+    loop = started(server)
+    client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+    client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: 50000\r\n\r\n")
+    assert asked.wait(10)
+    server.drain(0.1)
+    loop.join(10)
+    server.close()
+    client.close()
+    opened = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT) for i in range(4)]  # the pipe's numbers, likely
+    release.set()
+    server._judges.shutdown(wait=True)  # the verdict has been given
+    assert all(os.fstat(fd).st_size == 0 for fd in opened)
+    for fd in opened:
+        os.close(fd)
+
+
+def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeypatch):
+    """A byte now and then keeps a connection from ever being idle: a few such uploads held every
+    place, and every other recording got 503. Past its grace, an upload must average the least
+    rate."""
+    monkeypatch.setattr(connections, "UPLOAD_GRACE_S", 0.5)
+    monkeypatch.setattr(connections, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
+    app = app_with({"/large": Echo()})
+    server = create_server(
+        app, Config(host="127.0.0.1", port=0, web_threads=2), body_limits={"": 1000, "/large": 100_000}
+    )
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + b"x" * 100)
+        wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(
+        b'{"error":"Request body too slow: uploads must average 1024 KiB/s"}'
+    )
+    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    server.drain(1)
+    loop.join(10)
