@@ -37,6 +37,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -84,6 +85,10 @@ NO_ROOM_RETRY_AFTER_S = 30
 # that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a 64 kbit/s link.
 UPLOAD_GRACE_S = 30.0
 MIN_UPLOAD_BYTES_PER_S = 8 << 10
+# Answers are held in memory until sent: one that goes out slower than this, over a window this
+# long, has its connection closed.
+DOWNLOAD_WINDOW_S = 30.0
+MIN_DOWNLOAD_BYTES_PER_S = 8 << 10
 
 
 def raise_open_files_limit() -> int:
@@ -364,6 +369,11 @@ class Channel(HTTPChannel):
     # still sends is read and dropped, for up to LINGER_S.
     linger = False
     lingering_until: float | None = None
+    sent_bytes = 0
+    # The window over which its answers' rate is taken: it begins when an answer waits on its
+    # client, and ends whenever the client has caught up.
+    sending_since: float | None = None
+    sent_when_began = 0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         self.opened = time.time()
@@ -440,11 +450,11 @@ class Channel(HTTPChannel):
                 self.requests = []
 
     def received(self, data: bytes) -> bool:
-        reading = self.request
+        now, reading = time.time(), self.request
         judging = reading is not None and reading.judging
         more = super().received(data)
-        if self.request is not None and self.request is not reading:  # these bytes began one
-            self.request_began = time.time()
+        if reading is None or (self.request is not None and self.request is not reading):
+            self.request_began = now  # these bytes began a request (or two, the last one counts)
         if self.requests:
             self.first_request = False
         if self.request is not None and self.request.judging and not judging:  # its headers just came
@@ -453,7 +463,10 @@ class Channel(HTTPChannel):
 
     def send_continue(self) -> None:
         """waitress's; the upload's rate counts from here: its client waited for this."""
-        self.request.flowing_since = time.time()
+        request = self.request
+        if request is None or not self.connected:  # closed meanwhile (``Server.maintenance``)
+            return
+        request.flowing_since = time.time()
         super().send_continue()
 
     def owed(self, now: float) -> bool:
@@ -484,12 +497,47 @@ class Channel(HTTPChannel):
         took_s = now - request.flowing_since
         return took_s > UPLOAD_GRACE_S and request.body_bytes_received < MIN_UPLOAD_BYTES_PER_S * took_s
 
+    def send(self, data: bytes, do_close: bool = True) -> int:
+        sent = super().send(data, do_close)
+        self.sent_bytes += sent
+        return sent
+
+    def _flush_some(self, do_close: bool = True) -> bool:
+        flushed = super()._flush_some(do_close)
+        if not self.total_outbufs_len:  # caught up
+            self.sending_since = None
+        return flushed
+
+    def reading_slowly(self, now: float) -> bool:
+        """Its answers have gone out at less than the least rate over the last window (one that
+        reads a few bytes a minute would otherwise hold a recording's answer in memory)."""
+        if not self.total_outbufs_len:
+            self.sending_since = None
+            return False
+        if self.sending_since is None:
+            self.sending_since, self.sent_when_began = now, self.sent_bytes
+            return False
+        took_s = now - self.sending_since
+        if took_s < DOWNLOAD_WINDOW_S:
+            return False
+        slow = self.sent_bytes - self.sent_when_began < MIN_DOWNLOAD_BYTES_PER_S * took_s
+        self.sending_since, self.sent_when_began = now, self.sent_bytes
+        return slow
+
+    def abort(self) -> None:
+        """Closed with a reset: what the kernel still holds for a client that does not read is
+        dropped too (nginx's ``reset_timedout_connection``)."""
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.handle_close()
+
     def time_out(self, response: bytes) -> None:
         """Answer ``response`` and close: nothing else is writing, as no request is under way."""
         with self.outbuf_lock:
             self.outbufs[-1].append(response)
             self.total_outbufs_len += len(response)
         self.close_when_flushed = True
+        self.linger = True  # a slow upload's client is still sending
 
 
 class Dispatcher(ThreadedTaskDispatcher):
@@ -686,7 +734,9 @@ class Server(TcpWSGIServer):
             elif channel.total_outbufs_len and now - channel.last_activity > self.channel_timeout_s:
                 # An answer its client does not read: closed, the thread that waits to write the
                 # rest gives up (and a recording its upload place), as nginx's send_timeout does.
-                channel.handle_close()
+                channel.abort()
+            elif channel.reading_slowly(now):  # answers are held in memory until they are read
+                channel.abort()
             if channel.will_close or channel.close_when_flushed or not channel.connected:
                 continue
             if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:

@@ -19,6 +19,7 @@ import urllib.request
 import falcon
 import pytest
 
+from service import connections
 from service.config import Config
 from service.connections import create_server
 
@@ -299,6 +300,29 @@ def test_an_answer_its_client_does_not_read_is_closed_and_frees_its_thread():
         client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n" * 2)  # and never read
         wait_until(lambda: server.task_dispatcher.active_count == 1, 10, "the answer being written")
         wait_until(lambda: server.task_dispatcher.active_count == 0, 10, "the thread freed")
+    server.drain(1)
+    loop.join(10)
+
+
+def test_an_answer_read_too_slowly_is_closed(monkeypatch):
+    """Answers are held in memory until sent: a client that reads a few bytes now and then held a
+    recording's answer there for as long as it liked."""
+    monkeypatch.setattr(connections, "DOWNLOAD_WINDOW_S", 0.5)
+    monkeypatch.setattr(connections, "MIN_DOWNLOAD_BYTES_PER_S", 1 << 20)
+    server = create_server(app_with({"/long": Long()}), Config(host="127.0.0.1", port=0))
+    loop = started(server)
+    received, deadline = 0, time.monotonic() + 15
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+        while time.monotonic() < deadline and (received < 1024 or server.active_channels):  # 5 KiB/s
+            received += len(client.recv(1024))
+            time.sleep(0.2)
+        with contextlib.suppress(ConnectionResetError):
+            while part := client.recv(65536):  # what its own buffers held: the rest was dropped
+                received += len(part)
+    assert 0 < received < 1 << 20  # closed long before the end, with a reset
+    assert not server.active_channels
     server.drain(1)
     loop.join(10)
 

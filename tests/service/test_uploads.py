@@ -12,6 +12,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -102,6 +103,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
         )
         return client
 
+    began = time.time()
     for key, message in ((None, b"No key"), ("wrong", b"Bad key")):
         with connect(key) as client:  # no body sent: the answer comes from the headers
             answer = read_all(client)
@@ -112,6 +114,8 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
     assert len(lines) == 2 and all(
         re.fullmatch(r"POST /large 401 [0-9.]+ms id=- client=127\.0\.0\.1", x) for x in lines
     )
+    took_ms = [float(re.search(r" ([0-9.]+)ms ", x).group(1)) for x in lines]
+    assert all(0 <= ms <= (time.time() - began) * 1000 for ms in took_ms)  # each from its own first byte
     with connect("good", extra=b"Expect: 100-continue\r\n") as client:
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         client.sendall(b"x" * 50_000)
