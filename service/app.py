@@ -19,7 +19,7 @@ from service import codec, openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.codec import TooManyValues
 from service.config import Config
-from service.connections import Refusal, UploadGate
+from service.connections import CORS_EXPOSED, Refusal, UploadGate
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
@@ -118,9 +118,9 @@ def _middleware(deps: Deps) -> list[object]:
     middleware: list[object] = [RequestContext(config.trusted_proxies, deps.clock, deps.new_id)]
     if deps.metrics is not None:
         middleware.append(RequestMetrics(deps.metrics, deps.clock))
-    if config.cors_allow_origins:
-        expose = ["X-Request-ID", "Retry-After"]
-        middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_allow_origins, expose_headers=expose))
+    if origins := config.cors_allow_origins:  # "*" among them: every origin
+        allowed = "*" if "*" in origins else origins
+        middleware.append(falcon.CORSMiddleware(allow_origins=allowed, expose_headers=list(CORS_EXPOSED)))
     return [*middleware, SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
 
 

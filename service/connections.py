@@ -12,8 +12,14 @@ included. So, as nginx and HAProxy do in front of an application server:
   408 and its connection is closed (nginx's ``client_header_timeout``, HAProxy's
   ``timeout http-request``);
 - a connection with no request under way and nothing received or sent for ``channel_timeout_s``
-  is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``);
-- both are checked every second;
+  is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``), and so is one whose
+  client reads nothing of its answer for as long;
+- heads are bounded in lines and bytes, and refused when they could smuggle a request (``Request``);
+- a large upload (a whole recording, spooled to disk) is judged by its key before its body is
+  read (``UploadGate``), needs one of a few places (``UploadPlaces``), and must keep a least
+  rate; an answer must be read at a least rate too (``Pace``);
+- an answer given before its request's body was read closes with a linger (``Channel``);
+- all of these are checked every second (``Server.maintenance``);
 - the health checks go ahead of the requests that wait for a thread (``Dispatcher``).
 
 ``drain`` (on SIGTERM, or when a worker finds its supervisor gone) stops accepting connections,
@@ -74,21 +80,25 @@ SWEEP_MAX = 8192
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
 # bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
 # client's unfinished head is held in memory until the header timeout).
-# How long a connection answered before its request's body was read drops what still comes.
-LINGER_S = 5.0
 MAX_HEADER_LINES = 100
 MAX_HEADER_BYTES = 32 << 10
+# How long a connection answered before its request's body was read drops what still comes.
+LINGER_S = 5.0
 # Seconds a client is asked to wait when the temporary directory is full.
 NO_ROOM_RETRY_AFTER_S = 30
-# A large upload (one that holds an upload place) must average this many bytes a second once
-# this long has passed since it took its place, or it is answered 408 and closed: a few clients
-# that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a 64 kbit/s link.
-UPLOAD_GRACE_S = 30.0
+# A large upload (one that holds an upload place) must average this many bytes a second over
+# each window this long from when it took its place, or it is answered 408 and closed: a few
+# clients that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a
+# 64 kbit/s link.
+UPLOAD_WINDOW_S = 30.0
 MIN_UPLOAD_BYTES_PER_S = 8 << 10
-# Answers are held in memory until sent: one that goes out slower than this, over a window this
-# long, has its connection closed.
+# Answers are held in memory until sent: one whose client takes it slower than this, over a
+# window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
 MIN_DOWNLOAD_BYTES_PER_S = 8 << 10
+# Answers given by the server itself, not the app (JsonErrorTask), name these to browsers, as
+# the app's CORS middleware does.
+CORS_EXPOSED = ("X-Request-ID", "Retry-After")
 
 
 def raise_open_files_limit() -> int:
@@ -150,6 +160,36 @@ class GateRefused(Error):
         self.code, self.reason, self.refusal = refusal.code, refusal.reason, refusal
 
 
+class Pace:
+    """A transfer's least rate, taken over windows of ``window_s``: one that a client who trickles
+    a byte now and then cannot meet on average by having sent (or read) fast at first."""
+
+    def __init__(self, window_s: float, least_bytes_per_s: int) -> None:
+        self._window_s, self._least = window_s, least_bytes_per_s
+        self._since: float | None = None
+        self._done_then = 0
+
+    def begin(self, now: float, done: int) -> None:
+        self._since, self._done_then = now, done
+
+    def stop(self) -> None:
+        """Nothing waits on the client (it has caught up): the next window begins afresh."""
+        self._since = None
+
+    def slow(self, now: float, done: int) -> bool:
+        """Less than the least rate over the window that has just ended (a window begins if none
+        had); ``done``: the bytes moved so far."""
+        if self._since is None:
+            self.begin(now, done)
+            return False
+        took_s = now - self._since
+        if took_s < self._window_s:
+            return False
+        slow = done - self._done_then < self._least * took_s
+        self.begin(now, done)
+        return slow
+
+
 class UploadPlaces:
     """How many bodies larger than the default limit (whole recordings) one worker receives at
     once. waitress spools each to a file as it arrives, before the app sees it: without a bound,
@@ -184,14 +224,17 @@ class Request(HTTPRequestParser):
 
     And stricter about the head, which waitress parses in its one loop for every connection:
     more than ``MAX_HEADER_LINES`` lines are refused (431) as they arrive, before waitress's
-    parsing, which costs the loop time for every line (docs/security.md); a head that ends in
-    bare LFs gets its 400 at once, not a 408 after the header timeout; and, as RFC 9112 requires, a request with both Content-Length and Transfer-Encoding
-    (the way requests are smuggled past a front end that reads the other one), an HTTP/1.1 request
-    without a Host, and one with several, get a 400 and their connection is closed.
+    parsing, which costs the loop time for every line (docs/security.md); a head with a bare LF
+    gets its 400 at once, not a 408 after the header timeout; and, as RFC 9112 requires, a
+    request with both Content-Length and Transfer-Encoding (the way requests are smuggled past a
+    front end that reads the other one), an HTTP/1.1 request without a Host, and one with
+    several, get a 400 and their connection is closed.
     """
 
     holds_place = False
-    flowing_since = 0.0  # when it took its place (time.time()): a gate's verdict may come later than its head
+    # Its rate, from when it took its place (a gate's verdict may come later than its head).
+    upload_pace: Pace | None = None
+    made_up_head = False  # refused before its head was parsed: its method and path are unknown
     judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
     held_continue = False  # its client expects "100 Continue", which waits for the verdict
 
@@ -233,11 +276,15 @@ class Request(HTTPRequestParser):
     def take_place(self) -> bool:
         """An upload place for this large upload, or the busy 503 (from its headers)."""
         self.holds_place = self._places.take()
-        self.flowing_since = time.time()  # its body may come from now on: its rate counts from here
+        self.begin_pace()  # its body may come from now on
         if not self.holds_place:
             self.error = UploadsBusy("every place for a large upload is taken")
             self.completed = True
         return self.holds_place
+
+    def begin_pace(self) -> None:
+        self.upload_pace = Pace(UPLOAD_WINDOW_S, MIN_UPLOAD_BYTES_PER_S)
+        self.upload_pace.begin(time.time(), self.body_bytes_received)
 
     @property
     def api_key(self) -> str | None:
@@ -250,6 +297,7 @@ class Request(HTTPRequestParser):
     def received(self, data: bytes) -> int:
         if self.body_rcv is None and not self.completed and (error := self._bad_head(self.header_plus + data)):
             self.parse_header(b"GET / HTTP/1.0\r\n")  # as waitress does for a head too large
+            self.made_up_head = True
             self.error = error
             self.completed = True
             return len(data)
@@ -332,14 +380,19 @@ class JsonErrorTask(ErrorTask):
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
         ]
+        request, channel = self.request, self.channel
+        self.response_headers += channel.server.cors_headers(request.headers.get("ORIGIN"))
         self.set_close_on_finish()
-        self.channel.linger = True
+        channel.linger = True
         self.content_length = len(body)
         self.write(body)
-        request, channel = self.request, self.channel
         took_ms = (time.time() - channel.request_began) * 1000
         peer = channel.addr[0] if isinstance(channel.addr, tuple) else "-"
-        method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))  # unparsed: none
+        # A head refused before it was parsed (waitress's too large, or ours) shows "GET /".
+        unparsed = error.code == 431 or getattr(request, "made_up_head", False)
+        method = path = "-"
+        if not unparsed:  # a head waitress could not parse has neither
+            method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))
         log_access(method, path, error.code, took_ms, "-", str(peer))
 
 
@@ -355,7 +408,8 @@ class Task(WSGITask):
 
 
 class Channel(HTTPChannel):
-    """waitress's connection, noting when it opened and when the request it is reading began."""
+    """waitress's connection, with the state the server's limits read: when it opened and when the
+    request it is reading began, its answers' pace, its lingering close, and the gate's verdict."""
 
     task_class = Task
     error_task_class = JsonErrorTask
@@ -370,13 +424,12 @@ class Channel(HTTPChannel):
     linger = False
     lingering_until: float | None = None
     sent_bytes = 0
-    # The window over which its answers' rate is taken: it begins when an answer waits on its
-    # client, and ends whenever the client has caught up.
-    sending_since: float | None = None
-    sent_when_began = 0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         self.opened = time.time()
+        # Its answers' rate: windows begin when an answer waits on its client, and end whenever
+        # the client has caught up.
+        self.download_pace = Pace(DOWNLOAD_WINDOW_S, MIN_DOWNLOAD_BYTES_PER_S)
         super().__init__(*args, **kw)
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
@@ -442,6 +495,9 @@ class Channel(HTTPChannel):
     def service(self) -> None:
         """waitress's, then: a client that hung up while an earlier answer was written leaves
         the requests it had pipelined behind it unserved; close them, and give back their places."""
+        with self.requests_lock:
+            if not self.requests:  # closed so after waitress had queued this turn
+                return
         super().service()
         if not self.connected:
             with self.requests_lock:
@@ -462,12 +518,22 @@ class Channel(HTTPChannel):
         return more
 
     def send_continue(self) -> None:
-        """waitress's; the upload's rate counts from here: its client waited for this."""
+        """waitress's, where the upload's rate counts from here (its client waited for this), and
+        a failed send does not close the connection in the middle of ``received`` (waitress went on
+        with the request the close had cleared): the loop's next read or write sees the reset."""
         request = self.request
         if request is None or not self.connected:  # closed meanwhile (``Server.maintenance``)
             return
-        request.flowing_since = time.time()
-        super().send_continue()
+        request.begin_pace()
+        request.expect_continue = False
+        line = b"HTTP/1.1 100 Continue\r\n\r\n"
+        with self.outbuf_lock:
+            self.outbufs[-1].append(line)
+            self.current_outbuf_count += len(line)
+            self.total_outbufs_len += len(line)
+            self.sent_continue = True
+            self._flush_some(do_close=False)
+        request.completed = False
 
     def owed(self, now: float) -> bool:
         """During a drain: this connection's client is owed an answer. It is while a request is
@@ -490,12 +556,11 @@ class Channel(HTTPChannel):
         return self.request is not None and not self.request.headers_finished and not self.requests
 
     def uploading_slowly(self, now: float) -> bool:
-        """A large upload under way, past its grace, that averages less than the least rate."""
+        """A large upload under way that came slower than the least rate over its last window."""
         request = self.request
-        if request is None or not request.holds_place or self.requests or request.expect_continue:
+        if request is None or request.upload_pace is None or self.requests or request.expect_continue:
             return False  # (its client waits for "100 Continue")
-        took_s = now - request.flowing_since
-        return took_s > UPLOAD_GRACE_S and request.body_bytes_received < MIN_UPLOAD_BYTES_PER_S * took_s
+        return request.holds_place and request.upload_pace.slow(now, request.body_bytes_received)
 
     def send(self, data: bytes, do_close: bool = True) -> int:
         sent = super().send(data, do_close)
@@ -505,24 +570,16 @@ class Channel(HTTPChannel):
     def _flush_some(self, do_close: bool = True) -> bool:
         flushed = super()._flush_some(do_close)
         if not self.total_outbufs_len:  # caught up
-            self.sending_since = None
+            self.download_pace.stop()
         return flushed
 
     def reading_slowly(self, now: float) -> bool:
-        """Its answers have gone out at less than the least rate over the last window (one that
-        reads a few bytes a minute would otherwise hold a recording's answer in memory)."""
+        """Its answers wait on it and went out slower than the least rate over the last window
+        (one that reads a few bytes a minute would otherwise hold a recording's answer in memory)."""
         if not self.total_outbufs_len:
-            self.sending_since = None
+            self.download_pace.stop()
             return False
-        if self.sending_since is None:
-            self.sending_since, self.sent_when_began = now, self.sent_bytes
-            return False
-        took_s = now - self.sending_since
-        if took_s < DOWNLOAD_WINDOW_S:
-            return False
-        slow = self.sent_bytes - self.sent_when_began < MIN_DOWNLOAD_BYTES_PER_S * took_s
-        self.sending_since, self.sent_when_began = now, self.sent_bytes
-        return slow
+        return self.download_pace.slow(now, self.sent_bytes)
 
     def abort(self) -> None:
         """Closed with a reset: what the kernel still holds for a client that does not read is
@@ -560,7 +617,8 @@ class Dispatcher(ThreadedTaskDispatcher):
 
 
 class Server(TcpWSGIServer):
-    """waitress's TCP server with ``Channel`` connections, the two timeouts and the drain."""
+    """waitress's TCP server with ``Channel`` connections, the limits on slow clients (checked
+    each second in ``maintenance``), the upload gate and the drain."""
 
     channel_class = Channel
     next_log = 0.0  # when the next line about slow clients may be logged
@@ -579,9 +637,11 @@ class Server(TcpWSGIServer):
         body_limits: dict[str, int] | None = None,
         upload_gate: UploadGate | None = None,
         heartbeat: Callable[[], None] = lambda: None,
+        cors_origins: tuple[str, ...] = (),
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
+        self.cors_origins = cors_origins
         self.heartbeat = heartbeat  # a worker's: tells its supervisor that the loop runs
         self._upload_gate = upload_gate
         # One thread: the verdicts are quick (a cached key, or one indexed read).
@@ -605,6 +665,19 @@ class Server(TcpWSGIServer):
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)
             self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """For an answer of the server's own, what the app's CORS middleware adds to its own."""
+        if not self.cors_origins:
+            return []
+        headers = [("Vary", "Origin")]
+        wildcard = "*" in self.cors_origins
+        if origin is not None and (wildcard or origin in self.cors_origins):
+            headers += [
+                ("Access-Control-Allow-Origin", "*" if wildcard else origin),
+                ("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED)),
+            ]
+        return headers
 
     @property
     def gated(self) -> bool:
@@ -827,6 +900,7 @@ def create_server(
         body_limits=body_limits,
         upload_gate=upload_gate,
         heartbeat=heartbeat,
+        cors_origins=config.cors_allow_origins,
         dispatcher=dispatcher,
         adj=adj,
         **where,

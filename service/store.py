@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +42,8 @@ LISTEN_CONNECT = {
 # Replicas starting together on an empty database would race on CREATE TABLE IF NOT EXISTS
 # (PostgreSQL checks the catalog before it locks it): they take turns on this advisory lock.
 SCHEMA_LOCK = 7_201_020
+# After a failed try to make lost tables again (no CREATE right, say), the next waits this long.
+RESTORE_RETRY_S = 10.0
 
 _proxy = pw.DatabaseProxy()
 
@@ -171,6 +174,7 @@ class Store:
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
         self.create_tables()
         self._restoring = threading.Lock()
+        self._next_restore = 0.0  # time.monotonic() before which a failed restore is not tried again
         self.db.on_schema_lost = self._restore_schema
         return self
 
@@ -181,6 +185,9 @@ class Store:
         requests get 503; the keys, tokens and mails the lost tables held are gone."""
         if not self._restoring.acquire(blocking=False):
             return
+        if time.monotonic() < self._next_restore:  # the last try failed: one a while, not one a request
+            self._restoring.release()
+            return
 
         def restore() -> None:
             try:
@@ -189,8 +196,9 @@ class Store:
                         "The database had lost the service's tables (dropped or replaced): made them again; "
                         "the keys, tokens and mails it held before are gone"
                     )
-            except Exception as exc:  # the next statement that finds them missing tries again
-                log.error("Cannot make the tables again: %s", first_line(exc))
+            except Exception as exc:  # a statement that finds them missing later tries again
+                self._next_restore = time.monotonic() + RESTORE_RETRY_S
+                log.error("Cannot make the tables again (next try in %g s): %s", RESTORE_RETRY_S, first_line(exc))
             finally:
                 self._restoring.release()
 

@@ -258,11 +258,13 @@ HEADS = {
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_closed(name):
+def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_closed(name, caplog):
     """Checked as they arrive, at the speed of C: waitress parses a head in the loop that serves
     every connection, a few microseconds a line. A refused head is answered at once (bare LFs
     waited for the header timeout), and its connection closed: bytes a front end may have read
-    as this request's body (Content-Length with Transfer-Encoding) are never read as another."""
+    as this request's body (Content-Length with Transfer-Encoding) are never read as another.
+    Its access line names no method or path where none was parsed (it said "GET /")."""
+    caplog.set_level(logging.INFO, logger="service.access")
     server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
     loop = started(server)
     sent, status = HEADS[name]
@@ -273,6 +275,10 @@ def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_clo
         answer = read_all(client)
     assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == [status]
     assert status == b"200" or b'{"error":' in answer
+    if status != b"200":
+        unparsed = status == b"431" or "LF" in name
+        line = next(r.getMessage() for r in caplog.records if r.name == "service.access")
+        assert line.startswith(("- - " if unparsed else "POST /echo ") + status.decode())
     server.drain(1)
     loop.join(10)
 
@@ -302,6 +308,20 @@ def test_an_answer_its_client_does_not_read_is_closed_and_frees_its_thread():
         wait_until(lambda: server.task_dispatcher.active_count == 0, 10, "the thread freed")
     server.drain(1)
     loop.join(10)
+
+
+def test_a_pace_is_taken_over_each_window_not_since_the_start():
+    """An upload (or a download) fast at first and then trickling averaged enough, since its
+    start, to hold its upload place (or its answer in memory) for hours."""
+    pace = connections.Pace(30, 100)
+    pace.begin(0, 0)
+    assert not pace.slow(29, 0)  # the window has not ended
+    assert not pace.slow(30, 1_000_000)
+    assert pace.slow(60, 1_000_001)  # 1 byte in the last 30 s
+    assert not pace.slow(90, 1_010_000)
+    pace.stop()  # nothing waited on the client
+    assert not pace.slow(200, 1_010_000)  # a window begins
+    assert pace.slow(231, 1_010_000)
 
 
 def test_an_answer_read_too_slowly_is_closed(monkeypatch):

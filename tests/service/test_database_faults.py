@@ -9,6 +9,8 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -17,7 +19,7 @@ import peewee
 import psycopg2
 import pytest
 
-from service import database
+from service import database, store
 from service.app import create_app, upload_gate
 from service.database import unwritable
 from service.keys import digest
@@ -301,6 +303,56 @@ def test_tables_lost_under_the_service_are_made_again(database_url, runtime_with
     assert denoise(client, key).status_code == 401  # it went with its table
     assert smtp.mailbox.wait_for(1)[0]["To"] == "again@example.org"
     assert any("had lost the service's tables" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def limited_url(postgres_url: str) -> Iterator[tuple[str, Callable[[str], None]]]:
+    """The test schema through a role of its own, which owns its tables but may lose the right to
+    make new ones; and a way to run SQL as the superuser."""
+    role = f"hf_role_{uuid.uuid4().hex[:12]}"
+    schema = postgres_url.rsplit("%3D", 1)[1]
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+
+    def run(sql: str) -> None:
+        with admin.cursor() as cur:
+            cur.execute(sql.format(role=role, schema=schema))
+
+    run('CREATE ROLE "{role}" LOGIN')
+    run('GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{role}"')
+    try:
+        yield postgres_url.replace("//postgres@", f"//{role}@", 1), run
+    finally:
+        run('DROP OWNED BY "{role}"')
+        run('DROP ROLE "{role}"')
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_tables_that_cannot_be_made_again_are_tried_again_now_and_then(limited_url, runtime_with, monkeypatch, caplog):
+    """A role without the right to create tables: every request that found them missing started
+    another try, and logged another error."""
+    monkeypatch.setattr(store, "RESTORE_RETRY_S", 3.0)
+    url, run = limited_url
+    rt = runtime_with(url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    emails = (f"n{i}@example.org" for i in range(100))
+
+    def generation() -> falcon.testing.Result:
+        return client.simulate_post("/api/v1/api-keys/generation", json={"email": next(emails)})
+
+    assert generation().status_code == 200
+    run('DROP TABLE "{schema}".api_key, "{schema}".verification_token, "{schema}".outbox_mail')
+    run('REVOKE CREATE ON SCHEMA "{schema}" FROM "{role}"')
+    rt.deps.keys.forget_cached()
+    for _ in range(10):
+        assert_unavailable(generation())
+        time.sleep(0.05)
+    tries = lambda: sum("Cannot make the tables again" in r.getMessage() for r in caplog.records)  # noqa: E731
+    wait_until(lambda: tries() >= 1, 10, "a try")
+    assert tries() == 1
+    run('GRANT CREATE ON SCHEMA "{schema}" TO "{role}"')
+    wait_until(lambda: generation().status_code == 200, 15, "the tables made again, at a later try")
 
 
 def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster, runtime_with):

@@ -318,6 +318,8 @@ def test_cors_is_off_by_default_and_allows_named_origins(runtime_with, sqlite_ur
     assert preflight.status_code == 200
     assert "POST" in preflight.headers["access-control-allow-methods"]
     assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+    anyone = client_of(runtime_with(sqlite_url, cors_allow_origins=("*",)))  # CORS_ALLOW_ORIGINS=*: it failed to start
+    assert anyone.simulate_get("/healthz", headers=origin).headers["access-control-allow-origin"] == "*"
 
 
 def test_one_access_line_per_request_with_its_id_and_no_secret(runtime, client, caplog):

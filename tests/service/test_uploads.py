@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -109,7 +110,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
             answer = read_all(client)
         assert answer.startswith(b"HTTP/1.1 401 Unauthorized") and b"Retry-After: 7" in answer
         assert answer.endswith(b'{"error":"%s"}' % message)
-        wait_until(lambda: server.upload_places.free == 1, 10, "the refused upload's place given back")
+        assert server.upload_places.free == 1  # uploads the gate refuses take no place
     lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
     assert len(lines) == 2 and all(
         re.fullmatch(r"POST /large 401 [0-9.]+ms id=- client=127\.0\.0\.1", x) for x in lines
@@ -216,9 +217,9 @@ def test_a_verdict_that_comes_after_the_server_closed_writes_nowhere(tmp_path):
 
 def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeypatch):
     """A byte now and then keeps a connection from ever being idle: a few such uploads held every
-    place, and every other recording got 503. Past its grace, an upload must average the least
+    place, and every other recording got 503. Over each window, an upload must average the least
     rate."""
-    monkeypatch.setattr(connections, "UPLOAD_GRACE_S", 0.5)
+    monkeypatch.setattr(connections, "UPLOAD_WINDOW_S", 0.5)
     monkeypatch.setattr(connections, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
     app = app_with({"/large": Echo()})
     server = create_server(
@@ -233,5 +234,55 @@ def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeyp
         b'{"error":"Request body too slow: uploads must average 1024 KiB/s"}'
     )
     wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    server.drain(1)
+    loop.join(10)
+
+
+def test_the_servers_own_answers_to_a_browser_carry_the_apps_cors_headers():
+    """A large upload refused from its headers is answered by the server, not the app: without
+    the CORS headers the app's middleware adds, a browser on an allowed origin saw a failed fetch
+    instead of its 401."""
+    gate = lambda key: Refusal(401, "Unauthorized", "No key")  # noqa: E731
+    config = Config(host="127.0.0.1", port=0, cors_allow_origins=("https://app.example.org",))
+    server = create_server(
+        app_with({"/large": Echo()}), config, body_limits={"": 1000, "/large": 100_000}, upload_gate=gate
+    )
+    loop = started(server)
+    answers = {}
+    for origin in ("https://app.example.org", "https://evil.example"):
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+            client.sendall(
+                b"POST /large HTTP/1.1\r\nHost: x\r\nOrigin: %s\r\nContent-Length: 50000\r\n\r\n" % origin.encode()
+            )
+            answers[origin] = read_all(client)
+    allowed, other = answers.values()
+    assert (
+        allowed.startswith(b"HTTP/1.1 401 ")
+        and b"\r\nAccess-Control-Allow-Origin: https://app.example.org\r\n" in allowed
+    )
+    assert b"\r\nAccess-Control-Expose-Headers: X-Request-ID, Retry-After\r\n" in allowed
+    assert other.startswith(b"HTTP/1.1 401 ") and b"Access-Control-Allow-Origin" not in other
+    assert all(b"\r\nVary: Origin\r\n" in answer for answer in (allowed, other))
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_client_that_resets_as_its_100_continue_is_sent_logs_no_error(caplog):
+    """The send's failure closed the connection inside waitress's read of the request, which then
+    went on with the request the close had cleared: an ERROR and a traceback per connection, for
+    anyone to write."""
+    caplog.set_level(logging.INFO)
+    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
+    loop = started(server)
+    for _ in range(20):
+        client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 500\r\n\r\n")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, after the request
+    wait_until(lambda: not server.active_channels, 10, "every connection closed")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
+        assert read_all(client).endswith(b'{"received": 5}')
     server.drain(1)
     loop.join(10)
