@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -45,6 +46,7 @@ import select
 import socket
 import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -86,12 +88,22 @@ MAX_HEADER_BYTES = 32 << 10
 LINGER_S = 5.0
 # Seconds a client is asked to wait when the temporary directory is full.
 NO_ROOM_RETRY_AFTER_S = 30
-# A large upload (one that holds an upload place) must average this many bytes a second over
-# each window this long from when it took its place, or it is answered 408 and closed: a few
-# clients that trickle a byte now and then would otherwise hold every place. 8 KiB/s is a
-# 64 kbit/s link.
+# A request body must come at this many bytes a second over each window this long (all of
+# what is left of a smaller one within the window), or it is answered 408 and closed: a few
+# clients that trickle a byte now and then would otherwise hold every upload place, or disk and
+# memory for as long as they liked. 8 KiB/s is a 64 kbit/s link.
 UPLOAD_WINDOW_S = 30.0
 MIN_UPLOAD_BYTES_PER_S = 8 << 10
+# Bodies past this are written to a file as they arrive (waitress's ``inbuf_overflow``), and the
+# gate judges their key first; those under it stay in memory.
+SPOOL_BYTES = 64 << 10
+# waitress decodes a chunked body chunk by chunk, in Python, in the loop that serves every
+# connection: a body of one-byte chunks cost it a hundred times what the same bytes cost with a
+# Content-Length. So chunks are fed to it a slice at a time, and their framing (size lines and
+# CRLFs) may take this much, and a share of the data beyond it (chunks of about 2 KiB or more).
+CHUNK_SLICE = 4 << 10
+CHUNK_FRAMING_FREE = 1 << 10
+CHUNK_FRAMING_SHARE = 256
 # Answers are held in memory until sent: one whose client takes it slower than this, over a
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
@@ -176,16 +188,17 @@ class Pace:
         """Nothing waits on the client (it has caught up): the next window begins afresh."""
         self._since = None
 
-    def slow(self, now: float, done: int) -> bool:
+    def slow(self, now: float, done: int, total: int | None = None) -> bool:
         """Less than the least rate over the window that has just ended (a window begins if none
-        had); ``done``: the bytes moved so far."""
+        had), or than what was left of ``total``; ``done``: the bytes moved so far."""
         if self._since is None:
             self.begin(now, done)
             return False
         took_s = now - self._since
         if took_s < self._window_s:
             return False
-        slow = done - self._done_then < self._least * took_s
+        least = self._least * took_s if total is None else min(self._least * took_s, total - self._done_then)
+        slow = done - self._done_then < least
         self.begin(now, done)
         return slow
 
@@ -231,8 +244,9 @@ class Request(HTTPRequestParser):
     several, get a 400 and their connection is closed.
     """
 
+    needs_place = False  # a body past the default limit (a whole recording)
     holds_place = False
-    # Its rate, from when it took its place (a gate's verdict may come later than its head).
+    # Its body's rate, from when it may come (a gate's verdict may come later than its head).
     upload_pace: Pace | None = None
     made_up_head = False  # refused before its head was parsed: its method and path are unknown
     judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
@@ -266,21 +280,26 @@ class Request(HTTPRequestParser):
             self.adj = self._limits[""]
         default = self._limits[""].max_request_body_size
         large_route = self.adj.max_request_body_size > default
-        if large_route and (self.chunked or default <= self.content_length < self.adj.max_request_body_size):
-            if self._gated:  # the place once the gate lets it in: uploads it refuses take none
-                self.judging = True
-                self.held_continue, self.expect_continue = self.expect_continue, False
-            else:
-                self.take_place()
+        self.needs_place = large_route and (
+            self.chunked or default <= self.content_length < self.adj.max_request_body_size
+        )
+        spooled = self.chunked or self.content_length > SPOOL_BYTES
+        if self._gated and (self.needs_place or spooled):  # let in (and a place taken) once judged
+            self.judging = True
+            self.held_continue, self.expect_continue = self.expect_continue, False
+        elif self.chunked or self.content_length:
+            self.let_in()
 
-    def take_place(self) -> bool:
-        """An upload place for this large upload, or the busy 503 (from its headers)."""
-        self.holds_place = self._places.take()
-        self.begin_pace()  # its body may come from now on
-        if not self.holds_place:
-            self.error = UploadsBusy("every place for a large upload is taken")
-            self.completed = True
-        return self.holds_place
+    def let_in(self) -> bool:
+        """Its body may come from now on: its pace begins, and a large upload takes an upload
+        place, or gets the busy 503 (from its headers)."""
+        self.begin_pace()
+        if self.needs_place:
+            self.holds_place = self._places.take()
+            if not self.holds_place:
+                self.error = UploadsBusy("every place for a large upload is taken")
+                self.completed = True
+        return self.error is None
 
     def begin_pace(self) -> None:
         self.upload_pace = Pace(UPLOAD_WINDOW_S, MIN_UPLOAD_BYTES_PER_S)
@@ -301,6 +320,8 @@ class Request(HTTPRequestParser):
             self.error = error
             self.completed = True
             return len(data)
+        if self.chunked and self.body_rcv is not None:
+            data = data[:CHUNK_SLICE]  # waitress's channel gives the rest in the next call
         try:
             consumed = super().received(data)
         except OSError as exc:  # the spool file: a full disk, or over a quota
@@ -320,6 +341,9 @@ class Request(HTTPRequestParser):
             # searches all of it again at every read: megabytes of it held the loop for seconds.
             self.error = BadRequest("a chunk size line or trailer too long")
             self.completed = True
+        if self.error is None and receiver is not None and self._framing_too_large(receiver):
+            self.error = BadRequest(f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes")
+            self.completed = True
         chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
         if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
             # A chunk declared past the limit: refused now, as a Content-Length past it is,
@@ -329,6 +353,10 @@ class Request(HTTPRequestParser):
         if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
             self.expect_continue = False
         return consumed
+
+    def _framing_too_large(self, receiver: Any) -> bool:
+        data = len(receiver.buf)  # the chunks' data so far; body_bytes_received counts their framing too
+        return self.body_bytes_received - data > CHUNK_FRAMING_FREE + data // CHUNK_FRAMING_SHARE
 
     @staticmethod
     def _bad_head(head: bytes) -> Error | None:
@@ -444,7 +472,7 @@ class Channel(HTTPChannel):
             request.judging = False
             if refusal is not None:
                 request.refuse(refusal)
-            if request.completed or not request.take_place():  # refused, or no place: answered now
+            if request.completed or not request.let_in():  # refused, or no place: answered now
                 self.request = None
                 self.requests.append(request)
                 if len(self.requests) == 1:
@@ -556,11 +584,14 @@ class Channel(HTTPChannel):
         return self.request is not None and not self.request.headers_finished and not self.requests
 
     def uploading_slowly(self, now: float) -> bool:
-        """A large upload under way that came slower than the least rate over its last window."""
+        """A body under way that came slower than the least rate over its last window."""
         request = self.request
-        if request is None or request.upload_pace is None or self.requests or request.expect_continue:
-            return False  # (its client waits for "100 Continue")
-        return request.holds_place and request.upload_pace.slow(now, request.body_bytes_received)
+        if request is None or request.upload_pace is None or request.completed or self.requests:
+            return False
+        if request.expect_continue:  # its client waits for "100 Continue"
+            return False
+        total = None if request.chunked else request.content_length
+        return request.upload_pace.slow(now, request.body_bytes_received, total)
 
     def send(self, data: bytes, do_close: bool = True) -> int:
         sent = super().send(data, do_close)
@@ -579,7 +610,17 @@ class Channel(HTTPChannel):
         if not self.total_outbufs_len:
             self.download_pace.stop()
             return False
-        return self.download_pace.slow(now, self.sent_bytes)
+        return self.download_pace.slow(now, self.sent_bytes - self._unread_in_kernel())
+
+    def _unread_in_kernel(self) -> int:
+        """What the kernel holds of what was sent, not yet acknowledged by the client: a buffer of
+        megabytes, which poll() reports writable only once a good part of it has gone, so that
+        bytes handed to it say little of how fast the client reads."""
+        try:
+            queued = fcntl.ioctl(self.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, AttributeError):  # not Linux, or closed
+            return 0
+        return struct.unpack("i", queued)[0]
 
     def abort(self) -> None:
         """Closed with a reset: what the kernel still holds for a client that does not read is
@@ -867,11 +908,18 @@ def create_server(
         max_request_body_size=max(body_limits.values()) + 1,
         ident="heartify",
         recv_bytes=1 << 16,  # a one-window body in one read instead of four
+        inbuf_overflow=SPOOL_BYTES,
         max_request_header_size=MAX_HEADER_BYTES,
         # Answers stay in memory, where the app has made them already (their size follows the
         # bodies'): past waitress's 1 MiB they went to a file, and on a full disk one was cut
         # short, its connection never closed, and its worker spun.
         outbuf_overflow=sys.maxsize,
+        # And no thread waits for a client to read them: past waitress's 16 MiB, the thread that
+        # wrote an answer waited for its client before it served the request pipelined behind
+        # it, and a few slowly read recordings held every thread (health checks hung). A
+        # connection reads no new request while an answer waits, so it holds two at most, and
+        # one read too slowly is closed (``Channel.reading_slowly``).
+        outbuf_high_watermark=sys.maxsize,
         # Read one request ahead: a client's hang-up is then seen while its request is served
         # (environ["waitress.client_disconnected"]), so a recording waiting for a turn leaves.
         channel_request_lookahead=1,

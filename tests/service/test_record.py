@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from service import record, recording, resources
-from service.app import create_app
+from service.app import body_limits, create_app
 from service.batcher import Batcher
 from service.connections import create_server
 from service.contract import SAMPLING_RATE_HZ, WINDOW
@@ -32,6 +32,7 @@ from .conftest import (
     smtp_config,
     wait_until,
 )
+from .inprocess import read_all
 
 DATA = REPO.parent / "shared" / "data"
 URL = "/api/v1/denoising/record"
@@ -271,7 +272,7 @@ def test_keys_are_required(client):
 def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with, sqlite_url):
     import falcon.testing
 
-    from service.app import create_app
+    from service.app import body_limits, create_app
 
     runtime = runtime_with(sqlite_url, max_record_seconds=5)
     client = falcon.testing.TestClient(create_app(runtime.deps))
@@ -393,6 +394,41 @@ def test_a_recording_whose_client_hung_up_leaves_the_line(tmp_path, engine, smtp
         for thread in (first, third):
             thread.join(30)
         assert answers == {"first": b"HTTP/1.1 200", "third": b"HTTP/1.1 200"}
+        server.drain(1)
+        loop.join(10)
+
+
+def test_recordings_read_slowly_hold_no_thread(tmp_path, engine, smtp, sqlite_url):
+    """waitress's thread that wrote an answer past 16 MiB waited for its client to read it
+    before it served the request pipelined behind: two such clients held both threads, and
+    health checks hung."""
+    config = smtp_config(tmp_path, sqlite_url, smtp, host="127.0.0.1", port=0, web_threads=2)
+    with Runtime(config, engine=engine) as rt:
+        server = create_server(create_app(rt.deps), config, body_limits=body_limits(config))
+        loop = threading.Thread(target=server.run, daemon=True)
+        loop.start()
+        port = server.effective_port
+        key = issue_key(rt.store, "slow-reader@example.org")
+        body = orjson.dumps({"ecg_signal": (9e99 * np.sin(np.arange(1_500_000) / 50)).tolist()})  # 34 MB back
+        head = b"POST /api/v1/denoising/record?sampling_rate=1000 HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n"
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        request = head % (key.encode(), len(body)) + body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        slow = []
+        for _ in range(2):
+            client = socket.create_connection(("127.0.0.1", port), timeout=30)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(request)  # and reads nothing yet
+            slow.append(client)
+            wait_until(
+                lambda: sum(c.total_outbufs_len > 16 << 20 for c in list(server.active_channels.values())) == len(slow),
+                60,
+                "the answer waiting on its reader",
+            )
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert read_all(probe).startswith(b"HTTP/1.1 200 ")
+        for client in slow:
+            client.close()
         server.drain(1)
         loop.join(10)
 

@@ -286,3 +286,36 @@ def test_a_client_that_resets_as_its_100_continue_is_sent_logs_no_error(caplog):
         assert read_all(client).endswith(b'{"received": 5}')
     server.drain(1)
     loop.join(10)
+
+
+def test_a_body_written_to_disk_is_judged_by_its_key_on_any_route():
+    """Past 64 KiB waitress writes a body to a file as it arrives: on the window routes, under
+    the default limit, clients without a key spooled gigabytes that way."""
+    gate = lambda key: None if key == "good" else Refusal(401, "Unauthorized", "No key")  # noqa: E731
+    config = Config(host="127.0.0.1", port=0)
+    server = create_server(app_with({"/echo": Echo()}), config, body_limits={"": 1 << 20}, upload_gate=gate)
+    loop = started(server)
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n"
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(head + b"\r\n")  # no body: the answer comes from the headers
+        assert read_all(client).endswith(b'{"error":"No key"}')
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(head + b"x-api-key: good\r\n\r\n" + b"x" * 100_000)
+        assert read_all(client).endswith(b'{"received": 100000}')
+    assert server.upload_places.free == Config().recording_threads  # under the default limit: no place taken
+    server.drain(1)
+    loop.join(10)
+
+
+def test_a_small_body_that_stalls_is_closed(monkeypatch):
+    """Only large uploads had a least rate: a body under 64 KiB kept in memory, a byte now and
+    then, for as long as its client liked."""
+    monkeypatch.setattr(connections, "UPLOAD_WINDOW_S", 0.5)
+    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        answer = read_all(client)  # the rest never comes within the window
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"Request body too slow" in answer
+    server.drain(1)
+    loop.join(10)
