@@ -246,17 +246,19 @@ class KeyService:
         if not token:
             raise NoToken()
         try:
-            result = self._verify(token)
+            kind, email, deactivated = self._verify(token)
         except KeyConflict:
             # Two generation tokens of one email verified at once: the unique index on active
             # keys let one win; running again deactivates the winner's key and issues ours.
-            result = self._verify(token)
-        self._active.forget()  # both kinds deactivated keys, now committed
-        self._siblings.announce_deactivation()
+            kind, email, deactivated = self._verify(token)
+        if deactivated:  # now committed. Only then: a forgotten key loses its outage fallback
+            self._active.forget()
+            self._siblings.announce_deactivation()
         self._outbox.wake()
-        return result
+        return kind, email
 
-    def _verify(self, token: str) -> tuple[str, str]:
+    def _verify(self, token: str) -> tuple[str, str, bool]:
+        """The token's kind and email, and whether keys were deactivated."""
         now = self._clock()
         with self._store.transaction():
             row = self._store.find_token(digest(token))
@@ -270,7 +272,7 @@ class KeyService:
             self._store.lock_names(row.email)
             if not self._store.use_token(row.id, now):
                 raise BadToken()
-            self._store.deactivate_keys(row.email, now)
+            deactivated = self._store.deactivate_keys(row.email, now) > 0
             # Deactivation links still out were for the keys just deactivated: followed later,
             # they must not deactivate the key that replaces them.
             self._store.spend_tokens(row.email, DEACTIVATION, now)
@@ -281,7 +283,7 @@ class KeyService:
                 self._store.enqueue_mail(self._sealer.seal(messages.new_key_mail(row.email, key)), now)
             else:
                 self._store.enqueue_mail(self._sealer.seal(messages.deactivated_mail(row.email)), now)
-        return row.kind, row.email
+        return row.kind, row.email, deactivated
 
     def _mail_token(self, email: str, client: str, kind: str, build: Callable[[str, str], Mail]) -> None:
         token = self._new_secret()
