@@ -59,6 +59,12 @@ class SessionLost(smtplib.SMTPServerDisconnected):
     the mails not sent wait for the next one, as when the first connection fails."""
 
 
+class Unconfirmed(smtplib.SMTPServerDisconnected):
+    """The server took a message's whole data, and gave no reply within ``FINAL_REPLY_S``: it
+    has likely delivered it. Retried as a lost connection is, up to the outbox's attempts, and
+    then taken as delivered: a server that always confirms late got the mail again forever."""
+
+
 def _reset(client: smtplib.SMTP) -> None:
     """After a failed mail, a connection ready for the next one, or closed: a refusal of DATA
     leaves the transaction open (smtplib resets only after MAIL and RCPT refusals)."""
@@ -142,6 +148,8 @@ class _PatientReply:
         self.sock.settimeout(max(self.timeout, FINAL_REPLY_S))
         try:
             return super().getreply()  # type: ignore[misc]
+        except smtplib.SMTPServerDisconnected as exc:
+            raise Unconfirmed(str(exc)) from exc
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
@@ -291,6 +299,16 @@ class Outbox:
         attempts = row.attempts + 1
         error = f"{type(exc).__name__}: {exc}"
         self._on_failure("permanent" if permanent else "transient")
+        if isinstance(exc, Unconfirmed) and attempts >= self._max_attempts:
+            log.error(
+                "Mail %d to %s taken as delivered: the server took it whole %d times without confirming (%s)",
+                row.id,
+                row.mail.recipient,
+                attempts,
+                error,
+            )
+            self._store.mark_sent(row.id)
+            return
         if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
             self._on_failure("given_up")
             log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.mail.recipient, attempts, error)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import falcon.testing
 import pytest
 
+from service import mail
 from service.app import create_app
 from service.connections import create_server
 from service.housekeeping import Housekeeping
@@ -241,6 +243,27 @@ def test_a_mail_server_slow_to_confirm_a_message_gets_it_once(runtime_with, sqli
     mail = wait_until(delivered, 20, "the mail recorded as delivered")
     assert mail.attempts == 0 and mail.last_error is None  # on the first try, never taken for a failure
     assert [m["To"] for m in smtp.mailbox.messages] == ["slow@example.org"]
+
+
+def test_a_mail_server_that_never_confirms_in_time_gets_the_mail_a_bounded_number_of_times(
+    runtime_with, sqlite_url, smtp, monkeypatch, caplog
+):
+    """Past the wait for the final reply, each attempt was a lost connection, retried for as
+    long as it took: a server that always confirmed late got the same mail every few minutes,
+    forever."""
+    monkeypatch.setattr(mail, "FINAL_REPLY_S", 0.3)
+    smtp.mailbox.confirm_after_s = 1.0
+    rt = runtime_with(sqlite_url, smtp_timeout_s=0.2, mail_retry_min_s=0.05, mail_retry_max_s=0.1)
+    assert client_of(rt).simulate_post(GENERATION, json={"email": "late@example.org"}).status_code == 200
+
+    def delivered() -> OutboxMail | None:
+        with rt.store.db.connection_context():
+            return OutboxMail.get_or_none(OutboxMail.sent_at.is_null(False))
+
+    wait_until(delivered, 20, "the mail taken as delivered")
+    time.sleep(0.5)  # what a further retry would have sent by now
+    assert [m["To"] for m in smtp.mailbox.messages] == ["late@example.org"] * 3  # the outbox's attempts
+    assert any("taken as delivered" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("at", ["RCPT", "DATA"])

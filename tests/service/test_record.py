@@ -272,7 +272,7 @@ def test_keys_are_required(client):
 def test_too_long_gets_413_and_the_limit_follows_max_record_seconds(runtime_with, sqlite_url):
     import falcon.testing
 
-    from service.app import body_limits, create_app
+    from service.app import create_app
 
     runtime = runtime_with(sqlite_url, max_record_seconds=5)
     client = falcon.testing.TestClient(create_app(runtime.deps))
