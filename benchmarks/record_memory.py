@@ -1,7 +1,7 @@
 """Memory one whole-recording request takes: `python -m benchmarks.record_memory [--seconds 3600]`.
 
-The longest recording at the highest rate, as JSON (numbers with 12 decimals and with 3) and as
-float32, through the real app and the shipped model in this process (``falcon.testing``, a
+The longest recording at the highest rate, as JSON (numbers with 12 decimals, with 3, and with
+the 28 digits that fill the body limit) and as float32, through the real app and the shipped model in this process (``falcon.testing``, a
 scratch SQLite database). The resident set is sampled every 10 ms while the request runs; its
 peak over the resident set before the request is what ``RECORD_CONCURRENCY`` multiplies.
 """
@@ -25,6 +25,13 @@ from service.runtime import Runtime
 from service.store import utcnow
 
 RATE_HZ = 1000
+
+
+def longest(count: int) -> bytes:
+    """``count`` numbers of 28 digits after the point, comma-separated."""
+    digits = np.random.default_rng(1).integers(0, 10**18, 1000)
+    numbers = [b"0.%018d%010d" % (d, d % 10**10) for d in digits]
+    return b",".join(numbers[i % 1000] for i in range(count))
 
 
 def resident_mib() -> float:
@@ -71,6 +78,8 @@ def main() -> None:
                 "JSON, 12 decimals": (orjson.dumps({"ecg_signal": x.round(12).tolist(), "sampling_rate": RATE_HZ}), {}),
                 "JSON, 3 decimals": (orjson.dumps({"ecg_signal": x.round(3).tolist(), "sampling_rate": RATE_HZ}), {}),
                 "float32": (x.astype("<f4").tobytes(), {"sampling_rate": str(RATE_HZ)}),
+                # The longest numbers the body limit leaves room for: 28 digits each.
+                "JSON, 28 digits": (b'{"sampling_rate":%d,"ecg_signal":[%s]}' % (RATE_HZ, longest(len(x))), {}),
             }
             del x, t
             print(f"{args.seconds:g} s at {RATE_HZ} Hz, one request at a time")
