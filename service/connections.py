@@ -422,6 +422,7 @@ class JsonErrorTask(ErrorTask):
         if not unparsed:  # a head waitress could not parse has neither
             method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))
         log_access(method, path, error.code, took_ms, "-", str(peer))
+        channel.server.refused(error.code)
 
 
 class Task(WSGITask):
@@ -679,10 +680,12 @@ class Server(TcpWSGIServer):
         upload_gate: UploadGate | None = None,
         heartbeat: Callable[[], None] = lambda: None,
         cors_origins: tuple[str, ...] = (),
+        refused: Callable[[int], None] = lambda status: None,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.cors_origins = cors_origins
+        self.refused = refused  # told the status of each answer the server gives itself (metrics)
         self.heartbeat = heartbeat  # a worker's: tells its supervisor that the loop runs
         self._upload_gate = upload_gate
         # One thread: the verdicts are quick (a cached key, or one indexed read).
@@ -856,9 +859,11 @@ class Server(TcpWSGIServer):
             if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
                 channel.time_out(self._timeout_response)
                 self.timed_out += 1
+                self.refused(408)
             elif channel.uploading_slowly(now):
                 channel.time_out(self._slow_upload_response)
                 self.timed_out += 1
+                self.refused(408)
             elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
                 channel.will_close = True
         if self.timed_out and now >= self.next_log:
@@ -882,6 +887,7 @@ def create_server(
     body_limits: dict[str, int] | None = None,
     upload_gate: UploadGate | None = None,
     heartbeat: Callable[[], None] = lambda: None,
+    refused: Callable[[int], None] = lambda status: None,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
     parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
@@ -889,7 +895,8 @@ def create_server(
     SystemExit. ``body_limits``: the largest body of each
     route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
     ``MAX_BATCH_WINDOWS``'s. ``upload_gate``: judges a body past the default limit from its key
-    before it is read (``app.upload_gate``); without one, every such body is read."""
+    before it is read (``app.upload_gate``); without one, every such body is read. ``refused``:
+    told the status of each answer the server gives itself, from a request's headers."""
     body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
     limit = min(config.connection_limit, files - RESERVED_FILES)
@@ -949,6 +956,7 @@ def create_server(
         upload_gate=upload_gate,
         heartbeat=heartbeat,
         cors_origins=config.cors_allow_origins,
+        refused=refused,
         dispatcher=dispatcher,
         adj=adj,
         **where,

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"  # the route label of every path no route matches: raw paths would be unbounded
+REFUSED = "refused"  # the route label of answers the server gives from a request's headers, before any route
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Connections METRICS_PORT serves at once: scrapers come one or two at a time. Within the
 # descriptors the API's connection limit leaves free (connections.RESERVED_FILES).
@@ -122,6 +123,10 @@ class Metrics:
         self.rate_limited = Counter("heartify_rate_limited", "Requests refused by a rate limit", ["limit"], registry=r)
         self.mail_failures = Counter("heartify_mail_failures", "Mails that failed to send", ["kind"], registry=r)
         self.worker_start_time.set_to_current_time()
+
+    def refused(self, status: int) -> None:
+        """An answer the server gave itself (``connections.Server``), before any route."""
+        self.requests.labels(REFUSED, str(status)).inc()
 
     def mail_failure(self, kind: str) -> None:
         self.mail_failures.labels(kind=kind).inc()

@@ -55,6 +55,8 @@ def serve(
             app = create_app(deps)
             gate = upload_gate(deps.keys, deps.store.release)
             limits = body_limits(config)
+            if deps.metrics is not None:
+                siblings["refused"] = deps.metrics.refused
             server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **siblings)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)

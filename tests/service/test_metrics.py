@@ -3,6 +3,7 @@ batcher's and the outbox's figures, and METRICS=off."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -13,9 +14,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.config import Config
+from service.connections import create_server
 from service.metrics import merged_registry
 
 from .conftest import issue_key
+from .inprocess import read_all, started
 
 NAMES = (
     "heartify_requests",
@@ -51,6 +55,16 @@ def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
     assert client.simulate_post("/api/v1/denoising", json={"ecg_signal": window}).status_code == 401
     assert client.simulate_get("/no/such/path/42").status_code == 404
     assert client.simulate_get("/api/v1/api-keys/verify", params={"token": "x"}).status_code == 400
+    # An answer the server gives from the headers, before any route (refusals were not counted).
+    server = create_server(
+        create_app(runtime.deps), Config(host="127.0.0.1", port=0), refused=runtime.deps.metrics.refused
+    )
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as bare_lf:
+        bare_lf.sendall(b"POST /api/v1/denoising HTTP/1.1\nHost: x\n\n")
+        assert b" 400 Bad Request" in read_all(bare_lf)
+    server.drain(1)
+    loop.join(10)
 
     families = {f.name for f in text_string_to_metric_families(client.simulate_get("/metrics").text)}
     assert set(NAMES) <= families
@@ -60,6 +74,7 @@ def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
     assert count("/api/v1/denoising", "401") == 1
     assert count("unmatched", "404") == 1  # the raw path never becomes a label
     assert count("/api/v1/api-keys/verify", "400") == 1
+    assert count("refused", "400") == 1
     assert not any("/no/such" in str(labels) for _, labels in samples)
     assert samples[("heartify_inference_batch_size_count", ())] == 1
     assert samples[("heartify_inference_batch_size_sum", ())] == 1
