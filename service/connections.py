@@ -15,9 +15,9 @@ included. So, as nginx and HAProxy do in front of an application server:
   is closed (waitress's ``channel_timeout``, nginx's ``keepalive_timeout``), and so is one whose
   client reads nothing of its answer for as long;
 - heads are bounded in lines and bytes, and refused when they could smuggle a request (``Request``);
-- a large upload (a whole recording, spooled to disk) is judged by its key before its body is
-  read (``UploadGate``), needs one of a few places (``UploadPlaces``), and must keep a least
-  rate; an answer must be read at a least rate too (``Pace``);
+- a body that would be spooled to disk is judged by its key before it is read (``UploadGate``),
+  a whole recording needs one of a few places (``UploadPlaces``), every body must come at a
+  least rate, and every answer be read at one (``Pace``); chunks must not be tiny (``Request``);
 - an answer given before its request's body was read closes with a linger (``Channel``);
 - all of these are checked every second (``Server.maintenance``);
 - the health checks go ahead of the requests that wait for a thread (``Dispatcher``).
@@ -100,10 +100,11 @@ SPOOL_BYTES = 64 << 10
 # waitress decodes a chunked body chunk by chunk, in Python, in the loop that serves every
 # connection: a body of one-byte chunks cost it a hundred times what the same bytes cost with a
 # Content-Length. So chunks are fed to it a slice at a time, and their framing (size lines and
-# CRLFs) may take this much, and a share of the data beyond it (chunks of about 2 KiB or more).
+# CRLFs) may take this much, and a share of the data beyond it (chunks of about 512 bytes or
+# more: clients that read a file a KiB at a time send such).
 CHUNK_SLICE = 4 << 10
 CHUNK_FRAMING_FREE = 1 << 10
-CHUNK_FRAMING_SHARE = 256
+CHUNK_FRAMING_SHARE = 64
 # Answers are held in memory until sent: one whose client takes it slower than this, over a
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
@@ -158,8 +159,9 @@ class Refusal:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-# Judges a large upload from its x-api-key header (None when it has none) before its body is
-# read: None lets the body in, a Refusal answers at once. It may read the database, so it runs
+# Judges a body that would be spooled to disk (past SPOOL_BYTES) from its request's x-api-key
+# header (None when it has none) before the body is read: None lets it in, a Refusal answers at
+# once. It may read the database, so it runs
 # on a thread of its own, never in the loop's.
 UploadGate = Callable[[str | None], Refusal | None]
 
@@ -191,10 +193,11 @@ class Pace:
     def slow(self, now: float, done: int, total: int | None = None) -> bool:
         """Less than the least rate over the window that has just ended (a window begins if none
         had), or than what was left of ``total``; ``done``: the bytes moved so far."""
-        if self._since is None:
+        since = self._since  # read once: a task thread may stop it meanwhile (``Channel._flush_some``)
+        if since is None:
             self.begin(now, done)
             return False
-        took_s = now - self._since
+        took_s = now - since
         if took_s < self._window_s:
             return False
         least = self._least * took_s if total is None else min(self._least * took_s, total - self._done_then)
@@ -283,7 +286,9 @@ class Request(HTTPRequestParser):
         self.needs_place = large_route and (
             self.chunked or default <= self.content_length < self.adj.max_request_body_size
         )
-        spooled = self.chunked or self.content_length > SPOOL_BYTES
+        # Chunked bodies may grow past SPOOL_BYTES, where the route takes that much (the routes
+        # that take no key take less).
+        spooled = self.adj.max_request_body_size > SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
         if self._gated and (self.needs_place or spooled):  # let in (and a place taken) once judged
             self.judging = True
             self.held_continue, self.expect_continue = self.expect_continue, False
@@ -342,7 +347,9 @@ class Request(HTTPRequestParser):
             self.error = BadRequest("a chunk size line or trailer too long")
             self.completed = True
         if self.error is None and receiver is not None and self._framing_too_large(receiver):
-            self.error = BadRequest(f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes")
+            self.error = BadRequest(
+                f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes or more"
+            )
             self.completed = True
         chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
         if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
@@ -587,9 +594,12 @@ class Channel(HTTPChannel):
     def uploading_slowly(self, now: float) -> bool:
         """A body under way that came slower than the least rate over its last window."""
         request = self.request
-        if request is None or request.upload_pace is None or request.completed or self.requests:
+        if request is None or request.upload_pace is None or request.completed:
             return False
-        if request.expect_continue:  # its client waits for "100 Continue"
+        if self.requests or request.expect_continue or self.total_outbufs_len:
+            # Not read meanwhile: an earlier request is served or its answer sent, or its client
+            # waits for "100 Continue". Its window begins once it may come again.
+            request.upload_pace.stop()
             return False
         total = None if request.chunked else request.content_length
         return request.upload_pace.slow(now, request.body_bytes_received, total)
@@ -628,6 +638,7 @@ class Channel(HTTPChannel):
         dropped too (nginx's ``reset_timedout_connection``)."""
         with contextlib.suppress(OSError):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.linger = False
         self.handle_close()
 
     def time_out(self, response: bytes) -> None:
@@ -868,8 +879,8 @@ class Server(TcpWSGIServer):
                 channel.will_close = True
         if self.timed_out and now >= self.next_log:
             log.warning(
-                "Closed %d connection(s) whose request headers took longer than %g s, or whose large upload "
-                "averaged under %d KiB/s (slow clients)",
+                "Closed %d connection(s) whose request headers took longer than %g s, or whose body "
+                "came at under %d KiB/s (slow clients)",
                 self.timed_out,
                 self.header_timeout_s,
                 MIN_UPLOAD_BYTES_PER_S >> 10,

@@ -60,9 +60,10 @@ class SessionLost(smtplib.SMTPServerDisconnected):
 
 
 class Unconfirmed(smtplib.SMTPServerDisconnected):
-    """The server took a message's whole data, and gave no reply within ``FINAL_REPLY_S``: it
-    has likely delivered it. Retried as a lost connection is, up to the outbox's attempts, and
-    then taken as delivered: a server that always confirms late got the mail again forever."""
+    """The server took a message's whole data, and gave no reply within ``FINAL_REPLY_S`` (it did
+    not hang up): it has likely delivered it. Retried as a lost connection is; once the mail has
+    been tried the outbox's attempts in all, taken as delivered: a server that always confirmed
+    late got the mail again forever."""
 
 
 def _reset(client: smtplib.SMTP) -> None:
@@ -149,7 +150,9 @@ class _PatientReply:
         try:
             return super().getreply()  # type: ignore[misc]
         except smtplib.SMTPServerDisconnected as exc:
-            raise Unconfirmed(str(exc)) from exc
+            if isinstance(exc.__context__, TimeoutError):  # smtplib's own raise, from the timeout
+                raise Unconfirmed(str(exc)) from exc
+            raise
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)

@@ -307,6 +307,24 @@ def test_a_body_written_to_disk_is_judged_by_its_key_on_any_route():
     loop.join(10)
 
 
+def test_a_chunked_body_on_a_route_that_takes_no_key_is_not_judged_by_one():
+    """Every chunked body went to the gate: a key request sent chunked (Node, Go, requests with a
+    generator) got 401 for a route that takes no key, whenever its body came after its head."""
+    gate = lambda key: Refusal(401, "Unauthorized", "No key")  # noqa: E731
+    limits = {"": 1 << 20, "/keyless": 16 << 10}
+    server = create_server(
+        app_with({"/keyless": Echo()}), Config(host="127.0.0.1", port=0), body_limits=limits, upload_gate=gate
+    )
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /keyless HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.2)
+        client.sendall(b"5\r\nhello\r\n0\r\n\r\n")
+        assert read_all(client).endswith(b'{"received": 5}')
+    server.drain(1)
+    loop.join(10)
+
+
 def test_a_small_body_that_stalls_is_closed(monkeypatch):
     """Only large uploads had a least rate: a body under 64 KiB kept in memory, a byte now and
     then, for as long as its client liked."""
