@@ -109,6 +109,10 @@ CHUNK_FRAMING_SHARE = 64
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
 MIN_DOWNLOAD_BYTES_PER_S = 8 << 10
+# Answers waiting on their clients, held in memory, may take this much of a worker in all: past
+# it, the connections with the most waiting are closed (a recording's answer is tens of MB, and
+# a client that reads each just fast enough would otherwise hold as many as it opens connections).
+UNSENT_BUDGET = 128 << 20
 # Answers given by the server itself, not the app (JsonErrorTask), name these to browsers, as
 # the app's CORS middleware does.
 CORS_EXPOSED = ("X-Request-ID", "Retry-After")
@@ -856,7 +860,10 @@ class Server(TcpWSGIServer):
             self.drain(self.grace_s)
         if self.drain_until is not None and self._drained(now):
             raise SystemExit(0)  # run() catches it and stops waitress's (now idle) threads
+        waiting: list[Channel] = []  # with answers not yet sent
         for channel in list(self.active_channels.values()):
+            if channel.total_outbufs_len:
+                waiting.append(channel)
             if channel.lingering_until is not None and now > channel.lingering_until:
                 channel.handle_close()
             elif channel.total_outbufs_len and now - channel.last_activity > self.channel_timeout_s:
@@ -877,6 +884,7 @@ class Server(TcpWSGIServer):
                 self.refused(408)
             elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
                 channel.will_close = True
+        self._keep_to_budget(waiting)
         if self.timed_out and now >= self.next_log:
             log.warning(
                 "Closed %d connection(s) whose request headers took longer than %g s, or whose body "
@@ -887,6 +895,23 @@ class Server(TcpWSGIServer):
             )
             self.timed_out = 0
             self.next_log = now + 60
+
+    def _keep_to_budget(self, waiting: list[Channel]) -> None:
+        """Close the connections with the most answer waiting until the rest fit ``UNSENT_BUDGET``."""
+        unsent = sum(channel.total_outbufs_len for channel in waiting if channel.connected)
+        if unsent <= UNSENT_BUDGET:
+            return
+        for channel in sorted(waiting, key=lambda c: c.total_outbufs_len, reverse=True):
+            if unsent <= UNSENT_BUDGET:
+                break
+            if channel.connected:
+                unsent -= channel.total_outbufs_len
+                log.warning(
+                    "Closed a connection with %d MiB of answers waiting: over %d MiB wait on clients",
+                    channel.total_outbufs_len >> 20,
+                    UNSENT_BUDGET >> 20,
+                )
+                channel.abort()
 
 
 def create_server(

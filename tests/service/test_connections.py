@@ -390,6 +390,27 @@ def test_an_answer_read_steadily_faster_than_the_least_rate_is_not_closed(monkey
     loop.join(10)
 
 
+def test_answers_waiting_on_their_clients_are_kept_to_a_budget(monkeypatch):
+    """A client that reads each answer just fast enough held as many in memory as it opened
+    connections: recordings' answers are tens of MB each."""
+    monkeypatch.setattr(connections, "UNSENT_BUDGET", 50 << 20)
+    server = create_server(app_with({"/long": Long(30 << 20)}), Config(host="127.0.0.1", port=0))
+    loop = started(server)
+    clients = []
+    for _ in range(2):
+        client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing
+        clients.append(client)
+    wait_until(lambda: len(server.active_channels) == 1, 10, "one closed")
+    time.sleep(1.5)  # another check or more
+    assert len(server.active_channels) == 1  # the rest fits
+    for client in clients:
+        client.close()
+    server.drain(1)
+    loop.join(10)
+
+
 def test_a_long_answer_is_written_whole_while_the_disk_is_full(small_disk, monkeypatch):
     """Past 1 MiB waitress wrote answers to a temporary file: on a full disk one was cut short,
     its connection never closed, and its worker spun at full CPU."""
