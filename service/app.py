@@ -81,10 +81,10 @@ def body_limits(config: Config) -> dict[str, int]:
 
 
 def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
-    """Judges a body that waitress would spool to disk (a whole recording, or a large batch) by its
-    key, before waitress reads it (``connections.UploadGate``): with no key, or one that is not active, or with
-    the database away and the key not known here, it gets the answer the route would give,
-    at once, instead of after the whole upload; nothing is spooled for it.
+    """Judges a body that waitress would spool to disk (a whole recording, or a large batch) by
+    its key, before waitress reads it (``connections.UploadGate``): with no key, or one that is
+    not active, or with the database away and the key not known here, it gets the answer the
+    route would give, at once, instead of after the whole upload; nothing is spooled for it.
     The key's rate is left to the route, which takes from it once the body has come."""
 
     def refusal(key: str | None) -> Refusal | None:

@@ -165,8 +165,7 @@ class Refusal:
 
 # Judges a body that would be spooled to disk (past SPOOL_BYTES) from its request's x-api-key
 # header (None when it has none) before the body is read: None lets it in, a Refusal answers at
-# once. It may read the database, so it runs
-# on a thread of its own, never in the loop's.
+# once. It may read the database, so it runs on a thread of its own, never in the loop's.
 UploadGate = Callable[[str | None], Refusal | None]
 
 

@@ -346,13 +346,19 @@ def test_a_pace_is_taken_over_each_window_not_since_the_start():
     assert pace.slow(231, 1_010_000)
 
 
+def long_answers(monkeypatch, window_s: float, least_bytes_per_s: int) -> tuple[connections.Server, threading.Thread]:
+    """A server of long answers, whose clients must read them at ``least_bytes_per_s`` over each
+    ``window_s``."""
+    monkeypatch.setattr(connections, "DOWNLOAD_WINDOW_S", window_s)
+    monkeypatch.setattr(connections, "MIN_DOWNLOAD_BYTES_PER_S", least_bytes_per_s)
+    server = create_server(app_with({"/long": Long()}), Config(host="127.0.0.1", port=0))
+    return server, started(server)
+
+
 def test_an_answer_read_too_slowly_is_closed(monkeypatch):
     """Answers are held in memory until sent: a client that reads a few bytes now and then held a
     recording's answer there for as long as it liked."""
-    monkeypatch.setattr(connections, "DOWNLOAD_WINDOW_S", 0.5)
-    monkeypatch.setattr(connections, "MIN_DOWNLOAD_BYTES_PER_S", 1 << 20)
-    server = create_server(app_with({"/long": Long()}), Config(host="127.0.0.1", port=0))
-    loop = started(server)
+    server, loop = long_answers(monkeypatch, window_s=0.5, least_bytes_per_s=1 << 20)
     received, deadline = 0, time.monotonic() + 15
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -373,10 +379,7 @@ def test_an_answer_read_steadily_faster_than_the_least_rate_is_not_closed(monkey
     """The rate was taken from what the kernel took: its send buffer of megabytes is reported
     writable only once a good part has gone, and clients reading four times the least rate were
     reset."""
-    monkeypatch.setattr(connections, "DOWNLOAD_WINDOW_S", 1.0)
-    monkeypatch.setattr(connections, "MIN_DOWNLOAD_BYTES_PER_S", 64 << 10)
-    server = create_server(app_with({"/long": Long()}), Config(host="127.0.0.1", port=0))
-    loop = started(server)
+    server, loop = long_answers(monkeypatch, window_s=1.0, least_bytes_per_s=64 << 10)
     received, until = 0, time.monotonic() + 5
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from functools import partial
 
 import falcon.testing
 import pytest
@@ -229,6 +230,11 @@ def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
         assert Token.select().count() == 2 and OutboxMail.select().count() == 1
 
 
+def sent_mail(store) -> OutboxMail | None:
+    with store.db.connection_context():
+        return OutboxMail.get_or_none(OutboxMail.sent_at.is_null(False))
+
+
 def test_a_mail_server_slow_to_confirm_a_message_gets_it_once(runtime_with, sqlite_url, smtp):
     """The server had the whole message and confirmed it after SMTP_TIMEOUT_SECONDS: each
     attempt was taken for a failure, and the mail sent again and again."""
@@ -236,11 +242,7 @@ def test_a_mail_server_slow_to_confirm_a_message_gets_it_once(runtime_with, sqli
     rt = runtime_with(sqlite_url, smtp_timeout_s=0.5, mail_retry_min_s=0.1, mail_retry_max_s=0.2)
     assert client_of(rt).simulate_post(GENERATION, json={"email": "slow@example.org"}).status_code == 200
 
-    def delivered() -> OutboxMail | None:
-        with rt.store.db.connection_context():
-            return OutboxMail.get_or_none(OutboxMail.sent_at.is_null(False))
-
-    mail = wait_until(delivered, 20, "the mail recorded as delivered")
+    mail = wait_until(partial(sent_mail, rt.store), 20, "the mail recorded as delivered")
     assert mail.attempts == 0 and mail.last_error is None  # on the first try, never taken for a failure
     assert [m["To"] for m in smtp.mailbox.messages] == ["slow@example.org"]
 
@@ -256,11 +258,7 @@ def test_a_mail_server_that_never_confirms_in_time_gets_the_mail_a_bounded_numbe
     rt = runtime_with(sqlite_url, smtp_timeout_s=0.2, mail_retry_min_s=0.05, mail_retry_max_s=0.1)
     assert client_of(rt).simulate_post(GENERATION, json={"email": "late@example.org"}).status_code == 200
 
-    def delivered() -> OutboxMail | None:
-        with rt.store.db.connection_context():
-            return OutboxMail.get_or_none(OutboxMail.sent_at.is_null(False))
-
-    wait_until(delivered, 20, "the mail taken as delivered")
+    wait_until(partial(sent_mail, rt.store), 20, "the mail taken as delivered")
     time.sleep(0.5)  # what a further retry would have sent by now
     assert [m["To"] for m in smtp.mailbox.messages] == ["late@example.org"] * 3  # the outbox's attempts
     assert any("taken as delivered" in r.getMessage() for r in caplog.records)
