@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import falcon
 import orjson
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 DATABASE_RETRY_AFTER_S = 5
 DATABASE_AWAY = "Service temporarily unavailable: the database does not answer. Try again later."
 RECORD = "/api/v1/denoising/record"
+WINDOW_ROUTES = ("/api/v1/denoising", "/api/v1/denoising/batch")
 KEY_ROUTES = ("/api/v1/api-keys/generation", "/api/v1/api-keys/deactivation")
-KEY_BODY_BYTES = 1 << 14  # an email address in JSON, with room to spare
+# An email address in JSON, with room to spare; and the most the routes that take no body (and
+# unknown paths) read before they answer 404 or 405.
+SMALL_BODY_BYTES = 1 << 14
 _REFUSAL_STATUS = {InvalidKey: 401, EmailTaken: 409, NoActiveKey: 404, BadToken: 400}
 
 
@@ -69,15 +73,15 @@ class Deps:
 def body_limits(config: Config) -> dict[str, int]:
     """The largest body each route reads, by path ("" for every route not named), or by path
     and media type where they differ. waitress refuses a larger one before reading it
-    (``connections.Request``): on a route that takes an email address, nobody can make the
-    service spool an hour's recording to disk before the app sees it. The resources check the
-    same limits on what they read."""
+    (``connections.Request``): on a route that takes an email address, or none, nobody can make
+    the service spool an hour's recording to disk, or wait for its key's verdict, before the
+    app sees it. The resources check the same limits on what they read."""
     limits = {
-        "": config.max_body_bytes,
+        "": SMALL_BODY_BYTES,
         RECORD: config.record_body_bytes(binary=False),
         f"{RECORD} {BINARY}": config.record_body_bytes(binary=True),
     }
-    return limits | dict.fromkeys(KEY_ROUTES, KEY_BODY_BYTES)
+    return limits | dict.fromkeys(WINDOW_ROUTES, config.max_body_bytes)
 
 
 def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
@@ -101,6 +105,21 @@ def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
         return None
 
     return refusal
+
+
+def server_rules(deps: Deps) -> dict[str, Any]:
+    """What waitress must know of the routes before the app sees a request
+    (``connections.create_server``): each route's body limit, which bodies take an upload place
+    (a whole recording's), the gate that judges large uploads by their key, and where the
+    server's own answers are counted."""
+    rules: dict[str, Any] = {
+        "body_limits": body_limits(deps.config),
+        "place_above": deps.config.max_body_bytes,
+        "upload_gate": upload_gate(deps.keys, deps.store.release),
+    }
+    if deps.metrics is not None:
+        rules["refused"] = deps.metrics.refused
+    return rules
 
 
 def create_app(deps: Deps) -> falcon.App:
@@ -157,11 +176,11 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
         partial(validation.ecg_signals, limit=windows),
         lambda out: {"denoised_signals": out},
     )
-    app.add_route("/api/v1/denoising", one)
-    app.add_route("/api/v1/denoising/batch", batch)
+    for route, resource in zip(WINDOW_ROUTES, (one, batch), strict=True):
+        app.add_route(route, resource)
     app.add_route(RECORD, Recording(keys, batcher, version, config))
     for route, action in zip(KEY_ROUTES, (keys.request_key, keys.request_deactivation), strict=True):
-        app.add_route(route, KeyRequest(action, JsonBody(KEY_BODY_BYTES, 16)))
+        app.add_route(route, KeyRequest(action, JsonBody(SMALL_BODY_BYTES, 16)))
     app.add_route("/api/v1/api-keys/verify", Verification(keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(batcher, deps.store))

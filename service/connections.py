@@ -238,7 +238,8 @@ class UploadPlaces:
 class Request(HTTPRequestParser):
     """waitress's request parser, with the body limit of the request's route: a body declared
     (or chunked) past it is refused before it is read, as waitress does past its one limit. A
-    body larger than the default limit needs an upload place, or gets a 503 before it is read;
+    body on a route whose limit is past ``place_above`` (a whole recording's) needs an upload
+    place, or gets a 503 before it is read;
     with a gate, the place is taken once the gate has let the upload in.
 
     And stricter about the head, which waitress parses in its one loop for every connection:
@@ -250,7 +251,7 @@ class Request(HTTPRequestParser):
     several, get a 400 and their connection is closed.
     """
 
-    needs_place = False  # a body past the default limit (a whole recording)
+    needs_place = False  # a body on a route past ``place_above`` (a whole recording)
     holds_place = False
     # Its body's rate, from when it may come (a gate's verdict may come later than its head).
     upload_pace: Pace | None = None
@@ -259,11 +260,17 @@ class Request(HTTPRequestParser):
     held_continue = False  # its client expects "100 Continue", which waits for the verdict
 
     def __init__(
-        self, adj: Adjustments, limits: dict[str, Adjustments], places: UploadPlaces, gated: bool = False
+        self,
+        adj: Adjustments,
+        limits: dict[str, Adjustments],
+        places: UploadPlaces,
+        place_above: int,
+        gated: bool = False,
     ) -> None:
         super().__init__(adj)
         self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
         self._places = places
+        self._place_above = place_above
         self._gated = gated  # large uploads wait for the gate's verdict
 
     def parse_header(self, header_plus: bytes) -> None:
@@ -284,10 +291,9 @@ class Request(HTTPRequestParser):
         self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
         if self.command != "POST":  # the large routes take their large bodies by POST only
             self.adj = self._limits[""]
-        default = self._limits[""].max_request_body_size
-        large_route = self.adj.max_request_body_size > default
+        large_route = self.adj.max_request_body_size > self._place_above + 1
         self.needs_place = large_route and (
-            self.chunked or default <= self.content_length < self.adj.max_request_body_size
+            self.chunked or self._place_above < self.content_length < self.adj.max_request_body_size
         )
         # Chunked bodies may grow past SPOOL_BYTES, where the route takes that much (the routes
         # that take no key take less).
@@ -472,7 +478,8 @@ class Channel(HTTPChannel):
         super().__init__(*args, **kw)
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
-        return Request(adj, self.server.body_limits, self.server.upload_places, self.server.gated)
+        server = self.server
+        return Request(adj, server.body_limits, server.upload_places, server.place_above, server.gated)
 
     def judged(self, request: Request, refusal: Refusal | None) -> None:
         """The gate's verdict on the large upload being read; in the loop's thread. Refused, it
@@ -691,6 +698,7 @@ class Server(TcpWSGIServer):
         supervisor: int | None = None,
         service_stopping: Callable[[], bool] = lambda: False,
         body_limits: dict[str, int] | None = None,
+        place_above: int | None = None,
         upload_gate: UploadGate | None = None,
         heartbeat: Callable[[], None] = lambda: None,
         cors_origins: tuple[str, ...] = (),
@@ -723,6 +731,8 @@ class Server(TcpWSGIServer):
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
             self.body_limits[path] = copy.copy(self.adj)
             self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
+        # Bodies on routes that take more than this need an upload place (Request).
+        self.place_above = self.body_limits[""].max_request_body_size - 1 if place_above is None else place_above
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """For an answer of the server's own, what the app's CORS middleware adds to its own."""
@@ -920,6 +930,7 @@ def create_server(
     supervisor: int | None = None,
     service_stopping: Callable[[], bool] = lambda: False,
     body_limits: dict[str, int] | None = None,
+    place_above: int | None = None,
     upload_gate: UploadGate | None = None,
     heartbeat: Callable[[], None] = lambda: None,
     refused: Callable[[int], None] = lambda status: None,
@@ -929,7 +940,8 @@ def create_server(
     every worker, and hears through ``heartbeat`` that its loop runs); ``run()`` serves until
     SystemExit. ``body_limits``: the largest body of each
     route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
-    ``MAX_BATCH_WINDOWS``'s. ``upload_gate``: judges a body past the default limit from its key
+    ``MAX_BATCH_WINDOWS``'s; a body on a route whose limit is past ``place_above`` (the default
+    limit's, unless given) needs an upload place. ``upload_gate``: judges a body past the default limit from its key
     before it is read (``app.upload_gate``); without one, every such body is read. ``refused``:
     told the status of each answer the server gives itself, from a request's headers."""
     body_limits = body_limits or {"": config.max_body_bytes}
@@ -988,6 +1000,7 @@ def create_server(
         supervisor=supervisor,
         service_stopping=service_stopping,
         body_limits=body_limits,
+        place_above=place_above,
         upload_gate=upload_gate,
         heartbeat=heartbeat,
         cors_origins=config.cors_allow_origins,

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from service.app import body_limits, create_app, upload_gate
+from service.app import create_app, server_rules
 from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
@@ -52,12 +52,7 @@ def serve(
                 {} if occupancy is None else {"service_stopping": occupancy.stopping, "heartbeat": occupancy.beat}
             )
             deps = runtime.deps
-            app = create_app(deps)
-            gate = upload_gate(deps.keys, deps.store.release)
-            limits = body_limits(config)
-            if deps.metrics is not None:
-                siblings["refused"] = deps.metrics.refused
-            server = create_server(app, config, listener, supervisor, body_limits=limits, upload_gate=gate, **siblings)
+            server = create_server(create_app(deps), config, listener, supervisor, **siblings, **server_rules(deps))
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         except ConfigError as exc:

@@ -156,6 +156,11 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
     assert keys.startswith(b"HTTP/1.1 413 ") and keys.endswith(
         b'{"error":"Request body too large (limit 16384 bytes)"}'
     )
+    # So do the routes that take no body, and unknown paths: they were taken for uploads and
+    # answered "Missing x-api-key header" before the body was read.
+    for path in ("/healthz", "/openapi.json", "/no/such/route"):
+        assert answer_to_headers(path, 100_000).endswith(b'{"error":"Request body too large (limit 16384 bytes)"}')
+    assert http("POST", f"{server.url}/healthz", {"a": 1})[0] == 405
     server.signal(signal.SIGHUP)  # a closed terminal: it stopped at once, dropping what was under way
     assert server.wait() == 0 and "Draining" in server.log()
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from service import record, recording, resources
-from service.app import body_limits, create_app
+from service.app import create_app, server_rules
 from service.batcher import Batcher
 from service.connections import create_server
 from service.contract import SAMPLING_RATE_HZ, WINDOW
@@ -404,7 +404,7 @@ def test_recordings_read_slowly_hold_no_thread(tmp_path, engine, smtp, sqlite_ur
     health checks hung."""
     config = smtp_config(tmp_path, sqlite_url, smtp, host="127.0.0.1", port=0, web_threads=2)
     with Runtime(config, engine=engine) as rt:
-        server = create_server(create_app(rt.deps), config, body_limits=body_limits(config))
+        server = create_server(create_app(rt.deps), config, **server_rules(rt.deps))
         loop = threading.Thread(target=server.run, daemon=True)
         loop.start()
         port = server.effective_port
