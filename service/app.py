@@ -137,10 +137,9 @@ def _middleware(deps: Deps) -> list[object]:
     middleware: list[object] = [RequestContext(config.trusted_proxies, deps.clock, deps.new_id)]
     if deps.metrics is not None:
         middleware.append(RequestMetrics(deps.metrics, deps.clock))
-    if origins := config.cors_allow_origins:  # "*" among them: every origin
-        allowed = "*" if "*" in origins else origins
-        middleware.append(falcon.CORSMiddleware(allow_origins=allowed, expose_headers=list(CORS_EXPOSED)))
-    return [*middleware, SecurityHeaders(cors=bool(config.cors_allow_origins)), ReleaseConnection(deps.store.release)]
+    if config.cors_origins:
+        middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins, expose_headers=list(CORS_EXPOSED)))
+    return [*middleware, SecurityHeaders(cors=bool(config.cors_origins)), ReleaseConnection(deps.store.release)]
 
 
 def _use_json(app: falcon.App) -> None:

@@ -250,6 +250,11 @@ class Config:
         return (self.base_url or f"http://localhost:{self.port}").rstrip("/")
 
     @property
+    def cors_origins(self) -> str | tuple[str, ...]:
+        """As Falcon's CORSMiddleware takes them: "*" (listed among others too) for every origin."""
+        return "*" if "*" in self.cors_allow_origins else self.cors_allow_origins
+
+    @property
     def mail_port(self) -> int:
         return self.smtp_port or DEFAULT_SMTP_PORT[self.smtp_security]
 

@@ -701,7 +701,7 @@ class Server(TcpWSGIServer):
         place_above: int | None = None,
         upload_gate: UploadGate | None = None,
         heartbeat: Callable[[], None] = lambda: None,
-        cors_origins: tuple[str, ...] = (),
+        cors_origins: str | tuple[str, ...] = (),  # Config.cors_origins
         refused: Callable[[int], None] = lambda status: None,
         **kw: Any,
     ) -> None:
@@ -739,7 +739,7 @@ class Server(TcpWSGIServer):
         if not self.cors_origins:
             return []
         headers = [("Vary", "Origin")]
-        wildcard = "*" in self.cors_origins
+        wildcard = self.cors_origins == "*"
         if origin is not None and (wildcard or origin in self.cors_origins):
             headers += [
                 ("Access-Control-Allow-Origin", "*" if wildcard else origin),
@@ -1003,7 +1003,7 @@ def create_server(
         place_above=place_above,
         upload_gate=upload_gate,
         heartbeat=heartbeat,
-        cors_origins=config.cors_allow_origins,
+        cors_origins=config.cors_origins,
         refused=refused,
         dispatcher=dispatcher,
         adj=adj,
