@@ -22,7 +22,10 @@ MAX_ABS = 1e100
 WINDOW_NOTE = f"The model expects 10 seconds of ECG sampled at {SAMPLING_RATE_HZ} Hz: exactly {WINDOW} values."
 UNITS = {"normalized": False, "input": True}
 _NUMBERS = {float, int}
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Each digit can belong to one part only: "[0-9]+\.?[0-9]*" split a long run of digits every
+# way before it gave up on the letter after it, and held the GIL (the worker's loop too) for
+# seconds on a 30,000-digit query value.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class ValidationError(ValueError):
