@@ -3,6 +3,7 @@ with one sentence (never a traceback) when it cannot go on, and know the signals
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 
@@ -14,6 +15,23 @@ def refuse(problem: object) -> int:
     """A start or a command that cannot go on: its one sentence on stderr; the exit code, 1."""
     print(f"heartify: {problem}", file=sys.stderr)
     return 1
+
+
+# glibc's mallopt parameter, and its default value, which setting it keeps from moving.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 << 10
+
+
+def give_back_large_blocks() -> None:
+    """Keep glibc's malloc from keeping a recording's memory. Each time a block above its mmap
+    threshold is freed, glibc raises the threshold to that block's size (up to 32 MiB); past
+    that, a recording's arrays came from the heap, which keeps what is freed in its middle, and
+    each recording left a worker a hundred MB larger until it held over a GB. Set once, the
+    threshold stays: every large array has a mapping of its own, unmapped when freed (the
+    windows' arrays are smaller). Elsewhere than glibc, nothing to set."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def configured() -> Config | None:

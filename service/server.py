@@ -21,7 +21,7 @@ from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
-from service.process import cannot_listen, refuse, stop_signals
+from service.process import cannot_listen, give_back_large_blocks, refuse, stop_signals
 from service.runtime import Runtime, StartupError
 
 log = logging.getLogger("service")
@@ -42,6 +42,7 @@ def serve(
     # Where waitress spools large bodies: chosen now, while TMPDIR can be written, not at the first
     # upload, when tempfile would pass over a full TMPDIR for another directory without a word.
     tempfile.gettempdir()
+    give_back_large_blocks()
     with ExitStack() as stack:
         try:
             runtime = stack.enter_context(Runtime(config, occupancy=occupancy))
