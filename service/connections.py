@@ -274,7 +274,10 @@ class Request(HTTPRequestParser):
         self._gated = gated  # large uploads wait for the gate's verdict
 
     def parse_header(self, header_plus: bytes) -> None:
-        super().parse_header(header_plus)
+        try:
+            super().parse_header(header_plus)
+        except ValueError as exc:  # urlsplit's on "http://[::1/": waitress closed with no answer
+            raise ParsingError("Bad URI") from exc
         # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
         framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
         if framed_twice:
@@ -303,6 +306,8 @@ class Request(HTTPRequestParser):
             self.held_continue, self.expect_continue = self.expect_continue, False
         elif self.chunked or self.content_length:
             self.let_in()
+        else:  # no body to ask for: waitress sent "100 Continue", then waited for one until the idle timeout
+            self.expect_continue = False
 
     def let_in(self) -> bool:
         """Its body may come from now on: its pace begins, and a large upload takes an upload
