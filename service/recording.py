@@ -33,6 +33,7 @@ MIN_RATE_HZ = 50.0
 MAX_RATE_HZ = 1000.0
 MIN_SECONDS = 2.0
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it, float32 loses digits, then everything
 _WEIGHTS = np.sin(np.pi * (np.arange(WINDOW) + 0.5) / WINDOW) ** 2  # Hann, > 0 inside, → 0 at both edges
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -127,10 +128,12 @@ def denoise(samples: np.ndarray, rate: float, run: Runner, hop: int = HOP) -> np
 
 def compact(samples: np.ndarray) -> np.ndarray:
     """float32, the model's own precision and half as long to write, unless a value is beyond
-    float32's range (JSON numbers and CSV files may reach 1e100): then as it is."""
-    with np.errstate(over="ignore"):
+    float32's range either way (JSON numbers and CSV files may reach 1e100, or 1e-100, where
+    float32 has zeros): then as it is."""
+    with np.errstate(over="ignore", under="ignore"):
         out = samples.astype(np.float32)
-    return out if np.isfinite(out).all() else samples
+    lost = (np.abs(out) < FLOAT32_TINY) & (samples != 0)
+    return out if np.isfinite(out).all() and not lost.any() else samples
 
 
 def to_float32(samples: np.ndarray) -> np.ndarray:

@@ -125,14 +125,16 @@ def test_json_values_beyond_float32_come_back_finite(client, key):
     assert all(isinstance(v, float) and np.isfinite(v) for v in out) and max(map(abs, out)) > 1e50
 
 
-def test_large_values_are_denoised_as_their_scaled_down_copy_at_any_rate(client, key):
+@pytest.mark.parametrize("scale", [2.0**120, 2.0**-200])
+def test_values_far_from_one_are_denoised_as_their_scaled_copy_at_any_rate(client, key, scale):
     """The resampler overflows from about 1e36: a recording scaled by 2**120 (1.3e36) must come
-    back as the unscaled one's answer, scaled (powers of two scale exactly), not as nulls."""
+    back as the unscaled one's answer, scaled (powers of two scale exactly), not as nulls; one
+    scaled by 2**-200 (6e-61), not as float32's zeros."""
     x = ecg(4, 250, seed=6)
-    small = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}).json["denoised_signal"]
-    large = post_json(client, key, {"ecg_signal": (x * 2.0**120).tolist(), "sampling_rate": 250})
-    assert large.status_code == 200
-    np.testing.assert_allclose(np.array(large.json["denoised_signal"]) / 2.0**120, small, rtol=1e-6, atol=0)
+    unscaled = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 250}).json["denoised_signal"]
+    scaled = post_json(client, key, {"ecg_signal": (x * scale).tolist(), "sampling_rate": 250})
+    assert scaled.status_code == 200
+    np.testing.assert_allclose(np.array(scaled.json["denoised_signal"]) / scale, unscaled, rtol=1e-6, atol=0)
 
 
 def test_float32_at_its_largest_values_comes_back_finite(client, key):
