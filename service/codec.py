@@ -30,19 +30,22 @@ class TooManyValues(Exception):
         super().__init__(f"Request body too large: more than {limit} {what}")
 
 
-def loads(text: str, max_values: int, max_containers: int) -> Any:
+def loads(text: str | bytes, max_values: int, max_containers: int) -> Any:
     """orjson, falling back to the stdlib for what the old Flask service also accepted.
 
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
+    ``text``: decoded, or UTF-8 bytes (the stdlib decodes them as the old service did, lone
+    surrogates included, where orjson refuses them).
 
     A body (larger than ``SMALL_BODY``) with ``max_values`` commas or more (so more values), or
     more than ``max_containers`` arrays and objects, is refused before it is parsed.
     """
     if len(text) > SMALL_BODY:
-        if text.count(",") >= max_values:
+        comma, bracket, brace = (",", "[", "{") if isinstance(text, str) else (b",", b"[", b"{")
+        if text.count(comma) >= max_values:
             raise TooManyValues(max_values, "values")
-        if text.count("[") + text.count("{") > max_containers:
+        if text.count(bracket) + text.count(brace) > max_containers:
             raise TooManyValues(max_containers, "arrays and objects")
     try:
         return orjson.loads(text)
