@@ -228,21 +228,30 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def _only_metrics(app: Callable) -> Callable:
-    """prometheus-client's app answers every path; the port serves ``/metrics``, and the rest
-    get the JSON 404 of the API."""
+    """prometheus-client's app answers every path, and other methods than GET in plain text; the
+    port serves ``GET /metrics``, and the rest get the JSON 404 or 405 of the API."""
 
     def only(environ: dict, start_response: Callable) -> list[bytes]:
-        if environ.get("PATH_INFO") == "/metrics":
-            return app(environ, start_response)
-        headers = [
+        if environ.get("PATH_INFO") != "/metrics":
+            return _json_error(start_response, "404 Not Found")
+        if environ.get("REQUEST_METHOD") not in ("GET", "OPTIONS"):
+            return _json_error(start_response, "405 Method Not Allowed", (("Allow", "GET, OPTIONS"),))
+        return app(environ, start_response)
+
+    return only
+
+
+def _json_error(start_response: Callable, status: str, headers: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
+    start_response(
+        status,
+        [
             ("Content-Type", "application/json"),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
-        ]
-        start_response("404 Not Found", headers)
-        return [b'{"error":"404 Not Found"}']
-
-    return only
+            *headers,
+        ],
+    )
+    return [b'{"error":"%s"}' % status.encode()]
 
 
 def serve_metrics(

@@ -148,6 +148,9 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
         with pytest.raises(urllib.error.HTTPError) as other:  # the port serves /metrics only
             urllib.request.urlopen(f"http://127.0.0.1:{lenient}/", timeout=5)
         assert other.value.code == 404 and other.value.read() == b'{"error":"404 Not Found"}'
+        with pytest.raises(urllib.error.HTTPError) as posted:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{lenient}/metrics", b"{}"), timeout=5)
+        assert posted.value.code == 405 and posted.value.read() == b'{"error":"405 Method Not Allowed"}'
     finally:
         for stop in stops:
             stop()
