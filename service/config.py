@@ -71,6 +71,9 @@ def _env(
 # Beyond these, a setting is a typo or a machine this service was not measured on; the defaults
 # stay within them too.
 MAX_WORKERS = 256
+# modelVersion in the answers: an int to the Java clients of the old API; past 2**63 not even JSON
+# that orjson writes (every answer was an empty 500).
+MAX_MODEL_VERSION = 2**31 - 1
 MAX_WEB_THREADS = 1024
 # A worker's loop shows it is alive every second; a long JSON body holds it a while.
 MIN_WORKER_TIMEOUT_S = 5.0
@@ -101,7 +104,7 @@ class Config:
     database_url: str = field(default="sqlite:///heartify.db", metadata=_env("DATABASE_URL"))
     model_path: Path = field(default=ROOT / "artifacts" / "attention_unet.onnx", metadata=_env("MODEL_PATH", Path))
     manifest_path: Path | None = field(default=None, metadata=_env("MANIFEST_PATH", Path))
-    model_version: int | None = field(default=None, metadata=_env("MODEL_VERSION", int, 0))
+    model_version: int | None = field(default=None, metadata=_env("MODEL_VERSION", int, 0, MAX_MODEL_VERSION))
     base_url: str | None = field(default=None, metadata=_env("BASE_URL"))
     host: str = field(default="127.0.0.1", metadata=_env("HOST"))
     port: int = field(default=8000, metadata=_env("PORT", int, 0, MAX_PORT))

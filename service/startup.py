@@ -12,7 +12,7 @@ import sys
 
 import peewee as pw
 
-from service.config import Config, ConfigError
+from service.config import MAX_MODEL_VERSION, Config, ConfigError
 from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
 from service.manifest import ModelError, verify_model
 from service.process import configured, refuse
@@ -38,6 +38,8 @@ def model_version(config: Config) -> int:
     version = config.model_version if config.model_version is not None else manifest_version
     if version is None:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
+    if not 0 <= version <= MAX_MODEL_VERSION:
+        raise StartupError(f"The model_version of {config.manifest} must be from 0 to {MAX_MODEL_VERSION} (got {version}).")
     return version
 
 

@@ -4,6 +4,7 @@ on SQLite and on PostgreSQL: the path a new user takes, a restart, and a mail se
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import signal
@@ -188,6 +189,7 @@ def start_in_process(monkeypatch, capfd):
         ("missing", "does not exist"),
         ("corrupt", "does not match its manifest"),
         ("unlisted", "has no sha256 for"),
+        ("version past an int", "must be from 0 to 2147483647 (got 18446744073709551616)"),  # answers were 500s
     ],
 )
 def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path, problem, expected):
@@ -201,6 +203,9 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
     elif problem == "unlisted":
         model = tmp_path / "other.onnx"
         model.write_bytes(MODEL.read_bytes())
+    elif problem.startswith("version"):
+        model.write_bytes(MODEL.read_bytes())
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "model_version": 2**64}))
     code, output = start_in_process({"MODEL_PATH": str(model), "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
     assert code == 1
     assert "Traceback" not in output
@@ -227,6 +232,7 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"DATABASE_URL": "postgresql://u@[::1/x"}, "DATABASE_URL is not a valid URL: its port"),
         ({"PORT": "0"}, "PORT=0 (any free port) needs BASE_URL"),  # the links would name port 0
         ({"WORKER_TIMEOUT_SECONDS": "1"}, "WORKER_TIMEOUT_SECONDS must be 0 (off) or at least 5 (got 1)"),
+        ({"MODEL_VERSION": str(2**64)}, "MODEL_VERSION must be at most 2147483647"),
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):
