@@ -36,6 +36,11 @@ class Loop:
     def wake(self) -> None:
         self._wakeup.set()
 
+    @property
+    def stopping(self) -> bool:
+        """``close`` has been called: a long step may end early."""
+        return self._stopping.is_set()
+
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         self._wakeup.set()

@@ -43,6 +43,8 @@ SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 # RFC 5321 allows 10 minutes; a mail begun within the batch's time (above) then still ends
 # within its claim, unless its other steps each take their whole SMTP_TIMEOUT_SECONDS too.
 FINAL_REPLY_S = CLAIM_LEASE.total_seconds() / 4
+# A stop waits this long beyond FINAL_REPLY_S for the mail being sent, to record it as sent.
+STOP_MARGIN_S = 5.0
 
 
 Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
@@ -244,7 +246,9 @@ class Outbox:
         self._loop.wake()
 
     def close(self) -> None:
-        self._loop.close()
+        """Ends the mail being sent (a server may take ``FINAL_REPLY_S`` to confirm it: given up
+        sooner, it stayed claimed, and went again after the restart) and gives back the rest."""
+        self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S)
 
     def _step(self) -> float:
         self._settle()
@@ -273,6 +277,9 @@ class Outbox:
         try:
             with self._sender.session() as send:
                 for row in due:
+                    if self._loop.stopping:  # the rest are due again now, for whoever runs next
+                        self._store.release_mails([r for r in due if r.id not in done])
+                        break
                     if time.monotonic() > deadline:
                         log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
                         break

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 import falcon.testing
@@ -262,6 +263,26 @@ def test_a_mail_server_that_never_confirms_in_time_gets_the_mail_a_bounded_numbe
     time.sleep(0.5)  # what a further retry would have sent by now
     assert [m["To"] for m in smtp.mailbox.messages] == ["late@example.org"] * 3  # the outbox's attempts
     assert any("taken as delivered" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_stop_waits_for_the_mail_its_server_is_slow_to_confirm(runtime_with, sqlite_url, smtp):
+    """A stop gave the outbox 10 s, less than the 30 s a server may take to confirm a mail: the
+    mail stayed claimed, and went again after the restart. The mails behind it are not sent by
+    the stopping process, and are due at once for the next."""
+    smtp.mailbox.confirm_after_s = 11.0
+    rt = runtime_with(sqlite_url)
+    client = client_of(rt)
+    assert client.simulate_post(GENERATION, json={"email": "first@example.org"}).status_code == 200
+    smtp.mailbox.wait_for(1)  # kept by the server, which confirms it 11 s later
+    assert client.simulate_post(GENERATION, json={"email": "second@example.org"}).status_code == 200
+    rt.close()
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
+        rows = dict(db.execute("SELECT recipient, sent_at IS NOT NULL FROM outbox_mail").fetchall())
+        due = db.execute("SELECT next_attempt_at FROM outbox_mail WHERE recipient = 'second@example.org'").fetchone()
+    assert rows == {"first@example.org": 1, "second@example.org": 0}
+    assert [m["To"] for m in smtp.mailbox.messages] == ["first@example.org"]
+    assert datetime.fromisoformat(due[0]) <= utcnow()  # not claimed for CLAIM_LEASE by the stopped process
 
 
 @pytest.mark.parametrize("at", ["RCPT", "DATA"])
