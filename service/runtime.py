@@ -74,12 +74,16 @@ class Runtime:
 
     ``engine`` may be given already started (the tests share one per model file); the runtime
     then neither starts nor closes it. ``occupancy``: a worker's slot among the worker processes
-    (``service.workers``); without one the process is alone on the machine.
+    (``service.workers``); without one the process is alone on the machine. A worker starts with
+    the database away (``Store.start``): its supervisor checked it at the service's start, and
+    a worker replaced during an outage must serve the outage's answers, not leave its
+    connections unanswered.
     """
 
     def __init__(self, config: Config, engine: Engine | None = None, occupancy: Occupancy | None = None) -> None:
         self.config = config
         self._engine = engine
+        self._worker = occupancy is not None
         self._occupancy = occupancy or Occupancy()
         self._stack = ExitStack()
         self.store: Store
@@ -100,7 +104,7 @@ class Runtime:
             if engine is None:
                 engine = start_engine(config)
                 stack.callback(engine.close)
-            self.store = start_store(config)
+            self.store = start_store(config, may_be_away=self._worker)
             stack.callback(self.store.close)
             self.sealer = sealer = Sealer(mail_secrets(config))
             probe = DatabaseProbe(lambda: self.store.db, self.store.health)
@@ -159,12 +163,13 @@ class Runtime:
             )
             self._stack = stack.pop_all()
         log.info(
-            "Model %s (version %d, %d onnxruntime threads per run, %d alone) and database %s ready",
+            "Model %s (version %d, %d onnxruntime threads per run, %d alone) ready; database %s %s",
             config.model_path.name,
             version,
             engine.threads,
             engine.lone_threads,
             redact(config.database_url),
+            "ready" if self.store.health.available else "not answering yet",
         )
         return self
 

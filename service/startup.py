@@ -39,11 +39,15 @@ def model_version(config: Config) -> int:
     if version is None:
         raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
     if not 0 <= version <= MAX_MODEL_VERSION:
-        raise StartupError(f"The model_version of {config.manifest} must be from 0 to {MAX_MODEL_VERSION} (got {version}).")
+        raise StartupError(
+            f"The model_version of {config.manifest} must be from 0 to {MAX_MODEL_VERSION} (got {version})."
+        )
     return version
 
 
-def start_store(config: Config) -> Store:
+def start_store(config: Config, may_be_away: bool = False) -> Store:
+    """The store, or one sentence when the database cannot be used (unless it ``may_be_away``:
+    ``Store.start``)."""
     store = Store(
         config.database_url,
         max_connections=config.web_threads + BACKGROUND_CONNECTIONS,
@@ -51,7 +55,7 @@ def start_store(config: Config) -> Store:
         statement_timeout_s=config.db_statement_timeout_s,
     )
     try:
-        return store.start()
+        return store.start(may_be_away)
     except (pw.PeeweeException, DatabaseUnavailable) as exc:
         store.close()
         raise StartupError(f"Database {redact(config.database_url)} cannot be used: {first_line(exc)}") from None

@@ -18,7 +18,14 @@ import peewee as pw
 import psycopg2
 from playhouse.migrate import SchemaMigrator, migrate
 
-from service.database import DatabaseHealth, DatabaseUnavailable, first_line, open_database, postgres_params
+from service.database import (
+    DatabaseHealth,
+    DatabaseUnavailable,
+    first_line,
+    open_database,
+    postgres_params,
+    unavailable,
+)
 from service.messages import Mail
 
 log = logging.getLogger(__name__)
@@ -159,10 +166,23 @@ class Store:
         self._timeouts = (connect_timeout_s, statement_timeout_s)
         self.db: pw.Database | None = None  # opened by start
 
-    def start(self) -> Store:
-        """Open the pool and create what is missing (``IF NOT EXISTS`` for every table and index)."""
+    def start(self, may_be_away: bool = False) -> Store:
+        """Open the pool and create what is missing (``IF NOT EXISTS`` for every table and index).
+
+        A database that cannot be reached fails the start (in one sentence: ``startup``), unless
+        it ``may_be_away``: then the breaker opens, and the store serves once the probe finds the
+        database back (a worker replaced during an outage; its supervisor's start checked the
+        database and made the tables, and a table found missing later is made again)."""
         self.db = open_database(self._url, self._max_connections, self.health, *self._timeouts)
-        self.db.probe()  # a database that cannot be reached fails the start quietly, in one sentence
+        try:
+            self.db.probe()
+        except Exception as exc:
+            if not (may_be_away and unavailable(exc)):
+                raise
+            self.health.failed(exc)
+            away = True
+        else:
+            away = False
         _proxy.initialize(self.db)
         # The key lookup runs on every denoising request: peewee writes its SQL once, in the
         # database's own dialect, and each request only executes it.
@@ -172,10 +192,11 @@ class Store:
             .sql()
         )
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
-        self.create_tables()
         self._restoring = threading.Lock()
         self._next_restore = 0.0  # time.monotonic() before which a failed restore is not tried again
         self.db.on_schema_lost = self._restore_schema
+        if not away:
+            self.create_tables()
         return self
 
     def _restore_schema(self) -> None:

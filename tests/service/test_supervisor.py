@@ -214,3 +214,28 @@ def test_a_pause_of_the_whole_machine_kills_no_worker(tmp_path):
             process.kill()
             process.wait()
             worker.close()
+
+
+@pytest.mark.slow
+def test_workers_replaced_while_postgres_is_down_serve_the_outage_answers(pg_cluster, service_process, tmp_path):
+    """A worker that found the database away at its start exited, and so did every replacement,
+    a longer while apart each time: with none left, the supervisor's socket took connections that
+    nobody answered, health checks included. Now a replacement serves the outage's answers, and
+    all of them once the database is back."""
+    env = {"DATABASE_URL": pg_cluster.url, "SECRET_KEY": "s" * 40, "OUTBOX_DIR": str(tmp_path), "WEB_WORKERS": "2"}
+    service = service_process(env)
+    wait_until(lambda: "with 2 workers" in service.log(), 30, "both workers ready")
+    pg_cluster.stop()
+    for pid in children(service.pid):
+        os.kill(pid, signal.SIGKILL)
+    # The supervisor's line, the first two workers', then the replacements'.
+    wait_until(lambda: service.log().count("Serving on") == 5, 60, "both replacements serving")
+    assert http("GET", f"{service.url}/healthz") == (200, {"status": "ok"})
+    assert http("GET", f"{service.url}/readyz")[0] == 503
+    window = {"ecg_signal": [0.0] * 1300}
+    status, body = http("POST", f"{service.url}/api/v1/denoising", window, {"x-api-key": "never-seen"})
+    assert status == 503 and "the database does not answer" in body["error"]
+    pg_cluster.start()
+    wait_until(lambda: http("GET", f"{service.url}/readyz")[0] == 200, 30, "ready once the database is back")
+    generation = f"{service.url}/api/v1/api-keys/generation"  # each worker's probe finds it within a second
+    wait_until(lambda: http("POST", generation, {"email": "back@example.org"})[0] == 200, 10, "keys mailed again")
