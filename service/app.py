@@ -20,13 +20,14 @@ from service import codec, openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.codec import TooManyValues
 from service.config import Config
-from service.connections import CORS_EXPOSED, Refusal, UploadGate
+from service.connections import CORS_EXPOSED
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.logs import loggable
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
+from service.parsing import Refusal, UploadGate
 from service.ratelimit import RateLimited
 from service.resources import (
     BINARY,
@@ -73,7 +74,7 @@ class Deps:
 def body_limits(config: Config) -> dict[str, int]:
     """The largest body each route reads, by path ("" for every route not named), or by path
     and media type where they differ. waitress refuses a larger one before reading it
-    (``connections.Request``): on a route that takes an email address, or none, nobody can make
+    (``parsing.Request``): on a route that takes an email address, or none, nobody can make
     the service spool an hour's recording to disk, or wait for its key's verdict, before the
     app sees it. The resources check the same limits on what they read."""
     limits = {
@@ -86,7 +87,7 @@ def body_limits(config: Config) -> dict[str, int]:
 
 def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
     """Judges a body that waitress would spool to disk (a whole recording, or a large batch) by
-    its key, before waitress reads it (``connections.UploadGate``): with no key, or one that is
+    its key, before waitress reads it (``parsing.UploadGate``): with no key, or one that is
     not active, or with the database away and the key not known here, it gets the answer the
     route would give, at once, instead of after the whole upload; nothing is spooled for it.
     The key's rate is left to the route, which takes from it once the body has come."""

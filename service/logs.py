@@ -13,7 +13,7 @@ access_log = logging.getLogger("service.access")
 
 def log_access(method: str, path: str, status: int, duration_ms: float, request_id: str, client: str) -> None:
     """One access-log line: the app's answers (``middleware.RequestContext``) and waitress's
-    refusals from the headers (``connections.JsonErrorTask``) alike."""
+    refusals from the headers (``channels.JsonErrorTask``) alike."""
     access_log.info(
         "%s %s %s %.1fms id=%s client=%s",
         loggable(method),

@@ -19,9 +19,10 @@ import urllib.request
 import falcon
 import pytest
 
-from service import connections
+from service import channels, connections
 from service.config import Config
 from service.connections import create_server
+from service.pace import Pace
 
 from .conftest import fill, wait_until
 from .inprocess import Echo, Long, app_with, read_all, started
@@ -337,7 +338,7 @@ def test_an_answer_its_client_does_not_read_is_closed_and_frees_its_thread():
 def test_a_pace_is_taken_over_each_window_not_since_the_start():
     """An upload (or a download) fast at first and then trickling averaged enough, since its
     start, to hold its upload place (or its answer in memory) for hours."""
-    pace = connections.Pace(30, 100)
+    pace = Pace(30, 100)
     pace.begin(0, 0)
     assert not pace.slow(29, 0)  # the window has not ended
     assert not pace.slow(30, 1_000_000)
@@ -351,8 +352,8 @@ def test_a_pace_is_taken_over_each_window_not_since_the_start():
 def long_answers(monkeypatch, window_s: float, least_bytes_per_s: int) -> tuple[connections.Server, threading.Thread]:
     """A server of long answers, whose clients must read them at ``least_bytes_per_s`` over each
     ``window_s``."""
-    monkeypatch.setattr(connections, "DOWNLOAD_WINDOW_S", window_s)
-    monkeypatch.setattr(connections, "MIN_DOWNLOAD_BYTES_PER_S", least_bytes_per_s)
+    monkeypatch.setattr(channels, "DOWNLOAD_WINDOW_S", window_s)
+    monkeypatch.setattr(channels, "MIN_DOWNLOAD_BYTES_PER_S", least_bytes_per_s)
     server = create_server(app_with({"/long": Long()}), Config(host="127.0.0.1", port=0))
     return server, started(server)
 

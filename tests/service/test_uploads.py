@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from service import connections
+from service import parsing
 from service.config import Config
-from service.connections import Refusal, create_server
+from service.connections import create_server
+from service.parsing import Refusal
 
 from .conftest import fill, wait_until
 from .inprocess import Echo, Long, app_with, read_all, started
@@ -219,8 +220,8 @@ def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeyp
     """A byte now and then keeps a connection from ever being idle: a few such uploads held every
     place, and every other recording got 503. Over each window, an upload must average the least
     rate."""
-    monkeypatch.setattr(connections, "UPLOAD_WINDOW_S", 0.5)
-    monkeypatch.setattr(connections, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
+    monkeypatch.setattr(parsing, "UPLOAD_WINDOW_S", 0.5)
+    monkeypatch.setattr(parsing, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
     app = app_with({"/large": Echo()})
     server = create_server(
         app, Config(host="127.0.0.1", port=0, web_threads=2), body_limits={"": 1000, "/large": 100_000}
@@ -328,7 +329,7 @@ def test_a_chunked_body_on_a_route_that_takes_no_key_is_not_judged_by_one():
 def test_a_small_body_that_stalls_is_closed(monkeypatch):
     """Only large uploads had a least rate: a body under 64 KiB kept in memory, a byte now and
     then, for as long as its client liked."""
-    monkeypatch.setattr(connections, "UPLOAD_WINDOW_S", 0.5)
+    monkeypatch.setattr(parsing, "UPLOAD_WINDOW_S", 0.5)
     server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:

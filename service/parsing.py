@@ -1,0 +1,277 @@
+"""waitress's request parser with the service's limits, checked as a request arrives, before the
+app sees it: heads bounded in lines and bytes and refused when they could smuggle a request; each
+route's body limit; bodies that must keep a least rate; chunks that must not be tiny; the places a
+whole recording needs; and the gate that judges a large upload by its key before it is read.
+``service.connections`` serves the requests this parses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from waitress.adjustments import Adjustments
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.utilities import BadRequest, Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
+
+from service.pace import Pace
+
+log = logging.getLogger(__name__)
+# A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
+# bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
+# client's unfinished head is held in memory until the header timeout).
+MAX_HEADER_LINES = 100
+MAX_HEADER_BYTES = 32 << 10
+# A request body must come at this many bytes a second over each window this long (all of
+# what is left of a smaller one within the window), or it is answered 408 and closed: a few
+# clients that trickle a byte now and then would otherwise hold every upload place, or disk and
+# memory for as long as they liked. 8 KiB/s is a 64 kbit/s link.
+UPLOAD_WINDOW_S = 30.0
+MIN_UPLOAD_BYTES_PER_S = 8 << 10
+# Bodies past this are written to a file as they arrive (waitress's ``inbuf_overflow``), and the
+# gate judges their key first; those under it stay in memory.
+SPOOL_BYTES = 64 << 10
+# waitress decodes a chunked body chunk by chunk, in Python, in the loop that serves every
+# connection: a body of one-byte chunks cost it a hundred times what the same bytes cost with a
+# Content-Length. So chunks are fed to it a slice at a time, and their framing (size lines and
+# CRLFs) may take this much, and a share of the data beyond it (chunks of about 512 bytes or
+# more: clients that read a file a KiB at a time send such).
+CHUNK_SLICE = 4 << 10
+CHUNK_FRAMING_FREE = 1 << 10
+CHUNK_FRAMING_SHARE = 64
+
+
+class UploadsBusy(Error):
+    """Every place for a large upload is taken (``UploadPlaces``)."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+class NoRoom(Error):
+    """The temporary directory, where waitress spools large bodies, cannot hold this one."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given to a large upload before its body is read (``UploadGate``)."""
+
+    code: int
+    reason: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# Judges a body that would be spooled to disk (past SPOOL_BYTES) from its request's x-api-key
+# header (None when it has none) before the body is read: None lets it in, a Refusal answers at
+# once. It may read the database, so it runs on a thread of its own, never in the loop's.
+UploadGate = Callable[[str | None], Refusal | None]
+
+
+class GateRefused(Error):
+    """A large upload the gate refused (``Refusal``)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.code, self.reason, self.refusal = refusal.code, refusal.reason, refusal
+
+
+class UploadPlaces:
+    """How many bodies larger than the default limit (whole recordings) one worker receives at
+    once. waitress spools each to a file as it arrives, before the app sees it: without a bound,
+    clients could fill the disk (hundreds of connections, each a whole recording). The gate
+    (``UploadGate``) keeps clients without an active key out; this bounds the others."""
+
+    def __init__(self, places: int) -> None:
+        self._free = places
+        self._lock = threading.Lock()  # taken in the loop's thread, given back in a task's
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    def take(self) -> bool:
+        with self._lock:
+            if not self._free:
+                return False
+            self._free -= 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._free += 1
+
+
+class Request(HTTPRequestParser):
+    """waitress's request parser, with the body limit of the request's route: a body declared
+    (or chunked) past it is refused before it is read, as waitress does past its one limit. A
+    body on a route whose limit is past ``place_above`` (a whole recording's) needs an upload
+    place, or gets a 503 before it is read;
+    with a gate, the place is taken once the gate has let the upload in.
+
+    And stricter about the head, which waitress parses in its one loop for every connection:
+    more than ``MAX_HEADER_LINES`` lines are refused (431) as they arrive, before waitress's
+    parsing, which costs the loop time for every line (docs/security.md); a head with a bare LF
+    gets its 400 at once, not a 408 after the header timeout; and, as RFC 9112 requires, a
+    request with both Content-Length and Transfer-Encoding (the way requests are smuggled past a
+    front end that reads the other one), an HTTP/1.1 request without a Host, and one with
+    several, get a 400 and their connection is closed.
+    """
+
+    needs_place = False  # a body on a route past ``place_above`` (a whole recording)
+    holds_place = False
+    # Its body's rate, from when it may come (a gate's verdict may come later than its head).
+    upload_pace: Pace | None = None
+    made_up_head = False  # refused before its head was parsed: its method and path are unknown
+    judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
+    held_continue = False  # its client expects "100 Continue", which waits for the verdict
+
+    def __init__(
+        self,
+        adj: Adjustments,
+        limits: dict[str, Adjustments],
+        places: UploadPlaces,
+        place_above: int,
+        gated: bool = False,
+    ) -> None:
+        super().__init__(adj)
+        self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
+        self._places = places
+        self._place_above = place_above
+        self._gated = gated  # large uploads wait for the gate's verdict
+
+    def parse_header(self, header_plus: bytes) -> None:
+        try:
+            super().parse_header(header_plus)
+        except ValueError as exc:  # urlsplit's on "http://[::1/": waitress closed with no answer
+            raise ParsingError("Bad URI") from exc
+        # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
+        framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
+        if framed_twice:
+            raise ParsingError("both Content-Length and Transfer-Encoding")
+        if "TRANSFER_ENCODING" in self.headers:  # left by waitress on HTTP/1.0, which has none
+            raise ParsingError("Transfer-Encoding in an HTTP/1.0 request")
+        if self.version == "1.1" and not self.headers.get("HOST"):
+            raise ParsingError("an HTTP/1.1 request needs a Host header")
+        if "," in self.headers.get("HOST", ""):  # waitress joins repeated headers with commas
+            raise ParsingError("more than one Host header")
+        # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
+        path = "/" + self.path.lstrip("/")
+        media = self.headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
+        if self.command != "POST":  # the large routes take their large bodies by POST only
+            self.adj = self._limits[""]
+        large_route = self.adj.max_request_body_size > self._place_above + 1
+        self.needs_place = large_route and (
+            self.chunked or self._place_above < self.content_length < self.adj.max_request_body_size
+        )
+        # Chunked bodies may grow past SPOOL_BYTES, where the route takes that much (the routes
+        # that take no key take less).
+        spooled = self.adj.max_request_body_size > SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
+        if self._gated and (self.needs_place or spooled):  # let in (and a place taken) once judged
+            self.judging = True
+            self.held_continue, self.expect_continue = self.expect_continue, False
+        elif self.chunked or self.content_length:
+            self.let_in()
+        else:  # no body to ask for: waitress sent "100 Continue", then waited for one until the idle timeout
+            self.expect_continue = False
+
+    def let_in(self) -> bool:
+        """Its body may come from now on: its pace begins, and a large upload takes an upload
+        place, or gets the busy 503 (from its headers)."""
+        self.begin_pace()
+        if self.needs_place:
+            self.holds_place = self._places.take()
+            if not self.holds_place:
+                self.error = UploadsBusy("every place for a large upload is taken")
+                self.completed = True
+        return self.error is None
+
+    def begin_pace(self) -> None:
+        self.upload_pace = Pace(UPLOAD_WINDOW_S, MIN_UPLOAD_BYTES_PER_S)
+        self.upload_pace.begin(time.time(), self.body_bytes_received)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.headers.get("X_API_KEY") or None
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.error = GateRefused(refusal)
+        self.completed = True
+
+    def received(self, data: bytes) -> int:
+        if self.body_rcv is None and not self.completed and (error := self._bad_head(self.header_plus + data)):
+            self.parse_header(b"GET / HTTP/1.0\r\n")  # as waitress does for a head too large
+            self.made_up_head = True
+            self.error = error
+            self.completed = True
+            return len(data)
+        if self.chunked and self.body_rcv is not None:
+            data = data[:CHUNK_SLICE]  # waitress's channel gives the rest in the next call
+        try:
+            consumed = super().received(data)
+        except OSError as exc:  # the spool file: a full disk, or over a quota
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            log.warning("No room in the temporary directory for a request body: %s", exc.strerror)
+            self.error = NoRoom(exc.strerror)
+            self.completed = True
+            return len(data)
+        receiver = self.body_rcv if self.chunked else None
+        if (
+            self.error is None
+            and receiver is not None
+            and max(len(receiver.control_line), len(receiver.trailer)) > MAX_HEADER_BYTES
+        ):
+            # waitress holds a chunk's size line (and the trailer) in memory until its end, and
+            # searches all of it again at every read: megabytes of it held the loop for seconds.
+            self.error = BadRequest("a chunk size line or trailer too long")
+            self.completed = True
+        if self.error is None and receiver is not None and self._framing_too_large(receiver):
+            self.error = BadRequest(
+                f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes or more"
+            )
+            self.completed = True
+        chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
+        if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
+            # A chunk declared past the limit: refused now, as a Content-Length past it is,
+            # instead of once the body has come (or after the idle timeout, if it never does).
+            self.error = RequestEntityTooLarge("a chunk exceeds the body limit")
+            self.completed = True
+        if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
+            self.expect_continue = False
+        return consumed
+
+    def _framing_too_large(self, receiver: Any) -> bool:
+        data = len(receiver.buf)  # the chunks' data so far; body_bytes_received counts their framing too
+        return self.body_bytes_received - data > CHUNK_FRAMING_FREE + data // CHUNK_FRAMING_SHARE
+
+    @staticmethod
+    def _bad_head(head: bytes) -> Error | None:
+        """What is wrong with a head so far (before waitress parses it, at the speed of C)."""
+        end = head.find(b"\r\n\r\n")
+        head = head if end < 0 else head[:end]
+        if head.count(b"\n") > MAX_HEADER_LINES:
+            return RequestHeaderFieldsTooLarge(f"more than {MAX_HEADER_LINES} header lines")
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return BadRequest("lines must end in CRLF")
+        return None
+
+    def close(self) -> None:
+        """After its answer, or when its client hangs up while it is read (``Channel``)."""
+        try:
+            with contextlib.suppress(OSError):  # a spool file that cannot flush on a full disk
+                super().close()
+        finally:
+            if self.holds_place:
+                self.holds_place = False
+                self._places.give_back()
