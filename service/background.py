@@ -41,9 +41,13 @@ class Loop:
         """``close`` has been called: a long step may end early."""
         return self._stopping.is_set()
 
-    def close(self, timeout_s: float = 10.0) -> None:
+    def stop(self) -> None:
+        """No further step; the one under way goes on (``stopping`` tells it)."""
         self._stopping.set()
         self._wakeup.set()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 

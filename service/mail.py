@@ -43,7 +43,8 @@ SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 # RFC 5321 allows 10 minutes; a mail begun within the batch's time (above) then still ends
 # within its claim, unless its other steps each take their whole SMTP_TIMEOUT_SECONDS too.
 FINAL_REPLY_S = CLAIM_LEASE.total_seconds() / 4
-# A stop waits this long beyond FINAL_REPLY_S for the mail being sent, to record it as sent.
+# At the end of a stop, the mail being sent is waited for this long beyond FINAL_REPLY_S (its
+# wait began before the stop), to record it as sent.
 STOP_MARGIN_S = 5.0
 
 
@@ -245,13 +246,20 @@ class Outbox:
         """Called after a transaction that queued a mail commits: deliver it now."""
         self._loop.wake()
 
+    def stop(self) -> None:
+        """Sends no other mail: the one being sent ends (a server may take ``FINAL_REPLY_S`` to
+        confirm it), the rest of its batch is given back. Called when a stop begins, so that the
+        mail has the drain's time to end in (given up sooner, it stayed claimed, and went again
+        after the restart)."""
+        self._loop.stop()
+
     def close(self) -> None:
-        """Ends the mail being sent (a server may take ``FINAL_REPLY_S`` to confirm it: given up
-        sooner, it stayed claimed, and went again after the restart) and gives back the rest."""
         self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S)
 
     def _step(self) -> float:
         self._settle()
+        if self._loop.stopping:
+            return 0.0
         due = self._store.claim_due_mails(CLAIM_BATCH)
         if due:
             self._deliver(due)

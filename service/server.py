@@ -69,8 +69,13 @@ def serve(
                 stack.callback(serve_metrics(config.host, config.metrics_port, registry))
             except OSError as exc:
                 return cannot_listen(config.host, config.metrics_port, exc)
+
+        def stop(signum: int, frame: object) -> None:
+            server.drain(config.shutdown_grace_s)
+            runtime.outbox.stop()  # the mail under way ends while the requests do
+
         for signum in stop_signals():
-            signal.signal(signum, lambda signum, frame: server.drain(config.shutdown_grace_s))
+            signal.signal(signum, stop)
         log.info(
             "Serving on http://%s:%s with %d threads, up to %d connections",
             config.host,

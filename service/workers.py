@@ -60,7 +60,7 @@ POLL_S = 0.2
 RESTART_DELAY_S = (0.5, 30.0)  # first and longest delay before a dead worker is started again
 YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
 # How long workers may take to stop after SIGTERM beyond their drain (SHUTDOWN_GRACE_SECONDS):
-# closing the runtime (the last writes, the model) before they are killed.
+# closing the runtime (the last writes, the mail under way, the model) before they are killed.
 CLOSE_S = 5.0
 # A supervisor loop that comes round this late (it sleeps POLL_S) was paused with the machine.
 PAUSED_S = 2.0
