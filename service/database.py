@@ -45,6 +45,17 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE_ERRORS) or type(exc) is pw.DatabaseError
 
 
+# What PostgreSQL answers a connection whose settings are wrong, not one that comes too early:
+# no such database or role, a refused password or address. psycopg2 gives them no SQLSTATE.
+_MISCONFIGURED = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+
+
+def misconfigured(exc: BaseException) -> bool:
+    """The database answered, and refused this connection's settings: waiting will not help."""
+    driver = exc.__context__ or exc
+    return "FATAL:" in str(driver) and any(words in str(driver) for words in _MISCONFIGURED)
+
+
 def unwritable(exc: BaseException) -> bool:
     """The database answers but refuses writes: a full disk (SQLite's SQLITE_FULL, PostgreSQL's
     53100) or a read-only file. Reads go on, so this is no outage for the breaker."""

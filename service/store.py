@@ -22,6 +22,7 @@ from service.database import (
     DatabaseHealth,
     DatabaseUnavailable,
     first_line,
+    misconfigured,
     open_database,
     postgres_params,
     unavailable,
@@ -172,12 +173,14 @@ class Store:
         A database that cannot be reached fails the start (in one sentence: ``startup``), unless
         it ``may_be_away``: then the breaker opens, and the store serves once the probe finds the
         database back (a worker replaced during an outage; its supervisor's start checked the
-        database and made the tables, and a table found missing later is made again)."""
+        database and made the tables, and a table found missing later is made again). A database
+        that refuses the settings (a role, password or database changed since) fails it still:
+        the supervisor tries again later, and the health checks fail once no worker serves."""
         self.db = open_database(self._url, self._max_connections, self.health, *self._timeouts)
         try:
             self.db.probe()
         except Exception as exc:
-            if not (may_be_away and unavailable(exc)):
+            if not may_be_away or misconfigured(exc) or not unavailable(exc):
                 raise
             self.health.failed(exc)
             away = True

@@ -258,6 +258,31 @@ def test_probes_borrow_no_pooled_connection(tmp_path):
         store.close()
 
 
+def test_a_store_that_may_start_with_the_database_away_still_refuses_wrong_settings(pg_cluster):
+    """A worker replaced during an outage starts with the breaker open and serves once the
+    database is back; but one whose database refuses its settings (a role, password or database
+    changed since the service started) must not serve 503s for ever: it fails, as a start does."""
+    pg_cluster.stop()
+    away = Store(pg_cluster.url, max_connections=2, connect_timeout_s=1).start(may_be_away=True)
+    probe = database.DatabaseProbe(lambda: away.db, away.health).start()
+    try:
+        assert not away.health.available
+        pg_cluster.start()
+
+        def served() -> bool:  # its tables are made at the first statement that misses them
+            try:
+                return bool(issue_key(away, "back@example.org"))
+            except database.DatabaseUnavailable:
+                return False
+
+        wait_until(served, 20, "a key stored once the database is back")
+    finally:
+        probe.close()
+        away.close()
+    with pytest.raises(peewee.OperationalError, match="does not exist"):
+        Store(pg_cluster.url.rsplit("/", 1)[0] + "/no_such_db", max_connections=1).start(may_be_away=True)
+
+
 @pytest.mark.parametrize(
     "name, writes_only",
     [
