@@ -170,13 +170,13 @@ class Request(HTTPRequestParser):
         self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
         if self.command != "POST":  # the large routes take their large bodies by POST only
             self.adj = self._limits[""]
-        large_route = self.adj.max_request_body_size > self._place_above + 1
-        self.needs_place = large_route and (
-            self.chunked or self._place_above < self.content_length < self.adj.max_request_body_size
+        limit = self.adj.max_request_body_size - 1  # waitress refuses from its setting on
+        self.needs_place = limit > self._place_above and (
+            self.chunked or self._place_above < self.content_length <= limit
         )
         # Chunked bodies may grow past SPOOL_BYTES, where the route takes that much (the routes
         # that take no key take less).
-        spooled = self.adj.max_request_body_size > SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
+        spooled = limit >= SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
         if self._gated and (self.needs_place or spooled):  # let in (and a place taken) once judged
             self.judging = True
             self.held_continue, self.expect_continue = self.expect_continue, False

@@ -103,6 +103,24 @@ def test_bodies_in_the_encodings_the_old_service_read(client, key, encoding):
     assert result.status_code == 200 and len(result.json["denoised_signal"]) == 1300
 
 
+@pytest.mark.parametrize(
+    "text, status",
+    [
+        (b'"\xed\xa0\x80"', 200),  # a lone surrogate, as UTF-8 bytes: json.loads let it pass
+        (b'"\\ud800"', 200),  # the same, escaped
+        (b'"\xff"', 400),  # not UTF-8: not JSON
+    ],
+)
+def test_bodies_the_old_service_took_or_refused_for_their_text(client, key, text, status):
+    """UTF-8 bodies are parsed as they came, without a decoded copy: what the old service's
+    ``json.loads`` took or refused must stay so (orjson alone refuses lone surrogates)."""
+    body = b'{"note": %s, "ecg_signal": %s}' % (text, json.dumps(window()).encode())
+    result = post_raw(client, key, body)
+    assert result.status_code == status
+    if status == 400:
+        assert result.json["error"] == "Missing required field: ecg_signal"
+
+
 @pytest.mark.parametrize("value", ["1,2,3", 5, {"a": 1}, True])
 def test_signal_not_an_array(client, key, value):
     result = client.simulate_post(DENOISE, json={"ecg_signal": value}, headers={"x-api-key": key})
