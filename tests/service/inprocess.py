@@ -37,9 +37,11 @@ class Long:
 
     def __init__(self, size: int = 40 << 20) -> None:
         self.size = size
+        self.answered = 0
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = b"x" * self.size
+        self.answered += 1
 
 
 def read_all(client: socket.socket) -> bytes:
