@@ -4,6 +4,11 @@ in ``test_contract``; the listener itself in ``test_notifications``."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+
 import falcon.testing
 import pytest
 
@@ -11,7 +16,7 @@ from service.app import create_app
 from service.database import DatabaseUnavailable
 from service.keys import ActiveKeys, digest
 from service.runtime import Runtime
-from service.store import utcnow
+from service.store import Store, Token, utcnow
 
 from .conftest import issue_key, wait_until
 
@@ -178,3 +183,45 @@ def test_a_key_found_deactivated_is_not_brought_back_by_an_outage():
     del answers["h"]  # then the database goes away
     with pytest.raises(DatabaseUnavailable):
         cache.get("h", lookup)
+
+
+def at_once(store: Store, *actions: Callable[[], object]) -> list[object]:
+    """Each action in a thread of its own, started together: what each returned, or the name of
+    what it raised."""
+    go = threading.Barrier(len(actions))
+    outcomes: list[object] = [None] * len(actions)
+
+    def run(index: int) -> None:
+        go.wait()
+        try:
+            outcomes[index] = actions[index]()
+        except Exception as exc:
+            outcomes[index] = type(exc).__name__
+        finally:
+            store.release()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(actions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def test_a_generation_request_racing_a_verification_leaves_no_link_beside_the_new_key(database_url, runtime_with):
+    """The request checked for an active key before it took the email's lock: one that raced
+    the verification of the email's last link mailed a new link after the key was issued, and a
+    mail scanner that followed it replaced the key. Now either the request is refused (409), or
+    its link was mailed first and the verification spent it."""
+    rt = runtime_with(database_url, mail_limit_per_client=0)
+    keys, store = rt.deps.keys, rt.store
+    for round_ in range(20):
+        email, token = f"race{round_}@example.org", f"link-{round_}"
+        with store.transaction():
+            store.add_token(digest(token), "generation", email, utcnow(), timedelta(hours=1))
+        store.release()
+        verified, requested = at_once(store, partial(keys.verify, token), partial(keys.request_key, email, "client"))
+        assert verified == ("generation", email) and requested in (None, "EmailTaken")
+        with store.db.connection_context():
+            left = Token.select().where((Token.email == email) & Token.used_at.is_null()).count()
+        assert left == 0, f"round {round_}: a link beside the key issued"
