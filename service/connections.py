@@ -67,6 +67,12 @@ PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued
 # Descriptors the process needs besides client connections: the listening socket, the database,
 # the model, log and outbox files, the waitress trigger pipe, METRICS_PORT's connections.
 RESERVED_FILES = 64
+# And each pooled database connection up to three (SQLite's file, its log and shared memory).
+FILES_PER_DATABASE_CONNECTION = 3
+# A client connection may hold two: its socket, and the file its body is spooled to. With one
+# each, a few hundred uploads past 64 KiB used the last descriptors: bodies were dropped, and
+# accept() failed in a loop that held health checks.
+FILES_PER_CONNECTION = 2
 MIN_CONNECTIONS = 16  # fewer, and a start is refused: health checks and a few clients need room
 # The most connections a stop accepts from the listening socket's queue: more than its backlog.
 SWEEP_MAX = 8192
@@ -386,11 +392,12 @@ def create_server(
     told the status of each answer the server gives itself, from a request's headers."""
     body_limits = body_limits or {"": config.max_body_bytes}
     files = raise_open_files_limit()
-    limit = min(config.connection_limit, files - RESERVED_FILES)
+    reserved = RESERVED_FILES + FILES_PER_DATABASE_CONNECTION * config.web_threads
+    limit = min(config.connection_limit, (files - reserved) // FILES_PER_CONNECTION)
     if limit < MIN_CONNECTIONS:
         raise ConfigError(
             f"the open-files limit ({files}) leaves room for {max(0, limit)} client connections: "
-            f"raise it (ulimit -n) to at least {RESERVED_FILES + MIN_CONNECTIONS}."
+            f"raise it (ulimit -n) to at least {reserved + FILES_PER_CONNECTION * MIN_CONNECTIONS}."
         )
     if limit < config.connection_limit:
         log.warning("CONNECTION_LIMIT lowered to %d: the open-files limit is %d", limit, files)

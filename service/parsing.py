@@ -220,7 +220,7 @@ class Request(HTTPRequestParser):
         try:
             consumed = super().received(data)
         except OSError as exc:  # the spool file: a full disk, or over a quota
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE):
                 raise
             log.warning("No room in the temporary directory for a request body: %s", exc.strerror)
             self.error = NoRoom(exc.strerror)

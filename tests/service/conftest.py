@@ -449,12 +449,12 @@ def pg_cluster() -> Iterator[PgCluster]:
 
 
 def service_with_key(
-    service_process: Callable[..., ServiceProcess], tmp_path: Path, env: dict[str, str]
+    service_process: Callable[..., ServiceProcess], tmp_path: Path, env: dict[str, str], **kwargs: Any
 ) -> tuple[ServiceProcess, str]:
     """``python -m service`` on a SQLite file of its own (mails to an outbox folder) and a valid
-    key put into that file from here."""
+    key put into that file from here; ``kwargs`` go to ``ServiceProcess``."""
     url = f"sqlite:///{tmp_path / 'served.db'}"
-    service = service_process({"DATABASE_URL": url, "OUTBOX_DIR": str(tmp_path / "outbox"), **env})
+    service = service_process({"DATABASE_URL": url, "OUTBOX_DIR": str(tmp_path / "outbox"), **env}, **kwargs)
     store = Store(url, max_connections=1).start()
     try:
         return service, issue_key(store, "served@example.org")

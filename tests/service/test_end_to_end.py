@@ -289,6 +289,7 @@ def test_an_open_files_limit_with_no_room_for_clients_stops_the_start_with_one_s
         "PATH": os.environ.get("PATH", ""),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'f.db'}",
         "WEB_WORKERS": "1",
+        "WEB_THREADS": "16",
         "PORT": "0",
         "BASE_URL": "http://127.0.0.1",
         "ORT_LONE_THREADS": "1",
@@ -304,5 +305,5 @@ def test_an_open_files_limit_with_no_room_for_clients_stops_the_start_with_one_s
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "heartify: the open-files limit (64) leaves room for 0 client connections: raise it (ulimit -n) to at least 80."
+        "heartify: the open-files limit (64) leaves room for 0 client connections: raise it (ulimit -n) to at least 144."
     )

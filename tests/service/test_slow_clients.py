@@ -1,11 +1,12 @@
 """Slow clients cannot starve the others: 500 raw sockets trickle request headers at a real
 ``python -m service`` with the default connection limit (the timeouts shortened so the test is
 short), and meanwhile the probes and a denoise answer; then the server times them out, and
-closes a connection that sends nothing."""
+closes a connection that sends nothing. And uploads past the open-files limit wait their turn."""
 
 from __future__ import annotations
 
 import socket
+import sys
 
 import numpy as np
 import orjson
@@ -13,6 +14,7 @@ import pytest
 
 from benchmarks.slow_clients import Tricklers, probe
 from tests.service.conftest import service_with_key, wait_until
+from tests.service.inprocess import read_all
 
 TRICKLERS = 500
 HEADER_TIMEOUT_S = 4.0
@@ -48,3 +50,36 @@ def test_slow_clients_neither_block_the_others_nor_stay(service_process, tmp_pat
     finally:
         tricklers.close()
         idle.close()
+
+
+@pytest.mark.slow
+def test_uploads_past_the_open_files_limit_wait_their_turn_and_health_checks_answer(service_process, tmp_path):
+    """Each upload past 64 KiB holds two descriptors, its socket and the file its body is
+    spooled to. With the open-files limit low, the connection limit counted one: a few hundred
+    such uploads used the last descriptors, bodies were dropped unanswered, and accept() failed
+    in a loop that held the health checks. Those past the limit now wait in the listen queue
+    (as every connection past it does, health checks included), and all are served."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nulimit -n 256\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {"WEB_WORKERS": "1", "WEB_THREADS": "16", "DENOISE_RATE_PER_SECOND": "0"}
+    service, key = service_with_key(service_process, tmp_path, env, python=str(python))
+    assert "CONNECTION_LIMIT lowered to 72" in service.log()  # (256 - 64 - 3 × 16) ÷ 2
+    body = orjson.dumps({"ecg_signals": [np.sin(np.arange(1300) / 5).tolist()] * 8})  # 100 KB: spooled
+    head = b"POST /api/v1/denoising/batch HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n" % key.encode()
+    head += b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    uploads = []
+    try:
+        for _ in range(150):
+            upload = socket.create_connection(("127.0.0.1", service.port), timeout=60)
+            upload.sendall(head + body[:-1])  # all but the last byte: each holds its spool file
+            uploads.append(upload)
+        for upload in uploads:
+            upload.sendall(body[-1:])
+        answers = [read_all(upload).split(b"\r\n", 1)[0] for upload in uploads]
+    finally:
+        for upload in uploads:
+            upload.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * len(uploads)
+    assert "Too many open files" not in service.log()
+    assert probe(service.port, "GET", "/healthz", None, {}, timeout=5.0)[0] == 200
