@@ -20,11 +20,12 @@ from waitress.task import ErrorTask, WSGITask
 
 from service.logs import log_access
 from service.pace import Pace
-from service.parsing import GateRefused, NoRoom, Refusal, Request, UploadsBusy
+from service.parsing import GateRefused, NoRoom, Refusal, Request, SpoolFull, UploadsBusy
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0
+SPOOL_FULL = "Busy receiving other large requests. Try again shortly."
 # How long a connection answered before its request's body was read drops what still comes.
 LINGER_S = 5.0
 # Seconds a client is asked to wait when the temporary directory is full.
@@ -50,6 +51,9 @@ class JsonErrorTask(ErrorTask):
             self.response_headers += list(error.refusal.headers)
         elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)
             message = BUSY
+            self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
+        elif isinstance(error, SpoolFull):
+            message = SPOOL_FULL
             self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
         elif isinstance(error, NoRoom):
             message = "The server has no room for this upload now. Try again later."
@@ -117,8 +121,7 @@ class Channel(HTTPChannel):
         super().__init__(*args, **kw)
 
     def parser_class(self, adj: Adjustments) -> Request:  # waitress calls self.parser_class(self.adj)
-        server = self.server
-        return Request(adj, server.body_limits, server.upload_places, server.place_above, server.gated)
+        return Request(adj, self.server.intake)
 
     def judged(self, request: Request, refusal: Refusal | None) -> None:
         """The gate's verdict on the large upload being read; in the loop's thread. Refused, it

@@ -17,7 +17,8 @@ included. So, as nginx and HAProxy do in front of an application server:
 - heads are bounded in lines and bytes, and refused when they could smuggle a request
   (``parsing.Request``);
 - a body that would be spooled to disk is judged by its key before it is read
-  (``parsing.UploadGate``), a whole recording needs one of a few places (``parsing.UploadPlaces``),
+  (``parsing.UploadGate``), a whole recording needs one of a few places, and other spooled bodies
+  room within a bound (``parsing.Intake``),
   every body must come at a least rate, and every answer be read at one (``pace.Pace``); chunks
   must not be tiny (``parsing.Request``);
 - an answer given before its request's body was read closes with a linger (``channels.Channel``);
@@ -60,7 +61,7 @@ from waitress.task import ThreadedTaskDispatcher
 from service import parsing
 from service.channels import Channel
 from service.config import Config, ConfigError
-from service.parsing import MAX_HEADER_BYTES, SPOOL_BYTES, Request, UploadGate, UploadPlaces
+from service.parsing import MAX_HEADER_BYTES, SPOOL_BYTES, Allowance, Intake, Request, UploadGate
 
 log = logging.getLogger("service.connections")
 PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued for a thread
@@ -172,13 +173,16 @@ class Server(TcpWSGIServer):
             f"Request body too slow: uploads must average {parsing.MIN_UPLOAD_BYTES_PER_S >> 10} KiB/s"
         )
         super().__init__(app, **kw)
-        self.upload_places = UploadPlaces(upload_places)
-        self.body_limits = {}  # by path: the adjustments with that route's limit (Request)
+        limits = {}  # by path: the adjustments with that route's limit
         for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
-            self.body_limits[path] = copy.copy(self.adj)
-            self.body_limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
-        # Bodies on routes that take more than this need an upload place (Request).
-        self.place_above = self.body_limits[""].max_request_body_size - 1 if place_above is None else place_above
+            limits[path] = copy.copy(self.adj)
+            limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
+        self.intake = Intake(
+            limits,
+            limits[""].max_request_body_size - 1 if place_above is None else place_above,
+            Allowance(upload_places),
+            gated=upload_gate is not None,
+        )
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """For an answer of the server's own, what the app's CORS middleware adds to its own."""
@@ -192,10 +196,6 @@ class Server(TcpWSGIServer):
                 ("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED)),
             ]
         return headers
-
-    @property
-    def gated(self) -> bool:
-        return self._upload_gate is not None
 
     def judge(self, channel: Channel, request: Request) -> None:
         """Ask the gate about ``request``, a large upload whose headers have come; the verdict

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from waitress.adjustments import Adjustments
@@ -37,6 +37,10 @@ MIN_UPLOAD_BYTES_PER_S = 8 << 10
 # Bodies past this are written to a file as they arrive (waitress's ``inbuf_overflow``), and the
 # gate judges their key first; those under it stay in memory.
 SPOOL_BYTES = 64 << 10
+# The bytes of such files one worker holds at once for bodies that take no upload place (batches,
+# up to a few MB each): past it, the next gets a 503 before it is read. A thousand connections
+# with one key held gigabytes of the temporary directory.
+SPOOL_ROOM_BYTES = 256 << 20
 # waitress decodes a chunked body chunk by chunk, in Python, in the loop that serves every
 # connection: a body of one-byte chunks cost it a hundred times what the same bytes cost with a
 # Content-Length. So chunks are fed to it a slice at a time, and their framing (size lines and
@@ -48,7 +52,14 @@ CHUNK_FRAMING_SHARE = 64
 
 
 class UploadsBusy(Error):
-    """Every place for a large upload is taken (``UploadPlaces``)."""
+    """Every place for a large upload is taken (``Intake.places``)."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+class SpoolFull(Error):
+    """The worker's room for spooled bodies is taken (``Intake.spool_room``)."""
 
     code = 503
     reason = "Service Unavailable"
@@ -85,30 +96,46 @@ class GateRefused(Error):
         self.code, self.reason, self.refusal = refusal.code, refusal.reason, refusal
 
 
-class UploadPlaces:
-    """How many bodies larger than the default limit (whole recordings) one worker receives at
-    once. waitress spools each to a file as it arrives, before the app sees it: without a bound,
-    clients could fill the disk (hundreds of connections, each a whole recording). The gate
-    (``UploadGate``) keeps clients without an active key out; this bounds the others."""
+class Allowance:
+    """So much of something that the requests of one worker share: taken in the loop's thread
+    as a body is let in, given back in a task's once it is answered."""
 
-    def __init__(self, places: int) -> None:
-        self._free = places
-        self._lock = threading.Lock()  # taken in the loop's thread, given back in a task's
+    def __init__(self, total: int) -> None:
+        self._free = total
+        self._lock = threading.Lock()
 
     @property
     def free(self) -> int:
         return self._free
 
-    def take(self) -> bool:
+    def take(self, amount: int = 1) -> bool:
         with self._lock:
-            if not self._free:
+            if amount > self._free:
                 return False
-            self._free -= 1
+            self._free -= amount
             return True
 
-    def give_back(self) -> None:
+    def give_back(self, amount: int = 1) -> None:
         with self._lock:
-            self._free += 1
+            self._free += amount
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What the requests of one worker share before the app sees them.
+
+    waitress spools a body past ``SPOOL_BYTES`` to a file as it arrives: without a bound, clients
+    could fill the disk (hundreds of connections, each a whole recording, or a thousand batches).
+    The gate keeps clients without an active key out; these bound the others. ``limits``: the
+    adjustments of each route's body limit, by path ("" for the others); a body on a route whose
+    limit is past ``place_above`` (a whole recording) takes one of ``places``, any other spooled
+    body its length of ``spool_room``; ``gated``: large bodies wait for the gate's verdict."""
+
+    limits: dict[str, Adjustments]
+    place_above: int
+    places: Allowance
+    spool_room: Allowance = field(default_factory=lambda: Allowance(SPOOL_ROOM_BYTES))
+    gated: bool = False
 
 
 class Request(HTTPRequestParser):
@@ -129,25 +156,17 @@ class Request(HTTPRequestParser):
 
     needs_place = False  # a body on a route past ``place_above`` (a whole recording)
     holds_place = False
+    spooled = False  # a body past SPOOL_BYTES, or chunked, on a route that takes more
+    holds_room = 0  # the bytes of spool room it holds
     # Its body's rate, from when it may come (a gate's verdict may come later than its head).
     upload_pace: Pace | None = None
     made_up_head = False  # refused before its head was parsed: its method and path are unknown
     judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
     held_continue = False  # its client expects "100 Continue", which waits for the verdict
 
-    def __init__(
-        self,
-        adj: Adjustments,
-        limits: dict[str, Adjustments],
-        places: UploadPlaces,
-        place_above: int,
-        gated: bool = False,
-    ) -> None:
+    def __init__(self, adj: Adjustments, intake: Intake) -> None:
         super().__init__(adj)
-        self._limits = limits  # by path, "" for the others: adjustments that differ in the limit
-        self._places = places
-        self._place_above = place_above
-        self._gated = gated  # large uploads wait for the gate's verdict
+        self._intake = intake
 
     def parse_header(self, header_plus: bytes) -> None:
         try:
@@ -167,17 +186,16 @@ class Request(HTTPRequestParser):
         # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
         path = "/" + self.path.lstrip("/")
         media = self.headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
-        self.adj = self._limits.get(f"{path} {media}") or self._limits.get(path) or self._limits[""]
+        limits, place_above = self._intake.limits, self._intake.place_above
+        self.adj = limits.get(f"{path} {media}") or limits.get(path) or limits[""]
         if self.command != "POST":  # the large routes take their large bodies by POST only
-            self.adj = self._limits[""]
+            self.adj = limits[""]
         limit = self.adj.max_request_body_size - 1  # waitress refuses from its setting on
-        self.needs_place = limit > self._place_above and (
-            self.chunked or self._place_above < self.content_length <= limit
-        )
+        self.needs_place = limit > place_above and (self.chunked or place_above < self.content_length <= limit)
         # Chunked bodies may grow past SPOOL_BYTES, where the route takes that much (the routes
         # that take no key take less).
-        spooled = limit >= SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
-        if self._gated and (self.needs_place or spooled):  # let in (and a place taken) once judged
+        self.spooled = limit >= SPOOL_BYTES and (self.chunked or self.content_length > SPOOL_BYTES)
+        if self._intake.gated and (self.needs_place or self.spooled):  # let in (and a place taken) once judged
             self.judging = True
             self.held_continue, self.expect_continue = self.expect_continue, False
         elif self.chunked or self.content_length:
@@ -187,13 +205,20 @@ class Request(HTTPRequestParser):
 
     def let_in(self) -> bool:
         """Its body may come from now on: its pace begins, and a large upload takes an upload
-        place, or gets the busy 503 (from its headers)."""
+        place, or another spooled body its room, or it gets a 503 (from its headers)."""
         self.begin_pace()
         if self.needs_place:
-            self.holds_place = self._places.take()
+            self.holds_place = self._intake.places.take()
             if not self.holds_place:
                 self.error = UploadsBusy("every place for a large upload is taken")
-                self.completed = True
+        elif self.spooled:
+            room = self.content_length or self.adj.max_request_body_size - 1  # chunked: the most it may be
+            if self._intake.spool_room.take(room):
+                self.holds_room = room
+            else:
+                self.error = SpoolFull("the room for spooled bodies is taken")
+        if self.error is not None:
+            self.completed = True
         return self.error is None
 
     def begin_pace(self) -> None:
@@ -274,4 +299,7 @@ class Request(HTTPRequestParser):
         finally:
             if self.holds_place:
                 self.holds_place = False
-                self._places.give_back()
+                self._intake.places.give_back()
+            if self.holds_room:
+                self._intake.spool_room.give_back(self.holds_room)
+                self.holds_room = 0

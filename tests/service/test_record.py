@@ -444,7 +444,7 @@ def test_recordings_read_slowly_hold_no_thread(tmp_path, engine, smtp, sqlite_ur
             )
             # Its upload place is given back once its task ends, just after the answer is written:
             # the next recording needs it, or gets a 503.
-            wait_until(lambda: server.upload_places.free == 1, 10, "the upload place given back")
+            wait_until(lambda: server.intake.places.free == 1, 10, "the upload place given back")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
             probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert read_all(probe).startswith(b"HTTP/1.1 200 ")

@@ -43,7 +43,7 @@ def test_large_uploads_need_a_place_and_give_it_back():
         return client
 
     first = upload_begun()
-    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+    wait_until(lambda: server.intake.places.free == 0, 10, "the place taken")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
         second.sendall(head)
         refused = read_all(second)
@@ -58,17 +58,54 @@ def test_large_uploads_need_a_place_and_give_it_back():
     assert read_all(first).endswith(b'{"received": 50000}')  # answered: its place is free again
     first.close()
     hung_up = upload_begun()
-    wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+    wait_until(lambda: server.intake.places.free == 0, 10, "the place taken")
     hung_up.close()  # its client gives up mid-upload: the place comes back too
-    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    wait_until(lambda: server.intake.places.free == 1, 10, "the place given back")
     for _ in range(2):  # a large upload pipelined behind a long answer, and the client hangs up
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             chunked = b"POST /large HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
             client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n" + chunked)
             client.recv(65536)
-        wait_until(lambda: server.upload_places.free == 1, 10, "the pipelined request's place given back")
+        wait_until(lambda: server.intake.places.free == 1, 10, "the pipelined request's place given back")
     with upload_begun(b"x" * 50_000) as last:
         assert read_all(last).endswith(b'{"received": 50000}')
+    server.drain(1)
+    loop.join(10)
+
+
+def test_other_spooled_bodies_share_a_room_and_give_it_back(monkeypatch):
+    """Batches past 64 KiB are spooled too, and took no place: a thousand connections with one
+    key held gigabytes of the temporary directory. Each takes its length of a worker's room for
+    them, and the next that does not fit is answered 503 from its headers, unread."""
+    monkeypatch.setattr(parsing, "SPOOL_ROOM_BYTES", 250_000)
+    app = app_with({"/batch": Echo()})
+    config = Config(host="127.0.0.1", port=0)
+    server = create_server(app, config, body_limits={"": 1000, "/batch": 200_000}, place_above=200_000)
+    loop = started(server)
+
+    def upload(length: int, sent: bytes = b"x") -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+        client.sendall(b"POST /batch HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % length)
+        client.sendall(sent)
+        return client
+
+    first, second = upload(100_000), upload(100_000)
+    wait_until(lambda: server.intake.spool_room.free == 50_000, 10, "their room taken")
+    with upload(60_000, b"") as third:  # under 64 KiB: kept in memory, it takes no room
+        third.sendall(b"y" * 60_000)
+        assert read_all(third).endswith(b'{"received": 60000}')
+    with upload(70_000, b"") as fourth:
+        refused = read_all(fourth)
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in refused
+    assert refused.endswith(b'{"error":"Busy receiving other large requests. Try again shortly."}')
+    assert server.intake.places.free == config.recording_threads  # no place taken by any
+    first.sendall(b"x" * 99_999)
+    assert read_all(first).endswith(b'{"received": 100000}')
+    second.close()  # its client gives up: its room comes back too
+    wait_until(lambda: server.intake.spool_room.free == 250_000, 10, "the room given back")
+    with upload(200_000, b"z" * 200_000) as fifth:
+        assert read_all(fifth).endswith(b'{"received": 200000}')
+    first.close()
     server.drain(1)
     loop.join(10)
 
@@ -111,7 +148,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
             answer = read_all(client)
         assert answer.startswith(b"HTTP/1.1 401 Unauthorized") and b"Retry-After: 7" in answer
         assert answer.endswith(b'{"error":"%s"}' % message)
-        assert server.upload_places.free == 1  # uploads the gate refuses take no place
+        assert server.intake.places.free == 1  # uploads the gate refuses take no place
     lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
     assert len(lines) == 2 and all(
         re.fullmatch(r"POST /large 401 [0-9.]+ms id=- client=127\.0\.0\.1", x) for x in lines
@@ -126,7 +163,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
         client.settimeout(0.5)
         with pytest.raises(TimeoutError):  # no "100 Continue" before the verdict
             client.recv(100)
-        assert server.upload_places.free == 1  # nor a place: uploads the gate refuses take none
+        assert server.intake.places.free == 1  # nor a place: uploads the gate refuses take none
         held.set()
         client.settimeout(10)
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -158,7 +195,7 @@ def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(sma
                 client.sendall(b"x" * 4096)
         answer = read_all(client)
     assert answer.startswith(b"HTTP/1.1 503 ")
-    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    wait_until(lambda: server.intake.places.free == 1, 10, "the place given back")
     server.drain(1)
     loop.join(10)
 
@@ -229,12 +266,12 @@ def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeyp
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + b"x" * 100)
-        wait_until(lambda: server.upload_places.free == 0, 10, "the place taken")
+        wait_until(lambda: server.intake.places.free == 0, 10, "the place taken")
         answer = read_all(client)
     assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(
         b'{"error":"Request body too slow: uploads must average 1024 KiB/s"}'
     )
-    wait_until(lambda: server.upload_places.free == 1, 10, "the place given back")
+    wait_until(lambda: server.intake.places.free == 1, 10, "the place given back")
     server.drain(1)
     loop.join(10)
 
@@ -303,7 +340,7 @@ def test_a_body_written_to_disk_is_judged_by_its_key_on_any_route():
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(head + b"x-api-key: good\r\n\r\n" + b"x" * 100_000)
         assert read_all(client).endswith(b'{"received": 100000}')
-    assert server.upload_places.free == Config().recording_threads  # under the default limit: no place taken
+    assert server.intake.places.free == Config().recording_threads  # under the default limit: no place taken
     server.drain(1)
     loop.join(10)
 
