@@ -70,10 +70,11 @@ PROBES = frozenset({"/healthz", "/readyz"})  # served before the requests queued
 RESERVED_FILES = 64
 # And each pooled database connection up to three (SQLite's file, its log and shared memory).
 FILES_PER_DATABASE_CONNECTION = 3
-# A client connection may hold two: its socket, and the file its body is spooled to. With one
-# each, a few hundred uploads past 64 KiB used the last descriptors: bodies were dropped, and
-# accept() failed in a loop that held health checks.
-FILES_PER_CONNECTION = 2
+# A client connection may hold three: its socket, and the files two bodies are spooled to (the
+# one being served, and the one read ahead). With one each, a few hundred uploads past 64 KiB
+# used the last descriptors: bodies were dropped, and accept() failed in a loop that held
+# health checks.
+FILES_PER_CONNECTION = 3
 MIN_CONNECTIONS = 16  # fewer, and a start is refused: health checks and a few clients need room
 # The most connections a stop accepts from the listening socket's queue: more than its backlog.
 SWEEP_MAX = 8192

@@ -46,14 +46,16 @@ def unavailable(exc: BaseException) -> bool:
 
 
 # What PostgreSQL answers a connection whose settings are wrong, not one that comes too early:
-# no such database or role, a refused password or address. psycopg2 gives them no SQLSTATE.
+# no such database or role, a refused password or address (psycopg2 gives them no SQLSTATE);
+# and what libpq says itself when the server asks for a password the URL does not have.
 _MISCONFIGURED = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+_NO_PASSWORD = "fe_sendauth:"
 
 
 def misconfigured(exc: BaseException) -> bool:
     """The database answered, and refused this connection's settings: waiting will not help."""
-    driver = exc.__context__ or exc
-    return "FATAL:" in str(driver) and any(words in str(driver) for words in _MISCONFIGURED)
+    text = str(exc.__context__ or exc)
+    return _NO_PASSWORD in text or ("FATAL:" in text and any(words in text for words in _MISCONFIGURED))
 
 
 def unwritable(exc: BaseException) -> bool:

@@ -258,6 +258,21 @@ def test_probes_borrow_no_pooled_connection(tmp_path):
         store.close()
 
 
+@pytest.mark.parametrize(
+    "message, wrong_settings",
+    [
+        ('connection to server at "db", port 5432 failed: FATAL:  database "x" does not exist', True),
+        ('connection to server at "db", port 5432 failed: FATAL:  password authentication failed for user "u"', True),
+        ('connection to server at "db", port 5432 failed: fe_sendauth: no password supplied', True),
+        ('connection to server at "db", port 5432 failed: Connection refused', False),
+        ('connection to server at "db", port 5432 failed: FATAL:  the database system is starting up', False),
+        ("database connect timed out after 3 s", False),
+    ],
+)
+def test_which_connection_errors_are_settings_and_not_an_outage(message, wrong_settings):
+    assert database.misconfigured(peewee.OperationalError(message)) is wrong_settings
+
+
 def test_a_store_that_may_start_with_the_database_away_still_refuses_wrong_settings(pg_cluster):
     """A worker replaced during an outage starts with the breaker open and serves once the
     database is back; but one whose database refuses its settings (a role, password or database

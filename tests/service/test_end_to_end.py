@@ -305,5 +305,5 @@ def test_an_open_files_limit_with_no_room_for_clients_stops_the_start_with_one_s
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "heartify: the open-files limit (64) leaves room for 0 client connections: raise it (ulimit -n) to at least 144."
+        "heartify: the open-files limit (64) leaves room for 0 client connections: raise it (ulimit -n) to at least 160."
     )
