@@ -141,9 +141,9 @@ class Intake:
 class Request(HTTPRequestParser):
     """waitress's request parser, with the body limit of the request's route: a body declared
     (or chunked) past it is refused before it is read, as waitress does past its one limit. A
-    body on a route whose limit is past ``place_above`` (a whole recording's) needs an upload
-    place, or gets a 503 before it is read;
-    with a gate, the place is taken once the gate has let the upload in.
+    body that will be spooled needs an upload place (a whole recording) or its room (the others),
+    or gets a 503 before it is read (``Intake``); with a gate, it takes them once the gate has
+    let it in.
 
     And stricter about the head, which waitress parses in its one loop for every connection:
     more than ``MAX_HEADER_LINES`` lines are refused (431) as they arrive, before waitress's
