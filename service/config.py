@@ -125,9 +125,9 @@ class Config:
     channel_timeout_s: float = field(default=75.0, metadata=_env("CHANNEL_TIMEOUT_SECONDS", _number, 0.1))
     # One single-threaded run per core beats one run spread over all cores: a run alternates
     # between parallel and serial stretches, and concurrent runs fill each other's gaps.
-    ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1))
+    ort_threads: int = field(default=1, metadata=_env("ORT_THREADS", int, 1, MAX_WORKERS))
     # A request that finds the whole service idle runs alone, at once; unset, on all usable CPUs.
-    ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1))
+    ort_lone_threads: int | None = field(default=None, metadata=_env("ORT_LONE_THREADS", int, 1, MAX_WORKERS))
     # Spinning onnxruntime threads answer sooner in-process, but in the service they take CPU
     # from the request threads, alone and under load (docs/performance.md): off by default.
     ort_spinning: bool = field(default=False, metadata=_env("ORT_SPINNING", _flag))

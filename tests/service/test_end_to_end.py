@@ -233,6 +233,7 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"PORT": "0"}, "PORT=0 (any free port) needs BASE_URL"),  # the links would name port 0
         ({"WORKER_TIMEOUT_SECONDS": "1"}, "WORKER_TIMEOUT_SECONDS must be 0 (off) or at least 5 (got 1)"),
         ({"MODEL_VERSION": str(2**64)}, "MODEL_VERSION must be at most 2147483647"),
+        ({"ORT_LONE_THREADS": "100000"}, "ORT_LONE_THREADS must be at most 256"),  # the start hung, gigabytes on
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):
