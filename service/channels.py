@@ -20,16 +20,12 @@ from waitress.task import ErrorTask, WSGITask
 
 from service.logs import log_access
 from service.pace import Pace
-from service.parsing import GateRefused, NoRoom, Refusal, Request, SpoolFull, UploadsBusy
-from service.turns import BUSY, BUSY_RETRY_AFTER_S
+from service.parsing import GateRefused, Refusal, Request, Unavailable
 
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0
-SPOOL_FULL = "Busy receiving other large requests. Try again shortly."
 # How long a connection answered before its request's body was read drops what still comes.
 LINGER_S = 5.0
-# Seconds a client is asked to wait when the temporary directory is full.
-NO_ROOM_RETRY_AFTER_S = 30
 # Answers are held in memory until sent: one whose client takes it slower than this, over a
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
@@ -49,15 +45,9 @@ class JsonErrorTask(ErrorTask):
         elif isinstance(error, GateRefused):
             message = error.body
             self.response_headers += list(error.refusal.headers)
-        elif isinstance(error, UploadsBusy):  # as a recording with no turn (service.turns)
-            message = BUSY
-            self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
-        elif isinstance(error, SpoolFull):
-            message = SPOOL_FULL
-            self.response_headers.append(("Retry-After", str(BUSY_RETRY_AFTER_S)))
-        elif isinstance(error, NoRoom):
-            message = "The server has no room for this upload now. Try again later."
-            self.response_headers.append(("Retry-After", str(NO_ROOM_RETRY_AFTER_S)))
+        elif isinstance(error, Unavailable):
+            message = error.message
+            self.response_headers.append(("Retry-After", str(error.retry_after_s)))
         else:
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})

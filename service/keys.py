@@ -224,21 +224,11 @@ class KeyService:
 
     def request_key(self, email: str, client: str) -> None:
         """Mail a generation link, unless the email already has an active key."""
-
-        def no_key() -> None:
-            if self._store.has_active_key(email):
-                raise EmailTaken()
-
-        self._mail_token(email, client, GENERATION, messages.key_request_mail, no_key)
+        self._mail_token(email, client, GENERATION, messages.key_request_mail, needs_key=False)
 
     def request_deactivation(self, email: str, client: str) -> None:
         """Mail a deactivation link for the email's active key."""
-
-        def a_key() -> None:
-            if not self._store.has_active_key(email):
-                raise NoActiveKey()
-
-        self._mail_token(email, client, DEACTIVATION, messages.deactivation_request_mail, a_key)
+        self._mail_token(email, client, DEACTIVATION, messages.deactivation_request_mail, needs_key=True)
 
     def verify(self, token: str | None) -> tuple[str, str]:
         """Spend a token once; returns its kind and email.
@@ -292,18 +282,20 @@ class KeyService:
         return row.kind, row.email, deactivated
 
     def _mail_token(
-        self, email: str, client: str, kind: str, build: Callable[[str, str], Mail], precondition: Callable[[], None]
+        self, email: str, client: str, kind: str, build: Callable[[str, str], Mail], needs_key: bool
     ) -> None:
-        """Mail a link of ``kind``, once ``precondition`` holds under the email's lock: checked
-        before it, a generation request that raced the verification of the email's last link
-        mailed a new link beside the key just issued (which a mail scanner following it replaced)."""
+        """Mail a link of ``kind`` if the email has an active key, or has none (``needs_key``),
+        as seen under the email's lock: checked before it, a generation request that raced the
+        verification of the email's last link mailed a new link beside the key just issued
+        (which a mail scanner following it replaced)."""
         token = self._new_secret()
         link = f"{self._base_url}{VERIFY_PATH}?{urlencode({'token': token})}"
         now = self._clock()
         client_digest = self._sealer.digest(client)
         with self._store.transaction():
             self._store.lock_names(email, client_digest)
-            precondition()
+            if self._store.has_active_key(email) is not needs_key:
+                raise NoActiveKey() if needs_key else EmailTaken()
             self._check_mail_limits(email, client_digest, now)
             self._store.add_token(digest(token), kind, email, now, messages.LINK_TTL, client=client_digest)
             self._store.enqueue_mail(self._sealer.seal(build(email, link)), now)

@@ -21,6 +21,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.utilities import BadRequest, Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
 from service.pace import Pace
+from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
@@ -51,25 +52,32 @@ CHUNK_FRAMING_FREE = 1 << 10
 CHUNK_FRAMING_SHARE = 64
 
 
-class UploadsBusy(Error):
+class Unavailable(Error):
+    """A body the worker cannot take now: a 503 with ``message`` and ``Retry-After``."""
+
+    code = 503
+    reason = "Service Unavailable"
+    message = ""
+    retry_after_s = BUSY_RETRY_AFTER_S
+
+
+class UploadsBusy(Unavailable):
     """Every place for a large upload is taken (``Intake.places``)."""
 
-    code = 503
-    reason = "Service Unavailable"
+    message = BUSY  # as a recording with no turn (service.turns)
 
 
-class SpoolFull(Error):
+class SpoolFull(Unavailable):
     """The worker's room for spooled bodies is taken (``Intake.spool_room``)."""
 
-    code = 503
-    reason = "Service Unavailable"
+    message = "Busy receiving other large requests. Try again shortly."
 
 
-class NoRoom(Error):
+class NoRoom(Unavailable):
     """The temporary directory, where waitress spools large bodies, cannot hold this one."""
 
-    code = 503
-    reason = "Service Unavailable"
+    message = "The server has no room for this upload now. Try again later."
+    retry_after_s = 30  # a full temporary directory takes longer to free
 
 
 @dataclass(frozen=True)

@@ -182,10 +182,7 @@ class Store:
         except Exception as exc:
             if not may_be_away or misconfigured(exc) or not unavailable(exc):
                 raise
-            self.health.failed(exc)
-            away = True
-        else:
-            away = False
+            self.health.failed(exc)  # the breaker opens
         _proxy.initialize(self.db)
         # The key lookup runs on every denoising request: peewee writes its SQL once, in the
         # database's own dialect, and each request only executes it.
@@ -198,7 +195,7 @@ class Store:
         self._restoring = threading.Lock()
         self._next_restore = 0.0  # time.monotonic() before which a failed restore is not tried again
         self.db.on_schema_lost = self._restore_schema
-        if not away:
+        if self.health.available:
             self.create_tables()
         return self
 
