@@ -210,12 +210,17 @@ class Config:
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
         try:
-            _ = urlsplit(self.database_url).port  # read only when asked: a bad port or IPv6 host raises
+            database = urlsplit(self.database_url)
+            _ = database.port  # read only when asked: a bad port or IPv6 host raises
         except ValueError:  # its message may quote part of the password: not shown
             raise ConfigError(
                 "DATABASE_URL is not a valid URL: its port is not a number from 0 to 65535, or an IPv6 host "
                 "lacks a bracket (percent-encode / ? # @ : in the password)."
             ) from None
+        if database.scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(
+                f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {database.scheme or 'no'} scheme)."
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

@@ -382,10 +382,8 @@ def open_database(
         db = GuardedPostgres(
             max_connections=max_connections, timeout=POOL_WAIT_S, stale_timeout=RENEW_AFTER_S, **params
         )
-    else:
-        raise ConfigError(
-            f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {parts.scheme or 'no'} scheme)."
-        )
+    else:  # Config refuses other schemes
+        raise ValueError(f"not a database URL: {redact(url)}")
     db.health = health
     return db
 

@@ -104,9 +104,9 @@ class Runtime:
             if engine is None:
                 engine = start_engine(config)
                 stack.callback(engine.close)
+            self.sealer = sealer = Sealer(mail_secrets(config))  # before the store writes its tables
             self.store = start_store(config, may_be_away=self._worker)
             stack.callback(self.store.close)
-            self.sealer = sealer = Sealer(mail_secrets(config))
             probe = DatabaseProbe(lambda: self.store.db, self.store.health)
             stack.callback(probe.close)
             probe.start()

@@ -76,15 +76,17 @@ def mail_secrets(config: Config) -> list[str]:
         return [secret_beside(path)]
     except OSError as exc:
         raise StartupError(
-            f"SECRET_KEY is not set and {path}.secret cannot be written ({exc.strerror or exc})."
+            f"SECRET_KEY is not set and {path}.secret cannot be written beside the database ({exc.strerror or exc})."
         ) from None
 
 
 def check(config: Config) -> None:
     """Everything a start can check before its model loads; ``StartupError`` when one fails."""
     model_version(config)
+    # SECRET_KEY is set before anything is written to a shared database, or the local one exists
+    # before the workers race for it.
+    mail_secrets(config)
     start_store(config).close()  # the database answers and has its tables
-    mail_secrets(config)  # SECRET_KEY is set, or the local one exists before the workers race for it
 
 
 def main() -> int:

@@ -217,7 +217,9 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
     "env, expected",
     [
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL must start with sqlite:/// or postgresql://"),
-        ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "cannot be used"),
+        ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "SECRET_KEY": "k"}, "cannot be used"),
+        # Refused before the database is reached: a start that created the tables, then stopped.
+        ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "SECRET_KEY must be set with PostgreSQL"),
         ({"PORT": "eighty"}, "PORT must be an integer"),
         ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY must be one of"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of"),
