@@ -207,6 +207,16 @@ class Config:
             raise ConfigError(
                 f"WORKER_TIMEOUT_SECONDS must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} (got {self.worker_timeout_s:g})."
             )
+        if self.record_concurrency > self.recording_threads:
+            raise ConfigError(
+                f"RECORD_CONCURRENCY must be at most half of WEB_THREADS, {self.recording_threads} "
+                f"(got {self.record_concurrency}): the other half serves windows and health checks."
+            )
+        if self.mail_retry_min_s > self.mail_retry_max_s:
+            raise ConfigError(
+                f"MAIL_RETRY_MIN_SECONDS must be at most MAIL_RETRY_MAX_SECONDS "
+                f"(got {self.mail_retry_min_s:g} and {self.mail_retry_max_s:g})."
+            )
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"METRICS_PORT must differ from PORT (both {self.port}); 0 serves /metrics on PORT.")
         try:

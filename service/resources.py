@@ -131,10 +131,9 @@ class Recording:
         self._limits = {binary: config.record_body_bytes(binary) for binary in (False, True)}
         self._json = JsonBody(self._limits[False], config.max_record_samples + 16)
         # A recording's memory is taken while it is read and denoised; a request waits for a turn
-        # with its body still in waitress's buffer (on disk past half a megabyte).
-        threads = config.recording_threads
-        at_once = min(config.record_concurrency, threads)
-        self._turns = Turns(at_once, threads - at_once, RECORD_WAIT_S)
+        # with its body still in waitress's buffer (spooled to disk past parsing.SPOOL_BYTES).
+        at_once = config.record_concurrency
+        self._turns = Turns(at_once, config.recording_threads - at_once, RECORD_WAIT_S)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)

@@ -236,6 +236,8 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
         ({"WORKER_TIMEOUT_SECONDS": "1"}, "WORKER_TIMEOUT_SECONDS must be 0 (off) or at least 5 (got 1)"),
         ({"MODEL_VERSION": str(2**64)}, "MODEL_VERSION must be at most 2147483647"),
         ({"ORT_LONE_THREADS": "100000"}, "ORT_LONE_THREADS must be at most 256"),  # the start hung, gigabytes on
+        ({"WEB_THREADS": "8", "RECORD_CONCURRENCY": "5"}, "RECORD_CONCURRENCY must be at most half of WEB_THREADS, 4"),
+        ({"MAIL_RETRY_MIN_SECONDS": "100", "MAIL_RETRY_MAX_SECONDS": "10"}, "MAIL_RETRY_MIN_SECONDS must be at most"),
     ],
 )
 def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, tmp_path, env, expected):
