@@ -64,7 +64,7 @@ class Deps:
     config: Config
     keys: KeyService
     store: Store
-    batcher: Batcher | None  # None: no model loaded, denoising answers 503
+    batcher: Batcher  # closed: the model is gone, denoising answers 503
     model_version: int
     metrics: Metrics | None = None  # None: METRICS=off, no /metrics and nothing counted
     clock: Callable[[], float] = time.perf_counter  # times requests for the access log and metrics
@@ -152,11 +152,11 @@ def _map_errors(app: falcon.App, deps: Deps) -> None:
     app.add_error_handler(Exception, _unexpected)  # the most specific handler wins: this one is last
     app.add_error_handler(ValidationError, _validation_error)
     app.add_error_handler(Refused, _refused)
-    app.add_error_handler(ModelUnavailable, _model_unavailable)
+    app.add_error_handler(ModelUnavailable, _answer(falcon.HTTP_503))
     app.add_error_handler(DatabaseUnavailable, _database_unavailable)
     app.add_error_handler(RateLimited, partial(_rate_limited, deps.metrics))
-    app.add_error_handler(TooManyValues, _too_many_values)
-    app.add_error_handler(Busy, _busy)
+    app.add_error_handler(TooManyValues, _answer(falcon.HTTP_413))
+    app.add_error_handler(Busy, _answer(falcon.HTTP_503, BUSY_RETRY_AFTER_S))
     app.add_error_handler(ClientGone, _client_gone)
     app.add_error_handler(UNAVAILABLE_ERRORS, partial(_database_error, deps.store.health))
 
@@ -221,26 +221,22 @@ def _refused(req: falcon.Request, resp: falcon.Response, exc: Refused, params: d
     resp.media = {"error": str(exc)}
 
 
-def _too_many_values(req: falcon.Request, resp: falcon.Response, exc: TooManyValues, params: dict) -> None:
-    resp.status = falcon.HTTP_413
-    resp.media = {"error": str(exc)}
+def _answer(status: str, retry_after_s: int | None = None) -> Callable[..., None]:
+    """A handler that answers ``status`` with the exception's message as the error."""
 
+    def handle(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:
+        resp.status = status
+        if retry_after_s is not None:
+            resp.set_header("Retry-After", str(retry_after_s))
+        resp.media = {"error": str(exc)}
 
-def _busy(req: falcon.Request, resp: falcon.Response, exc: Busy, params: dict) -> None:
-    resp.status = falcon.HTTP_503
-    resp.set_header("Retry-After", str(BUSY_RETRY_AFTER_S))
-    resp.media = {"error": str(exc)}
+    return handle
 
 
 def _client_gone(req: falcon.Request, resp: falcon.Response, exc: ClientGone, params: dict) -> None:
     """Nobody reads it; the access log and the metrics say what happened (nginx's 499)."""
     resp.status = "499 Client Closed Request"
     resp.media = {"error": "The client closed the connection"}
-
-
-def _model_unavailable(req: falcon.Request, resp: falcon.Response, exc: ModelUnavailable, params: dict) -> None:
-    resp.status = falcon.HTTP_503
-    resp.media = {"error": str(exc)}
 
 
 def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:

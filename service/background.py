@@ -1,4 +1,5 @@
-"""A small daemon loop for the service's background chores (mail delivery, last_used flushes)."""
+"""A small daemon loop for the service's background chores (mail delivery, last_used flushes,
+housekeeping, the database probe)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Loop:
 
     @property
     def stopping(self) -> bool:
-        """``close`` has been called: a long step may end early."""
+        """``stop`` or ``close`` has been called: a long step may end early."""
         return self._stopping.is_set()
 
     def stop(self) -> None:

@@ -81,6 +81,11 @@ class DatabaseUnavailable(Exception):
     """The database is down, hung, locked or unwritable: the request gets a 503."""
 
 
+# An outage is logged when it starts and ends, and reminded of this often in between.
+REMIND_EVERY_S = 60.0
+# While the breaker is open, the probe tries the database this often.
+PROBE_EVERY_S = 1.0
+
 # What background loops retry without logging: the breaker has logged the outage already.
 QUIET_ERRORS = (DatabaseUnavailable, *UNAVAILABLE_ERRORS)
 
@@ -92,16 +97,15 @@ def first_line(exc: BaseException) -> str:
 
 class DatabaseHealth:
     """Circuit breaker and outage log: one line when an outage starts, one when it ends, and a
-    reminder every ``remind_every_s`` in between, never a traceback per request."""
+    reminder every ``REMIND_EVERY_S`` in between, never a traceback per request."""
 
-    def __init__(self, remind_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._remind_every_s = remind_every_s
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_log = 0.0
         self._refused = 0
-        self._last_write_log = -remind_every_s  # the first refused write is logged at once
+        self._last_write_log = -REMIND_EVERY_S  # the first refused write is logged at once
         self._writes_refused = 0
         self.on_failure: Callable[[], None] = lambda: None  # the probe's wake-up
 
@@ -128,7 +132,7 @@ class DatabaseHealth:
             if self._down_since is None:
                 self._down_since, self._last_log, self._refused = now, now, 0
                 log.error("Database unavailable (%s): requests that need it get 503 until it answers", first_line(exc))
-            elif now - self._last_log >= self._remind_every_s:
+            elif now - self._last_log >= REMIND_EVERY_S:
                 self._last_log = now
                 log.warning(
                     "Database still unavailable after %.0f s (%s); %d requests refused so far",
@@ -140,10 +144,10 @@ class DatabaseHealth:
             self.on_failure()
 
     def _write_refused(self, exc: BaseException, now: float) -> None:
-        """One line, then one per ``remind_every_s`` while writes keep failing."""
+        """One line, then one per ``REMIND_EVERY_S`` while writes keep failing."""
         with self._lock:
             self._writes_refused += 1
-            if now - self._last_write_log < self._remind_every_s:
+            if now - self._last_write_log < REMIND_EVERY_S:
                 return
             count, self._writes_refused, self._last_write_log = self._writes_refused, 0, now
         log.error(
@@ -397,14 +401,13 @@ def redact(url: str) -> str:
 
 
 class DatabaseProbe:
-    """While the breaker is open, tries the database every ``every_s`` and closes the breaker
+    """While the breaker is open, tries the database every ``PROBE_EVERY_S`` and closes the breaker
     when it answers; idle otherwise (woken by the breaker when an outage starts)."""
 
-    def __init__(self, db_getter: Callable[[], pw.Database], health: DatabaseHealth, every_s: float = 1.0) -> None:
+    def __init__(self, db_getter: Callable[[], pw.Database], health: DatabaseHealth) -> None:
         self._db = db_getter
         self._health = health
-        self._every_s = every_s
-        self._loop = Loop("database-probe", self._step, error_delay_s=every_s)
+        self._loop = Loop("database-probe", self._step, error_delay_s=PROBE_EVERY_S)
 
     def start(self) -> DatabaseProbe:
         self._health.on_failure = self._loop.wake
@@ -422,6 +425,6 @@ class DatabaseProbe:
             self._db().probe()
         except Exception as exc:  # whatever the driver raises, the database is still away
             self._health.failed(exc, wake_probe=False)
-            return self._every_s
+            return PROBE_EVERY_S
         self._health.succeeded()
         return 3600.0

@@ -18,18 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class Housekeeping:
-    """Purges rows older than ``retention`` at start and every ``every_s`` after."""
+    """Purges rows older than ``retention`` at start and every ``EVERY_S`` after."""
 
-    def __init__(
-        self,
-        store: Store,
-        retention: timedelta,
-        every_s: float = 3600.0,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
+    EVERY_S = 3600.0
+
+    def __init__(self, store: Store, retention: timedelta, clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._retention = retention
-        self._every_s = every_s
         self._clock = clock
         self._loop = Loop("housekeeping", self._step, error_delay_s=60.0, quiet=QUIET_ERRORS)
 
@@ -53,4 +48,4 @@ class Housekeeping:
 
     def _step(self) -> float:
         self.purge()
-        return self._every_s
+        return self.EVERY_S

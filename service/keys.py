@@ -90,9 +90,10 @@ class ActiveKeys:
     every use reads the key again, until ``resume``.
     """
 
-    def __init__(self, ttl_s: float, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+    LIMIT = 10_000  # keys kept at most; past it the cache starts again empty
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl_s = ttl_s
-        self._limit = limit
         self._clock = clock
         self._entries: dict[str, tuple[int, float]] = {}
         self._epoch = 0  # bumped by forget: a lookup from an older epoch is not kept
@@ -118,7 +119,7 @@ class ActiveKeys:
         elif self._ttl_s > 0:
             with self._lock:
                 if epoch == self._epoch:
-                    if len(self._entries) >= self._limit:
+                    if len(self._entries) >= self.LIMIT:
                         self._entries.clear()
                     fresh = generation == self._generation and not self._suspended
                     self._entries[key_hash] = (key_id, now + self._ttl_s if fresh else 0.0)

@@ -60,13 +60,13 @@ class Listener:
         self._thread.start()
         return self
 
-    def close(self, timeout_s: float = 10.0) -> None:
+    def close(self) -> None:
         if self._stopping.is_set():
             return
         self._stopping.set()
         self._stop_writer.send(b"x")
         if self._thread.is_alive():
-            self._thread.join(timeout_s)
+            self._thread.join(10.0)
         self._stop_reader.close()
         self._stop_writer.close()
 

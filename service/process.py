@@ -26,7 +26,7 @@ def give_back_large_blocks() -> None:
     """Keep glibc's malloc from keeping a recording's memory. Each time a block above its mmap
     threshold is freed, glibc raises the threshold to that block's size (up to 32 MiB); past
     that, a recording's arrays came from the heap, which keeps what is freed in its middle, and
-    each recording left a worker a hundred MB larger until it held over a GB. Set once, the
+    each recording left a worker larger (docs/performance.md, Memory). Set once, the
     threshold stays: every large array has a mapping of its own, unmapped when freed (the
     windows' arrays are smaller). Elsewhere than glibc, nothing to set."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)

@@ -7,7 +7,7 @@ NumPy (and soxr) only; the HTTP resource and ``python -m service.record`` both g
   runtime image stays small; docs/performance.md compares it with scipy's ``resample_poly``.
   soxr treats the signal as zero beyond its ends, which rings at an offset, so the straight line
   through the first and last samples is taken out before and put back (exactly) after.
-- Windows overlap by ``WINDOW − hop`` samples. The record's ends are padded by reflection half a
+- Windows overlap by ``WINDOW − HOP`` samples. The record's ends are padded by reflection half a
   window deep, so the first and last samples sit mid-window, where the model sees context.
 - Every window is centred on its own mean before it runs. The model z-scores it anyway (so it
   sees the same input) and its output is the zero-mean high-passed ECG; restored "in input
@@ -78,7 +78,7 @@ def model_length(samples: int, rate: float) -> int:
     return int(np.ceil((samples - 1) * SAMPLING_RATE_HZ / rate - 1e-9)) + 1
 
 
-def cut(x: np.ndarray, hop: int = HOP) -> np.ndarray:
+def cut(x: np.ndarray) -> np.ndarray:
     """Overlapping ``N×WINDOW`` windows over ``x`` (at the model's rate), each centred on its mean.
 
     ``x`` is padded by reflection: ``WINDOW // 2`` samples before it, and at least as many after
@@ -86,28 +86,28 @@ def cut(x: np.ndarray, hop: int = HOP) -> np.ndarray:
     """
     n = len(x)
     left = WINDOW // 2
-    count = max(1, -(-(n + 2 * left - WINDOW) // hop) + 1)
-    right = (count - 1) * hop + WINDOW - n - left
+    count = max(1, -(-(n + 2 * left - WINDOW) // HOP) + 1)
+    right = (count - 1) * HOP + WINDOW - n - left
     padded = np.pad(np.asarray(x, dtype=np.float64), (left, right), mode="reflect" if n > 1 else "edge")
-    starts = np.arange(count) * hop
+    starts = np.arange(count) * HOP
     windows = padded[starts[:, None] + np.arange(WINDOW)]
     return windows - windows.mean(axis=1, keepdims=True)
 
 
-def stitch(windows: np.ndarray, length: int, hop: int = HOP) -> np.ndarray:
+def stitch(windows: np.ndarray, length: int) -> np.ndarray:
     """The weighted mean of overlapping windows (as ``cut`` made them), cut to ``length`` samples."""
     count = len(windows)
-    total = (count - 1) * hop + WINDOW
+    total = (count - 1) * HOP + WINDOW
     acc = np.zeros(total)
     weight = np.zeros(total)
     for i, window in enumerate(windows):
-        acc[i * hop : i * hop + WINDOW] += _WEIGHTS * window
-        weight[i * hop : i * hop + WINDOW] += _WEIGHTS
+        acc[i * HOP : i * HOP + WINDOW] += _WEIGHTS * window
+        weight[i * HOP : i * HOP + WINDOW] += _WEIGHTS
     left = WINDOW // 2
     return acc[left : left + length] / weight[left : left + length]
 
 
-def denoise(samples: np.ndarray, rate: float, run: Runner, hop: int = HOP) -> np.ndarray:
+def denoise(samples: np.ndarray, rate: float, run: Runner) -> np.ndarray:
     """The denoised recording, at ``rate`` and as long as ``samples``, in their units, baseline removed.
 
     ``run`` maps ``N×WINDOW`` windows to the model's output in the windows' units (``output·σ + μ``).
@@ -117,12 +117,12 @@ def denoise(samples: np.ndarray, rate: float, run: Runner, hop: int = HOP) -> np
     _, exponent = np.frexp(np.max(np.abs(samples)))
     n = model_length(len(samples), rate)
     x = resample(np.ldexp(samples, -exponent), rate, SAMPLING_RATE_HZ, n)
-    windows = cut(x, hop)
+    windows = cut(x)
     # A flat window (a lead off, a clipped stretch) holds no ECG: its z-score is all zeros with
     # σ taken as 1, and the model's small answer to zeros, scaled by the recording's magnitude
     # (its offset included), would come back as an invented signal. It comes back flat.
     flat = ~windows.any(axis=1, keepdims=True)
-    clean = stitch(np.where(flat, 0.0, run(windows)), n, hop)
+    clean = stitch(np.where(flat, 0.0, run(windows)), n)
     return np.ldexp(resample(clean, SAMPLING_RATE_HZ, rate, len(samples)), exponent)
 
 

@@ -16,7 +16,7 @@ import falcon
 import numpy as np
 
 from service import codec, pages, recording, validation
-from service.batcher import Batcher, ModelUnavailable
+from service.batcher import Batcher
 from service.config import Config
 from service.contract import WINDOW
 from service.keys import KeyService
@@ -54,7 +54,7 @@ class JsonBody:
         if not data:
             return None
         encoding = json.detect_encoding(data)
-        if encoding != "utf-8":  # orjson parses UTF-8 as it came: a decoded copy was 100 MB more
+        if encoding != "utf-8":  # orjson parses UTF-8 as it came: a decoded copy would be one more body in memory
             try:
                 data = data.decode(encoding, "surrogatepass")
             except UnicodeDecodeError:
@@ -96,7 +96,7 @@ class Denoising:
     def __init__(
         self,
         keys: KeyService,
-        batcher: Batcher | None,
+        batcher: Batcher,
         model_version: int,
         body: JsonBody,
         parse: Callable[[Any], np.ndarray],
@@ -113,8 +113,6 @@ class Denoising:
         key_id = authenticate(self._keys, req)
         windows = self._parse(self._body.read(req))
         input_units = validation.input_units(_query(req, "units"))
-        if self._batcher is None:
-            raise ModelUnavailable
         denoised = self._batcher.denoise(windows, input_units)
         self._keys.used(key_id)
         resp.media = {"modelVersion": self._model_version, **self._render(denoised)}
@@ -123,7 +121,7 @@ class Denoising:
 class Recording:
     """``POST /api/v1/denoising/record``: a whole recording, as JSON or as raw float32, answered in kind."""
 
-    def __init__(self, keys: KeyService, batcher: Batcher | None, model_version: int, config: Config) -> None:
+    def __init__(self, keys: KeyService, batcher: Batcher, model_version: int, config: Config) -> None:
         self._keys = keys
         self._batcher = batcher
         self._model_version = model_version
@@ -148,10 +146,8 @@ class Recording:
             samples, rate = validation.binary_record(
                 req.bounded_stream.read(), _query(req, "sampling_rate"), self._max_seconds
             )
-        else:  # the parsed list (a hundred MB at the longest) is gone before the model runs
+        else:  # the parsed list, the request's largest object, is gone before the model runs
             samples, rate = validation.record(self._json.read(req), self._max_seconds, _query(req, "sampling_rate"))
-        if self._batcher is None:
-            raise ModelUnavailable
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
         self._keys.used(key_id)
         if binary:  # float32 in, float32 out
@@ -204,12 +200,12 @@ class Health:
 class Readiness:
     """``GET /readyz``: 200 only while the model is loaded and the database answers."""
 
-    def __init__(self, batcher: Batcher | None, store: Store) -> None:
+    def __init__(self, batcher: Batcher, store: Store) -> None:
         self._batcher = batcher
         self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model = self._batcher is not None and self._batcher.ready
+        model = self._batcher.ready
         database = self._store.ping()
         ready = model and database
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503

@@ -157,13 +157,12 @@ class Store:
         self,
         url: str,
         max_connections: int,
-        health: DatabaseHealth | None = None,
         connect_timeout_s: float = 3.0,
         statement_timeout_s: float = 3.0,
     ) -> None:
         self._url = url
         self._max_connections = max_connections
-        self.health = health or DatabaseHealth()
+        self.health = DatabaseHealth()
         self._timeouts = (connect_timeout_s, statement_timeout_s)
         self.db: pw.Database | None = None  # opened by start
 

@@ -6,7 +6,8 @@ interpreter (``python -m service.workers INTERFACE FD READY_FD OCCUPANCY_FD SLOT
 that inherits it: the worker loads its own model (nothing of onnxruntime crosses a fork) and
 serves with waitress, the kernel handing each connection to whichever worker accepts it first.
 Each worker also gets a slot of the occupancy file (``service.occupancy``), where the workers
-tell each other whether they are running the model; a replacement takes the slot of the worker
+tell each other whether they are running the model, that a key was deactivated, and that they
+are alive (the heartbeat), and where the supervisor tells them to stop; a replacement takes the slot of the worker
 it replaces. A worker whose supervisor has gone (killed with -9: nothing would replace the
 workers, and they would keep the port from a new supervisor) drains and exits
 (``connections.Server``).

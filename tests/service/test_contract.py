@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.app import create_app
+from service.batcher import Batcher
 from service.store import OutboxMail, Token, utcnow
 from service.validation import MAX_ABS
 
@@ -191,8 +192,10 @@ def test_huge_values_refused_instead_of_overflowing(client, key):
     assert result.json["error"].startswith("ecg_signal[11] must be a finite number of magnitude at most")
 
 
-def test_model_not_loaded(runtime, key):
-    client = falcon.testing.TestClient(create_app(dataclasses.replace(runtime.deps, batcher=None)))
+def test_model_not_loaded(runtime, engine, key):
+    closed = Batcher(engine, 8, 0.0)
+    closed.close()
+    client = falcon.testing.TestClient(create_app(dataclasses.replace(runtime.deps, batcher=closed)))
     result = client.simulate_post(DENOISE, json={"ecg_signal": window()}, headers={"x-api-key": key})
     assert result.status_code == 503
     assert result.json == {"error": "Model not loaded"}

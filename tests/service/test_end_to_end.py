@@ -162,7 +162,7 @@ def test_health_readiness_and_oversized_body(service_process, tmp_path):
     for path in ("/healthz", "/openapi.json", "/no/such/route"):
         assert answer_to_headers(path, 100_000).endswith(b'{"error":"Request body too large (limit 16384 bytes)"}')
     assert http("POST", f"{server.url}/healthz", {"a": 1})[0] == 405
-    server.signal(signal.SIGHUP)  # a closed terminal: it stopped at once, dropping what was under way
+    server.signal(signal.SIGHUP)  # a closed terminal: it drains, as for SIGTERM (it used to stop at once)
     assert server.wait() == 0 and "Draining" in server.log()
 
 

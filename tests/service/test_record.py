@@ -514,12 +514,15 @@ def test_recordings_leave_no_memory_behind(service_process, tmp_path):
     assert after[-1] - after[0] < 10, after
 
 
-def test_503_without_a_model(runtime):
+def test_503_without_a_model(runtime, engine):
     import falcon.testing
 
     from service.app import Deps, create_app
+    from service.batcher import Batcher
 
-    deps = Deps(runtime.deps.config, runtime.deps.keys, runtime.store, None, 6)
+    closed = Batcher(engine, 8, 0.0)
+    closed.close()
+    deps = Deps(runtime.deps.config, runtime.deps.keys, runtime.store, closed, 6)
     key = issue_key(runtime.store, "nomodel@example.org")
     result = post_json(falcon.testing.TestClient(create_app(deps)), key, {"ecg_signal": [0.0] * 300})
     assert result.status_code == 503 and result.json["error"] == "Model not loaded"
