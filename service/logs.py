@@ -54,6 +54,16 @@ class QueueDepthSummary(logging.Filter):
         return True
 
 
+class ClientText(logging.Filter):
+    """waitress names a request's decoded path in its own lines ("Client disconnected while
+    serving …"), already formatted: escaped here as the access log escapes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = loggable(record.getMessage()), ()
+        return True
+
+
 def configure(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT)
+    logging.getLogger("waitress").addFilter(ClientText())
     logging.getLogger("waitress.queue").addFilter(QueueDepthSummary())

@@ -1,9 +1,11 @@
-"""waitress's per-request queue warnings reach the log as one summary per interval."""
+"""waitress's own lines: its per-request queue warnings reach the log as one summary per
+interval, and the client's text in them is escaped."""
 
 from __future__ import annotations
 
 import logging
 
+from service import logs
 from service.logs import QueueDepthSummary
 
 
@@ -23,3 +25,18 @@ def test_one_summary_per_interval_with_the_deepest_queue():
     assert summary.filter(later)
     assert "5 deep at most" in later.getMessage()
     assert not summary.filter(queue_warning(9))
+
+
+def test_a_path_in_waitress_own_lines_cannot_forge_a_line():
+    """A client that hung up while served got its decoded path, newline and all, into
+    "Client disconnected while serving …": a line of its own choosing after it."""
+    logs.configure("INFO")
+    path = "/x\n2026-12-01 09:00:00,000 ERROR service.workers: FORGED\x1b[31m"
+    record = logging.LogRecord(
+        "waitress", logging.INFO, __file__, 1, f"Client disconnected while serving {path}", (), None
+    )
+    assert logging.getLogger("waitress").filter(record)
+    assert (
+        record.getMessage()
+        == "Client disconnected while serving /x\\n2026-12-01 09:00:00,000 ERROR service.workers: FORGED\\x1b[31m"
+    )
