@@ -101,6 +101,7 @@ class Channel(HTTPChannel):
     # still sends is read and dropped, for up to LINGER_S.
     linger = False
     lingering_until: float | None = None
+    blank = False  # the last bytes read were blank lines only
     sent_bytes = 0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
@@ -159,7 +160,10 @@ class Channel(HTTPChannel):
         """waitress's, but for a lingering close: what the client still sends is read and dropped,
         until it has sent it all (or gone) or ``LINGER_S`` has passed (``Server.maintenance``)."""
         if self.lingering_until is None:
+            idle_since = self.last_activity
             super().handle_read()
+            if self.blank:  # blank lines are no activity: they kept a connection open for ever
+                self.last_activity = idle_since
             return
         try:
             if self.socket.recv(1 << 16):
@@ -186,6 +190,9 @@ class Channel(HTTPChannel):
     def received(self, data: bytes) -> bool:
         now, reading = time.time(), self.request
         judging = reading is not None and reading.judging
+        # Blank lines outside a body: those that may precede a request (waitress takes each pair
+        # for an empty request and drops it), or that end a request's head.
+        self.blank = data.isspace() and (reading is None or not reading.headers_finished)
         more = super().received(data)
         if reading is None or (self.request is not None and self.request is not reading):
             self.request_began = now  # these bytes began a request (or two, the last one counts)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import socket
 import sys
+import threading
+import time
 
 import numpy as np
 import orjson
@@ -34,6 +36,11 @@ def test_slow_clients_neither_block_the_others_nor_stay(service_process, tmp_pat
         {"Content-Type": "application/json", "x-api-key": key},
     )
     idle = socket.create_connection(("127.0.0.1", service.port), timeout=CHANNEL_TIMEOUT_S + 3)
+    # Blank lines, which may precede a request, kept a connection open past every timeout.
+    blank = socket.create_connection(("127.0.0.1", service.port), timeout=CHANNEL_TIMEOUT_S + 3)
+    blank_closed: list[float] = []
+    sending = threading.Thread(target=send_blank_lines, args=(blank, HEADER_TIMEOUT_S + 8, blank_closed), daemon=True)
+    sending.start()
     tricklers = Tricklers(service.port, TRICKLERS, interval=0.5, reconnect=False).start()
     try:
         assert tricklers.open == TRICKLERS
@@ -48,9 +55,24 @@ def test_slow_clients_neither_block_the_others_nor_stay(service_process, tmp_pat
         assert answers == {b"HTTP/1.1 408 Request Timeout"}
         assert tricklers.closed[0][1].endswith(b'{"error":"Request headers not received within 4 seconds"}')
         assert idle.recv(1) == b""  # closed without an answer
+        sending.join()
+        assert blank_closed, "the connection that sent blank lines is still open"
     finally:
         tricklers.close()
         idle.close()
+        blank.close()
+
+
+def send_blank_lines(sock: socket.socket, seconds: float, closed: list[float]) -> None:
+    """A blank line every 0.3 s for ``seconds``, or until the server has closed the connection."""
+    started = time.monotonic()
+    while time.monotonic() < started + seconds:
+        try:
+            sock.sendall(b"\r\n")
+        except OSError:  # the server closed it, and reset it at the next line
+            closed.append(time.monotonic() - started)
+            return
+        time.sleep(0.3)
 
 
 @pytest.mark.slow
