@@ -7,8 +7,9 @@ validation noise (the mixture of bw, em and ma) scaled to 0 and 6 dB over the wh
   record path and of non-overlapping windows glued together, on the span the glued windows cover;
 - ``rates``: the same noisy stretches sent at 250, 360 and 500 Hz (resampled from 130 Hz with
   the service's own resampler), answered at that rate, scored at 130 Hz;
-- ``clean``: the reference sent with no noise: how close each path stays to it, and the error
-  within ±0.25 s of window boundaries over the error elsewhere (seams show as a ratio above 1).
+- ``clean``: the reference sent with no noise: how close each path stays to it, the error
+  within ±0.25 s of window boundaries over the error elsewhere (seams show as a ratio above 1),
+  and the error in the first and last second over the error between them (the ends).
 """
 
 from __future__ import annotations
@@ -27,13 +28,26 @@ from service.engine import Engine
 SNR_DB = (0, 6)
 RATES = (250, 360, 500)
 SEAM_S = 0.25  # each side of a boundary
+END_S = 1.0  # at each end of a stretch
+SKIP_S = 30.0
+SHIFT = recording.HOP // 2  # the record path's boundaries then fall mid-window, the glued ones apart
 
 
 def _stretches(corpus: Corpus, minutes: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(record, clean, unit-power noise) per validation record long enough for ``minutes``."""
+    """(record, clean, unit-power noise) per validation record long enough for ``minutes``; the
+    clean signal runs ``SHIFT`` samples longer than the noise (``_seam_ratio``).
+
+    Each stretch starts ``SKIP_S`` into its record: the reference, high-passed forwards and
+    backwards over the whole record, is padded by reflection at the record's own ends, which
+    would favour a path that pads the same way over one that sees the signal as it is."""
     n = int(minutes * 60 * SAMPLING_RATE_HZ) // WINDOW * WINDOW
+    skip, extra = int(SKIP_S * SAMPLING_RATE_HZ), SHIFT
     noise = sum(_unit(corpus.noise_validation[kind][0][:n].astype(np.float64)) for kind in NOISE_TYPES)
-    return [(r.name, r.signals[0][:n].astype(np.float64), noise) for r in corpus.validation if r.signals[0].size >= n]
+    return [
+        (r.name, r.signals[0][skip : skip + n + extra].astype(np.float64), noise)
+        for r in corpus.validation
+        if r.signals[0].size >= skip + n + extra
+    ]
 
 
 def _runner(engine: Engine) -> recording.Runner:
@@ -50,19 +64,42 @@ def _gain(clean: np.ndarray, noisy: np.ndarray, estimate: np.ndarray) -> float:
     return float(snr_db(centred(clean), centred(estimate)) - snr_db(centred(clean), centred(noisy)))
 
 
-def _seam_ratio(error: np.ndarray, boundaries: np.ndarray) -> float:
-    near = np.zeros(len(error), dtype=bool)
+def _rms(e: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(e**2)))
+
+
+def _seam_ratio(error: np.ndarray, shifted: np.ndarray, boundaries: np.ndarray) -> float:
+    """The error within ``SEAM_S`` of ``boundaries`` over the error at the same samples of a run
+    that started ``SHIFT`` samples later, where its boundaries fall elsewhere: a seam shows as a
+    ratio above 1. The same samples on both sides, because the error follows the beats, and a
+    steady rhythm keeps its beats at the same place between boundaries 5 s apart (six beats at
+    72 per minute), which a comparison with the samples away from boundaries takes for a seam."""
     half = int(SEAM_S * SAMPLING_RATE_HZ)
-    for b in boundaries:
-        near[max(0, b - half) : b + half] = True
-    rms = lambda e: float(np.sqrt(np.mean(e**2)))
-    return rms(error[near]) / rms(error[~near])
+    near = np.array([i for b in boundaries if SHIFT + half <= b for i in range(b - half, b + half)], dtype=int)
+    near = near[near < SHIFT + len(shifted)]
+    if not near.size:  # one window: no boundary to measure
+        return float("nan")
+    return _rms(error[near]) / _rms(shifted[near - SHIFT])
+
+
+def _end_ratio(error: np.ndarray) -> float:
+    end = int(END_S * SAMPLING_RATE_HZ)
+    return _rms(np.r_[error[:end], error[-end:]]) / _rms(error[end:-end])
+
+
+def _clean_errors(engine: Engine, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The record path's and the glued windows' errors on ``clean`` sent with no noise."""
+    target = clean - clean.mean()
+    record = recording.denoise(clean, SAMPLING_RATE_HZ, _runner(engine))
+    stitched = glued(engine, clean)
+    return record - target, stitched - stitched.mean() - target
 
 
 def evaluate_records(engine: Engine, corpus: Corpus, minutes: float = 5.0) -> dict:
     run = _runner(engine)
     rows = {"noisy": [], "rates": [], "clean": []}
-    for name, clean, noise in _stretches(corpus, minutes):
+    for name, longer, noise in _stretches(corpus, minutes):
+        clean = longer[: len(noise)]
         for snr in SNR_DB:
             noisy = clean + scale_to_snr(clean, noise, snr)
             record = recording.denoise(noisy, SAMPLING_RATE_HZ, run)
@@ -86,18 +123,22 @@ def evaluate_records(engine: Engine, corpus: Corpus, minutes: float = 5.0) -> di
                         "gain_at_130_db": _gain(clean, noisy, record),
                     }
                 )
-        target = clean - clean.mean()
-        record_error = recording.denoise(clean, SAMPLING_RATE_HZ, run) - target
-        glued_out = glued(engine, clean)
-        glued_error = glued_out - glued_out.mean() - target
-        rms = lambda e: float(np.sqrt(np.mean(e**2)))
+        later = longer[-len(noise) :]
+        (record_error, glued_error), (record_later, glued_later) = (
+            _clean_errors(engine, clean),
+            _clean_errors(engine, later),
+        )
         rows["clean"].append(
             {
                 "record": name,
-                "record_rmse": rms(record_error),
-                "glued_rmse": rms(glued_error),
-                "record_seam_ratio": _seam_ratio(record_error, np.arange(recording.HOP, len(clean), recording.HOP)),
-                "glued_seam_ratio": _seam_ratio(glued_error, np.arange(WINDOW, len(clean), WINDOW)),
+                "record_rmse": _rms(record_error),
+                "glued_rmse": _rms(glued_error),
+                "record_seam_ratio": _seam_ratio(
+                    record_error, record_later, np.arange(recording.HOP, len(clean), recording.HOP)
+                ),
+                "glued_seam_ratio": _seam_ratio(glued_error, glued_later, np.arange(WINDOW, len(clean), WINDOW)),
+                "record_end_ratio": _end_ratio(record_error),
+                "glued_end_ratio": _end_ratio(glued_error),
             }
         )
     mean = lambda rows, key: float(np.mean([r[key] for r in rows]))
@@ -123,7 +164,14 @@ def evaluate_records(engine: Engine, corpus: Corpus, minutes: float = 5.0) -> di
         },
         "clean": {
             key: mean(rows["clean"], key)
-            for key in ("record_rmse", "glued_rmse", "record_seam_ratio", "glued_seam_ratio")
+            for key in (
+                "record_rmse",
+                "glued_rmse",
+                "record_seam_ratio",
+                "glued_seam_ratio",
+                "record_end_ratio",
+                "glued_end_ratio",
+            )
         }
         | {"max_record_seam_ratio": float(max(r["record_seam_ratio"] for r in rows["clean"]))},
     }
@@ -155,6 +203,7 @@ def records_table(result: dict) -> str:
     lines.append(
         f"clean input: RMSE record {c['record_rmse']:.4f} vs glued {c['glued_rmse']:.4f} mV; error near boundaries / "
         f"elsewhere: record {c['record_seam_ratio']:.2f} (worst {c['max_record_seam_ratio']:.2f}), glued {c['glued_seam_ratio']:.2f}; "
+        f"error in the first and last second / between: record {c['record_end_ratio']:.2f}, glued {c['glued_end_ratio']:.2f}; "
         f"targets met: {s['targets_met']}"
     )
     return "\n".join(lines)
@@ -167,7 +216,8 @@ def seam_figure(engine: Engine, corpus: Corpus, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name, clean, noise = _stretches(corpus, 2.0)[0]
+    name, longer, noise = _stretches(corpus, 2.0)[0]
+    clean = longer[: len(noise)]
     noisy = clean + scale_to_snr(clean, noise, 0)
     record = recording.denoise(noisy, SAMPLING_RATE_HZ, _runner(engine))
     stitched = glued(engine, noisy)

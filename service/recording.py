@@ -7,15 +7,19 @@ NumPy (and soxr) only; the HTTP resource and ``python -m service.record`` both g
   runtime image stays small; docs/performance.md compares it with scipy's ``resample_poly``.
   soxr treats the signal as zero beyond its ends, which rings at an offset, so the straight line
   through the first and last samples is taken out before and put back (exactly) after.
-- Windows overlap by ``WINDOW − HOP`` samples. The record's ends are padded by reflection half a
-  window deep, so the first and last samples sit mid-window, where the model sees context.
+- Windows overlap by ``WINDOW − HOP`` samples, the first starting at the recording's first
+  sample and the last ending at its last, so that the model sees only real signal, as a window
+  request does; each end's window gets the whole weight on its outer half (a recording of one
+  window comes back as that window's answer). Padding the ends by reflection instead, so that
+  they sat mid-window, left the first and last seconds with more error (docs/model-card.md).
+  A recording shorter than a window is padded by reflection to one.
 - Every window is centred on its own mean before it runs. The model z-scores it anyway (so it
   sees the same input) and its output is the zero-mean high-passed ECG; restored "in input
   units" it then comes back as ``output·σ`` with no per-window offset to jump at the seams.
 - A window with no variation at all (a lead off) comes back as zeros, not as the model's answer
   to a flat input, which ``contract.normalize`` would scale by the recording's magnitude.
 - Stitching is a weighted mean of the windows covering each sample, with Hann weights that
-  vanish at the window edges, where the model has the least context.
+  vanish at the window edges, where the model has the least context, but at the recording's ends.
 """
 
 from __future__ import annotations
@@ -78,32 +82,40 @@ def model_length(samples: int, rate: float) -> int:
     return int(np.ceil((samples - 1) * SAMPLING_RATE_HZ / rate - 1e-9)) + 1
 
 
-def cut(x: np.ndarray) -> np.ndarray:
-    """Overlapping ``N×WINDOW`` windows over ``x`` (at the model's rate), each centred on its mean.
+def _layout(n: int) -> tuple[np.ndarray, int]:
+    """Where the windows over ``n`` samples start, and the padding before them (and after, to one
+    window) when ``n`` is shorter than a window."""
+    if n < WINDOW:
+        return np.zeros(1, dtype=int), (WINDOW - n) // 2
+    starts = np.arange(0, n - WINDOW + 1, HOP)
+    return (starts if starts[-1] == n - WINDOW else np.append(starts, n - WINDOW)), 0
 
-    ``x`` is padded by reflection: ``WINDOW // 2`` samples before it, and at least as many after
-    it, up to a whole number of hops.
-    """
+
+def cut(x: np.ndarray) -> np.ndarray:
+    """Overlapping ``N×WINDOW`` windows over ``x`` (at the model's rate), each centred on its mean."""
     n = len(x)
-    left = WINDOW // 2
-    count = max(1, -(-(n + 2 * left - WINDOW) // HOP) + 1)
-    right = (count - 1) * HOP + WINDOW - n - left
-    padded = np.pad(np.asarray(x, dtype=np.float64), (left, right), mode="reflect" if n > 1 else "edge")
-    starts = np.arange(count) * HOP
+    starts, left = _layout(n)
+    padded = np.pad(
+        np.asarray(x, dtype=np.float64), (left, max(0, WINDOW - n - left)), mode="reflect" if n > 1 else "edge"
+    )
     windows = padded[starts[:, None] + np.arange(WINDOW)]
     return windows - windows.mean(axis=1, keepdims=True)
 
 
 def stitch(windows: np.ndarray, length: int) -> np.ndarray:
-    """The weighted mean of overlapping windows (as ``cut`` made them), cut to ``length`` samples."""
-    count = len(windows)
-    total = (count - 1) * HOP + WINDOW
+    """The weighted mean of overlapping windows (as ``cut`` made them for ``length`` samples)."""
+    starts, left = _layout(length)
+    total = max(length, WINDOW)
     acc = np.zeros(total)
     weight = np.zeros(total)
-    for i, window in enumerate(windows):
-        acc[i * HOP : i * HOP + WINDOW] += _WEIGHTS * window
-        weight[i * HOP : i * HOP + WINDOW] += _WEIGHTS
-    left = WINDOW // 2
+    for i, (start, window) in enumerate(zip(starts, windows)):
+        weights = _WEIGHTS.copy()
+        if i == 0:  # the recording's first samples: no other window covers them
+            weights[:HOP] = 1.0
+        if i == len(starts) - 1:
+            weights[HOP:] = 1.0
+        acc[start : start + WINDOW] += weights * window
+        weight[start : start + WINDOW] += weights
     return acc[left : left + length] / weight[left : left + length]
 
 

@@ -70,21 +70,40 @@ def post_binary(client, key, samples, rate=None, **kwargs):
 
 
 # -- the signal processing -----------------------------------------------------------------------
-def test_stitch_is_exact_on_windows_cut_from_one_signal():
+@pytest.mark.parametrize("length", [260, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW + 7, 4 * WINDOW])
+def test_stitch_is_exact_on_windows_cut_from_one_signal(length):
     """Cross-fading windows that agree gives the signal back, ends included (no zero weight)."""
-    x = np.random.default_rng(3).standard_normal(3 * WINDOW + 7)
-    left = WINDOW // 2
-    count = len(recording.cut(x))
-    padded = np.pad(x, (left, (count - 1) * recording.HOP + WINDOW - len(x) - left))
-    windows = np.stack([padded[i * recording.HOP : i * recording.HOP + WINDOW] for i in range(count)])
-    np.testing.assert_allclose(recording.stitch(windows, len(x)), x, atol=1e-12)
+    x = np.random.default_rng(3).standard_normal(length)
+    windows = recording.cut(x)
+    if length >= WINDOW:  # windows over the signal alone: each one's mean put back gives it again
+        means = [x[start : start + WINDOW].mean() for start in _starts(length)]
+        np.testing.assert_allclose(recording.stitch(windows + np.c_[means], length), x, atol=1e-12)
+    else:  # one window, padded by reflection and centred: the signal less that window's mean
+        assert np.ptp(recording.stitch(windows, length) - x) < 1e-12
 
 
-@pytest.mark.parametrize("length", [260, WINDOW, WINDOW + 1, 4 * WINDOW])
-def test_cut_covers_the_ends_with_centred_windows(length):
-    windows = recording.cut(ecg(length / 130, 130))
-    assert windows.shape[1] == WINDOW and len(windows) == -(-length // recording.HOP) + 1
+def _starts(length: int) -> list[int]:
+    return [0] if length < WINDOW else sorted({*range(0, length - WINDOW + 1, recording.HOP), length - WINDOW})
+
+
+@pytest.mark.parametrize("length", [260, WINDOW, WINDOW + 1, 4 * WINDOW, 4 * WINDOW + 100])
+def test_cut_starts_at_the_first_sample_and_ends_at_the_last(length):
+    """The model sees the recording's own ends, as a window request would, not a mirror of them."""
+    x = ecg(length / 130, 130)
+    windows = recording.cut(x)
+    assert windows.shape == (len(_starts(length)), WINDOW)
     np.testing.assert_allclose(windows.mean(axis=1), 0, atol=1e-9)
+    if length >= WINDOW:
+        np.testing.assert_allclose(windows[0], x[:WINDOW] - x[:WINDOW].mean(), atol=1e-9)
+        np.testing.assert_allclose(windows[-1], x[-WINDOW:] - x[-WINDOW:].mean(), atol=1e-9)
+
+
+def test_a_recording_of_one_window_comes_back_as_that_windows_answer():
+    """No cross-fade where nothing overlaps: the answer the window route would give, centred."""
+    x = ecg(10, 130) + 3.0
+    assert len(x) == WINDOW
+    twice = recording.denoise(x, SAMPLING_RATE_HZ, lambda windows: 2 * windows)
+    np.testing.assert_allclose(twice, 2 * (x - x.mean()), atol=1e-9)
 
 
 @pytest.mark.parametrize("rate", [50, 250.5, 360, 1000, 130.05])
