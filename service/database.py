@@ -60,13 +60,31 @@ def misconfigured(exc: BaseException) -> bool:
 
 def unwritable(exc: BaseException) -> bool:
     """The database answers but refuses writes: a full disk (SQLite's SQLITE_FULL, PostgreSQL's
-    53100) or a read-only file. Reads go on, so this is no outage for the breaker."""
+    53100), a read-only file or an I/O error writing it. Reads go on, so this is no outage for
+    the breaker."""
     driver = exc.__context__ or exc  # peewee raises its own error while handling the driver's
     name = getattr(driver, "sqlite_errorname", "")
     # Extended names too: SQLITE_READONLY_DIRECTORY, _CANTINIT… (a read-only folder, WAL files).
     # PostgreSQL: disk full (53100), or a read-only transaction (25006: a standby after a failover,
     # or default_transaction_read_only set).
-    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY")) or getattr(driver, "pgcode", None) in ("53100", "25006")
+    # SQLITE_IOERR_WRITE, _FSYNC…: the file cannot be written (made immutable, or its file system
+    # remounted read-only after disk errors) while it still reads; one that cannot be read is away.
+    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", *WRITE_ERRORS)) or getattr(driver, "pgcode", None) in (
+        "53100",
+        "25006",
+    )
+
+
+WRITE_ERRORS = ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_TRUNCATE")
+
+
+def duplicate(exc: BaseException) -> bool:
+    """A unique index refused the row (SQLite's SQLITE_CONSTRAINT_UNIQUE, PostgreSQL's 23505)."""
+    driver = exc.__context__ or exc
+    return (
+        getattr(driver, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
+        or getattr(driver, "pgcode", None) == "23505"
+    )
 
 
 def schema_lost(exc: BaseException) -> bool:
@@ -205,12 +223,18 @@ class _Guarded:
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         """The driver's unavailability errors open the breaker and become ``DatabaseUnavailable``;
-        so do refused writes, and missing tables, which ``on_schema_lost`` is told of."""
+        so do refused writes, and missing tables, which ``on_schema_lost`` is told of. Rows that
+        the tables refuse, but for a duplicate key, become ``DatabaseUnavailable`` too."""
         try:
             yield
         except Exception as exc:
             if schema_lost(exc):
                 self.on_schema_lost()
+                raise DatabaseUnavailable(first_line(exc)) from exc
+            if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
+                # A schema this version does not know (a column it never fills, after a rollback
+                # from a newer one): nothing is written, and the database is no less available.
+                log.error("The database refused a row: %s (is its schema from another version?)", first_line(exc))
                 raise DatabaseUnavailable(first_line(exc)) from exc
             if not (unavailable(exc) or unwritable(exc)):
                 raise

@@ -241,6 +241,28 @@ def unsent(store: Store) -> int:
         return OutboxMail.select().where(OutboxMail.sent_at.is_null()).count()
 
 
+def test_a_row_the_schema_refuses_gives_503_not_500(tmp_path, runtime_with, smtp, caplog):
+    """A schema from another version (a NOT NULL column this one never fills, here a trigger that
+    refuses the row) made every generation a 500, and a key conflict of a verification."""
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    rt = runtime_with(url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    refuse = "CREATE TRIGGER refuse BEFORE INSERT ON {} BEGIN SELECT RAISE(ABORT, 'newer schema'); END"
+    with sqlite3.connect(tmp_path / "schema.db") as db:
+        db.execute(refuse.format("verification_token"))
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "later@example.org"}))
+    assert any("refused a row" in line for line in outage_lines(caplog))
+    with sqlite3.connect(tmp_path / "schema.db") as db:
+        db.execute("DROP TRIGGER refuse")
+        db.execute(refuse.format("api_key"))
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "later@example.org"}).status_code == 200
+    link = verify_link(smtp.mailbox.wait_for(1)[0])
+    assert_unavailable(client.simulate_get("/api/v1/api-keys/verify", params={"token": link.split("token=")[1]}))
+    with sqlite3.connect(tmp_path / "schema.db") as db:
+        db.execute("DROP TRIGGER refuse")
+    assert client.simulate_get("/api/v1/api-keys/verify", params={"token": link.split("token=")[1]}).status_code == 200
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
@@ -306,6 +328,7 @@ def test_a_store_that_may_start_with_the_database_away_still_refuses_wrong_setti
         ("SQLITE_READONLY_DIRECTORY", True),  # a read-only folder: WAL files cannot be made
         ("SQLITE_CANTOPEN", False),
         ("SQLITE_IOERR_READ", False),
+        ("SQLITE_IOERR_WRITE", True),  # an immutable file: each write opened and closed the breaker
     ],
 )
 def test_which_sqlite_errors_only_refuse_writes(name, writes_only):
