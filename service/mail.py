@@ -279,6 +279,12 @@ class Outbox:
             self._store.release_mails(self._untried)
             self._untried = []
 
+    def _record_sent(self, mail_id: int) -> None:
+        """A mail the server took: recorded, or by ``_settle`` once the database answers again."""
+        self._unrecorded.append(mail_id)
+        self._store.mark_sent(mail_id)
+        self._unrecorded.pop()
+
     def _deliver(self, due: list[ClaimedMail]) -> None:
         done: set[int] = set()
         deadline = time.monotonic() + SEND_WITHIN_S
@@ -299,11 +305,13 @@ class Outbox:
                         done.discard(row.id)  # failed with the rest, below
                         raise
                     except Exception as exc:  # whatever one mail raises must not hold back the others
-                        self._failed(row, exc, permanent(exc))
+                        try:
+                            self._failed(row, exc, permanent(exc))
+                        except Exception:  # its failure unrecorded: given back with the untried
+                            done.discard(row.id)
+                            raise
                     else:
-                        self._unrecorded.append(row.id)
-                        self._store.mark_sent(row.id)
-                        self._unrecorded.pop()
+                        self._record_sent(row.id)
                         log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
         except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
             for row in due:
@@ -325,7 +333,7 @@ class Outbox:
                 attempts,
                 error,
             )
-            self._store.mark_sent(row.id)
+            self._record_sent(row.id)
             return
         if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
             self._on_failure("given_up")

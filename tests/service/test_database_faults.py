@@ -236,6 +236,30 @@ def test_a_database_failure_right_after_a_delivery_neither_repeats_it_nor_holds_
     holder.close()
 
 
+def test_a_database_failure_while_a_failed_delivery_is_recorded_does_not_hold_the_mail(tmp_path, runtime_with, smtp):
+    """The mail server refused a mail for now, and the database could not record the retry: the
+    mail kept its claim and went out two minutes later. Now it is given back with the untried."""
+    path = tmp_path / "retry.db"
+    rt = runtime_with(f"sqlite:///{path}", db_statement_timeout_s=0.3, mail_retry_min_s=0.2)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    class LockingRefusal(dict):  # in the SMTP server, before it answers 451
+        def __getitem__(self, address: str) -> str:
+            holder.execute("BEGIN EXCLUSIVE")
+            smtp.mailbox.refuse = {}
+            return super().__getitem__(address)
+
+    smtp.mailbox.refuse = LockingRefusal({"later@example.org": "451 4.3.0 Try again later"})
+    with rt.store.db.connection_context(), rt.store.transaction():
+        rt.store.enqueue_mail(rt.sealer.seal(Mail("later@example.org", "Later", "text", "<p>html</p>")), utcnow())
+    rt.outbox.wake()
+    wait_until(lambda: not smtp.mailbox.refuse, 10, "the refusal")
+    time.sleep(1.0)  # the outbox fails to record the retry
+    holder.execute("ROLLBACK")
+    smtp.mailbox.wait_for(1, timeout_s=15)  # within seconds, not at the end of the 2-minute claim
+    holder.close()
+
+
 def unsent(store: Store) -> int:
     with store.db.connection_context():
         return OutboxMail.select().where(OutboxMail.sent_at.is_null()).count()
