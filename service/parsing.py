@@ -179,8 +179,10 @@ class Request(HTTPRequestParser):
     def parse_header(self, header_plus: bytes) -> None:
         try:
             super().parse_header(header_plus)
-        except ValueError as exc:  # urlsplit's on "http://[::1/": waitress closed with no answer
-            raise ParsingError("Bad URI") from exc
+        except ValueError as exc:
+            if "integer string conversion" in str(exc):  # a Content-Length of over 4300 digits
+                raise ParsingError("Content-Length is invalid") from exc
+            raise ParsingError("Bad URI") from exc  # urlsplit's on "http://[::1/": waitress closed with no answer
         # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
         framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
         if framed_twice:

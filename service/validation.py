@@ -85,6 +85,8 @@ def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tupl
                 f"sampling_rate given twice, differently: {as_written(rate)} Hz in the body, {as_written(queried)} Hz in the query"
             )
         rate = queried
+    if len(value) < MIN_SECONDS * rate:  # too short: what its elements are says more than their count
+        _numbers(value, "ecg_signal")
     _duration(len(value), rate, max_seconds)
     return _numbers(value, "ecg_signal"), rate
 
@@ -199,9 +201,10 @@ def quoted(text: str, limit: int = 40) -> str:
 
 def as_written(rate: float) -> int | float:
     """A rate as the client most likely wrote it: 250.0 → 250; 250.5 and 1000.0000000001 stay,
-    to their last digit (the latter must not read as the bound 1000)."""
+    to their last digit (the latter must not read as the bound 1000); 1e308 stays 1e+308, not
+    309 digits."""
     rate = float(rate)
-    return int(rate) if rate.is_integer() else rate
+    return int(rate) if rate.is_integer() and abs(rate) < 1e16 else rate
 
 
 def _rate(rate: float) -> float:

@@ -203,6 +203,10 @@ def test_a_json_recording_takes_its_rate_from_the_query_too_and_never_ignores_it
     assert same.json == in_body
     low = post_json(client, key, {"ecg_signal": x.tolist()}, params={"sampling_rate": "20"})
     assert (low.status_code, low.json) == (400, {"error": "sampling_rate must be from 50 to 1000 Hz (got 20)"})
+    huge = post_json(client, key, {"ecg_signal": x.tolist(), "sampling_rate": 1e308})  # not 309 digits
+    assert huge.json == {"error": "sampling_rate must be from 50 to 1000 Hz (got 1e+308)"}
+    nested = post_json(client, key, {"ecg_signal": [x[:1300].tolist()] * 3})  # not "at least 2 seconds"
+    assert nested.json == {"error": "ecg_signal[0] must be a finite number (got an array)"}
 
 
 def test_json_and_binary_agree_and_130_hz_is_the_default(client, key):
