@@ -78,6 +78,25 @@ def unwritable(exc: BaseException) -> bool:
 WRITE_ERRORS = ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_TRUNCATE")
 
 
+# What PostgreSQL answers a new connection when every slot is taken (53300; psycopg2 gives a
+# refused connection no SQLSTATE).
+_CROWDED = ("too many clients", "remaining connection slots are reserved")
+
+
+def crowded(exc: BaseException) -> bool:
+    """PostgreSQL has no connection to spare: it serves the connections this process holds, so
+    this is no outage (an open breaker would refuse them all, and its probe, which needs a new
+    connection, would not get in either)."""
+    driver = exc.__context__ or exc
+    return getattr(driver, "pgcode", None) == "53300" or any(text in str(driver) for text in _CROWDED)
+
+
+def refused(exc: BaseException) -> bool:
+    """The database answers, but not this statement or connection: the request gets its 503,
+    and the others go on."""
+    return unwritable(exc) or crowded(exc)
+
+
 def duplicate(exc: BaseException) -> bool:
     """A unique index refused the row (SQLite's SQLITE_CONSTRAINT_UNIQUE, PostgreSQL's 23505)."""
     driver = exc.__context__ or exc
@@ -123,8 +142,8 @@ class DatabaseHealth:
         self._down_since: float | None = None
         self._last_log = 0.0
         self._refused = 0
-        self._last_write_log = -REMIND_EVERY_S  # the first refused write is logged at once
-        self._writes_refused = 0
+        self._last_refusal_log = -REMIND_EVERY_S  # the first refusal is logged at once
+        self._refusals = 0
         self.on_failure: Callable[[], None] = lambda: None  # the probe's wake-up
 
     @property
@@ -143,8 +162,8 @@ class DatabaseHealth:
         write (``unwritable``) is only logged: the request that wrote gets its 503, and the
         requests that only read (the key lookups of denoising) go on being served."""
         now = self._clock()
-        if unwritable(exc):
-            self._write_refused(exc, now)
+        if refused(exc):
+            self._refused_here(exc, now)
             return
         with self._lock:
             if self._down_since is None:
@@ -161,15 +180,16 @@ class DatabaseHealth:
         if wake_probe:
             self.on_failure()
 
-    def _write_refused(self, exc: BaseException, now: float) -> None:
-        """One line, then one per ``REMIND_EVERY_S`` while writes keep failing."""
+    def _refused_here(self, exc: BaseException, now: float) -> None:
+        """One line, then one per ``REMIND_EVERY_S`` while writes (or new connections) keep failing."""
         with self._lock:
-            self._writes_refused += 1
-            if now - self._last_write_log < REMIND_EVERY_S:
+            self._refusals += 1
+            if now - self._last_refusal_log < REMIND_EVERY_S:
                 return
-            count, self._writes_refused, self._last_write_log = self._writes_refused, 0, now
+            count, self._refusals, self._last_refusal_log = self._refusals, 0, now
         log.error(
-            "Database cannot write (%s): %d write(s) refused since the last such line",
+            "Database %s (%s): %d request(s) refused since the last such line",
+            "cannot write" if unwritable(exc) else "has no connection to spare",
             first_line(exc),
             count,
         )
@@ -217,7 +237,7 @@ class _Guarded:
         """Open the breaker, and drop the idle pooled connections: after an outage they are
         dead, and each would otherwise fail one request once the database is back."""
         self.health.failed(exc)
-        if not unwritable(exc):
+        if not refused(exc):
             self.close_idle()  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
@@ -236,7 +256,7 @@ class _Guarded:
                 # from a newer one): nothing is written, and the database is no less available.
                 log.error("The database refused a row: %s (is its schema from another version?)", first_line(exc))
                 raise DatabaseUnavailable(first_line(exc)) from exc
-            if not (unavailable(exc) or unwritable(exc)):
+            if not (unavailable(exc) or refused(exc)):
                 raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc

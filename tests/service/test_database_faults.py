@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from functools import partial
 
 import falcon.testing
@@ -444,6 +445,41 @@ def test_tables_that_cannot_be_made_again_are_tried_again_now_and_then(limited_u
     assert tries() == 1
     run('GRANT CREATE ON SCHEMA "{schema}" TO "{role}"')
     wait_until(lambda: generation().status_code == 200, 15, "the tables made again, at a later try")
+
+
+def test_postgres_out_of_connections_refuses_only_what_needs_a_new_one(pg_cluster, runtime_with):
+    """Every slot of the server taken by other clients: the one request that needed a connection
+    more got the 503, and that opened the breaker: every request was refused, the pool's idle
+    connections closed, and the probe, needing a new one too, could not close it again."""
+    rt = runtime_with(pg_cluster.url, key_cache_s=0)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "crowded@example.org")
+    assert denoise(client, key).status_code == 200
+    lent, give_back = threading.Event(), threading.Event()
+
+    def hold() -> None:  # one connection lent elsewhere, given back later
+        with rt.store.db.connection_context():
+            lent.set()
+            give_back.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert lent.wait(10)
+    rt.store.db.close_idle()  # the next request needs a new connection
+    others = []
+    with ExitStack() as stack:
+        for _ in range(200):
+            try:
+                others.append(stack.enter_context(closing(psycopg2.connect(pg_cluster.url))))
+            except psycopg2.OperationalError as exc:
+                assert "too many clients" in str(exc) or "slots are reserved" in str(exc)
+                break
+        assert_unavailable(denoise(client, key))
+        give_back.set()
+        holder.join(10)
+        assert denoise(client, key).status_code == 200  # on the connection given back
+        assert client.simulate_get("/readyz").status_code == 200
+    assert others  # the server had slots for other clients until it had none
 
 
 def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster, runtime_with):
