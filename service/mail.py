@@ -198,7 +198,11 @@ class FolderSender:
 def permanent(exc: Exception) -> bool:
     """Whether sending this mail again cannot help: the server refused it with a 5xx reply, or
     the mail itself is at fault (it cannot be opened, composed or addressed). A lost connection
-    or a 4xx reply is transient."""
+    or a 4xx reply is transient, and so is a refused sender: "530 Authentication required" or
+    "550 sender not allowed" is the service's settings at fault, not the mail, and giving up
+    would drop every mail queued until they are mended."""
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return False
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return all(code >= 500 for code, _ in exc.recipients.values())
     if isinstance(exc, smtplib.SMTPResponseException):

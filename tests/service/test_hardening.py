@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import smtplib
 import sqlite3
 import threading
 import time
@@ -211,6 +212,21 @@ def test_a_permanent_refusal_is_given_up_and_a_transient_one_retried(runtime_wit
     assert any(r.levelno == logging.ERROR and "given up" in r.getMessage() for r in caplog.records)
     wait_until(lambda: row("full@example.org").attempts >= 4, what="the transient failure retried")
     assert row("full@example.org").failed_at is None and row("full@example.org").sent_at is None
+
+
+@pytest.mark.parametrize(
+    "exc, given_up",
+    [
+        (smtplib.SMTPRecipientsRefused({"gone@example.org": (550, b"5.1.1 No such user")}), True),
+        (smtplib.SMTPDataError(554, b"5.6.0 Message rejected"), True),
+        (smtplib.SMTPDataError(451, b"4.3.0 Try again later"), False),
+        # The service's own settings: every queued mail was given up within seconds.
+        (smtplib.SMTPSenderRefused(530, b"5.7.0 Authentication required", "no-reply@example.org"), False),
+        (ConnectionResetError(), False),
+    ],
+)
+def test_what_a_mail_server_refuses_for_good(exc, given_up):
+    assert mail.permanent(exc) is given_up
 
 
 def test_housekeeping_purges_what_is_past_retention(runtime_with, sqlite_url):
