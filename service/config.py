@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from service.clients import Network, parse_networks
 from service.cpus import usable_cpus
@@ -91,6 +91,14 @@ def per_worker_defaults(workers: int) -> dict[str, int]:
     cpus = usable_cpus()
     cores = max(1, cpus // workers)
     return {"web_threads": min(MAX_WEB_THREADS, max(8, 8 * cores)), "batch_workers": min(MAX_WORKERS, cpus, 2 * cores)}
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a ``sqlite:///`` URL names; None for another database."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return None
+    return Path(unquote(parts.path[1:] if parts.path.startswith("/") else parts.path))
 
 
 def default_workers() -> int:
@@ -231,6 +239,8 @@ class Config:
             raise ConfigError(
                 f"DATABASE_URL must start with sqlite:/// or postgresql:// (got {database.scheme or 'no'} scheme)."
             )
+        if str(sqlite_path(self.database_url)) in ("", ".", ":memory:"):
+            raise ConfigError("DATABASE_URL must name an SQLite file, e.g. sqlite:///heartify.db.")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

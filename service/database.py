@@ -17,7 +17,6 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -25,7 +24,7 @@ import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from service.background import Loop
-from service.config import ConfigError
+from service.config import sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +373,6 @@ def _create_private(path: str) -> None:
         pass
 
 
-def sqlite_path(url: str) -> Path | None:
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite":
-        return None
-    return Path(unquote(parts.path[1:] if parts.path.startswith("/") else parts.path))
-
-
 def postgres_params(url: str) -> dict[str, Any]:
     """psycopg2's connection arguments from a ``postgresql://`` URL; query parameters pass through."""
     parts = urlsplit(url)
@@ -400,9 +392,7 @@ def open_database(
     """``sqlite:///path`` (WAL) or ``postgresql://user:pw@host:port/db?param=…``, both pooled."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
-        path = str(sqlite_path(url))
-        if not path or path in (".", ":memory:"):
-            raise ConfigError("DATABASE_URL must name an SQLite file, e.g. sqlite:///heartify.db.")
+        path = str(sqlite_path(url))  # Config refuses a URL that names no file
         try:
             _create_private(path)
         except OSError as exc:

@@ -12,8 +12,8 @@ import sys
 
 import peewee as pw
 
-from service.config import MAX_MODEL_VERSION, Config, ConfigError
-from service.database import DatabaseUnavailable, first_line, redact, sqlite_path
+from service.config import MAX_MODEL_VERSION, Config, ConfigError, sqlite_path
+from service.database import DatabaseUnavailable, first_line, redact
 from service.manifest import ModelError, verify_model
 from service.process import configured, refuse
 from service.sealing import secret_beside, split_secrets
@@ -72,6 +72,8 @@ def mail_secrets(config: Config) -> list[str]:
             "SECRET_KEY must be set with PostgreSQL (every replica needs the same one), e.g. the output of "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'."
         )
+    if not path.parent.is_dir():
+        raise StartupError(f"DATABASE_URL names a file in {path.parent}, which is not a folder.")
     try:
         return [secret_beside(path)]
     except OSError as exc:

@@ -217,6 +217,9 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
     "env, expected",
     [
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL must start with sqlite:/// or postgresql://"),
+        ({"DATABASE_URL": "sqlite:///"}, "DATABASE_URL must name an SQLite file"),  # a traceback, once
+        ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL must name an SQLite file"),
+        ({"DATABASE_URL": "sqlite:///no/such/folder/x.db"}, "names a file in no/such/folder, which is not a folder"),
         ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "SECRET_KEY": "k"}, "cannot be used"),
         # Refused before the database is reached: a start that created the tables, then stopped.
         ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "SECRET_KEY must be set with PostgreSQL"),
