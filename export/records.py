@@ -76,7 +76,6 @@ def _seam_ratio(error: np.ndarray, shifted: np.ndarray, boundaries: np.ndarray) 
     72 per minute), which a comparison with the samples away from boundaries takes for a seam."""
     half = int(SEAM_S * SAMPLING_RATE_HZ)
     near = np.array([i for b in boundaries if SHIFT + half <= b for i in range(b - half, b + half)], dtype=int)
-    near = near[near < SHIFT + len(shifted)]
     if not near.size:  # one window: no boundary to measure
         return float("nan")
     return _rms(error[near]) / _rms(shifted[near - SHIFT])

@@ -87,7 +87,10 @@ def crowded(exc: BaseException) -> bool:
     this is no outage (an open breaker would refuse them all, and its probe, which needs a new
     connection, would not get in either)."""
     driver = exc.__context__ or exc
-    return getattr(driver, "pgcode", None) == "53300" or any(text in str(driver) for text in _CROWDED)
+    if not isinstance(exc, pw.OperationalError):
+        return False
+    code = getattr(driver, "pgcode", None)
+    return code == "53300" or (code is None and any(text in str(driver) for text in _CROWDED))
 
 
 def refused(exc: BaseException) -> bool:
@@ -157,9 +160,10 @@ class DatabaseHealth:
             raise DatabaseUnavailable("the database is unavailable")
 
     def failed(self, exc: BaseException, wake_probe: bool = True) -> None:
-        """An error that means the database is away opens the breaker; one that means it cannot
-        write (``unwritable``) is only logged: the request that wrote gets its 503, and the
-        requests that only read (the key lookups of denoising) go on being served."""
+        """An error that means the database is away opens the breaker; one that means it refuses
+        this request only (``refused``: it cannot write, or has no connection to spare) is only
+        logged: that request gets its 503, and the others (the key lookups of denoising, those
+        that find a pooled connection) go on being served."""
         now = self._clock()
         if refused(exc):
             self._refused_here(exc, now)

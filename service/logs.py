@@ -59,11 +59,13 @@ class ClientText(logging.Filter):
     serving …"), already formatted: escaped here as the access log escapes it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = loggable(record.getMessage()), ()
+        record.msg, record.args = loggable(record.getMessage()[:2000]), ()
         return True
 
 
 def configure(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT)
-    logging.getLogger("waitress").addFilter(ClientText())
-    logging.getLogger("waitress.queue").addFilter(QueueDepthSummary())
+    for name, kind in (("waitress", ClientText), ("waitress.queue", QueueDepthSummary)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):  # once, however often configured
+            logger.addFilter(kind())

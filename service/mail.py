@@ -311,16 +311,21 @@ class Outbox:
                     except Exception as exc:  # whatever one mail raises must not hold back the others
                         try:
                             self._failed(row, exc, permanent(exc))
-                        except Exception:  # its failure unrecorded: given back with the untried
-                            done.discard(row.id)
+                        except Exception:  # its failure unrecorded: given back with the untried (one
+                            done.discard(row.id)  # taken as delivered is recorded first, by _settle)
                             raise
                     else:
                         self._record_sent(row.id)
                         log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
         except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
-            for row in due:
-                if row.id not in done:
-                    self._failed(row, exc, permanent=False)
+            try:
+                for row in due:
+                    if row.id not in done:
+                        self._failed(row, exc, permanent=False)
+                        done.add(row.id)
+            except Exception:  # the database failed recording it: as below
+                self._untried = [row for row in due if row.id not in done]
+                raise
         except Exception:  # the database failed: the batch stops, and _settle mends it
             self._untried = [row for row in due if row.id not in done]
             raise

@@ -108,7 +108,7 @@ def stitch(windows: np.ndarray, length: int) -> np.ndarray:
     total = max(length, WINDOW)
     acc = np.zeros(total)
     weight = np.zeros(total)
-    for i, (start, window) in enumerate(zip(starts, windows)):
+    for i, (start, window) in enumerate(zip(starts, windows, strict=True)):
         weights = _WEIGHTS.copy()
         if i == 0:  # the recording's first samples: no other window covers them
             weights[:HOP] = 1.0

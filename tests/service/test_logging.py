@@ -31,6 +31,8 @@ def test_a_path_in_waitress_own_lines_cannot_forge_a_line():
     """A client that hung up while served got its decoded path, newline and all, into
     "Client disconnected while serving …": a line of its own choosing after it."""
     logs.configure("INFO")
+    logs.configure("INFO")  # once only: twice escaped, a backslash would read as two
+    assert sum(isinstance(f, logs.ClientText) for f in logging.getLogger("waitress").filters) == 1
     path = "/x\n2026-12-01 09:00:00,000 ERROR service.workers: FORGED\x1b[31m"
     record = logging.LogRecord(
         "waitress", logging.INFO, __file__, 1, f"Client disconnected while serving {path}", (), None
