@@ -89,7 +89,8 @@ def test_uploads_past_the_open_files_limit_wait_their_turn_and_health_checks_ans
     env = {"WEB_WORKERS": "1", "WEB_THREADS": "16", "DENOISE_RATE_PER_SECOND": "0"}
     service, key = service_with_key(service_process, tmp_path, env, python=str(python))
     assert "CONNECTION_LIMIT lowered to 48" in service.log()  # (256 - 64 - 3 × 16) ÷ 3
-    body = orjson.dumps({"ecg_signals": [np.sin(np.arange(1300) / 5).tolist()] * 8})  # 100 KB: spooled
+    body = orjson.dumps({"ecg_signals": [np.sin(np.arange(1300) / 5).tolist()]})
+    body = body[:-1] + b" " * (70_000 - len(body)) + b"}"  # one window in 70 KB: spooled, quick to denoise
     head = b"POST /api/v1/denoising/batch HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n" % key.encode()
     head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
     uploads = []
