@@ -77,9 +77,9 @@ def unwritable(exc: BaseException) -> bool:
 WRITE_ERRORS = ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_TRUNCATE")
 
 
-# What PostgreSQL answers a new connection when every slot is taken (53300; psycopg2 gives a
-# refused connection no SQLSTATE).
-_CROWDED = ("too many clients", "remaining connection slots are reserved")
+# What PostgreSQL answers a new connection when every slot is taken, or every slot its role or
+# database may have (53300; psycopg2 gives a refused connection no SQLSTATE).
+_CROWDED = ("too many clients", "remaining connection slots are reserved", "too many connections for")
 
 
 def crowded(exc: BaseException) -> bool:
