@@ -47,7 +47,11 @@ def test_beat_agreement_counts_matches_within_tolerance():
     assert agreement == {"beats_before": 3, "beats_after": 3, "matched": 2, "f1": 2 * 2 / 6}
 
 
-def test_command_on_real_data_writes_both_tables_and_the_polar_checks(real_data, tmp_path, capsys):
+def test_command_on_real_data_writes_both_tables_and_the_polar_checks(
+    real_data, real_corpus, tmp_path, capsys, monkeypatch
+):
+    # The corpus the other tests share (loading it again cost seconds; test_data checks the loading).
+    monkeypatch.setattr("export.evaluate.corpus_or_exit", lambda root: real_corpus)
     args = ["--model", str(SHIPPED), "--data", str(real_data), "--out-dir", str(tmp_path), "--per-case", "1"]
     assert main([*args, "--record-minutes", "0.25"]) == 0
     result = json.loads((tmp_path / "evaluation-attention_unet.int8.json").read_text())
