@@ -93,12 +93,6 @@ def crowded(exc: BaseException) -> bool:
     return code == "53300" or (code is None and any(text in str(driver) for text in _CROWDED))
 
 
-def refused(exc: BaseException) -> bool:
-    """The database answers, but not this statement or connection: the request gets its 503,
-    and the others go on."""
-    return unwritable(exc) or crowded(exc)
-
-
 def duplicate(exc: BaseException) -> bool:
     """A unique index refused the row (SQLite's SQLITE_CONSTRAINT_UNIQUE, PostgreSQL's 23505)."""
     driver = exc.__context__ or exc
@@ -106,6 +100,19 @@ def duplicate(exc: BaseException) -> bool:
         getattr(driver, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
         or getattr(driver, "pgcode", None) == "23505"
     )
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What the database refuses when it answers, but not this statement or connection: the
+    request gets its 503, the others go on, and the log says so once a minute. None otherwise."""
+    if unwritable(exc):
+        return "cannot write"
+    if crowded(exc):
+        return "has no connection to spare"
+    if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
+        # A schema this version does not know: a column it never fills, after a rollback.
+        return "refused a row (is its schema from another version?)"
+    return None
 
 
 def schema_lost(exc: BaseException) -> bool:
@@ -161,11 +168,11 @@ class DatabaseHealth:
 
     def failed(self, exc: BaseException, wake_probe: bool = True) -> None:
         """An error that means the database is away opens the breaker; one that means it refuses
-        this request only (``refused``: it cannot write, or has no connection to spare) is only
-        logged: that request gets its 503, and the others (the key lookups of denoising, those
-        that find a pooled connection) go on being served."""
+        this request only (``refusal``: it cannot write, has no connection to spare, or refuses
+        the row) is only logged: that request gets its 503, and the others (the key lookups of
+        denoising, those that find a pooled connection) go on being served."""
         now = self._clock()
-        if refused(exc):
+        if refusal(exc):
             self._refused_here(exc, now)
             return
         with self._lock:
@@ -192,7 +199,7 @@ class DatabaseHealth:
             count, self._refusals, self._last_refusal_log = self._refusals, 0, now
         log.error(
             "Database %s (%s): %d request(s) refused since the last such line",
-            "cannot write" if unwritable(exc) else "has no connection to spare",
+            refusal(exc),
             first_line(exc),
             count,
         )
@@ -240,26 +247,21 @@ class _Guarded:
         """Open the breaker, and drop the idle pooled connections: after an outage they are
         dead, and each would otherwise fail one request once the database is back."""
         self.health.failed(exc)
-        if not refused(exc):
+        if not refusal(exc):
             self.close_idle()  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         """The driver's unavailability errors open the breaker and become ``DatabaseUnavailable``;
-        so do refused writes, and missing tables, which ``on_schema_lost`` is told of. Rows that
-        the tables refuse, but for a duplicate key, become ``DatabaseUnavailable`` too."""
+        so do missing tables, which ``on_schema_lost`` is told of, and what the database refuses
+        (``refusal``), which opens no breaker."""
         try:
             yield
         except Exception as exc:
             if schema_lost(exc):
                 self.on_schema_lost()
                 raise DatabaseUnavailable(first_line(exc)) from exc
-            if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
-                # A schema this version does not know (a column it never fills, after a rollback
-                # from a newer one): nothing is written, and the database is no less available.
-                log.error("The database refused a row: %s (is its schema from another version?)", first_line(exc))
-                raise DatabaseUnavailable(first_line(exc)) from exc
-            if not (unavailable(exc) or refused(exc)):
+            if not (unavailable(exc) or refusal(exc)):
                 raise
             self._failed(exc)
             raise DatabaseUnavailable(first_line(exc)) from exc
@@ -269,6 +271,11 @@ class _Guarded:
             cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
         self.health.succeeded()
         return cursor
+
+    def commit(self) -> None:
+        """Where SQLite writes a transaction's pages, so where a full disk shows."""
+        with self._translated():
+            super().commit()  # type: ignore[misc]
 
     def probe(self) -> None:
         """``SELECT 1`` on a fresh connection, bypassing the breaker and the pool; raises peewee's
