@@ -57,6 +57,11 @@ def misconfigured(exc: BaseException) -> bool:
     return _NO_PASSWORD in text or ("FATAL:" in text and any(words in text for words in _MISCONFIGURED))
 
 
+# SQLite's I/O errors in writing a file that still reads (made immutable, or its file system
+# remounted read-only after disk errors); one that cannot be read is away.
+WRITE_ERRORS = ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_TRUNCATE")
+
+
 def unwritable(exc: BaseException) -> bool:
     """The database answers but refuses writes: a full disk (SQLite's SQLITE_FULL, PostgreSQL's
     53100), a read-only file or an I/O error writing it. Reads go on, so this is no outage for
@@ -66,15 +71,10 @@ def unwritable(exc: BaseException) -> bool:
     # Extended names too: SQLITE_READONLY_DIRECTORY, _CANTINIT… (a read-only folder, WAL files).
     # PostgreSQL: disk full (53100), or a read-only transaction (25006: a standby after a failover,
     # or default_transaction_read_only set).
-    # SQLITE_IOERR_WRITE, _FSYNC…: the file cannot be written (made immutable, or its file system
-    # remounted read-only after disk errors) while it still reads; one that cannot be read is away.
     return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", *WRITE_ERRORS)) or getattr(driver, "pgcode", None) in (
         "53100",
         "25006",
     )
-
-
-WRITE_ERRORS = ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_TRUNCATE")
 
 
 # What PostgreSQL answers a new connection when every slot is taken, or every slot its role or
@@ -86,9 +86,9 @@ def crowded(exc: BaseException) -> bool:
     """PostgreSQL has no connection to spare: it serves the connections this process holds, so
     this is no outage (an open breaker would refuse them all, and its probe, which needs a new
     connection, would not get in either)."""
-    driver = exc.__context__ or exc
     if not isinstance(exc, pw.OperationalError):
         return False
+    driver = exc.__context__ or exc
     code = getattr(driver, "pgcode", None)
     return code == "53300" or (code is None and any(text in str(driver) for text in _CROWDED))
 

@@ -290,43 +290,38 @@ class Outbox:
         self._unrecorded.pop()
 
     def _deliver(self, due: list[ClaimedMail]) -> None:
-        done: set[int] = set()
+        done: set[int] = set()  # the mails whose outcome is recorded
         deadline = time.monotonic() + SEND_WITHIN_S
         try:
-            with self._sender.session() as send:
-                for row in due:
-                    if self._loop.stopping:  # the rest are due again now, for whoever runs next
-                        self._store.release_mails([r for r in due if r.id not in done])
-                        break
-                    if time.monotonic() > deadline:
-                        log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
-                        break
-                    done.add(row.id)
-                    try:
-                        mail = self._sealer.open(row.mail)
-                        send(compose(mail, self._from), mail.recipient)
-                    except SessionLost:
-                        done.discard(row.id)  # failed with the rest, below
-                        raise
-                    except Exception as exc:  # whatever one mail raises must not hold back the others
-                        try:
-                            self._failed(row, exc, permanent(exc))
-                        except Exception:  # its failure unrecorded: given back with the untried (one
-                            done.discard(row.id)  # taken as delivered is recorded first, by _settle)
-                            raise
-                    else:
-                        self._record_sent(row.id)
-                        log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
-        except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
             try:
+                with self._sender.session() as send:
+                    for row in due:
+                        if self._loop.stopping:  # the rest are due again now, for whoever runs next
+                            self._store.release_mails([r for r in due if r.id not in done])
+                            break
+                        if time.monotonic() > deadline:
+                            log.warning(
+                                "Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done)
+                            )
+                            break
+                        try:
+                            mail = self._sealer.open(row.mail)
+                            send(compose(mail, self._from), mail.recipient)
+                        except SessionLost:
+                            raise  # failed with the rest, below
+                        except Exception as exc:  # whatever one mail raises must not hold back the others
+                            self._failed(row, exc, permanent(exc))
+                        else:
+                            self._record_sent(row.id)
+                            log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
+                        done.add(row.id)
+            except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
                 for row in due:
                     if row.id not in done:
                         self._failed(row, exc, permanent=False)
                         done.add(row.id)
-            except Exception:  # the database failed recording it: as below
-                self._untried = [row for row in due if row.id not in done]
-                raise
-        except Exception:  # the database failed: the batch stops, and _settle mends it
+        except Exception:  # the database failed: the batch stops, and _settle mends it (a mail
+            # delivered but not recorded is recorded first, and then not given back)
             self._untried = [row for row in due if row.id not in done]
             raise
 

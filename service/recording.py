@@ -39,6 +39,9 @@ MIN_SECONDS = 2.0
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it, float32 loses digits, then everything
 _WEIGHTS = np.sin(np.pi * (np.arange(WINDOW) + 0.5) / WINDOW) ** 2  # Hann, > 0 inside, → 0 at both edges
+# The recording's first and last windows: no other window covers their outer halves.
+_FIRST = np.where(np.arange(WINDOW) < HOP, 1.0, _WEIGHTS)
+_LAST = np.where(np.arange(WINDOW) >= HOP, 1.0, _WEIGHTS)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -108,12 +111,9 @@ def stitch(windows: np.ndarray, length: int) -> np.ndarray:
     total = max(length, WINDOW)
     acc = np.zeros(total)
     weight = np.zeros(total)
+    last = len(starts) - 1
     for i, (start, window) in enumerate(zip(starts, windows, strict=True)):
-        weights = _WEIGHTS.copy()
-        if i == 0:  # the recording's first samples: no other window covers them
-            weights[:HOP] = 1.0
-        if i == len(starts) - 1:
-            weights[HOP:] = 1.0
+        weights = np.ones(WINDOW) if i == 0 == last else _FIRST if i == 0 else _LAST if i == last else _WEIGHTS
         acc[start : start + WINDOW] += weights * window
         weight[start : start + WINDOW] += weights
     return acc[left : left + length] / weight[left : left + length]
