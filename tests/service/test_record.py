@@ -450,7 +450,7 @@ def test_recordings_read_slowly_hold_no_thread(tmp_path, engine, smtp, sqlite_ur
         loop.start()
         port = server.effective_port
         key = issue_key(rt.store, "slow-reader@example.org")
-        body = orjson.dumps({"ecg_signal": (9e99 * np.sin(np.arange(1_500_000) / 50)).tolist()})  # 34 MB back
+        body = orjson.dumps({"ecg_signal": (9e99 * np.sin(np.arange(1_000_000) / 50)).tolist()})  # 23 MB back
         head = b"POST /api/v1/denoising/record?sampling_rate=1000 HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\n"
         head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
         request = head % (key.encode(), len(body)) + body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
