@@ -83,9 +83,11 @@ _CROWDED = ("too many clients", "remaining connection slots are reserved", "too 
 
 
 def crowded(exc: BaseException) -> bool:
-    """PostgreSQL has no connection to spare: it serves the connections this process holds, so
-    this is no outage (an open breaker would refuse them all, and its probe, which needs a new
-    connection, would not get in either)."""
+    """PostgreSQL, or this process's own pool, has no connection to spare: the database serves
+    the connections already lent, so this is no outage (an open breaker would refuse them all,
+    and its probe, which needs a new connection, would not get in either)."""
+    if isinstance(exc, MaxConnectionsExceeded):
+        return True
     if not isinstance(exc, pw.OperationalError):
         return False
     driver = exc.__context__ or exc

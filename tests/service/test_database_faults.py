@@ -482,6 +482,38 @@ def test_postgres_out_of_connections_refuses_only_what_needs_a_new_one(pg_cluste
     assert others  # the server had slots for other clients until it had none
 
 
+def test_a_pool_with_every_connection_lent_refuses_only_the_request_that_waited(sqlite_url, runtime_with):
+    """Every connection of this process's own pool lent (a thread holding one longer than it
+    should): the request that waited in vain opened the breaker, as an outage does, and every
+    other request, those on connections already lent included, was refused until the probe."""
+    rt = runtime_with(sqlite_url, key_cache_s=0)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "lent@example.org")
+    rt.store.db.close_idle()
+    rt.store.db._wait_timeout = 0.2  # POOL_WAIT_S, shortened: the wait is not what is tested
+    lent, give_back = threading.Event(), threading.Event()
+    holders = []
+
+    def hold() -> None:
+        with rt.store.db.connection_context():
+            lent.set()
+            give_back.wait(10)
+
+    try:
+        while len(holders) < rt.store.db._max_connections:
+            lent.clear()
+            holders.append(threading.Thread(target=hold))
+            holders[-1].start()
+            assert lent.wait(10)
+        assert_unavailable(denoise(client, key))
+        assert rt.store.health.available  # no breaker: the database answers the connections lent
+    finally:
+        give_back.set()
+        for holder in holders:
+            holder.join(10)
+    assert denoise(client, key).status_code == 200
+
+
 def test_a_read_only_postgres_refuses_writes_with_503_and_reads_go_on(pg_cluster, runtime_with):
     """A standby after a failover, or default_transaction_read_only: writes got a 500."""
     rt = runtime_with(pg_cluster.url)
