@@ -97,6 +97,18 @@ def _rate_param(rate_param: str) -> float:
     return _rate(float(rate_param))
 
 
+# Magnitudes no recording's samples reach, in any unit, but that float32 samples whose bytes are
+# swapped reach all the time: a byte of the mantissa becomes the exponent.
+ORDINARY_MAGNITUDES = (1e-20, 1e20)
+
+
+def _ordinary(samples: np.ndarray) -> bool:
+    """Every sample zero or of a magnitude a recording has."""
+    magnitude = np.abs(samples)
+    low, high = ORDINARY_MAGNITUDES
+    return bool(np.all((magnitude == 0) | ((magnitude > low) & (magnitude < high))))
+
+
 def binary_record(data: bytes, rate_param: str | None, max_seconds: float) -> tuple[np.ndarray, float]:
     """Little-endian float32 samples with ``?sampling_rate=`` (required) → samples and rate."""
     if rate_param is None:
@@ -105,7 +117,13 @@ def binary_record(data: bytes, rate_param: str | None, max_seconds: float) -> tu
     if len(data) % 4:
         raise ValidationError(f"A binary body holds float32 samples, 4 bytes each (got {len(data)} bytes)")
     _duration(len(data) // 4, rate, max_seconds)
-    samples = np.frombuffer(data, dtype="<f4").astype(np.float64)
+    raw = np.frombuffer(data, dtype="<f4")
+    if not _ordinary(raw) and _ordinary(np.frombuffer(data, dtype=">f4")):
+        raise ValidationError(
+            "A binary body holds little-endian float32 samples; these read as big-endian ones (send them little-endian)"
+        )
+    with np.errstate(invalid="ignore"):  # a signalling NaN, refused below
+        samples = raw.astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(samples))
     if len(bad):
         value = samples[bad[0]]

@@ -263,6 +263,9 @@ def test_bad_json_gets_400_naming_the_fault(client, key, body, message):
     assert result.status_code == 400 and result.json["error"] == message
 
 
+BIG_ENDIAN = "A binary body holds little-endian float32 samples; these read as big-endian ones (send them little-endian)"
+
+
 @pytest.mark.parametrize(
     "data, rate, message",
     [
@@ -278,6 +281,9 @@ def test_bad_json_gets_400_naming_the_fault(client, key, body, message):
         (b"\0" * 4001, "130", "A binary body holds float32 samples, 4 bytes each (got 4001 bytes)"),
         (np.r_[np.zeros(5), np.nan, np.zeros(300)], "130", "ecg_signal[5] must be a finite number (got NaN)"),
         (np.r_[np.zeros(300), -np.inf], "130", "ecg_signal[300] must be a finite number (got -Infinity)"),
+        # Samples in big-endian order: ADC counts, and a signal in mV (it was answered 200, in garbage).
+        (np.round(2000 * np.sin(np.arange(650) / 20)).astype(">f4").tobytes(), "130", BIG_ENDIAN),
+        ((0.8 * np.sin(np.arange(650) / 20) + 0.01).astype(">f4").tobytes(), "130", BIG_ENDIAN),
     ],
 )
 def test_bad_binary_gets_400_naming_the_fault(client, key, data, rate, message):
