@@ -23,7 +23,7 @@ from service.config import Config
 from service.connections import CORS_EXPOSED
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
-from service.keys import BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
+from service.keys import VERIFY_PATH, BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
 from service.logs import loggable
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
@@ -181,7 +181,7 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
     app.add_route(RECORD, Recording(keys, batcher, version, config))
     for route, action in zip(KEY_ROUTES, (keys.request_key, keys.request_deactivation), strict=True):
         app.add_route(route, KeyRequest(action, JsonBody(SMALL_BODY_BYTES, 16)))
-    app.add_route("/api/v1/api-keys/verify", Verification(keys))
+    app.add_route(VERIFY_PATH, Verification(keys))
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Readiness(batcher, deps.store))
     metrics_here = deps.metrics is not None and not config.metrics_port

@@ -23,6 +23,11 @@ SMALL_BODY = 1 << 16
 HUGE = 10**400  # stands in for an integer too long to convert (``_integer``)
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, without parameters; case-insensitive (RFC 9110)."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 class TooManyValues(Exception):
     """A JSON body with more numbers, or more arrays and objects, than any route takes."""
 

@@ -1,7 +1,8 @@
 """CPU inference with shared onnxruntime sessions.
 
-The engine talks tensors only: it z-scores windows, runs the model on ``N×1×L`` float32 batches
-and maps the output back. HTTP, keys and storage live elsewhere.
+The engine talks tensors only: it runs the model on ``N×1×L`` float32 batches (``run``; the
+service's batcher z-scores the windows and maps the output back), and ``denoise`` does all three
+for the offline tools. HTTP, keys and storage live elsewhere.
 """
 
 from __future__ import annotations

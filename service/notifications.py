@@ -21,6 +21,8 @@ from collections.abc import Callable
 import psycopg2
 import psycopg2.extensions
 
+from service.database import first_line
+
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], psycopg2.extensions.connection]
@@ -76,12 +78,11 @@ class Listener:
                 self._listen()
             except Exception as exc:  # psycopg2's errors, OSError, and whatever else: never die
                 self._on_disconnect()
-                text = str(exc).strip().splitlines()
                 # Once per outage: the database's own outage log says the rest.
                 log.log(
                     logging.WARNING if self._delay_s == self._backoff_min_s else logging.DEBUG,
                     "Listening for key deactivations failed (%s); trying again until it works",
-                    text[0] if text else type(exc).__name__,
+                    first_line(exc),
                 )
                 if self._wait_for_stop(self._delay_s):
                     return

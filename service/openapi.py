@@ -9,11 +9,12 @@ import math
 from typing import Any
 
 from service.contract import SAMPLING_RATE_HZ, WINDOW
-from service.keys import EmailTaken, NoActiveKey
+from service.keys import EmailTaken, InvalidKey, NoActiveKey
 from service.messages import LINK_TTL
 from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
-from service.resources import BINARY
-from service.validation import EMAIL_PATTERN, MAX_ABS
+from service.resources import BINARY, MISSING_KEY, RECORD_WAIT_S
+from service.turns import BUSY
+from service.validation import EMAIL_PATTERN, MAX_ABS, MAX_EMAIL
 
 _JSON = "application/json"
 
@@ -43,12 +44,13 @@ _UNITS = {
     "schema": {"type": "string", "enum": ["normalized", "input"], "default": "normalized"},
 }
 
+_UNAUTHORIZED = _error(f"`{MISSING_KEY}` or `{InvalidKey.message}`")
 _DENOISE_ERRORS = {
     "400": _error(
         "Body missing or not JSON, a missing field, wrong length, or an element that is not a finite "
         "number (the message names it)"
     ),
-    "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
+    "401": _UNAUTHORIZED,
     "413": _error("Request body too large: over the byte limit, or more numbers (or arrays) than the route takes"),
     "429": _error("`Too many requests for this API key. Slow down.` (with `Retry-After`)"),
     "503": _error("`Model not loaded`, or the database does not answer (with `Retry-After`)"),
@@ -87,18 +89,18 @@ def _record(max_seconds: float) -> dict[str, Any]:
                     "content": {_JSON: {"schema": _ref("RecordResponse")}, BINARY: {"schema": float32}},
                 },
                 "400": _error(
-                    "Body missing or not JSON, shorter than 2 s, a bad or missing rate, or a sample that is not a "
+                    f"Body missing or not JSON, shorter than {MIN_SECONDS:g} s, a bad or missing rate, or a sample that is not a "
                     "finite number (the message names it)"
                 ),
-                "401": _error("`Missing x-api-key header` or `Invalid or inactive API key`"),
+                "401": _UNAUTHORIZED,
                 "413": _error(
                     f"Longer than {max_seconds:g} s, a body over the limit that follows from it, or more "
                     "numbers (or arrays and objects) than a recording that long can hold"
                 ),
                 "429": _DENOISE_ERRORS["429"],
                 "503": _error(
-                    "`Model not loaded`; the database does not answer; or `Busy with other recordings. Try again "
-                    "shortly.` when no turn came within 30 s (`RECORD_CONCURRENCY`), or at once when half of the "
+                    f"`Model not loaded`; the database does not answer; or `{BUSY}` when no turn came within "
+                    f"{RECORD_WAIT_S:g} s (`RECORD_CONCURRENCY`), or at once when half of the "
                     "worker's threads already run or wait for recordings, or from the headers when as many large "
                     "bodies are being received (all with `Retry-After`, but `Model not loaded`)"
                 ),
@@ -261,7 +263,7 @@ def _schemas(max_batch_windows: int, max_record_seconds: float) -> dict[str, Any
                 "email": {
                     "type": "string",
                     "format": "email",
-                    "maxLength": 254,
+                    "maxLength": MAX_EMAIL,
                     "pattern": EMAIL_PATTERN,
                     "description": "An address a mail can be sent to: ASCII, a public domain name "
                     "(no IP address, no special-use name such as `.local` or `.test`), no quoted "

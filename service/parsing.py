@@ -20,6 +20,7 @@ from waitress.adjustments import Adjustments
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.utilities import BadRequest, Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
+from service.codec import media_type
 from service.pace import Pace
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
@@ -195,7 +196,7 @@ class Request(HTTPRequestParser):
             raise ParsingError("more than one Host header")
         # As Falcon routes it: "//api/…" reaches the same resource as "/api/…".
         path = "/" + self.path.lstrip("/")
-        media = self.headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        media = media_type(self.headers.get("CONTENT_TYPE"))
         limits, place_above = self._intake.limits, self._intake.place_above
         self.adj = limits.get(f"{path} {media}") or limits.get(path) or limits[""]
         if self.command != "POST":  # the large routes take their large bodies by POST only

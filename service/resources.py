@@ -47,7 +47,7 @@ class JsonBody:
         ``json.loads`` told them (RFC 8259 asks for UTF-8, and clients of the old API sent others).
         """
         _check_length(req, self.max_bytes)
-        media = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
+        media = codec.media_type(req.content_type or falcon.MEDIA_JSON)
         if not (media == falcon.MEDIA_JSON or (media.startswith("application/") and media.endswith("+json"))):
             return None
         data: bytes | str = req.bounded_stream.read()
@@ -66,7 +66,8 @@ class JsonBody:
 
 
 def authenticate(keys: KeyService, req: falcon.Request) -> int:
-    """The key's id, or ``Refused`` (401, and 429 where rate limits apply)."""
+    """The key's id; a 401 without one, ``InvalidKey`` (401) for a key that is not active, and
+    ``RateLimited`` (429) past the key's rate."""
     key = req.get_header("x-api-key")
     if not key:
         raise falcon.HTTPUnauthorized(description=MISSING_KEY)
@@ -135,7 +136,7 @@ class Recording:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
-        binary = (req.content_type or "").split(";")[0].strip().lower() == BINARY
+        binary = codec.media_type(req.content_type) == BINARY
         _check_length(req, self._limits[binary])  # a refusal that costs nothing waits for no turn
         # waitress tells whether the client has hung up (its loop reads one request ahead).
         with self._turns.turn(req.env.get("waitress.client_disconnected", lambda: False)):
