@@ -248,8 +248,9 @@ def _database_unavailable(req: falcon.Request, resp: falcon.Response, exc: Excep
 def _database_error(
     health: DatabaseHealth, req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict
 ) -> None:
-    """A driver error that reached the app without passing the store's guard (a commit or a
-    rollback): the same 503, and the outage is known."""
+    """A driver error that reached the app without passing the store's guard, which sees every
+    statement, commit and rollback (closing a connection, say): the same 503, and the outage is
+    known. A safety net: none is known to get here."""
     health.failed(exc)
     _database_unavailable(req, resp, exc, params)
 

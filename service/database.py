@@ -279,6 +279,11 @@ class _Guarded:
         with self._translated():
             super().commit()  # type: ignore[misc]
 
+    def rollback(self) -> None:
+        """Where a connection that broke during its transaction shows (PostgreSQL gone)."""
+        with self._translated():
+            super().rollback()  # type: ignore[misc]
+
     def probe(self) -> None:
         """``SELECT 1`` on a fresh connection, bypassing the breaker and the pool; raises peewee's
         errors when it fails."""
