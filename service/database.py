@@ -25,6 +25,7 @@ from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, Poo
 
 from service.background import Loop
 from service.config import sqlite_path
+from service.logs import first_line
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,6 @@ PROBE_EVERY_S = 1.0
 
 # What background loops retry without logging: the breaker has logged the outage already.
 QUIET_ERRORS = (DatabaseUnavailable, *UNAVAILABLE_ERRORS)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class DatabaseHealth:

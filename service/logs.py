@@ -11,6 +11,12 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 access_log = logging.getLogger("service.access")
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message in one line, for a log line or a one-sentence refusal."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def log_access(method: str, path: str, status: int, duration_ms: float, request_id: str, client: str) -> None:
     """One access-log line: the app's answers (``middleware.RequestContext``) and waitress's
     refusals from the headers (``channels.JsonErrorTask``) alike."""

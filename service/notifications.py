@@ -21,7 +21,7 @@ from collections.abc import Callable
 import psycopg2
 import psycopg2.extensions
 
-from service.database import first_line
+from service.logs import first_line
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,10 @@ from service import logs
 from service.config import Config, ConfigError
 
 
+class StartupError(Exception):
+    """The service cannot start; the message is one sentence."""
+
+
 def refuse(problem: object) -> int:
     """A start or a command that cannot go on: its one sentence on stderr; the exit code, 1."""
     print(f"heartify: {problem}", file=sys.stderr)

@@ -21,9 +21,8 @@ from service import files, recording
 from service.batcher import Batcher
 from service.config import Config, ConfigError
 from service.contract import SAMPLING_RATE_HZ
-from service.process import refuse
-from service.runtime import start_engine
-from service.startup import StartupError, model_version
+from service.model import model_version, start_engine
+from service.process import StartupError, refuse
 from service.validation import MAX_ABS
 
 FORMATS = (".csv", ".npy")

@@ -13,39 +13,23 @@ from datetime import timedelta
 from service.app import Deps
 from service.batcher import Batcher
 from service.config import Config
-from service.database import DatabaseProbe, first_line, redact
+from service.database import DatabaseProbe, redact
 from service.engine import Engine
 from service.housekeeping import Housekeeping
 from service.keys import KeyService, MailLimits
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import model_labels
 from service.metrics import Metrics
+from service.model import model_version, start_engine
 from service.notifications import Listener
 from service.occupancy import Occupancy
 from service.ratelimit import TokenBuckets
 from service.sealing import Sealer
-from service.startup import StartupError, mail_secrets, model_version, start_store
+from service.startup import mail_secrets, start_store
 from service.store import KEYS_CHANNEL, Store
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
-
-
-def start_engine(config: Config) -> Engine:
-    """The model in onnxruntime sessions, warmed up with the batches the service will run."""
-    engine = Engine(
-        config.model_path,
-        threads=config.ort_threads,
-        spinning=config.ort_spinning,
-        lone_threads=config.ort_lone_threads,
-        warm_batch=config.batch_max_size,
-        warm_concurrent=config.batch_workers,
-        lone_spinning=config.ort_lone_spinning,
-    )
-    try:
-        return engine.start()
-    except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
-        raise StartupError(f"onnxruntime cannot load {config.model_path}: {first_line(exc)}") from None
 
 
 def start_metrics(config: Config, version: int) -> Metrics:

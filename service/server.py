@@ -21,8 +21,8 @@ from service.config import Config, ConfigError
 from service.connections import create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
-from service.process import cannot_listen, give_back_large_blocks, refuse, stop_signals
-from service.runtime import Runtime, StartupError
+from service.process import StartupError, cannot_listen, give_back_large_blocks, refuse, stop_signals
+from service.runtime import Runtime
 
 log = logging.getLogger("service")
 

@@ -12,10 +12,11 @@ import sys
 
 import peewee as pw
 
-from service.config import MAX_MODEL_VERSION, Config, ConfigError, sqlite_path
-from service.database import DatabaseUnavailable, first_line, redact
-from service.manifest import ModelError, verify_model
-from service.process import configured, refuse
+from service.config import Config, ConfigError, sqlite_path
+from service.database import DatabaseUnavailable, redact
+from service.logs import first_line
+from service.model import model_version
+from service.process import StartupError, configured, refuse
 from service.sealing import secret_beside, split_secrets
 from service.store import Store
 
@@ -23,26 +24,6 @@ from service.store import Store
 # housekeeping purge, the upload gate and a rare schema restore (the probe and the PostgreSQL
 # listener open their own).
 BACKGROUND_CONNECTIONS = 5
-
-
-class StartupError(Exception):
-    """The service cannot start; the message is one sentence."""
-
-
-def model_version(config: Config) -> int:
-    """The model file checked against its manifest, and the version responses report."""
-    try:
-        manifest_version = verify_model(config.model_path, config.manifest)
-    except ModelError as exc:
-        raise StartupError(str(exc)) from None
-    version = config.model_version if config.model_version is not None else manifest_version
-    if version is None:
-        raise StartupError(f"Manifest {config.manifest} has no integer model_version and MODEL_VERSION is not set.")
-    if not 0 <= version <= MAX_MODEL_VERSION:
-        raise StartupError(
-            f"The model_version of {config.manifest} must be from 0 to {MAX_MODEL_VERSION} (got {version})."
-        )
-    return version
 
 
 def start_store(config: Config, may_be_away: bool = False) -> Store:

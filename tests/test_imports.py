@@ -1,7 +1,8 @@
 """What each layer needs to import: the contract, the configuration, the store and the
-supervisor neither torch nor onnxruntime; the app no torch; the data side of the export stage
-no torch. One fresh interpreter imports them in that order and checks after each, so a module
-that pulled in a runtime is named."""
+supervisor neither torch nor onnxruntime; the app no torch; the data side of the export stage no
+torch; the record command neither the web stack nor the database. A fresh interpreter imports
+each list in its order and checks after each module, so a module that pulled in a runtime is
+named."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = [
+LAYERS = [
     ("service.contract", ("torch", "onnxruntime")),
     ("service.config", ("torch", "onnxruntime")),
     ("service.store", ("torch", "onnxruntime")),
@@ -20,6 +23,7 @@ CHECKS = [
     ("export.synth", ("torch",)),
     ("export.families", ("torch",)),
 ]
+RECORD_COMMAND = [("service.record", ("torch", "falcon", "waitress", "peewee", "psycopg2", "prometheus_client"))]
 CODE = """
 import importlib, sys
 for module, absent in CHECKS:
@@ -28,9 +32,10 @@ for module, absent in CHECKS:
 """
 
 
-def test_modules_import_without_the_runtimes_they_do_not_need():
+@pytest.mark.parametrize("checks", [LAYERS, RECORD_COMMAND], ids=["layers", "record command"])
+def test_modules_import_without_the_runtimes_they_do_not_need(checks):
     done = subprocess.run(
-        [sys.executable, "-c", f"CHECKS = {CHECKS!r}\n{CODE}"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", f"CHECKS = {checks!r}\n{CODE}"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f"{module} []" for module, _ in CHECKS]
+    assert done.stdout.splitlines() == [f"{module} []" for module, _ in checks]

@@ -22,7 +22,8 @@ from service.connections import create_server
 from service.housekeeping import Housekeeping
 from service.keys import KeyService, digest
 from service.messages import Mail
-from service.runtime import Runtime, StartupError
+from service.process import StartupError
+from service.runtime import Runtime
 from service.store import OutboxMail, Token, utcnow
 
 from .conftest import SmtpServer, free_port, http, issue_key, key_in, make_config, smtp_env, verify_link, wait_until

@@ -263,7 +263,9 @@ def test_bad_json_gets_400_naming_the_fault(client, key, body, message):
     assert result.status_code == 400 and result.json["error"] == message
 
 
-BIG_ENDIAN = "A binary body holds little-endian float32 samples; these read as big-endian ones (send them little-endian)"
+BIG_ENDIAN = (
+    "A binary body holds little-endian float32 samples; these read as big-endian ones (send them little-endian)"
+)
 
 
 @pytest.mark.parametrize(
