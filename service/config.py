@@ -122,10 +122,8 @@ class Config:
     # Requests wait on the batcher while the model runs, so more threads than cores keep batches
     # full; a waiting thread costs little, and fewer threads than connections queue requests
     # inside waitress (which then logs a warning for each one).
-    web_threads: int = field(
-        default_factory=lambda: per_worker_defaults(1)["web_threads"],
-        metadata=_env("WEB_THREADS", int, 1, MAX_WEB_THREADS),
-    )
+    # 0 (the default): sized for the worker's share of the CPUs (per_worker_defaults).
+    web_threads: int = field(default=0, metadata=_env("WEB_THREADS", int, 1, MAX_WEB_THREADS))
     # Slow clients (service.connections): open connections at most, how long a request's headers may
     # take from its first byte, and how long a connection may sit idle between requests.
     connection_limit: int = field(default=MAX_CONNECTIONS, metadata=_env("CONNECTION_LIMIT", int, 1))
@@ -145,11 +143,9 @@ class Config:
     batch_max_size: int = field(default=8, metadata=_env("BATCH_MAX_SIZE", int, 1))
     # 0: a batch takes what queued while the previous one ran, and never holds a lone request back.
     batch_max_wait_ms: float = field(default=0.0, metadata=_env("BATCH_MAX_WAIT_MS", _number, 0))
-    # Batches that run at once on the shared session (see service.batcher).
-    batch_workers: int = field(
-        default_factory=lambda: per_worker_defaults(1)["batch_workers"],
-        metadata=_env("BATCH_WORKERS", int, 1, MAX_WORKERS),
-    )
+    # Batches that run at once on the shared session (see service.batcher); 0 (the default), as
+    # web_threads.
+    batch_workers: int = field(default=0, metadata=_env("BATCH_WORKERS", int, 1, MAX_WORKERS))
     # How long a key found active is trusted without reading the database (service.keys);
     # 0 reads it on every request.
     key_cache_s: float = field(default=30.0, metadata=_env("KEY_CACHE_SECONDS", _number, 0))
@@ -205,6 +201,10 @@ class Config:
     worker_timeout_s: float = field(default=30.0, metadata=_env("WORKER_TIMEOUT_SECONDS", _number, 0))
 
     def __post_init__(self) -> None:
+        share = per_worker_defaults(self.web_workers)
+        for name in ("web_threads", "batch_workers"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, share[name])  # frozen: set once, here
         if self.smtp_security not in SMTP_SECURITY:
             raise ConfigError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)} (got {self.smtp_security!r}).")
         if self.mail_max_attempts > 5:
@@ -262,7 +262,7 @@ class Config:
             if meta["high"] is not None and value > meta["high"]:
                 raise ConfigError(f"{meta['env']} must be at most {meta['high']} (got {raw!r}).")
             values[f.name] = value
-        config = cls(**{**per_worker_defaults(values.get("web_workers", default_workers())), **values})
+        config = cls(**values)
         if config.port == 0 and not config.base_url:
             raise ConfigError("PORT=0 (any free port) needs BASE_URL: the mailed links cannot name port 0.")
         return config
