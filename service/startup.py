@@ -34,9 +34,10 @@ def start_store(config: Config, may_be_away: bool = False) -> Store:
         max_connections=config.web_threads + BACKGROUND_CONNECTIONS,
         connect_timeout_s=config.db_connect_timeout_s,
         statement_timeout_s=config.db_statement_timeout_s,
+        may_be_away=may_be_away,
     )
     try:
-        return store.start(may_be_away)
+        return store.start()
     except (pw.PeeweeException, DatabaseUnavailable) as exc:
         store.close()
         raise StartupError(f"Database {redact(config.database_url)} cannot be used: {first_line(exc)}") from None

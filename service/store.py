@@ -159,14 +159,20 @@ class Store:
         max_connections: int,
         connect_timeout_s: float = 3.0,
         statement_timeout_s: float = 3.0,
+        may_be_away: bool = False,
     ) -> None:
         self._url = url
         self._max_connections = max_connections
         self.health = DatabaseHealth()
         self._timeouts = (connect_timeout_s, statement_timeout_s)
+        self._may_be_away = may_be_away
         self.db: pw.Database | None = None  # opened by start
+        self._active_key_sql = ""  # written by start, in the database's dialect
+        self._active_key_flags: tuple = ()
+        self._restoring = threading.Lock()
+        self._next_restore = 0.0  # time.monotonic() before which a failed restore is not tried again
 
-    def start(self, may_be_away: bool = False) -> Store:
+    def start(self) -> Store:
         """Open the pool and create what is missing (``IF NOT EXISTS`` for every table and index).
 
         A database that cannot be reached fails the start (in one sentence: ``startup``), unless
@@ -179,7 +185,7 @@ class Store:
         try:
             self.db.probe()
         except Exception as exc:
-            if not may_be_away or misconfigured(exc) or not unavailable(exc):
+            if not self._may_be_away or misconfigured(exc) or not unavailable(exc):
                 raise
             self.health.failed(exc)  # the breaker opens
         _proxy.initialize(self.db)
@@ -191,8 +197,6 @@ class Store:
             .sql()
         )
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
-        self._restoring = threading.Lock()
-        self._next_restore = 0.0  # time.monotonic() before which a failed restore is not tried again
         self.db.on_schema_lost = self._restore_schema
         if self.health.available:
             self.create_tables()

@@ -325,7 +325,7 @@ def test_a_store_that_may_start_with_the_database_away_still_refuses_wrong_setti
     database is back; but one whose database refuses its settings (a role, password or database
     changed since the service started) must not serve 503s for ever: it fails, as a start does."""
     pg_cluster.stop()
-    away = Store(pg_cluster.url, max_connections=2, connect_timeout_s=1).start(may_be_away=True)
+    away = Store(pg_cluster.url, max_connections=2, connect_timeout_s=1, may_be_away=True).start()
     probe = database.DatabaseProbe(lambda: away.db, away.health).start()
     try:
         assert not away.health.available
@@ -342,7 +342,7 @@ def test_a_store_that_may_start_with_the_database_away_still_refuses_wrong_setti
         probe.close()
         away.close()
     with pytest.raises(peewee.OperationalError, match="does not exist"):
-        Store(pg_cluster.url.rsplit("/", 1)[0] + "/no_such_db", max_connections=1).start(may_be_away=True)
+        Store(pg_cluster.url.rsplit("/", 1)[0] + "/no_such_db", max_connections=1, may_be_away=True).start()
 
 
 @pytest.mark.parametrize(
