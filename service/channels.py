@@ -22,6 +22,12 @@ from service.logs import log_access
 from service.pace import Pace
 from service.parsing import GateRefused, Refusal, Request, Unavailable
 
+# The headers of every JSON error the server answers itself, as the app's error answers carry.
+JSON_ERROR_HEADERS = (
+    ("Content-Type", "application/json"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
 # A connection opened for a request not yet sent: how long a drain waits for its first bytes.
 FIRST_BYTES_S = 1.0
 # How long a connection answered before its request's body was read drops what still comes.
@@ -52,11 +58,7 @@ class JsonErrorTask(ErrorTask):
             message = f"{error.reason}: {error.body}"
         body = orjson.dumps({"error": message})
         self.status = f"{error.code} {error.reason}"
-        self.response_headers += [
-            ("Content-Type", "application/json"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Cache-Control", "no-store"),
-        ]
+        self.response_headers += JSON_ERROR_HEADERS
         request, channel = self.request, self.channel
         self.response_headers += channel.server.cors_headers(request.headers.get("ORIGIN"))
         self.set_close_on_finish()

@@ -59,7 +59,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 from service import parsing
-from service.channels import Channel
+from service.channels import JSON_ERROR_HEADERS, Channel
 from service.config import Config, ConfigError
 from service.parsing import MAX_HEADER_BYTES, SPOOL_BYTES, Allowance, Intake, Request, UploadGate
 
@@ -101,11 +101,9 @@ def raise_open_files_limit() -> int:
 
 def _timeout_response(message: str) -> bytes:
     body = orjson.dumps({"error": message})
-    head = (
-        b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        b"X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
-    return head + body
+    headers = [("Connection", "close"), *JSON_ERROR_HEADERS, ("Content-Length", str(len(body)))]
+    head = "HTTP/1.1 408 Request Timeout\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return (head + "\r\n").encode() + body
 
 
 class Dispatcher(ThreadedTaskDispatcher):
