@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,7 +24,7 @@ from service.database import QUIET_ERRORS
 from service.files import atomic_write
 from service.messages import compose
 from service.sealing import CannotOpen, Sealer
-from service.store import CLAIM_LEASE
+from service.store import CLAIM_LEASE, utcnow
 
 if TYPE_CHECKING:
     from service.store import ClaimedMail, Store
@@ -226,8 +227,10 @@ class Outbox:
         max_attempts: int = 3,
         on_pending: Callable[[int], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._on_pending = on_pending  # told how many mails wait after each step (service.metrics)
         self._on_failure = on_failure or (lambda kind: None)  # "transient", "permanent", "given_up"
         self._sender = sender
@@ -264,12 +267,12 @@ class Outbox:
         self._settle()
         if self._loop.stopping:
             return 0.0
-        due = self._store.claim_due_mails(CLAIM_BATCH)
+        due = self._store.claim_due_mails(CLAIM_BATCH, self._clock())
         if due:
             self._deliver(due)
         if self._on_pending is not None:
             self._on_pending(self._store.pending_mails())
-        wait = self._store.seconds_to_next_mail()
+        wait = self._store.seconds_to_next_mail(self._clock())
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
 
     def _settle(self) -> None:
@@ -277,16 +280,16 @@ class Outbox:
         was delivered (else it would be sent again when its claim ends), and give back the
         claim on what was not tried (else it would wait for its claim to end)."""
         while self._unrecorded:
-            self._store.mark_sent(self._unrecorded[0])
+            self._store.mark_sent(self._unrecorded[0], self._clock())
             log.info("Mail %d recorded as delivered", self._unrecorded.pop(0))
         if self._untried:
-            self._store.release_mails(self._untried)
+            self._store.release_mails(self._untried, self._clock())
             self._untried = []
 
     def _record_sent(self, mail_id: int) -> None:
         """A mail the server took: recorded, or by ``_settle`` once the database answers again."""
         self._unrecorded.append(mail_id)
-        self._store.mark_sent(mail_id)
+        self._store.mark_sent(mail_id, self._clock())
         self._unrecorded.pop()
 
     def _deliver(self, due: list[ClaimedMail]) -> None:
@@ -297,7 +300,7 @@ class Outbox:
                 with self._sender.session() as send:
                     for row in due:
                         if self._loop.stopping:  # the rest are due again now, for whoever runs next
-                            self._store.release_mails([r for r in due if r.id not in done])
+                            self._store.release_mails([r for r in due if r.id not in done], self._clock())
                             break
                         if time.monotonic() > deadline:
                             log.warning(
@@ -342,7 +345,7 @@ class Outbox:
         if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
             self._on_failure("given_up")
             log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.mail.recipient, attempts, error)
-            self._store.give_up_mail(row.id, attempts, error)
+            self._store.give_up_mail(row.id, attempts, error, self._clock())
             return
         delay = min(self._retry_max_s, self._retry_min_s * 2 ** (attempts - 1))
         log.warning(
@@ -353,4 +356,4 @@ class Outbox:
             error,
             delay,
         )
-        self._store.retry_mail(row.id, attempts, delay, error)
+        self._store.retry_mail(row.id, attempts, delay, error, self._clock())

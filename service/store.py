@@ -398,7 +398,7 @@ class Store:
             next_attempt_at=now,
         )
 
-    def claim_due_mails(self, limit: int) -> list[ClaimedMail]:
+    def claim_due_mails(self, limit: int, now: datetime) -> list[ClaimedMail]:
         """Due mails this worker now owns for ``CLAIM_LEASE``: concurrent workers (threads or
         replicas) never claim the same mail, so each is sent once unless a worker dies between
         sending it and ``mark_sent`` (then it is sent again after the lease: SMTP offers no way
@@ -406,7 +406,6 @@ class Store:
         """
         oldest = (OutboxMail.next_attempt_at, OutboxMail.id)
         with self.db.connection_context(), self.db.atomic():
-            now = utcnow()
             until = now + CLAIM_LEASE
             due = OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
             if self.is_postgres:
@@ -425,17 +424,16 @@ class Store:
                 OutboxMail.update(next_attempt_at=until).where(OutboxMail.id.in_([m.id for m in rows])).execute()
             return [row.claimed(until) for row in rows]
 
-    def mark_sent(self, mail_id: int) -> None:
+    def mark_sent(self, mail_id: int, now: datetime) -> None:
         with self.db.connection_context():
-            OutboxMail.update(sent_at=utcnow(), text_body=None, html_body=None, last_error=None).where(
+            OutboxMail.update(sent_at=now, text_body=None, html_body=None, last_error=None).where(
                 OutboxMail.id == mail_id
             ).execute()
 
-    def release_mails(self, claimed: list[ClaimedMail]) -> None:
+    def release_mails(self, claimed: list[ClaimedMail], now: datetime) -> None:
         """Give back this worker's claim on mails it has not tried (as ``claim_due_mails``
         returned them): due again now, for any worker. Not a claim another worker has made since
         this one's ended: the claim's end must still be the one this worker wrote."""
-        now = utcnow()
         with self.db.connection_context():
             for mail in claimed:
                 OutboxMail.update(next_attempt_at=now).where(
@@ -445,19 +443,19 @@ class Store:
                     & OutboxMail.failed_at.is_null()
                 ).execute()
 
-    def retry_mail(self, mail_id: int, attempts: int, delay_s: float, error: str) -> None:
+    def retry_mail(self, mail_id: int, attempts: int, delay_s: float, error: str, now: datetime) -> None:
         with self.db.connection_context():
             OutboxMail.update(
                 attempts=attempts,
-                next_attempt_at=utcnow() + timedelta(seconds=delay_s),
+                next_attempt_at=now + timedelta(seconds=delay_s),
                 last_error=error[:1000],
             ).where(OutboxMail.id == mail_id).execute()
 
-    def give_up_mail(self, mail_id: int, attempts: int, error: str) -> None:
+    def give_up_mail(self, mail_id: int, attempts: int, error: str, now: datetime) -> None:
         """Kept as failed, with the reason; its bodies, which may carry a key, are wiped."""
         with self.db.connection_context():
             OutboxMail.update(
-                attempts=attempts, failed_at=utcnow(), last_error=error[:1000], text_body=None, html_body=None
+                attempts=attempts, failed_at=now, last_error=error[:1000], text_body=None, html_body=None
             ).where(OutboxMail.id == mail_id).execute()
 
     def purge(self, before: datetime) -> dict[str, int]:
@@ -473,7 +471,7 @@ class Store:
         with self.db.connection_context():
             return OutboxMail.select().where(OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null()).count()
 
-    def seconds_to_next_mail(self) -> float | None:
+    def seconds_to_next_mail(self, now: datetime) -> float | None:
         """Seconds until the earliest undelivered mail is due (0 if overdue); None if none waits."""
         with self.db.connection_context():
             due = (
@@ -485,4 +483,4 @@ class Store:
             return None
         if isinstance(due, str):  # SQLite hands aggregates back as text
             due = datetime.fromisoformat(due)
-        return max(0.0, (due - utcnow()).total_seconds())
+        return max(0.0, (due - now).total_seconds())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
 class LastUsed:
     """The latest use of each key, held in memory and written in the background."""
 
-    def __init__(self, store: Store, flush_every_s: float) -> None:
+    def __init__(self, store: Store, flush_every_s: float, clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
+        self._clock = clock
         self._pending: dict[int, datetime] = {}
         self._lock = threading.Lock()
         self._every_s = flush_every_s
@@ -33,7 +35,7 @@ class LastUsed:
 
     def touch(self, key_id: int) -> None:
         """O(1) and in memory: the only cost a successful denoising call pays for last_used."""
-        now = utcnow()
+        now = self._clock()
         with self._lock:
             self._pending[key_id] = now
 

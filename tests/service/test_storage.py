@@ -245,7 +245,7 @@ def test_concurrent_workers_claim_every_mail_once(bare_store):
 
     def work(mine: list[int]) -> None:
         for _ in range(60):  # bounded: a worker claims at least one mail per round or stops
-            batch = bare_store.claim_due_mails(4)
+            batch = bare_store.claim_due_mails(4, utcnow())
             if not batch:
                 return
             mine.extend(mail.id for mail in batch)
@@ -257,20 +257,20 @@ def test_concurrent_workers_claim_every_mail_once(bare_store):
         worker.join(30)
     claimed = [mail_id for mine in claims for mail_id in mine]
     assert len(claimed) == 60 and len(set(claimed)) == 60
-    assert bare_store.claim_due_mails(4) == []  # leased: nothing is due again before CLAIM_LEASE
+    assert bare_store.claim_due_mails(4, utcnow()) == []  # leased: nothing is due again before CLAIM_LEASE
 
 
 def test_a_worker_gives_back_only_its_own_claims(bare_store):
     """After a database outage longer than a claim, another worker may have claimed the mails
     this one had not tried: giving them back then would let both send them."""
     queue_mails(bare_store, 2)
-    first, second = bare_store.claim_due_mails(2)
+    first, second = bare_store.claim_due_mails(2, utcnow())
     with bare_store.db.connection_context():  # the claim on the first mail ended meanwhile
         OutboxMail.update(next_attempt_at=utcnow() - timedelta(seconds=1)).where(OutboxMail.id == first.id).execute()
-    [taken] = bare_store.claim_due_mails(2)  # another worker claims it
+    [taken] = bare_store.claim_due_mails(2, utcnow())  # another worker claims it
     assert taken.id == first.id
-    bare_store.release_mails([first, second])
-    assert [mail.id for mail in bare_store.claim_due_mails(2)] == [second.id]  # the other's claim holds
+    bare_store.release_mails([first, second], utcnow())
+    assert [mail.id for mail in bare_store.claim_due_mails(2, utcnow())] == [second.id]  # the other's claim holds
 
 
 @pytest.mark.postgres
@@ -286,7 +286,7 @@ def test_a_worker_skips_mails_another_is_claiming_instead_of_waiting(postgres_ur
             locked = sorted(row[0] for row in cur.fetchall())
         with store.db.connection_context():
             store.db.execute_sql("SET lock_timeout = '2s'")  # the old claim would wait, then fail
-            claimed = [mail.id for mail in store.claim_due_mails(10)]
+            claimed = [mail.id for mail in store.claim_due_mails(10, utcnow())]
         assert len(claimed) == 2 and not set(claimed) & set(locked)
     finally:
         rival.close()
@@ -330,7 +330,7 @@ def test_a_worker_on_a_slow_mail_server_leaves_the_rest_of_its_claim_to_the_leas
         assert len(mailbox.messages) == 1
         assert [row.sent_at is not None for row in rows()] == [True, False, False]
         assert [row.attempts for row in rows()] == [0, 0, 0]
-        assert store.seconds_to_next_mail() > 60  # still claimed: no other worker takes them yet
+        assert store.seconds_to_next_mail(utcnow()) > 60  # still claimed: no other worker takes them yet
     finally:
         outbox.close()
         server.stop()
