@@ -14,9 +14,9 @@ import falcon
 
 from service.clients import Network, client_address
 from service.logs import log_access
+from service.pages import PAGE_STYLE
 
 # The pages have one inline <style>: allowed by its hash, nothing else may load or run.
-PAGE_STYLE = "body{font-family:sans-serif;max-width:36em;margin:4em auto;text-align:center}"
 PAGE_CSP = (
     "default-src 'none'; "
     f"style-src 'sha256-{base64.b64encode(hashlib.sha256(PAGE_STYLE.encode()).digest()).decode()}'; "
