@@ -84,11 +84,11 @@ class Batcher:
         max_size: int,
         max_wait_s: float,
         workers: int = 1,
-        observer: RunObserver = _unobserved,
+        observer: RunObserver | None = None,
         occupancy: Occupancy | None = None,
     ) -> None:
         self._engine = engine
-        self._observer = observer
+        self._observer = observer or _unobserved
         self._max_size = max_size
         self._share = max(1, max_size // 2)  # a recording's chunk: half a batch
         self._workers = workers

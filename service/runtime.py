@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from datetime import timedelta
+from typing import Protocol, TypeVar
 
 from service.app import Deps
 from service.batcher import Batcher
@@ -52,6 +53,63 @@ def mail_sender(config: Config) -> Sender:
     return FolderSender(config.outbox_dir)
 
 
+class Component(Protocol):
+    def start(self) -> object: ...
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Component)
+
+
+def _run(stack: ExitStack, component: C, started: bool = False) -> C:
+    """``component`` started (unless it was ``started`` already), and closed when ``stack`` closes."""
+    stack.callback(component.close)
+    if not started:
+        component.start()
+    return component
+
+
+def batcher(config: Config, engine: Engine, occupancy: Occupancy, metrics: Metrics | None) -> Batcher:
+    return Batcher(
+        engine,
+        config.batch_max_size,
+        config.batch_max_wait_ms / 1000,
+        config.batch_workers,
+        occupancy=occupancy,
+        observer=metrics.inference if metrics else None,
+    )
+
+
+def outbox(config: Config, store: Store, sealer: Sealer, metrics: Metrics | None) -> Outbox:
+    return Outbox(
+        store,
+        mail_sender(config),
+        sealer,
+        config.sender_email,
+        config.mail_retry_min_s,
+        config.mail_retry_max_s,
+        config.mail_max_attempts,
+        on_pending=metrics.outbox_pending.set if metrics else None,
+        on_failure=metrics.mail_failure if metrics else None,
+    )
+
+
+def key_service(
+    config: Config, store: Store, outbox: Outbox, usage: LastUsed, sealer: Sealer, siblings: Occupancy
+) -> KeyService:
+    return KeyService(
+        store,
+        outbox,
+        usage,
+        sealer,
+        config.public_url,
+        config.key_cache_s,
+        MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
+        TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
+        siblings=siblings,
+    )
+
+
 class Runtime:
     """The running collaborators. ``start`` (or ``with``) starts them in order and ``close`` stops
     them in reverse; a start that fails stops what had already started.
@@ -82,66 +140,25 @@ class Runtime:
         config = self.config
         with ExitStack() as stack:
             version = model_version(config)
-            self._occupancy.start()
-            stack.callback(self._occupancy.close)
-            engine = self._engine
-            if engine is None:
-                engine = start_engine(config)
-                stack.callback(engine.close)
-            self.sealer = sealer = Sealer(mail_secrets(config))  # before the store writes its tables
-            self.store = start_store(config, may_be_away=self._worker)
-            stack.callback(self.store.close)
-            probe = DatabaseProbe(lambda: self.store.db, self.store.health)
-            stack.callback(probe.close)
-            probe.start()
+            _run(stack, self._occupancy)
+            engine = self._engine or _run(stack, start_engine(config), started=True)
+            self.sealer = Sealer(mail_secrets(config))  # before the store writes its tables
+            self.store = _run(stack, start_store(config, may_be_away=self._worker), started=True)
+            _run(stack, DatabaseProbe(lambda: self.store.db, self.store.health))
             metrics = start_metrics(config, version) if config.metrics else None
-            self.batcher = Batcher(
-                engine,
-                config.batch_max_size,
-                config.batch_max_wait_ms / 1000,
-                config.batch_workers,
-                occupancy=self._occupancy,
-                **({"observer": metrics.inference} if metrics else {}),
-            )
-            stack.callback(self.batcher.close)
-            self.batcher.start()
-            self.outbox = Outbox(
-                self.store,
-                mail_sender(config),
-                sealer,
-                config.sender_email,
-                config.mail_retry_min_s,
-                config.mail_retry_max_s,
-                config.mail_max_attempts,
-                **({"on_pending": metrics.outbox_pending.set, "on_failure": metrics.mail_failure} if metrics else {}),
-            )
-            stack.callback(self.outbox.close)
-            self.outbox.start()
-            self.usage = LastUsed(self.store, config.last_used_flush_s)
-            stack.callback(self.usage.close)
-            self.usage.start()
-            self.housekeeping = Housekeeping(self.store, timedelta(days=config.retention_days))
-            stack.callback(self.housekeeping.close)
-            self.housekeeping.start()
-            keys = KeyService(
-                self.store,
-                self.outbox,
-                self.usage,
-                sealer,
-                config.public_url,
-                config.key_cache_s,
-                MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
-                TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
-                siblings=self._occupancy,
-            )
+            self.batcher = _run(stack, batcher(config, engine, self._occupancy, metrics))
+            self.outbox = _run(stack, outbox(config, self.store, self.sealer, metrics))
+            self.usage = _run(stack, LastUsed(self.store, config.last_used_flush_s))
+            self.housekeeping = _run(stack, Housekeeping(self.store, timedelta(days=config.retention_days)))
+            keys = key_service(config, self.store, self.outbox, self.usage, self.sealer, self._occupancy)
             if self.store.is_postgres:  # other processes hear of deactivations at once
                 listener = Listener(
                     lambda: self.store.listen(KEYS_CHANNEL),
                     keys.forget_cached,
                     keys.revalidate_cached,
                     keys.stop_caching,
-                ).start()
-                stack.callback(listener.close)
+                )
+                _run(stack, listener)
             self.deps = Deps(
                 config=config, keys=keys, store=self.store, batcher=self.batcher, model_version=version, metrics=metrics
             )
