@@ -318,26 +318,7 @@ class Server(TcpWSGIServer):
         for channel in list(self.active_channels.values()):
             if channel.total_outbufs_len:
                 waiting.append(channel)
-            if channel.lingering_until is not None and now > channel.lingering_until:
-                channel.handle_close()
-            elif channel.total_outbufs_len and now - channel.last_activity > self.channel_timeout_s:
-                # An answer its client does not read: closed, the thread that waits to write the
-                # rest gives up (and a recording its upload place), as nginx's send_timeout does.
-                channel.abort()
-            elif channel.reading_slowly(now):  # answers are held in memory until they are read
-                channel.abort()
-            if channel.will_close or channel.close_when_flushed or not channel.connected:
-                continue
-            if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
-                channel.time_out(self._timeout_response)
-                self.timed_out += 1
-                self.refused(408)
-            elif channel.uploading_slowly(now):
-                channel.time_out(self._slow_upload_response)
-                self.timed_out += 1
-                self.refused(408)
-            elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
-                channel.will_close = True
+            self._police(channel, now)
         self._keep_to_budget(waiting)
         if self.timed_out and now >= self.next_log:
             log.warning(
@@ -349,6 +330,31 @@ class Server(TcpWSGIServer):
             )
             self.timed_out = 0
             self.next_log = now + 60
+
+    def _police(self, channel: Channel, now: float) -> None:
+        """Close a connection that outstayed its welcome: its answer sent and lingering over, its
+        answer not read, its headers or body too slow, or idle between requests."""
+        if channel.lingering_until is not None and now > channel.lingering_until:
+            channel.handle_close()
+        elif channel.total_outbufs_len and now - channel.last_activity > self.channel_timeout_s:
+            # An answer its client does not read: closed, the thread that waits to write the
+            # rest gives up (and a recording its upload place), as nginx's send_timeout does.
+            channel.abort()
+        elif channel.reading_slowly(now):  # answers are held in memory until they are read
+            channel.abort()
+        if channel.will_close or channel.close_when_flushed or not channel.connected:
+            return
+        if channel.reading_headers() and now - channel.request_began > self.header_timeout_s:
+            self._time_out(channel, self._timeout_response)
+        elif channel.uploading_slowly(now):
+            self._time_out(channel, self._slow_upload_response)
+        elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
+            channel.will_close = True
+
+    def _time_out(self, channel: Channel, response: bytes) -> None:
+        channel.time_out(response)
+        self.timed_out += 1
+        self.refused(408)
 
     def _keep_to_budget(self, waiting: list[Channel]) -> None:
         """Close the connections with the most answer waiting until the rest fit ``UNSENT_BUDGET``."""
