@@ -348,8 +348,17 @@ class Server(TcpWSGIServer):
             self._time_out(channel, self._timeout_response)
         elif channel.uploading_slowly(now):
             self._time_out(channel, self._slow_upload_response)
-        elif not channel.requests and now - channel.last_activity > self.channel_timeout_s:
+        elif not channel.requests and now - channel.last_activity > self._idle_limit_s(channel):
             channel.will_close = True
+
+    def _idle_limit_s(self, channel: Channel) -> float:
+        """How long a connection may sit idle: between requests, ``CHANNEL_TIMEOUT_SECONDS``;
+        before its first byte, no longer than a request's headers may take, as nginx counts its
+        header timeout from the accept (connections that sent nothing held the connection limit
+        for the idle timeout, and a client that opened them again kept everyone else out)."""
+        if channel.first_request and channel.request is None:
+            return min(self.header_timeout_s, self.channel_timeout_s)
+        return self.channel_timeout_s
 
     def _time_out(self, channel: Channel, response: bytes) -> None:
         channel.time_out(response)

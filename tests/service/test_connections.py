@@ -454,6 +454,26 @@ def test_a_pipelined_request_is_timed_from_its_own_first_byte():
     loop.join(10)
 
 
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout_and_a_kept_alive_one_is_not():
+    """Silent from the accept, a connection was held for the idle timeout (75 s by default), not
+    the header timeout: about two thousand of them, opened again as they closed, kept everyone
+    else out. Kept alive after a request, a connection still has the idle timeout."""
+    config = Config(host="127.0.0.1", port=0, header_timeout_s=1, channel_timeout_s=30)
+    server = create_server(app_with({"/echo": Echo()}), config)
+    loop = started(server)
+    address = ("127.0.0.1", server.effective_port)
+    with socket.create_connection(address, timeout=10) as silent, socket.create_connection(address, timeout=10) as kept:
+        kept.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        assert kept.recv(1 << 16).startswith(b"HTTP/1.1 200 ")
+        began = time.monotonic()
+        assert silent.recv(1) == b""  # closed, without an answer: it asked nothing
+        assert time.monotonic() - began < 5
+        kept.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        assert kept.recv(1 << 16).startswith(b"HTTP/1.1 200 ")  # still open
+    server.drain(1)
+    loop.join(10)
+
+
 class Ordered:
     """Records the order in which requests reach the app; the first one waits to be released."""
 
