@@ -36,6 +36,7 @@ LINGER_S = 5.0
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
 MIN_DOWNLOAD_BYTES_PER_S = 8 << 10
+CLIENT_GONE = 499  # nginx's status for a request whose client hung up before its answer
 
 
 class JsonErrorTask(ErrorTask):
@@ -65,15 +66,9 @@ class JsonErrorTask(ErrorTask):
         channel.linger = True
         self.content_length = len(body)
         self.write(body)
-        took_ms = (time.time() - channel.request_began) * 1000
-        peer = channel.addr[0] if isinstance(channel.addr, tuple) else "-"
         # A head refused before it was parsed (waitress's too large, or ours) shows "GET /".
         unparsed = error.code == 431 or getattr(request, "made_up_head", False)
-        method = path = "-"
-        if not unparsed:  # a head waitress could not parse has neither
-            method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))
-        log_access(method, path, error.code, took_ms, "-", str(peer))
-        channel.server.refused(error.code)
+        channel.log_own_answer(None if unparsed else request, error.code)
 
 
 class Task(WSGITask):
@@ -177,11 +172,21 @@ class Channel(HTTPChannel):
         self.handle_close()
 
     def service(self) -> None:
-        """waitress's, then: a client that hung up while an earlier answer was written leaves
-        the requests it had pipelined behind it unserved; close them, and give back their places."""
+        """waitress's, but for a request whose client hung up, or half-closed, before the request
+        began: not run, and logged as nginx logs it, 499 (waitress dropped it without a line).
+        Then: a client that hung up while an earlier answer was written leaves the requests it
+        had pipelined behind it unserved; close them, and give back their places."""
         with self.requests_lock:
             if not self.requests:  # closed so after waitress had queued this turn
                 return
+            gone: list[Request] = []
+            if not self.connected:
+                gone, self.requests = self.requests, []
+        for request in gone:
+            self.log_own_answer(request, CLIENT_GONE)
+            request.close()
+        if gone:
+            return
         super().service()
         if not self.connected:
             with self.requests_lock:
@@ -203,6 +208,17 @@ class Channel(HTTPChannel):
         if self.request is not None and self.request.judging and not judging:  # its headers just came
             self.server.judge(self, self.request)
         return more
+
+    def log_own_answer(self, request: Request | None, status: int) -> None:
+        """The access-log line of an answer the server gives (or, 499, does not give) itself,
+        with the peer's address: the request never reached the app, which knows the trusted
+        proxies. ``request`` None: a head that could not be parsed, with no method or path."""
+        method = path = "-"
+        if request is not None:
+            method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))
+        peer = self.addr[0] if isinstance(self.addr, tuple) else "-"
+        log_access(method, path, status, (time.time() - self.request_began) * 1000, "-", str(peer))
+        self.server.refused(status)
 
     def send_continue(self) -> None:
         """waitress's, where the upload's rate counts from here (its client waited for this), and

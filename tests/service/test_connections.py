@@ -474,6 +474,35 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout_and_
     loop.join(10)
 
 
+def test_a_request_whose_client_half_closed_before_it_began_is_logged_499_and_not_run(caplog):
+    """``shutdown(SHUT_WR)`` after the request (``nc -N``) is taken for a hang-up, as nginx
+    takes it; a request still waiting for a thread then was dropped without an access-log line
+    (and run or not, by chance)."""
+    caplog.set_level(logging.INFO, logger="service.access")
+    held, other = Held(), Held()
+    other.release.set()
+    server = create_server(app_with({"/held": held, "/other": other}), Config(host="127.0.0.1", port=0, web_threads=1))
+    loop = started(server)
+    address = ("127.0.0.1", server.effective_port)
+    with (
+        socket.create_connection(address, timeout=10) as busy,
+        socket.create_connection(address, timeout=10) as leaving,
+    ):
+        busy.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")  # the only thread is taken
+        assert held.entered.wait(10)
+        leaving.sendall(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        leaving.shutdown(socket.SHUT_WR)
+        time.sleep(0.5)  # the server reads the end of input
+        held.release.set()
+        assert busy.recv(1 << 16).startswith(b"HTTP/1.1 200 ")
+        assert leaving.recv(1) == b""
+    lines = lambda: [r.getMessage() for r in caplog.records if r.name == "service.access"]  # noqa: E731
+    wait_until(lambda: any(line.startswith("GET /other 499 ") for line in lines()), 5, "the 499 line")
+    assert not other.entered.is_set()  # not run
+    server.drain(1)
+    loop.join(10)
+
+
 class Ordered:
     """Records the order in which requests reach the app; the first one waits to be released."""
 
