@@ -96,6 +96,24 @@ def crowded(exc: BaseException) -> bool:
     return code == "53300" or (code is None and any(text in str(driver) for text in _CROWDED))
 
 
+# What a live server answers a statement that waited too long for a lock, or ran past
+# statement_timeout: query_canceled, lock_not_available, deadlock_detected, serialization_failure.
+_BUSY_CODES = ("57014", "55P03", "40P01", "40001")
+
+
+def busy(exc: BaseException) -> bool:
+    """The database answers, but this statement waited on a lock another session holds (or ran
+    past DB_STATEMENT_TIMEOUT_SECONDS on the server): no outage. An open breaker refused every
+    request, the tables that were not locked and /readyz's included, and each statement that
+    timed out opened and closed it again, two log lines each."""
+    if not isinstance(exc, pw.OperationalError):
+        return False
+    driver = exc.__context__ or exc
+    if getattr(driver, "pgcode", None) in _BUSY_CODES:
+        return True
+    return getattr(driver, "sqlite_errorname", "") == "SQLITE_BUSY"
+
+
 def duplicate(exc: BaseException) -> bool:
     """A unique index refused the row (SQLite's SQLITE_CONSTRAINT_UNIQUE, PostgreSQL's 23505)."""
     driver = exc.__context__ or exc
@@ -112,6 +130,8 @@ def refusal(exc: BaseException) -> str | None:
         return "cannot write"
     if crowded(exc):
         return "has no connection to spare"
+    if busy(exc):
+        return "is busy (a lock held, or a statement past its timeout)"
     if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
         # A schema this version does not know: a column it never fills, after a rollback.
         return "refused a row (is its schema from another version?)"

@@ -142,6 +142,32 @@ def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, s
         assert OutboxMail.select().count() == 1  # the refused request queued nothing
 
 
+@pytest.mark.postgres
+def test_a_table_locked_by_another_session_refuses_what_needs_it_and_no_more(postgres_url, runtime_with, caplog):
+    """A migration or a long transaction holding a lock: each statement that waited past its
+    timeout opened the breaker, so every request was refused (readiness and unknown keys too),
+    and the log had two lines per timed-out statement."""
+    rt = runtime_with(postgres_url, db_statement_timeout_s=0.5)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    schema = postgres_url.rsplit("%3D", 1)[1]
+    holder = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f'LOCK TABLE "{schema}".verification_token IN ACCESS EXCLUSIVE MODE')
+        for n in range(3):
+            result = client.simulate_post("/api/v1/api-keys/generation", json={"email": f"locked{n}@example.org"})
+            assert_unavailable(result)
+        assert rt.store.health.available
+        assert client.simulate_get("/readyz").status_code == 200
+        assert denoise(client, "an unknown key").status_code == 401  # api_key is not locked
+    finally:
+        holder.rollback()
+        holder.close()
+    assert len(outage_lines(caplog)) == 1  # "Database is busy …", once a minute
+    result = client.simulate_post("/api/v1/api-keys/generation", json={"email": "locked0@example.org"})
+    assert result.status_code == 200
+
+
 def test_a_corrupted_sqlite_file_gives_503_not_500(tmp_path, runtime_with):
     """Not a database any more (a disk fault, a careless copy): requests that need it get the same
     503, a key this process had checked keeps denoising, and the replica is not ready."""
