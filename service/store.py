@@ -182,12 +182,16 @@ class Store:
         that refuses the settings (a role, password or database changed since) fails it still:
         the supervisor tries again later, and the health checks fail once no worker serves."""
         self.db = open_database(self._url, self._max_connections, self.health, *self._timeouts)
+        answered = True
         try:
             self.db.probe()
         except Exception as exc:
             if not self._may_be_away or misconfigured(exc) or not unavailable(exc):
                 raise
-            self.health.failed(exc)  # the breaker opens
+            # The breaker opens; or, with no connection to spare (``crowded``), only this check
+            # is refused, and the tables are left to the supervisor's start that made them.
+            self.health.failed(exc)
+            answered = False
         _proxy.initialize(self.db)
         # The key lookup runs on every denoising request: peewee writes its SQL once, in the
         # database's own dialect, and each request only executes it.
@@ -198,7 +202,7 @@ class Store:
         )
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
         self.db.on_schema_lost = self._restore_schema
-        if self.health.available:
+        if answered:
             self.create_tables()
         return self
 

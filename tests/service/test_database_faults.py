@@ -508,6 +508,25 @@ def test_postgres_out_of_connections_refuses_only_what_needs_a_new_one(pg_cluste
     assert others  # the server had slots for other clients until it had none
 
 
+def test_a_worker_replaced_while_postgres_has_no_connection_to_spare_starts(pg_cluster):
+    """Its start made the tables, which needs a connection: it exited, and the supervisor tried
+    again with a growing delay, the service one worker short long after slots were free again."""
+    Store(pg_cluster.url, max_connections=1).start().close()  # the supervisor's start made the tables
+    others = []
+    with ExitStack() as stack:
+        for _ in range(200):
+            try:
+                others.append(stack.enter_context(closing(psycopg2.connect(pg_cluster.url))))
+            except psycopg2.OperationalError:
+                break
+        store = Store(pg_cluster.url, max_connections=2, connect_timeout_s=1, may_be_away=True).start()
+    try:
+        assert others and store.health.available
+        assert store.pending_mails() == 0  # the slots given back: it serves
+    finally:
+        store.close()
+
+
 def test_a_pool_with_every_connection_lent_refuses_only_the_request_that_waited(sqlite_url, runtime_with):
     """Every connection of this process's own pool lent (a thread holding one longer than it
     should): the request that waited in vain opened the breaker, as an outage does, and every
