@@ -262,6 +262,12 @@ class Outbox:
 
     def close(self) -> None:
         self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S)
+        if self._unrecorded:  # the database failed after their delivery, and is not back yet
+            log.warning(
+                "Mail(s) %s delivered but not recorded as sent (the database failed): they will be "
+                "sent again once their claim ends",
+                ", ".join(map(str, self._unrecorded)),
+            )
 
     def _step(self) -> float:
         self._settle()
