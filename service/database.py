@@ -48,7 +48,13 @@ def unavailable(exc: BaseException) -> bool:
 # What PostgreSQL answers a connection whose settings are wrong, not one that comes too early:
 # no such database or role, a refused password or address (psycopg2 gives them no SQLSTATE);
 # and what libpq says itself when the server asks for a password the URL does not have.
-_MISCONFIGURED = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+_MISCONFIGURED = (
+    "does not exist",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects",
+    "permission denied",
+)
 _NO_PASSWORD = "fe_sendauth:"
 
 
