@@ -81,6 +81,10 @@ class KeyConflict(Exception):
     """A concurrent transaction activated a key for the same email first (the unique index)."""
 
 
+# PostgreSQL's clock, in the form the timestamp columns hold (``utcnow``).
+_SERVER_NOW = pw.SQL("(now() AT TIME ZONE 'UTC')")
+
+
 def utcnow() -> datetime:
     """Naive UTC: the one form stored in both SQLite and PostgreSQL ``timestamp`` columns."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -399,8 +403,15 @@ class Store:
             text_body=mail.text,
             html_body=mail.html,
             created_at=now,
-            next_attempt_at=now,
+            next_attempt_at=self._outbox_time(now),
         )
+
+    def _outbox_time(self, now: datetime) -> datetime | pw.Node:
+        """The time the outbox's claims and due times are written and compared at: on PostgreSQL
+        the server's own clock, which every replica shares (by their own clocks, a replica whose
+        clock was behind by more than ``CLAIM_LEASE`` took mails another was sending, and they
+        went twice; one ahead queued mails due in the future); on SQLite, one machine's, ``now``."""
+        return _SERVER_NOW if self.is_postgres else now
 
     def claim_due_mails(self, limit: int, now: datetime) -> list[ClaimedMail]:
         """Due mails this worker now owns for ``CLAIM_LEASE``: concurrent workers (threads or
@@ -409,6 +420,7 @@ class Store:
         to make delivery and the database write one step).
         """
         oldest = (OutboxMail.next_attempt_at, OutboxMail.id)
+        now = self._outbox_time(now)
         with self.db.connection_context(), self.db.atomic():
             until = now + CLAIM_LEASE
             due = OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null() & (OutboxMail.next_attempt_at <= now)
@@ -419,13 +431,13 @@ class Store:
                     OutboxMail.id.in_(free.for_update("FOR UPDATE SKIP LOCKED"))
                 )
                 rows = sorted(lease.returning(OutboxMail).execute(), key=lambda mail: mail.id)
-            else:
-                # SQLite: the IMMEDIATE transaction already holds the write lock, so no other
-                # worker is in between. The rows are read before the first update: updating while
-                # the select's cursor was open upgraded a read snapshot to a write, which fails at
-                # once ("database is locked") when another connection wrote in between.
-                rows = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
-                OutboxMail.update(next_attempt_at=until).where(OutboxMail.id.in_([m.id for m in rows])).execute()
+                return [row.claimed(row.next_attempt_at) for row in rows]  # the claim's end, as written
+            # SQLite: the IMMEDIATE transaction already holds the write lock, so no other worker
+            # is in between. The rows are read before the first update: updating while the
+            # select's cursor was open upgraded a read snapshot to a write, which fails at once
+            # ("database is locked") when another connection wrote in between.
+            rows = list(OutboxMail.select().where(due).order_by(*oldest).limit(limit))
+            OutboxMail.update(next_attempt_at=until).where(OutboxMail.id.in_([m.id for m in rows])).execute()
             return [row.claimed(until) for row in rows]
 
     def mark_sent(self, mail_id: int, now: datetime) -> None:
@@ -440,7 +452,7 @@ class Store:
         this one's ended: the claim's end must still be the one this worker wrote."""
         with self.db.connection_context():
             for mail in claimed:
-                OutboxMail.update(next_attempt_at=now).where(
+                OutboxMail.update(next_attempt_at=self._outbox_time(now)).where(
                     (OutboxMail.id == mail.id)
                     & (OutboxMail.next_attempt_at == mail.claimed_until)
                     & OutboxMail.sent_at.is_null()
@@ -451,7 +463,7 @@ class Store:
         with self.db.connection_context():
             OutboxMail.update(
                 attempts=attempts,
-                next_attempt_at=now + timedelta(seconds=delay_s),
+                next_attempt_at=self._outbox_time(now) + timedelta(seconds=delay_s),
                 last_error=error[:1000],
             ).where(OutboxMail.id == mail_id).execute()
 
@@ -483,8 +495,10 @@ class Store:
                 .where(OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null())
                 .scalar()
             )
-        if due is None:
-            return None
+            if due is None:
+                return None
+            if self.is_postgres:
+                now = self.db.execute_sql(f"SELECT {_SERVER_NOW.sql}").fetchone()[0]
         if isinstance(due, str):  # SQLite hands aggregates back as text
             due = datetime.fromisoformat(due)
         return max(0.0, (due - now).total_seconds())

@@ -293,6 +293,26 @@ def test_a_worker_skips_mails_another_is_claiming_instead_of_waiting(postgres_ur
         store.close()
 
 
+@pytest.mark.postgres
+def test_claims_hold_by_the_databases_clock_whatever_the_replicas_clocks(postgres_url):
+    """By its own clock, a replica 3 minutes behind wrote claims that had already ended for the
+    others, which claimed and sent the same mails (15 deliveries for 10 mails); one ahead queued
+    mails due minutes later."""
+    store = Store(postgres_url, max_connections=2).start()
+    behind, ahead = utcnow() - timedelta(minutes=3), utcnow() + timedelta(minutes=3)
+    try:
+        with store.db.connection_context():
+            store.enqueue_mail(SEALER.seal(Mail("ahead@example.org", "s", "t", "h")), ahead)
+        queue_mails(store, 2)
+        claimed = store.claim_due_mails(10, behind)
+        assert len(claimed) == 3  # the mail queued by the replica ahead is due at once
+        assert store.claim_due_mails(10, utcnow()) == []  # the laggard's claims hold for the others
+        store.release_mails(claimed, behind)
+        assert len(store.claim_due_mails(10, utcnow())) == 3  # given back: its claims were found
+    finally:
+        store.close()
+
+
 # The worker's sending window and the server's time per mail: one mail fits in the window, with
 # room for opening the session on a loaded machine; two do not.
 SEND_WINDOW_S, SLOW_SMTP_S = 0.5, 1.0
