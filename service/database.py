@@ -357,11 +357,20 @@ class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
     def _is_closed(self, conn: object) -> bool:
         """Without a round trip: peewee's own check sends ``SELECT 1`` for every checkout, under
         the database's lock, so a hung server held every thread for a deadline per idle
-        connection. A connection that died unnoticed fails its first statement instead, which
-        opens the breaker and drops the idle ones."""
+        connection. A connection the server closed while it idled in the pool (its
+        ``idle_session_timeout``, a restart, a proxy's idle timeout) has something to read, its
+        goodbye: an idle connection has nothing else (the listener has its own). Before, its
+        first statement failed, and the breaker opened for everyone. One that died silently
+        still fails its first statement, which opens the breaker and drops the idle ones."""
         from psycopg2 import extensions
 
-        return bool(conn.closed) or conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN
+        if conn.closed or conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN:
+            return True
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
 
 # -- deadlines on PostgreSQL -------------------------------------------------------------------

@@ -168,6 +168,19 @@ def test_a_table_locked_by_another_session_refuses_what_needs_it_and_no_more(pos
     assert result.status_code == 200
 
 
+@pytest.mark.postgres
+def test_a_pooled_connection_the_server_closed_while_idle_is_not_handed_out(postgres_url, runtime_with):
+    """PostgreSQL's idle_session_timeout (or a proxy's idle timeout) under the pool's minute: the
+    next request on the closed connection got a 503, and the breaker opened for everyone."""
+    rt = runtime_with(postgres_url + "%20-c%20idle_session_timeout%3D500", key_cache_s=0)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "idle@example.org")
+    for _ in range(2):
+        assert denoise(client, key).status_code == 200
+        time.sleep(1.0)  # the server closes the pooled connection meanwhile
+    assert rt.store.health.available
+
+
 def test_a_corrupted_sqlite_file_gives_503_not_500(tmp_path, runtime_with):
     """Not a database any more (a disk fault, a careless copy): requests that need it get the same
     503, a key this process had checked keeps denoising, and the replica is not ready."""
