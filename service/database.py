@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from service import polling
 from service.background import Loop
 from service.config import sqlite_path
 from service.logs import first_line
@@ -367,10 +367,9 @@ class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
         if conn.closed or conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN:
             return True
         try:
-            readable, _, _ = select.select([conn.fileno()], [], [], 0)
-        except (OSError, ValueError):
+            return bool(polling.ready([conn.fileno()], polling.READ, 0))
+        except OSError:
             return True
-        return bool(readable)
 
 
 # -- deadlines on PostgreSQL -------------------------------------------------------------------
@@ -395,11 +394,10 @@ def _wait_with_deadline(conn: object) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise OperationalError(f"database {kind} timed out after {_deadlines[kind]:g} s")
-        fd = conn.fileno()
         if state == extensions.POLL_READ:
-            select.select([fd], [], [], remaining)
+            polling.ready([conn.fileno()], polling.READ, remaining)
         elif state == extensions.POLL_WRITE:
-            select.select([], [fd], [], remaining)
+            polling.ready([conn.fileno()], polling.WRITE, remaining)
         else:
             raise OperationalError(f"unexpected poll state {state}")
 

@@ -13,7 +13,6 @@ connection that breaks without the listener noticing.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from collections.abc import Callable
 import psycopg2
 import psycopg2.extensions
 
+from service import polling
 from service.logs import first_line
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Listener:
     ``connect`` opens (already listening), ``on_connect`` after each successful connection, and
     ``on_disconnect`` when one breaks or cannot be opened.
 
-    The thread sleeps in ``select`` on the connection and on a socket pair that ``close`` writes
+    The thread sleeps in ``poll`` on the connection and on a socket pair that ``close`` writes
     to, so it costs nothing while idle and stops at once. A connection that breaks (server
     restart, network) is opened again after a delay that doubles up to ``backoff_max_s``.
     """
@@ -97,8 +97,8 @@ class Listener:
             self._delay_s = self._backoff_min_s
             self._on_connect()  # whatever was announced while nobody listened is lost
             while True:
-                readable, _, _ = select.select([conn, self._stop_reader], [], [])
-                if self._stop_reader in readable:
+                readable = polling.ready([conn.fileno(), self._stop_reader.fileno()], polling.READ)
+                if self._stop_reader.fileno() in readable:
                     return
                 conn.poll()
                 if conn.notifies:
@@ -108,5 +108,4 @@ class Listener:
             conn.close()
 
     def _wait_for_stop(self, timeout_s: float) -> bool:
-        readable, _, _ = select.select([self._stop_reader], [], [], timeout_s)
-        return bool(readable)
+        return bool(polling.ready([self._stop_reader.fileno()], polling.READ, timeout_s))

@@ -4,6 +4,8 @@ hot path, and tables that can be created again; on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -311,6 +313,31 @@ def test_claims_hold_by_the_databases_clock_whatever_the_replicas_clocks(postgre
         assert len(store.claim_due_mails(10, utcnow())) == 3  # given back: its claims were found
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_database_connections_on_descriptors_past_1024_work(postgres_url):
+    """The service raises its open-files limit and holds thousands of client connections, so a
+    database connection opened then gets a descriptor past 1024, where select() raised
+    ValueError: a 500, unseen by the breaker."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the open-files limit ({hard}) is too low to reach descriptor 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        store = Store(postgres_url, max_connections=2).start()
+        try:
+            for _ in range(2):  # a new connection, then the pooled one
+                assert store.pending_mails() == 0
+            with store.db.connection_context():
+                assert store.db.connection().fileno() > 1024
+        finally:
+            store.close()
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # The worker's sending window and the server's time per mail: one mail fits in the window, with
