@@ -117,7 +117,7 @@ def busy(exc: BaseException) -> bool:
     driver = exc.__context__ or exc
     if getattr(driver, "pgcode", None) in _BUSY_CODES:
         return True
-    return getattr(driver, "sqlite_errorname", "") == "SQLITE_BUSY"
+    return getattr(driver, "sqlite_errorname", "").startswith("SQLITE_BUSY")  # extended codes too
 
 
 def duplicate(exc: BaseException) -> bool:

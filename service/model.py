@@ -1,15 +1,21 @@
 """The model a process serves: its file checked against the manifest, which gives the version
 that answers report, and its onnxruntime sessions started with the configured settings. Free of
-the web stack and the database, so that the record command (``service.record``) loads neither.
+the web stack and the database, so that the record command (``service.record``) loads neither;
+and of onnxruntime until an engine starts, so that a start's checks (``service.startup``, which
+the supervisor runs in a process of its own) do not load it either.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from service.config import MAX_MODEL_VERSION, Config
-from service.engine import Engine
 from service.logs import first_line
 from service.manifest import ModelError, verify_model
 from service.process import StartupError
+
+if TYPE_CHECKING:
+    from service.engine import Engine
 
 
 def model_version(config: Config) -> int:
@@ -30,6 +36,8 @@ def model_version(config: Config) -> int:
 
 def start_engine(config: Config) -> Engine:
     """The model in onnxruntime sessions, warmed up with the batches the service will run."""
+    from service.engine import Engine
+
     engine = Engine(
         config.model_path,
         threads=config.ort_threads,

@@ -18,6 +18,7 @@ LAYERS = [
     ("service.config", ("torch", "onnxruntime")),
     ("service.store", ("torch", "onnxruntime")),
     ("service.workers", ("torch", "onnxruntime")),  # the supervisor leaves the model to its workers
+    ("service.startup", ("torch", "onnxruntime")),  # so do the checks it runs before its workers start
     ("service.app", ("torch",)),
     ("export.data", ("torch",)),
     ("export.synth", ("torch",)),

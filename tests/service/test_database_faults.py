@@ -124,14 +124,18 @@ def test_postgres_hung_answers_in_bounded_time_and_cached_keys_keep_working(pg_c
     assert denoise(client, issue_key(rt.store, "new@example.org")).status_code == 200
 
 
-def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, smtp):
+def test_sqlite_locked_gives_the_same_503_and_recovers(tmp_path, runtime_with, smtp, caplog):
+    """A write lock held by another process (a sqlite3 shell): the write that waited past its
+    busy timeout gets the 503, and no more; it opened the breaker for every request."""
     url = f"sqlite:///{tmp_path / 'locked.db'}"
     rt = runtime_with(url, db_statement_timeout_s=0.3)
     client = falcon.testing.TestClient(create_app(rt.deps))
     holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("BEGIN IMMEDIATE")
     try:
         assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "wait@example.org"}))
+        assert rt.store.health.available and client.simulate_get("/readyz").status_code == 200
+        assert [line.split(" (")[0] for line in outage_lines(caplog)] == ["Database is busy"]
     finally:
         holder.execute("ROLLBACK")
         holder.close()
