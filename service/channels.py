@@ -99,6 +99,7 @@ class Channel(HTTPChannel):
     linger = False
     lingering_until: float | None = None
     blank = False  # the last bytes read were blank lines only
+    aborted = False  # closed by the server (``abort``), not by its client
     sent_bytes = 0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
@@ -176,6 +177,7 @@ class Channel(HTTPChannel):
         began: not run, and logged as nginx logs it, 499 (waitress dropped it without a line).
         Then: a client that hung up while an earlier answer was written leaves the requests it
         had pipelined behind it unserved; close them, and give back their places."""
+        self.first_request = False  # one was read whole (``received`` may not see it queued)
         with self.requests_lock:
             if not self.requests:  # closed so after waitress had queued this turn
                 return
@@ -183,7 +185,8 @@ class Channel(HTTPChannel):
             if not self.connected:
                 gone, self.requests = self.requests, []
         for request in gone:
-            self.log_own_answer(request, CLIENT_GONE)
+            if not self.aborted:  # the requests behind an answer the server gave up on are not the client's doing
+                self.log_own_answer(request, CLIENT_GONE)
             request.close()
         if gone:
             return
@@ -303,6 +306,7 @@ class Channel(HTTPChannel):
     def abort(self) -> None:
         """Closed with a reset: what the kernel still holds for a client that does not read is
         dropped too (nginx's ``reset_timedout_connection``)."""
+        self.aborted = True
         with contextlib.suppress(OSError):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.linger = False
