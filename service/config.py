@@ -201,6 +201,8 @@ class Config:
     worker_timeout_s: float = field(default=30.0, metadata=_env("WORKER_TIMEOUT_SECONDS", _number, 0))
 
     def __post_init__(self) -> None:
+        if not 1 <= self.web_workers <= MAX_WORKERS:
+            raise ConfigError(f"WEB_WORKERS must be from 1 to {MAX_WORKERS} (got {self.web_workers}).")
         share = per_worker_defaults(self.web_workers)
         for name in ("web_threads", "batch_workers"):
             if not getattr(self, name):

@@ -136,3 +136,8 @@ def test_thread_defaults_follow_the_machine(monkeypatch, cpus, workers, expected
     defaults = config.per_worker_defaults(workers)
     assert (defaults["web_threads"], defaults["batch_workers"]) == expected
     assert workers * defaults["batch_workers"] <= 2 * cpus
+    # The same whether the configuration comes from the environment or is built in code (Config()
+    # sized them for one worker whatever the worker count).
+    monkeypatch.setenv("WEB_WORKERS", str(workers))
+    for made in (config.Config.from_env(), config.Config(web_workers=workers)):
+        assert (made.web_threads, made.batch_workers) == expected

@@ -357,6 +357,7 @@ def test_probes_borrow_no_pooled_connection(tmp_path):
         ('connection to server at "db", port 5432 failed: Connection refused', False),
         ('connection to server at "db", port 5432 failed: FATAL:  the database system is starting up', False),
         ("database connect timed out after 3 s", False),
+        ('connection to server at "db", port 5432 failed: FATAL:  pg_hba.conf rejects connection for host', True),
     ],
 )
 def test_which_connection_errors_are_settings_and_not_an_outage(message, wrong_settings):
