@@ -410,7 +410,17 @@ def test_answers_waiting_on_their_clients_are_kept_to_a_budget(monkeypatch):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing
         clients.append(client)
-    wait_until(lambda: len(server.active_channels) == 1, 10, "one closed")
+    seen: set[int] = set()  # the connections the server has held: one closed must be after both came
+
+    def one_closed() -> bool:
+        channels = list(server.active_channels)
+        seen.update(channels)
+        return len(seen) == 2 and len(channels) == 1
+
+    deadline = time.monotonic() + 10
+    while not one_closed():  # polled more often than wait_until: the second may not stay long
+        assert time.monotonic() < deadline, "timed out waiting for one closed"
+        time.sleep(0.005)
     time.sleep(1.5)  # another check or more
     assert len(server.active_channels) == 1  # the rest fits
     for client in clients:
