@@ -532,7 +532,7 @@ def test_recordings_leave_no_memory_behind(service_process, tmp_path):
 
     samples = ecg(1200, 1000).astype("<f4")
     after = []
-    for shorter in range(4):  # sizes that differ, as real recordings do
+    for shorter in range(3):  # sizes that differ, as real recordings do
         body = samples[: len(samples) - 50_000 * shorter].tobytes()
         request = urllib.request.Request(
             f"{service.url}/api/v1/denoising/record?sampling_rate=1000",
@@ -542,7 +542,8 @@ def test_recordings_leave_no_memory_behind(service_process, tmp_path):
         with urllib.request.urlopen(request, timeout=60) as answer:
             assert len(answer.read()) == len(body)
         after.append(resident_mb())
-    assert after[-1] - after[1] < 10, after  # from the second on: the first warms the process up
+    # From the second on: the first warms the process up. Without the fix, +18 MB a recording.
+    assert after[2] - after[1] < 10, after
 
 
 def test_503_without_a_model(runtime, engine):
