@@ -46,6 +46,8 @@ from tests.pgcluster import PgCluster
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "artifacts" / "attention_unet.onnx"
+# For tests whose subject is not the model: each window costs about half the time.
+INT8 = REPO / "artifacts" / "attention_unet.int8.onnx"
 # The version the shipped manifest gives the model: what responses must carry by default.
 SHIPPED_VERSION = orjson.loads((REPO / "artifacts" / "manifest.json").read_bytes())["model_version"]
 MANIFEST = REPO / "artifacts" / "manifest.json"

@@ -5,6 +5,7 @@ Synthetic signals always; the real recordings of ``../shared/data`` where they a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
@@ -24,9 +25,11 @@ from service.app import create_app, server_rules
 from service.batcher import Batcher
 from service.connections import create_server
 from service.contract import SAMPLING_RATE_HZ, WINDOW
+from service.engine import Engine
 from service.runtime import Runtime
 
 from .conftest import (
+    INT8,
     REPO,
     CountingEngine,
     ThreadRecordingEngine,
@@ -447,12 +450,13 @@ def test_a_recording_whose_client_hung_up_leaves_the_line(tmp_path, engine, smtp
         loop.join(10)
 
 
-def test_recordings_read_slowly_hold_no_thread(tmp_path, engine, smtp, sqlite_url):
+def test_recordings_read_slowly_hold_no_thread(tmp_path, smtp, sqlite_url):
     """waitress's thread that wrote an answer past 16 MiB waited for its client to read it
     before it served the request pipelined behind: two such clients held both threads, and
     health checks hung."""
     config = smtp_config(tmp_path, sqlite_url, smtp, host="127.0.0.1", port=0, web_threads=2)
-    with Runtime(config, engine=engine) as rt:
+    int8 = Engine(INT8, threads=1, lone_threads=1).start()
+    with contextlib.closing(int8), Runtime(config, engine=int8) as rt:
         server = create_server(create_app(rt.deps), config, **server_rules(rt.deps))
         loop = threading.Thread(target=server.run, daemon=True)
         loop.start()
