@@ -58,9 +58,16 @@ _MISCONFIGURED = (
 _NO_PASSWORD = "fe_sendauth:"
 
 
+def _driver(exc: BaseException) -> tuple[BaseException, str, str | None]:
+    """The driver's error behind peewee's (raised while handling it), its SQLite error name ("" on
+    PostgreSQL) and its SQLSTATE (None on SQLite, and for a refused connection)."""
+    driver = exc.__context__ or exc
+    return driver, getattr(driver, "sqlite_errorname", ""), getattr(driver, "pgcode", None)
+
+
 def misconfigured(exc: BaseException) -> bool:
     """The database answered, and refused this connection's settings: waiting will not help."""
-    text = str(exc.__context__ or exc)
+    text = str(_driver(exc)[0])
     return _NO_PASSWORD in text or ("FATAL:" in text and any(words in text for words in _MISCONFIGURED))
 
 
@@ -73,15 +80,11 @@ def unwritable(exc: BaseException) -> bool:
     """The database answers but refuses writes: a full disk (SQLite's SQLITE_FULL, PostgreSQL's
     53100), a read-only file or an I/O error writing it. Reads go on, so this is no outage for
     the breaker."""
-    driver = exc.__context__ or exc  # peewee raises its own error while handling the driver's
-    name = getattr(driver, "sqlite_errorname", "")
+    _, name, code = _driver(exc)
     # Extended names too: SQLITE_READONLY_DIRECTORY, _CANTINIT… (a read-only folder, WAL files).
     # PostgreSQL: disk full (53100), or a read-only transaction (25006: a standby after a failover,
     # or default_transaction_read_only set).
-    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", *WRITE_ERRORS)) or getattr(driver, "pgcode", None) in (
-        "53100",
-        "25006",
-    )
+    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", *WRITE_ERRORS)) or code in ("53100", "25006")
 
 
 # What PostgreSQL answers a new connection when every slot is taken, or every slot its role or
@@ -97,8 +100,7 @@ def crowded(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, pw.OperationalError):
         return False
-    driver = exc.__context__ or exc
-    code = getattr(driver, "pgcode", None)
+    driver, _, code = _driver(exc)
     return code == "53300" or (code is None and any(text in str(driver) for text in _CROWDED))
 
 
@@ -114,19 +116,14 @@ def busy(exc: BaseException) -> bool:
     timed out opened and closed it again, two log lines each."""
     if not isinstance(exc, pw.OperationalError):
         return False
-    driver = exc.__context__ or exc
-    if getattr(driver, "pgcode", None) in _BUSY_CODES:
-        return True
-    return getattr(driver, "sqlite_errorname", "").startswith("SQLITE_BUSY")  # extended codes too
+    _, name, code = _driver(exc)
+    return code in _BUSY_CODES or name.startswith("SQLITE_BUSY")  # extended names too
 
 
 def duplicate(exc: BaseException) -> bool:
     """A unique index refused the row (SQLite's SQLITE_CONSTRAINT_UNIQUE, PostgreSQL's 23505)."""
-    driver = exc.__context__ or exc
-    return (
-        getattr(driver, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
-        or getattr(driver, "pgcode", None) == "23505"
-    )
+    _, name, code = _driver(exc)
+    return name == "SQLITE_CONSTRAINT_UNIQUE" or code == "23505"
 
 
 def refusal(exc: BaseException) -> str | None:
@@ -146,10 +143,9 @@ def refusal(exc: BaseException) -> str | None:
 
 def schema_lost(exc: BaseException) -> bool:
     """A table of the service is missing: the database was dropped and made again, or replaced."""
-    driver = exc.__context__ or exc
-    if getattr(driver, "pgcode", None) == "42P01":  # undefined_table
-        return True
-    return getattr(driver, "sqlite_errorname", "") == "SQLITE_ERROR" and str(driver).startswith("no such table")
+    driver, name, code = _driver(exc)
+    undefined_table = code == "42P01"
+    return undefined_table or (name == "SQLITE_ERROR" and str(driver).startswith("no such table"))
 
 
 class DatabaseUnavailable(Exception):
@@ -196,8 +192,9 @@ class DatabaseHealth:
         the row) is only logged: that request gets its 503, and the others (the key lookups of
         denoising, those that find a pooled connection) go on being served."""
         now = self._clock()
-        if refusal(exc):
-            self._refused_here(exc, now)
+        reason = refusal(exc)
+        if reason:
+            self._refused_here(reason, exc, now)
             return
         with self._lock:
             if self._down_since is None:
@@ -214,7 +211,7 @@ class DatabaseHealth:
         if wake_probe:
             self.on_failure()
 
-    def _refused_here(self, exc: BaseException, now: float) -> None:
+    def _refused_here(self, reason: str, exc: BaseException, now: float) -> None:
         """One line, then one per ``REMIND_EVERY_S`` while writes (or new connections) keep failing."""
         with self._lock:
             self._refusals += 1
@@ -223,7 +220,7 @@ class DatabaseHealth:
             count, self._refusals, self._last_refusal_log = self._refusals, 0, now
         log.error(
             "Database %s (%s): %d request(s) refused since the last such line",
-            refusal(exc),
+            reason,
             first_line(exc),
             count,
         )

@@ -489,16 +489,17 @@ class Store:
 
     def seconds_to_next_mail(self, now: datetime) -> float | None:
         """Seconds until the earliest undelivered mail is due (0 if overdue); None if none waits."""
+        server_now = [_SERVER_NOW] if self.is_postgres else []  # read in the same query
         with self.db.connection_context():
-            due = (
-                OutboxMail.select(pw.fn.MIN(OutboxMail.next_attempt_at))
+            due, *server = (
+                OutboxMail.select(pw.fn.MIN(OutboxMail.next_attempt_at), *server_now)
                 .where(OutboxMail.sent_at.is_null() & OutboxMail.failed_at.is_null())
-                .scalar()
+                .tuples()
+                .get()
             )
-            if due is None:
-                return None
-            if self.is_postgres:
-                now = self.db.execute_sql(f"SELECT {_SERVER_NOW.sql}").fetchone()[0]
+        if due is None:
+            return None
+        now = server[0] if server else now
         if isinstance(due, str):  # SQLite hands aggregates back as text
             due = datetime.fromisoformat(due)
         return max(0.0, (due - now).total_seconds())
