@@ -74,11 +74,12 @@ def authenticate(keys: KeyService, req: falcon.Request) -> int:
     return keys.authenticate(key)
 
 
-def _query(req: falcon.Request, name: str) -> str | None:
-    """A query parameter that takes one value: given more than once, differently, it is a 400
-    (Falcon would keep the last one, and the others would be ignored silently)."""
+def _query(req: falcon.Request, name: str, meaning: Callable[[str], object] = str) -> str | None:
+    """A query parameter that takes one value: given more than once with different meanings, it is
+    a 400 (Falcon would keep the last one, and the others would be ignored silently)."""
     values = req.get_param_as_list(name) or []
-    other = next((value for value in values if value != values[0]), None)
+    first = meaning(values[0]) if values else None
+    other = next((value for value in values[1:] if meaning(value) != first), None)
     if other is not None:
         raise validation.ValidationError(
             f"{name} given more than once, differently: {validation.quoted(values[0])} and {validation.quoted(other)}"
@@ -143,12 +144,13 @@ class Recording:
             self._denoise(req, resp, key_id, binary)
 
     def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int, binary: bool) -> None:
+        body = req.bounded_stream.read() if binary else self._json.read(req)
+        rate_param = _query(req, "sampling_rate", validation.rate_meaning)  # the body's faults come first
         if binary:
-            samples, rate = validation.binary_record(
-                req.bounded_stream.read(), _query(req, "sampling_rate"), self._max_seconds
-            )
-        else:  # the parsed list, the request's largest object, is gone before the model runs
-            samples, rate = validation.record(self._json.read(req), self._max_seconds, _query(req, "sampling_rate"))
+            samples, rate = validation.binary_record(body, rate_param, self._max_seconds)
+        else:
+            samples, rate = validation.record(body, self._max_seconds, rate_param)
+        del body  # the parsed list, the request's largest object, is gone before the model runs
         clean = recording.denoise(samples, rate, partial(self._batcher.denoise_many, input_units=True))
         self._keys.used(key_id)
         if binary:  # float32 in, float32 out

@@ -91,6 +91,11 @@ def record(body: Any, max_seconds: float, rate_param: str | None = None) -> tupl
     return _numbers(value, "ecg_signal"), rate
 
 
+def rate_meaning(rate_param: str) -> float | str:
+    """What a ``?sampling_rate=`` means, to tell two apart: "250" and "250.0" are one rate."""
+    return float(rate_param) if _DECIMAL.fullmatch(rate_param) else rate_param
+
+
 def _rate_param(rate_param: str) -> float:
     if not _DECIMAL.fullmatch(rate_param):  # float() also takes "1_000", "inf" and other scripts' digits
         raise ValidationError(f"sampling_rate must be a number of Hz (got {quoted(rate_param)})")
