@@ -24,7 +24,7 @@ from service.connections import CORS_EXPOSED
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import VERIFY_PATH, BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
-from service.logs import loggable
+from service.logs import CLIENT_GONE, loggable
 from service.metrics import Exposition, Metrics, RequestMetrics
 from service.middleware import ReleaseConnection, RequestContext, SecurityHeaders, random_id
 from service.parsing import Refusal, UploadGate
@@ -234,8 +234,8 @@ def _answer(status: str, retry_after_s: int | None = None) -> Callable[..., None
 
 
 def _client_gone(req: falcon.Request, resp: falcon.Response, exc: ClientGone, params: dict) -> None:
-    """Nobody reads it; the access log and the metrics say what happened (nginx's 499)."""
-    resp.status = "499 Client Closed Request"
+    """Nobody reads it; the access log and the metrics say what happened."""
+    resp.status = f"{CLIENT_GONE} Client Closed Request"
     resp.media = {"error": "The client closed the connection"}
 
 

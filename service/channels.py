@@ -18,7 +18,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask, WSGITask
 
-from service.logs import log_access
+from service.logs import CLIENT_GONE, log_access
 from service.pace import Pace
 from service.parsing import GateRefused, Refusal, Request, Unavailable
 
@@ -36,7 +36,6 @@ LINGER_S = 5.0
 # window this long, has its connection closed.
 DOWNLOAD_WINDOW_S = 30.0
 MIN_DOWNLOAD_BYTES_PER_S = 8 << 10
-CLIENT_GONE = 499  # nginx's status for a request whose client hung up before its answer
 
 
 class JsonErrorTask(ErrorTask):

@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 access_log = logging.getLogger("service.access")
+# nginx's status for a request whose client hung up before its answer: no answer is sent, but the
+# access log and the metrics say what became of it.
+CLIENT_GONE = 499
 
 
 def first_line(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ Every expected start-up failure (model, manifest, database) becomes a ``StartupE
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
@@ -61,11 +61,10 @@ class Component(Protocol):
 C = TypeVar("C", bound=Component)
 
 
-def _run(stack: ExitStack, component: C, started: bool = False) -> C:
-    """``component`` started (unless it was ``started`` already), and closed when ``stack`` closes."""
+def _run(stack: ExitStack, component: C) -> C:
+    """``component`` started, and closed when ``stack`` closes (even if its start failed half-way)."""
     stack.callback(component.close)
-    if not started:
-        component.start()
+    component.start()
     return component
 
 
@@ -141,9 +140,9 @@ class Runtime:
         with ExitStack() as stack:
             version = model_version(config)
             _run(stack, self._occupancy)
-            engine = self._engine or _run(stack, start_engine(config), started=True)
+            engine = self._engine or stack.enter_context(closing(start_engine(config)))
             self.sealer = Sealer(mail_secrets(config))  # before the store writes its tables
-            self.store = _run(stack, start_store(config, may_be_away=self._worker), started=True)
+            self.store = stack.enter_context(closing(start_store(config, may_be_away=self._worker)))
             _run(stack, DatabaseProbe(lambda: self.store.db, self.store.health))
             metrics = start_metrics(config, version) if config.metrics else None
             self.batcher = _run(stack, batcher(config, engine, self._occupancy, metrics))
