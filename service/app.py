@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 import falcon
 import orjson
@@ -20,7 +19,7 @@ from service import codec, openapi, validation
 from service.batcher import Batcher, ModelUnavailable
 from service.codec import TooManyValues
 from service.config import Config
-from service.connections import CORS_EXPOSED
+from service.connections import CORS_EXPOSED, Routes
 from service.contract import WINDOW
 from service.database import UNAVAILABLE_ERRORS, DatabaseHealth, DatabaseUnavailable
 from service.keys import VERIFY_PATH, BadToken, EmailTaken, InvalidKey, KeyService, NoActiveKey, Refused
@@ -108,19 +107,13 @@ def upload_gate(keys: KeyService, release: Callable[[], None]) -> UploadGate:
     return refusal
 
 
-def server_rules(deps: Deps) -> dict[str, Any]:
+def server_rules(deps: Deps) -> Routes:
     """What waitress must know of the routes before the app sees a request
     (``connections.create_server``): each route's body limit, which bodies take an upload place
     (a whole recording's), the gate that judges large uploads by their key, and where the
     server's own answers are counted."""
-    rules: dict[str, Any] = {
-        "body_limits": body_limits(deps.config),
-        "place_above": deps.config.max_body_bytes,
-        "upload_gate": upload_gate(deps.keys, deps.store.release),
-    }
-    if deps.metrics is not None:
-        rules["refused"] = deps.metrics.refused
-    return rules
+    rules = Routes(body_limits(deps.config), deps.config.max_body_bytes, upload_gate(deps.keys, deps.store.release))
+    return rules if deps.metrics is None else replace(rules, refused=deps.metrics.refused)
 
 
 def create_app(deps: Deps) -> falcon.App:

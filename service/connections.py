@@ -51,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -125,6 +126,32 @@ class Dispatcher(ThreadedTaskDispatcher):
         super().add_task(task)
 
 
+@dataclass(frozen=True)
+class Routes:
+    """What the server must know of the app's routes before the app sees a request
+    (``app.server_rules``)."""
+
+    # The largest body of each route, by path ("" for the others) or by "path media/type";
+    # without "", MAX_BODY_BYTES.
+    body_limits: dict[str, int] = field(default_factory=dict)
+    # A body on a route whose limit is past this needs an upload place (by default: past "").
+    place_above: int | None = None
+    # Judges a body past the "" limit from its key before it is read; without one, each is read.
+    upload_gate: UploadGate | None = None
+    # Told the status of each answer the server gives itself from a request's headers (metrics).
+    refused: Callable[[int], None] = lambda status: None
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    """A worker's parent process, which bound the listening socket and replaces dead workers
+    (``service.workers``)."""
+
+    pid: int
+    stopping: Callable[[], bool] = lambda: False  # tells that it is stopping every worker
+    heartbeat: Callable[[], None] = lambda: None  # told each second that the loop runs
+
+
 class Server(TcpWSGIServer):
     """waitress's TCP server with ``Channel`` connections, the limits on slow clients (checked
     each second in ``maintenance``), the upload gate and the drain."""
@@ -141,27 +168,20 @@ class Server(TcpWSGIServer):
         channel_timeout_s: float,
         grace_s: float,
         upload_places: int,
-        supervisor: int | None = None,
-        service_stopping: Callable[[], bool] = lambda: False,
-        body_limits: dict[str, int] | None = None,
-        place_above: int | None = None,
-        upload_gate: UploadGate | None = None,
-        heartbeat: Callable[[], None] = lambda: None,
+        routes: Routes,
+        supervisor: Supervisor | None = None,
         cors_origins: str | tuple[str, ...] = (),  # Config.cors_origins
-        refused: Callable[[int], None] = lambda status: None,
         **kw: Any,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.cors_origins = cors_origins
-        self.refused = refused  # told the status of each answer the server gives itself (metrics)
-        self.heartbeat = heartbeat  # a worker's: tells its supervisor that the loop runs
-        self._upload_gate = upload_gate
+        self.refused = routes.refused
+        self._upload_gate = routes.upload_gate
         # One thread: the verdicts are quick (a cached key, or one indexed read).
-        self._judges = ThreadPoolExecutor(1, thread_name_prefix="upload-gate") if upload_gate else None
+        self._judges = ThreadPoolExecutor(1, thread_name_prefix="upload-gate") if routes.upload_gate else None
         self._loop_closed = False  # a verdict that comes later must not write to the closed wake-up pipe
         self._closing = threading.Lock()
-        self.supervisor = supervisor  # a worker's parent: the process that replaces dead workers
-        self.service_stopping = service_stopping  # a worker's: its supervisor is stopping them all
+        self.supervisor = supervisor
         self.door_closed = False
         self.sweep_ended = False  # close_door can accept no more (the socket shut, no descriptor left)
         self.grace_s = grace_s
@@ -173,14 +193,14 @@ class Server(TcpWSGIServer):
         )
         super().__init__(app, **kw)
         limits = {}  # by path: the adjustments with that route's limit
-        for path, limit in {"": self.adj.max_request_body_size - 1, **(body_limits or {})}.items():
+        for path, limit in {"": self.adj.max_request_body_size - 1, **routes.body_limits}.items():
             limits[path] = copy.copy(self.adj)
             limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
         self.intake = Intake(
             limits,
-            limits[""].max_request_body_size - 1 if place_above is None else place_above,
+            limits[""].max_request_body_size - 1 if routes.place_above is None else routes.place_above,
             Allowance(upload_places),
-            gated=upload_gate is not None,
+            gated=routes.upload_gate is not None,
         )
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
@@ -267,7 +287,7 @@ class Server(TcpWSGIServer):
 
     def orphaned(self) -> bool:
         """A worker whose supervisor has gone: nothing would replace it or the others."""
-        return self.supervisor is not None and os.getppid() != self.supervisor
+        return self.supervisor is not None and os.getppid() != self.supervisor.pid
 
     def close_door(self) -> None:
         """Accept the connections queued in the listening socket, then shut it: the queued ones
@@ -289,7 +309,7 @@ class Server(TcpWSGIServer):
             self.accepting = False
             log.info("Draining: no new connections; waiting for the requests under way")
         # The socket is this process's, or no one's, or the whole service stops.
-        if not self.door_closed and (self.supervisor is None or self.orphaned() or self.service_stopping()):
+        if not self.door_closed and (self.supervisor is None or self.orphaned() or self.supervisor.stopping()):
             self.close_door()
         busy = []
         for channel in self.active_channels.values():
@@ -308,9 +328,10 @@ class Server(TcpWSGIServer):
 
     def maintenance(self, now: float) -> None:
         """Runs every ``cleanup_interval`` seconds in the loop's thread (waitress's hook)."""
-        self.heartbeat()
+        if self.supervisor is not None:
+            self.supervisor.heartbeat()
         if self.drain_until is None and self.orphaned():
-            log.warning("The supervisor (pid %d) is gone: draining", self.supervisor)
+            log.warning("The supervisor (pid %d) is gone: draining", self.supervisor.pid)
             self.drain(self.grace_s)
         if self.drain_until is not None and self._drained(now):
             raise SystemExit(0)  # run() catches it and stops waitress's (now idle) threads
@@ -386,25 +407,13 @@ class Server(TcpWSGIServer):
 def create_server(
     app: Any,
     config: Config,
+    routes: Routes = Routes(),
     listener: socket.socket | None = None,
-    supervisor: int | None = None,
-    service_stopping: Callable[[], bool] = lambda: False,
-    body_limits: dict[str, int] | None = None,
-    place_above: int | None = None,
-    upload_gate: UploadGate | None = None,
-    heartbeat: Callable[[], None] = lambda: None,
-    refused: Callable[[int], None] = lambda status: None,
+    supervisor: Supervisor | None = None,
 ) -> Server:
-    """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, whose
-    parent is the process ``supervisor``, which tells through ``service_stopping`` that it stops
-    every worker, and hears through ``heartbeat`` that its loop runs); ``run()`` serves until
-    SystemExit. ``body_limits``: the largest body of each
-    route, by path ("" for the others) or by "path media/type" (``app.body_limits``), else
-    ``MAX_BATCH_WINDOWS``'s; a body on a route whose limit is past ``place_above`` (the default
-    limit's, unless given) needs an upload place. ``upload_gate``: judges a body past the default limit from its key
-    before it is read (``app.upload_gate``); without one, every such body is read. ``refused``:
-    told the status of each answer the server gives itself, from a request's headers."""
-    body_limits = body_limits or {"": config.max_body_bytes}
+    """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, by its
+    ``supervisor``); ``run()`` serves until SystemExit."""
+    body_limits = {"": config.max_body_bytes, **routes.body_limits}
     files = raise_open_files_limit()
     reserved = RESERVED_FILES + FILES_PER_DATABASE_CONNECTION * config.web_threads
     limit = min(config.connection_limit, (files - reserved) // FILES_PER_CONNECTION)
@@ -458,14 +467,9 @@ def create_server(
         channel_timeout_s=config.channel_timeout_s,
         grace_s=config.shutdown_grace_s,
         upload_places=config.recording_threads,
+        routes=replace(routes, body_limits=body_limits),
         supervisor=supervisor,
-        service_stopping=service_stopping,
-        body_limits=body_limits,
-        place_above=place_above,
-        upload_gate=upload_gate,
-        heartbeat=heartbeat,
         cors_origins=config.cors_origins,
-        refused=refused,
         dispatcher=dispatcher,
         adj=adj,
         **where,

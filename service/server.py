@@ -18,7 +18,7 @@ from contextlib import ExitStack
 
 from service.app import create_app, server_rules
 from service.config import Config, ConfigError
-from service.connections import create_server
+from service.connections import Supervisor, create_server
 from service.metrics import exposition_registry, serve_metrics
 from service.occupancy import Occupancy
 from service.process import StartupError, cannot_listen, give_back_large_blocks, refuse, stop_signals
@@ -49,11 +49,11 @@ def serve(
         except (ConfigError, StartupError) as exc:
             return refuse(exc)
         try:
-            siblings = (
-                {} if occupancy is None else {"service_stopping": occupancy.stopping, "heartbeat": occupancy.beat}
-            )
+            parent = None
+            if supervisor is not None and occupancy is not None:
+                parent = Supervisor(supervisor, occupancy.stopping, occupancy.beat)
             deps = runtime.deps
-            server = create_server(create_app(deps), config, listener, supervisor, **siblings, **server_rules(deps))
+            server = create_server(create_app(deps), config, server_rules(deps), listener, parent)
         except OSError as exc:
             return cannot_listen(config.host, config.port, exc)
         except ConfigError as exc:

@@ -21,7 +21,7 @@ import pytest
 
 from service import channels, connections
 from service.config import Config
-from service.connections import create_server
+from service.connections import Routes, Supervisor, create_server
 from service.pace import Pace
 
 from .conftest import fill, wait_until
@@ -91,7 +91,7 @@ def test_a_workers_own_drain_leaves_the_shared_socket_serving():
     listener = socket.create_server(("127.0.0.1", 0))
     others = listener.dup()  # the other workers' hold on the same socket
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=5)
-    server = create_server(falcon.App(), config, listener, supervisor=os.getppid())
+    server = create_server(falcon.App(), config, listener=listener, supervisor=Supervisor(os.getppid()))
     loop = started(server)
     server.drain(5)
     loop.join(10)
@@ -133,8 +133,8 @@ def test_connections_queued_when_the_service_stops_are_served_and_later_ones_ref
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=10)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    stopping = {"supervisor": os.getppid(), "service_stopping": lambda: True} if worker else {}
-    server = create_server(app, config, listener, **stopping)  # no supervisor: the socket is its own
+    parent = Supervisor(os.getppid(), stopping=lambda: True) if worker else None  # None: the socket is its own
+    server = create_server(app, config, listener=listener, supervisor=parent)
     clients = [queued_request(port) for _ in range(3)]  # no loop runs yet: nothing accepts them
     server.drain(10)
     loop = started(server)
@@ -193,7 +193,7 @@ def test_each_route_has_its_body_limit_and_waitress_refusals_are_json():
     app = app_with({"/echo": Echo(), "/large": Echo()})
     config = Config(host="127.0.0.1", port=0)
     limits = {"": 1000, "/large": 100_000, "/large application/octet-stream": 2000}
-    server = create_server(app, config, body_limits=limits)
+    server = create_server(app, config, Routes(body_limits=limits))
     loop = started(server)
 
     def send(head: bytes, body: bytes = b"") -> bytes:
@@ -290,7 +290,9 @@ def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_clo
 def test_a_chunk_size_line_that_never_ends_is_refused_as_it_grows():
     """waitress keeps the line in memory and searches all of it at every read, up to the body's
     limit: megabytes of it held the loop for seconds."""
-    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0), body_limits={"": 100 << 20})
+    server = create_server(
+        app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0), Routes(body_limits={"": 100 << 20})
+    )
     loop = started(server)
     data = b"%x\r\n%s\r\n" % (4 << 20, b"x" * (4 << 20))  # room for the framing of small chunks after it
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=5) as client:

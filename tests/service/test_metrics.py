@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Config
-from service.connections import create_server
+from service.connections import Routes, create_server
 from service.metrics import merged_registry
 
 from .conftest import issue_key
@@ -57,7 +57,7 @@ def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
     assert client.simulate_get("/api/v1/api-keys/verify", params={"token": "x"}).status_code == 400
     # An answer the server gives from the headers, before any route (refusals were not counted).
     server = create_server(
-        create_app(runtime.deps), Config(host="127.0.0.1", port=0), refused=runtime.deps.metrics.refused
+        create_app(runtime.deps), Config(host="127.0.0.1", port=0), Routes(refused=runtime.deps.metrics.refused)
     )
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as bare_lf:

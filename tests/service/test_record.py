@@ -457,7 +457,7 @@ def test_recordings_read_slowly_hold_no_thread(tmp_path, smtp, sqlite_url):
     config = smtp_config(tmp_path, sqlite_url, smtp, host="127.0.0.1", port=0, web_threads=2)
     int8 = Engine(INT8, threads=1, lone_threads=1).start()
     with contextlib.closing(int8), Runtime(config, engine=int8) as rt:
-        server = create_server(create_app(rt.deps), config, **server_rules(rt.deps))
+        server = create_server(create_app(rt.deps), config, server_rules(rt.deps))
         loop = threading.Thread(target=server.run, daemon=True)
         loop.start()
         port = server.effective_port

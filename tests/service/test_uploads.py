@@ -19,7 +19,7 @@ import pytest
 
 from service import parsing
 from service.config import Config
-from service.connections import create_server
+from service.connections import Routes, create_server
 from service.parsing import Refusal
 
 from .conftest import fill, wait_until
@@ -32,7 +32,7 @@ def test_large_uploads_need_a_place_and_give_it_back():
     its headers, unread."""
     app = app_with({"/echo": Echo(), "/large": Echo(), "/long": Long()})
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
-    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000})
+    server = create_server(app, config, Routes(body_limits={"": 1000, "/large": 100_000}))
     loop = started(server)
     port = server.effective_port
     head = b"POST /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 50000\r\n\r\n"
@@ -80,7 +80,7 @@ def test_other_spooled_bodies_share_a_room_and_give_it_back(monkeypatch):
     monkeypatch.setattr(parsing, "SPOOL_ROOM_BYTES", 250_000)
     app = app_with({"/batch": Echo()})
     config = Config(host="127.0.0.1", port=0)
-    server = create_server(app, config, body_limits={"": 1000, "/batch": 200_000}, place_above=200_000)
+    server = create_server(app, config, Routes(body_limits={"": 1000, "/batch": 200_000}, place_above=200_000))
     loop = started(server)
 
     def upload(length: int, sent: bytes = b"x") -> socket.socket:
@@ -129,7 +129,7 @@ def test_a_large_upload_is_judged_by_its_key_before_its_body_is_read(caplog):
 
     app = app_with({"/large": Echo()})
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
-    server = create_server(app, config, body_limits={"": 1000, "/large": 100_000}, upload_gate=gate)
+    server = create_server(app, config, Routes(body_limits={"": 1000, "/large": 100_000}, upload_gate=gate))
     loop = started(server)
     port = server.effective_port
 
@@ -186,7 +186,7 @@ def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(sma
     fill(small_disk)
     app = app_with({"/large": Echo()})
     config = Config(host="127.0.0.1", port=0, web_threads=2)  # one place
-    server = create_server(app, config, body_limits={"": 1000, "/large": 2_000_000})
+    server = create_server(app, config, Routes(body_limits={"": 1000, "/large": 2_000_000}))
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
         client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
@@ -208,8 +208,10 @@ def test_a_client_that_sends_its_whole_body_before_it_reads_gets_the_refusal():
     server = create_server(
         app_with({"/large": Echo()}),
         Config(host="127.0.0.1", port=0),
-        body_limits={"": 1000, "/large": 50_000_000},
-        upload_gate=lambda key: Refusal(401, "Unauthorized", "Bad key"),
+        Routes(
+            body_limits={"": 1000, "/large": 50_000_000},
+            upload_gate=lambda key: Refusal(401, "Unauthorized", "Bad key"),
+        ),
     )
     loop = started(server)
     for size in (2_000_000, 20_000_000):
@@ -234,8 +236,7 @@ def test_a_verdict_that_comes_after_the_server_closed_writes_nowhere(tmp_path):
     server = create_server(
         app_with({"/large": Echo()}),
         Config(host="127.0.0.1", port=0),
-        body_limits={"": 1000, "/large": 100_000},
-        upload_gate=gate,
+        Routes(body_limits={"": 1000, "/large": 100_000}, upload_gate=gate),
     )
     loop = started(server)
     client = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
@@ -261,7 +262,7 @@ def test_a_large_upload_that_trickles_is_closed_and_gives_its_place_back(monkeyp
     monkeypatch.setattr(parsing, "MIN_UPLOAD_BYTES_PER_S", 1 << 20)
     app = app_with({"/large": Echo()})
     server = create_server(
-        app, Config(host="127.0.0.1", port=0, web_threads=2), body_limits={"": 1000, "/large": 100_000}
+        app, Config(host="127.0.0.1", port=0, web_threads=2), Routes(body_limits={"": 1000, "/large": 100_000})
     )
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
@@ -283,7 +284,7 @@ def test_the_servers_own_answers_to_a_browser_carry_the_apps_cors_headers():
     gate = lambda key: Refusal(401, "Unauthorized", "No key")  # noqa: E731
     config = Config(host="127.0.0.1", port=0, cors_allow_origins=("https://app.example.org",))
     server = create_server(
-        app_with({"/large": Echo()}), config, body_limits={"": 1000, "/large": 100_000}, upload_gate=gate
+        app_with({"/large": Echo()}), config, Routes(body_limits={"": 1000, "/large": 100_000}, upload_gate=gate)
     )
     loop = started(server)
     answers = {}
@@ -331,7 +332,7 @@ def test_a_body_written_to_disk_is_judged_by_its_key_on_any_route():
     the default limit, clients without a key spooled gigabytes that way."""
     gate = lambda key: None if key == "good" else Refusal(401, "Unauthorized", "No key")  # noqa: E731
     config = Config(host="127.0.0.1", port=0)
-    server = create_server(app_with({"/echo": Echo()}), config, body_limits={"": 1 << 20}, upload_gate=gate)
+    server = create_server(app_with({"/echo": Echo()}), config, Routes(body_limits={"": 1 << 20}, upload_gate=gate))
     loop = started(server)
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n"
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
@@ -351,7 +352,7 @@ def test_a_chunked_body_on_a_route_that_takes_no_key_is_not_judged_by_one():
     gate = lambda key: Refusal(401, "Unauthorized", "No key")  # noqa: E731
     limits = {"": 1 << 20, "/keyless": 16 << 10}
     server = create_server(
-        app_with({"/keyless": Echo()}), Config(host="127.0.0.1", port=0), body_limits=limits, upload_gate=gate
+        app_with({"/keyless": Echo()}), Config(host="127.0.0.1", port=0), Routes(body_limits=limits, upload_gate=gate)
     )
     loop = started(server)
     with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
