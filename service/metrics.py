@@ -254,26 +254,43 @@ def _json_error(start_response: Callable, status: str, headers: tuple[tuple[str,
     return [b'{"error":"%s"}' % status.encode()]
 
 
-def serve_metrics(
-    host: str,
-    port: int,
-    registry: CollectorRegistry,
-    connections: int = METRICS_CONNECTIONS,
-    idle_s: float = 10.0,
-    deadline_s: float = 30.0,
-) -> Callable[[], None]:
-    """``/metrics`` on ``METRICS_PORT`` in a thread of its own; returns what stops it."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
-    httpd = server_class(address, connections, idle_s, deadline_s)
-    httpd.set_app(_only_metrics(make_wsgi_app(registry)))
-    thread = threading.Thread(target=httpd.serve_forever, name="metrics-port", daemon=True)
-    thread.start()
-    log.info("Metrics on http://%s:%s/metrics", host, port)
+class MetricsPort:
+    """``/metrics`` on ``METRICS_PORT``, in a thread of its own."""
 
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        connections: int = METRICS_CONNECTIONS,
+        idle_s: float = 10.0,
+        deadline_s: float = 30.0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._app = _only_metrics(make_wsgi_app(registry))
+        self._bounds = (connections, idle_s, deadline_s)
+        self._httpd: _MetricsServer | None = None
+        self._thread: threading.Thread | None = None
 
-    return stop
+    def start(self) -> MetricsPort:
+        """Binds the port (``OSError`` if it cannot) and serves it."""
+        family, _, _, _, address = socket.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+        self._httpd = server_class(address, *self._bounds)
+        self._httpd.set_app(self._app)
+        thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-port", daemon=True)
+        thread.start()
+        self._thread = thread  # only once it serves: shutdown() would wait forever for a loop never begun
+        log.info("Metrics on http://%s:%s/metrics", self._host, self._port)
+        return self
+
+    def close(self) -> None:
+        if self._httpd is None:
+            return
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(5)
+        self._httpd.server_close()

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from service.app import create_app, server_rules
 from service.config import Config, ConfigError
 from service.connections import Supervisor, create_server
-from service.metrics import exposition_registry, serve_metrics
+from service.metrics import MetricsPort, exposition_registry
 from service.occupancy import Occupancy
 from service.process import StartupError, cannot_listen, give_back_large_blocks, refuse, stop_signals
 from service.runtime import Runtime
@@ -64,9 +64,12 @@ def serve(
             return refuse(f"cannot start {config.web_threads} web threads ({exc}): lower WEB_THREADS.")
         stack.callback(server.close)
         if listener is None and runtime.deps.metrics is not None and config.metrics_port:
-            registry = exposition_registry(runtime.deps.metrics.registry)
+            metrics_port = MetricsPort(
+                config.host, config.metrics_port, exposition_registry(runtime.deps.metrics.registry)
+            )
+            stack.callback(metrics_port.close)
             try:
-                stack.callback(serve_metrics(config.host, config.metrics_port, registry))
+                metrics_port.start()
             except OSError as exc:
                 return cannot_listen(config.host, config.metrics_port, exc)
 

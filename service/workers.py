@@ -46,7 +46,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config
 from service.files import memory_root, scratch_folder
-from service.metrics import MULTIPROC_ENV, merged_registry, serve_metrics
+from service.metrics import MULTIPROC_ENV, MetricsPort, merged_registry
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file, last_beat
 from service.process import cannot_listen, configured, refuse, stop_signals
 
@@ -286,8 +286,10 @@ def supervise(config: Config) -> int:
             path, lock_fd = stack.enter_context(scratch_folder("heartify-prometheus-", memory_root()))
             folder = env[MULTIPROC_ENV] = str(path)
             if config.metrics_port:
+                metrics_port = MetricsPort(config.host, config.metrics_port, merged_registry(folder))
+                stack.callback(metrics_port.close)
                 try:
-                    stack.callback(serve_metrics(config.host, config.metrics_port, merged_registry(folder)))
+                    metrics_port.start()
                 except OSError as exc:
                     return cannot_listen(config.host, config.metrics_port, exc)
         return Supervisor(config, listener, env, occupancy.fileno(), lock_fd).run()

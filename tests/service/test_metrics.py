@@ -107,7 +107,7 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
 
     from prometheus_client import CollectorRegistry, Counter
 
-    from service.metrics import serve_metrics
+    from service.metrics import MetricsPort
 
     from .conftest import free_port, wait_until
 
@@ -121,9 +121,9 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
             return False
 
     bounded, lenient = free_port(), free_port()
-    stops = [
-        serve_metrics("127.0.0.1", bounded, registry, connections=2, idle_s=30, deadline_s=30),
-        serve_metrics("127.0.0.1", lenient, registry, connections=8, idle_s=0.5, deadline_s=1.5),
+    ports = [
+        MetricsPort("127.0.0.1", bounded, registry, connections=2, idle_s=30, deadline_s=30).start(),
+        MetricsPort("127.0.0.1", lenient, registry, connections=8, idle_s=0.5, deadline_s=1.5).start(),
     ]
     try:
         silent = [socket.create_connection(("127.0.0.1", bounded)) for _ in range(2)]
@@ -152,8 +152,8 @@ def test_the_metrics_port_serves_a_few_connections_at_a_time_and_closes_idle_and
             urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{lenient}/metrics", b"{}"), timeout=5)
         assert posted.value.code == 405 and posted.value.read() == b'{"error":"405 Method Not Allowed"}'
     finally:
-        for stop in stops:
-            stop()
+        for port in ports:
+            port.close()
 
 
 def test_a_scrape_leaves_out_the_file_a_starting_worker_has_not_sized_yet(tmp_path):
