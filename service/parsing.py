@@ -221,15 +221,13 @@ class Request(HTTPRequestParser):
         if self.needs_place:
             self.holds_place = self._intake.places.take()
             if not self.holds_place:
-                self.error = UploadsBusy("every place for a large upload is taken")
+                self._fail(UploadsBusy("every place for a large upload is taken"))
         elif self.spooled:
             room = self.content_length or self.adj.max_request_body_size - 1  # chunked: the most it may be
             if self._intake.spool_room.take(room):
                 self.holds_room = room
             else:
-                self.error = SpoolFull("the room for spooled bodies is taken")
-        if self.error is not None:
-            self.completed = True
+                self._fail(SpoolFull("the room for spooled bodies is taken"))
         return self.error is None
 
     def begin_pace(self) -> None:
@@ -241,15 +239,13 @@ class Request(HTTPRequestParser):
         return self.headers.get("X_API_KEY") or None
 
     def refuse(self, refusal: Refusal) -> None:
-        self.error = GateRefused(refusal)
-        self.completed = True
+        self._fail(GateRefused(refusal))
 
     def received(self, data: bytes) -> int:
         if self.body_rcv is None and not self.completed and (error := self._bad_head(self.header_plus + data)):
             self.parse_header(b"GET / HTTP/1.0\r\n")  # as waitress does for a head too large
             self.made_up_head = True
-            self.error = error
-            self.completed = True
+            self._fail(error)
             return len(data)
         if self.chunked and self.body_rcv is not None:
             data = data[:CHUNK_SLICE]  # waitress's channel gives the rest in the next call
@@ -259,33 +255,34 @@ class Request(HTTPRequestParser):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE):
                 raise
             log.warning("No room in the temporary directory for a request body: %s", exc.strerror)
-            self.error = NoRoom(exc.strerror)
-            self.completed = True
+            self._fail(NoRoom(exc.strerror))
             return len(data)
-        receiver = self.body_rcv if self.chunked else None
-        if (
-            self.error is None
-            and receiver is not None
-            and max(len(receiver.control_line), len(receiver.trailer)) > MAX_HEADER_BYTES
-        ):
-            # waitress holds a chunk's size line (and the trailer) in memory until its end, and
-            # searches all of it again at every read: megabytes of it held the loop for seconds.
-            self.error = BadRequest("a chunk size line or trailer too long")
-            self.completed = True
-        if self.error is None and receiver is not None and self._framing_too_large(receiver):
-            self.error = BadRequest(
-                f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes or more"
-            )
-            self.completed = True
-        chunk = self.body_rcv.chunk_remainder if self.chunked and self.body_rcv is not None else 0
-        if self.error is None and self.body_bytes_received + chunk >= self.adj.max_request_body_size:
-            # A chunk declared past the limit: refused now, as a Content-Length past it is,
-            # instead of once the body has come (or after the idle timeout, if it never does).
-            self.error = RequestEntityTooLarge("a chunk exceeds the body limit")
-            self.completed = True
+        if self.error is None and (error := self._body_problem()):
+            self._fail(error)
         if self.error is not None:  # refused from its headers: no "100 Continue" invites the body
             self.expect_continue = False
         return consumed
+
+    def _fail(self, error: Error) -> None:
+        """Answered ``error`` at once: nothing more of the request is read."""
+        self.error = error
+        self.completed = True
+
+    def _body_problem(self) -> Error | None:
+        """What is wrong with the body so far that need not wait for its end."""
+        receiver = self.body_rcv if self.chunked else None
+        if receiver is not None and max(len(receiver.control_line), len(receiver.trailer)) > MAX_HEADER_BYTES:
+            # waitress holds a chunk's size line (and the trailer) in memory until its end, and
+            # searches all of it again at every read: megabytes of it held the loop for seconds.
+            return BadRequest("a chunk size line or trailer too long")
+        if receiver is not None and self._framing_too_large(receiver):
+            return BadRequest(f"chunks too small: they must average about {CHUNK_FRAMING_SHARE * 8} bytes or more")
+        chunk = receiver.chunk_remainder if receiver is not None else 0
+        if self.body_bytes_received + chunk >= self.adj.max_request_body_size:
+            # A chunk declared past the limit: refused now, as a Content-Length past it is,
+            # instead of once the body has come (or after the idle timeout, if it never does).
+            return RequestEntityTooLarge("a chunk exceeds the body limit")
+        return None
 
     def _framing_too_large(self, receiver: Any) -> bool:
         data = len(receiver.buf)  # the chunks' data so far; body_bytes_received counts their framing too
