@@ -300,30 +300,10 @@ class Outbox:
 
     def _deliver(self, due: list[ClaimedMail]) -> None:
         done: set[int] = set()  # the mails whose outcome is recorded
-        deadline = time.monotonic() + SEND_WITHIN_S
         try:
             try:
                 with self._sender.session() as send:
-                    for row in due:
-                        if self._loop.stopping:  # the rest are due again now, for whoever runs next
-                            self._store.release_mails([r for r in due if r.id not in done], self._clock())
-                            break
-                        if time.monotonic() > deadline:
-                            log.warning(
-                                "Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done)
-                            )
-                            break
-                        try:
-                            mail = self._sealer.open(row.mail)
-                            send(compose(mail, self._from), mail.recipient)
-                        except SessionLost:
-                            raise  # failed with the rest, below
-                        except Exception as exc:  # whatever one mail raises must not hold back the others
-                            self._failed(row, exc, permanent(exc))
-                        else:
-                            self._record_sent(row.id)
-                            log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
-                        done.add(row.id)
+                    self._send_each(send, due, done)
             except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
                 for row in due:
                     if row.id not in done:
@@ -333,6 +313,33 @@ class Outbox:
             # delivered but not recorded is recorded first, and then not given back)
             self._untried = [row for row in due if row.id not in done]
             raise
+
+    def _send_each(self, send: Send, due: list[ClaimedMail], done: set[int]) -> None:
+        """Each mail of ``due`` in one session, its outcome recorded (and added to ``done``),
+        while the outbox runs and the claim lasts."""
+        deadline = time.monotonic() + SEND_WITHIN_S
+        for row in due:
+            if self._loop.stopping:  # the rest are due again now, for whoever runs next
+                self._store.release_mails([r for r in due if r.id not in done], self._clock())
+                return
+            if time.monotonic() > deadline:
+                log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
+                return
+            self._send(send, row)
+            done.add(row.id)
+
+    def _send(self, send: Send, row: ClaimedMail) -> None:
+        """One mail sent and its outcome recorded; ``SessionLost`` fails it with the rest."""
+        try:
+            mail = self._sealer.open(row.mail)
+            send(compose(mail, self._from), mail.recipient)
+        except SessionLost:
+            raise
+        except Exception as exc:  # whatever one mail raises must not hold back the others
+            self._failed(row, exc, permanent(exc))
+        else:
+            self._record_sent(row.id)
+            log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
 
     def _failed(self, row: ClaimedMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
