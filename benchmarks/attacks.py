@@ -342,6 +342,7 @@ def postgres_faults(folder: Path) -> dict[str, dict]:
                 **smtp_env(smtp.port),
                 "KEY_CACHE_SECONDS": "2",  # expires during the outage: the verified keys must still work
                 "MAIL_LIMIT_PER_CLIENT": "0",  # one loopback client asks for hundreds of keys here
+                "KEY_REQUESTS_PER_MINUTE": "0",
             }
             with started(folder, "postgres", env) as service:
                 keys = [obtain_key(service, smtp, f"steady{i}@example.org") for i in range(2)]

@@ -73,6 +73,7 @@ class Server:
             # answer most of the load with 429 (what they are for) instead of measuring it.
             "DENOISE_RATE_PER_SECOND": "0",
             "MAIL_LIMIT_PER_CLIENT": "0",
+            "KEY_REQUESTS_PER_MINUTE": "0",
             **extra_env,
         }
         env.pop("SMTP_HOST", None)

@@ -184,6 +184,10 @@ class Config:
     # database, so they hold across processes and replicas.
     mail_limit_per_email: int = field(default=3, metadata=_env("MAIL_LIMIT_PER_EMAIL", int, 0))
     mail_limit_per_client: int = field(default=20, metadata=_env("MAIL_LIMIT_PER_CLIENT", int, 0))
+    # Key requests (generation and deactivation, whatever their answer) per client address and
+    # minute, in bursts of as many: a token bucket per process, checked before the database;
+    # 0 = no limit. The answers that send no mail (409, 404) tell whether an address holds a key.
+    key_requests_per_min: int = field(default=30, metadata=_env("KEY_REQUESTS_PER_MINUTE", int, 0))
     # Denoising requests per API key: a token bucket per process; 0 = no limit.
     denoise_rate_per_s: float = field(default=20.0, metadata=_env("DENOISE_RATE_PER_SECOND", _number, 0))
     denoise_burst: int = field(default=40, metadata=_env("DENOISE_BURST", int, 1))

@@ -149,6 +149,14 @@ class ActiveKeys:
         self.expire()
 
 
+def mailbox(email: str) -> str:
+    """The mailbox an address reaches, as far as the per-address mail limit can tell: a
+    subaddress (``me+tag@example.com``) reaches ``me@example.com``'s, so tags do not multiply
+    the mails one inbox can be sent."""
+    local, _, domain = email.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
 @dataclass(frozen=True)
 class MailLimits:
     """Key mails (generation and deactivation together) per hour; 0 = no limit."""
@@ -172,6 +180,7 @@ class KeyService:
         key_cache_s: float,
         mail_limits: MailLimits = MailLimits(),
         buckets: TokenBuckets | None = None,
+        request_buckets: TokenBuckets | None = None,
         clock: Callable[[], datetime] = utcnow,
         new_secret: Callable[[], str] = new_secret,
         siblings: Occupancy | None = None,
@@ -183,7 +192,8 @@ class KeyService:
         self._base_url = base_url
         self._active = ActiveKeys(key_cache_s)
         self._limits = mail_limits
-        self._buckets = buckets
+        self._buckets = buckets  # per key id: denoising requests
+        self._request_buckets = request_buckets  # per client address: key requests
         self._clock = clock
         self._new_secret = new_secret
         self._siblings = siblings or Occupancy()  # the other workers of this machine, if any
@@ -289,25 +299,28 @@ class KeyService:
         as seen under the email's lock: checked before it, a generation request that raced the
         verification of the email's last link mailed a new link beside the key just issued
         (which a mail scanner following it replaced)."""
+        if self._request_buckets is not None and (wait := self._request_buckets.take(client)):
+            raise RateLimited("Too many key requests from this address. Try again later.", wait, "key_requests")
         token = self._new_secret()
         link = f"{self._base_url}{VERIFY_PATH}?{urlencode({'token': token})}"
         now = self._clock()
         client_digest = self._sealer.digest(client)
+        box = mailbox(email)
         with self._store.transaction():
-            self._store.lock_names(email, client_digest)
+            self._store.lock_names(*{email, box, client_digest})
             if self._store.has_active_key(email) is not needs_key:
                 raise NoActiveKey() if needs_key else EmailTaken()
-            self._check_mail_limits(email, client_digest, now)
-            self._store.add_token(digest(token), kind, email, now, messages.LINK_TTL, client=client_digest)
+            self._check_mail_limits(box, client_digest, now)
+            self._store.add_token(digest(token), kind, email, now, messages.LINK_TTL, client_digest, box)
             self._store.enqueue_mail(self._sealer.seal(build(email, link)), now)
         self._outbox.wake()
 
-    def _check_mail_limits(self, email: str, client_digest: str, now: datetime) -> None:
+    def _check_mail_limits(self, box: str, client_digest: str, now: datetime) -> None:
         since = now - MAIL_WINDOW
         checks = (
             (
                 self._limits.per_email,
-                {"email": email},
+                {"mailbox": box},
                 "Too many key mails for this email address. Try again later.",
                 "email",
             ),

@@ -105,8 +105,14 @@ def key_service(
         config.key_cache_s,
         MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
         TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
+        _per_minute(config.key_requests_per_min),
         siblings=siblings,
     )
+
+
+def _per_minute(requests: int) -> TokenBuckets | None:
+    """Buckets of ``requests`` refilled over a minute; None for 0, no limit."""
+    return TokenBuckets(requests / 60, requests) if requests else None
 
 
 class Runtime:

@@ -123,10 +123,16 @@ class Token(_Model):
     # Who asked for the mail that carries the token: a digest of the client's address, so the
     # mail rate limits can count per client without the database holding addresses.
     client = pw.CharField(max_length=64, null=True)
+    # The mailbox the email reaches (``keys.mailbox``): the per-address mail limit counts by it.
+    mailbox = pw.CharField(max_length=254, null=True)
 
     class Meta:
         table_name = "verification_token"
-        indexes = ((("email", "created_at"), False), (("client", "created_at"), False))
+        indexes = (
+            (("email", "created_at"), False),
+            (("client", "created_at"), False),
+            (("mailbox", "created_at"), False),
+        )
 
 
 class OutboxMail(_Model):
@@ -353,9 +359,24 @@ class Store:
 
     # -- tokens -----------------------------------------------------------------------------
     def add_token(
-        self, token_hash: str, kind: str, email: str, now: datetime, ttl: timedelta, client: str | None = None
+        self,
+        token_hash: str,
+        kind: str,
+        email: str,
+        now: datetime,
+        ttl: timedelta,
+        client: str | None = None,
+        mailbox: str | None = None,
     ) -> None:
-        Token.create(token_hash=token_hash, kind=kind, email=email, created_at=now, expires_at=now + ttl, client=client)
+        Token.create(
+            token_hash=token_hash,
+            kind=kind,
+            email=email,
+            created_at=now,
+            expires_at=now + ttl,
+            client=client,
+            mailbox=mailbox,
+        )
 
     def lock_names(self, *names: str) -> None:
         """Serialise the transactions about the same names (an email, a client) until this one
@@ -366,10 +387,10 @@ class Store:
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
 
     def mail_requests_since(
-        self, since: datetime, email: str | None = None, client: str | None = None
+        self, since: datetime, mailbox: str | None = None, client: str | None = None
     ) -> tuple[int, datetime | None]:
-        """How many tokens were mailed since ``since`` for this email or this client, and the oldest's time."""
-        where = Token.email == email if email is not None else Token.client == client
+        """How many tokens were mailed since ``since`` to this mailbox or for this client, and the oldest's time."""
+        where = Token.mailbox == mailbox if mailbox is not None else Token.client == client
         count, oldest = (
             Token.select(pw.fn.COUNT(Token.id), pw.fn.MIN(Token.created_at))
             .where(where & (Token.created_at > since))

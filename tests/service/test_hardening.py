@@ -69,6 +69,19 @@ def test_key_mails_per_email_are_limited_across_processes(database_url, runtime_
     assert first.simulate_post(GENERATION, json={"email": "other@example.org"}).status_code == 200
 
 
+def test_key_mails_to_subaddresses_count_toward_their_mailbox(runtime_with, sqlite_url):
+    """``me+a@`` and ``me+b@`` reach ``me@``'s inbox: tags do not multiply what it can be sent."""
+    client = client_of(runtime_with(sqlite_url, mail_limit_per_email=2))
+    for email in ("victim+a@example.org", "victim+b@example.org"):
+        assert client.simulate_post(GENERATION, json={"email": email}).status_code == 200
+    for email in ("victim@example.org", "Victim+C@example.org"):
+        assert_429(
+            client.simulate_post(GENERATION, json={"email": email}),
+            "Too many key mails for this email address. Try again later.",
+        )
+    assert client.simulate_post(GENERATION, json={"email": "victim@example.net"}).status_code == 200
+
+
 def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_another(tmp_path, runtime_with, sqlite_url):
     first = runtime_with(sqlite_url, mail_limit_per_client=2)
     limited = client_of(first)
@@ -99,6 +112,24 @@ def test_key_mails_per_client_count_the_peer_unless_a_trusted_proxy_names_anothe
         loop.join(10)
 
 
+def test_key_requests_per_client_are_limited_whatever_their_answer(runtime_with, sqlite_url):
+    """The 409 and 404 answers send no mail, and tell whether an address holds a key: counted
+    too, a client cannot ask about addresses at full speed."""
+    rt = runtime_with(sqlite_url, key_requests_per_min=3, mail_limit_per_client=0)
+    client = client_of(rt)
+    issue_key(rt.store, "holder@example.org")
+    answers = [
+        client.simulate_post(GENERATION, json={"email": "holder@example.org"}).status_code,
+        client.simulate_post(DEACTIVATION, json={"email": "nobody@example.org"}).status_code,
+        client.simulate_post(GENERATION, json={"email": "new@example.org"}).status_code,
+    ]
+    assert answers == [409, 404, 200]
+    too_many = "Too many key requests from this address. Try again later."
+    assert_429(client.simulate_post(DEACTIVATION, json={"email": "holder@example.org"}), too_many)
+    other = {"X-Forwarded-For": "203.0.113.9"}  # from an untrusted peer: ignored, the same client
+    assert_429(client.simulate_post(GENERATION, json={"email": "x@example.org"}, headers=other), too_many)
+
+
 def _net(address: str):
     import ipaddress
 
@@ -120,7 +151,9 @@ def test_denoising_is_limited_per_key(runtime_with, sqlite_url):
 
 
 def test_limits_set_to_zero_are_off(runtime_with, sqlite_url):
-    rt = runtime_with(sqlite_url, mail_limit_per_email=0, mail_limit_per_client=0, denoise_rate_per_s=0)
+    rt = runtime_with(
+        sqlite_url, mail_limit_per_email=0, mail_limit_per_client=0, key_requests_per_min=0, denoise_rate_per_s=0
+    )
     client = client_of(rt)
     assert all(
         client.simulate_post(GENERATION, json={"email": "many@example.org"}).status_code == 200 for _ in range(5)

@@ -213,7 +213,7 @@ def test_a_generation_request_racing_a_verification_leaves_no_link_beside_the_ne
     the verification of the email's last link mailed a new link after the key was issued, and a
     mail scanner that followed it replaced the key. Now either the request is refused (409), or
     its link was mailed first and the verification spent it."""
-    rt = runtime_with(database_url, mail_limit_per_client=0)
+    rt = runtime_with(database_url, mail_limit_per_client=0, key_requests_per_min=0)
     keys, store = rt.deps.keys, rt.store
     for round_ in range(20):
         email, token = f"race{round_}@example.org", f"link-{round_}"

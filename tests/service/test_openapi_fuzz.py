@@ -39,7 +39,12 @@ def test_schemathesis_finds_no_disagreement(service_process, tmp_path):
     # Small batches: the document follows MAX_BATCH_WINDOWS, and each window generated costs time.
     # Limits off: the fuzzer sends many requests from one client with one key, by design. The int8
     # model: the document is the same.
-    limits_off = {"MAIL_LIMIT_PER_EMAIL": "0", "MAIL_LIMIT_PER_CLIENT": "0", "DENOISE_RATE_PER_SECOND": "0"}
+    limits_off = {
+        "MAIL_LIMIT_PER_EMAIL": "0",
+        "MAIL_LIMIT_PER_CLIENT": "0",
+        "KEY_REQUESTS_PER_MINUTE": "0",
+        "DENOISE_RATE_PER_SECOND": "0",
+    }
     int8 = {"MODEL_PATH": str(INT8)}
     service, key = service_with_key(service_process, tmp_path, {"MAX_BATCH_WINDOWS": "2", **limits_off, **int8})
     (tmp_path / "schemathesis.toml").write_text(CONFIG)

@@ -81,9 +81,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "BASE_URL": f"http://127.0.0.1:{balancer_port}",
             "MAIL_RETRY_MIN_SECONDS": "0.05",
             "MAIL_RETRY_MAX_SECONDS": "0.2",
-            # Every request comes from this one test client: the per-client mail limit (20 an
-            # hour) would stop the 60 generation requests; the per-address limit still holds.
+            # Every request comes from this one test client: the per-client limits (20 mails an
+            # hour, 30 key requests a minute) would stop the 60 generation requests; the
+            # per-address limit still holds.
             "MAIL_LIMIT_PER_CLIENT": "0",
+            "KEY_REQUESTS_PER_MINUTE": "0",
             "DENOISE_RATE_PER_SECOND": "0",
             "MODEL_PATH": str(INT8),
             **smtp_env(smtp.port),

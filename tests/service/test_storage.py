@@ -102,15 +102,17 @@ def test_a_start_adds_the_columns_and_indexes_a_later_version_brought(sqlite_url
     """A database made by an earlier version lacks a column and its index: the start adds both."""
     Store(sqlite_url, max_connections=1).start().close()
     connection = sqlite3.connect(tmp_path / "heartify.db")
-    connection.execute("DROP INDEX token_client_created_at")
-    connection.execute("ALTER TABLE verification_token DROP COLUMN client")
+    for column in ("client", "mailbox"):
+        connection.execute(f"DROP INDEX token_{column}_created_at")
+        connection.execute(f"ALTER TABLE verification_token DROP COLUMN {column}")
     connection.commit()
     connection.close()
     store = Store(sqlite_url, max_connections=1).start()
     try:
         with store.db.connection_context():
-            assert "client" in {c.name for c in store.db.get_columns("verification_token")}
-            assert "token_client_created_at" in {i.name for i in store.db.get_indexes("verification_token")}
+            assert {"client", "mailbox"} <= {c.name for c in store.db.get_columns("verification_token")}
+            indexes = {i.name for i in store.db.get_indexes("verification_token")}
+            assert {"token_client_created_at", "token_mailbox_created_at"} <= indexes
     finally:
         store.close()
 
@@ -203,7 +205,7 @@ def mails_to(mailbox: Mailbox, address: str) -> list:
 def test_two_links_of_one_email_verified_at_once_give_one_key_and_one_400(postgres_url, runtime_with, smtp, caplog):
     """Each verification spends the email's other tokens: without a lock per email, the two
     transactions locked each other's rows in opposite orders, and PostgreSQL's deadlock got a 503."""
-    rt = runtime_with(postgres_url, mail_limit_per_email=0, mail_limit_per_client=0)
+    rt = runtime_with(postgres_url, mail_limit_per_email=0, mail_limit_per_client=0, key_requests_per_min=0)
     client = falcon.testing.TestClient(create_app(rt.deps))
     start = threading.Barrier(2)
 
