@@ -175,7 +175,7 @@ class Runtime:
             engine.threads,
             engine.lone_threads,
             redact(config.database_url),
-            "ready" if self.store.health.available else "not answering yet",
+            "ready" if self.store.answered else "not answering yet",
         )
         return self
 

@@ -174,6 +174,7 @@ class Store:
         self._url = url
         self._max_connections = max_connections
         self.health = DatabaseHealth()
+        self.answered = False  # whether the database answered the start's check
         self._timeouts = (connect_timeout_s, statement_timeout_s)
         self._may_be_away = may_be_away
         self.db: pw.Database | None = None  # opened by start
@@ -192,16 +193,15 @@ class Store:
         that refuses the settings (a role, password or database changed since) fails it still:
         the supervisor tries again later, and the health checks fail once no worker serves."""
         self.db = open_database(self._url, self._max_connections, self.health, *self._timeouts)
-        answered = True
         try:
             self.db.probe()
+            self.answered = True
         except Exception as exc:
             if not self._may_be_away or misconfigured(exc) or not unavailable(exc):
                 raise
             # The breaker opens; or, with no connection to spare (``crowded``), only this check
             # is refused, and the tables are left to the supervisor's start that made them.
             self.health.failed(exc)
-            answered = False
         _proxy.initialize(self.db)
         # The key lookup runs on every denoising request: peewee writes its SQL once, in the
         # database's own dialect, and each request only executes it.
@@ -212,7 +212,7 @@ class Store:
         )
         self._active_key_flags = tuple(params[1:])  # the key's digest goes first
         self.db.on_schema_lost = self._restore_schema
-        if answered:
+        if self.answered:
             self.create_tables()
         return self
 
