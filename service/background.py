@@ -47,10 +47,12 @@ class Loop:
         self._stopping.set()
         self._wakeup.set()
 
-    def close(self, timeout_s: float = 10.0) -> None:
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Stops, and waits up to ``timeout_s`` for the step under way; False if it goes on."""
         self.stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stopping.is_set():

@@ -7,9 +7,12 @@ takes it, so a server that is down at request time still gets the mail once it i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import smtplib
+import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,6 +47,11 @@ SEND_WITHIN_S = CLAIM_LEASE.total_seconds() / 2
 # RFC 5321 allows 10 minutes; a mail begun within the batch's time (above) then still ends
 # within its claim, unless its other steps each take their whole SMTP_TIMEOUT_SECONDS too.
 FINAL_REPLY_S = CLAIM_LEASE.total_seconds() / 4
+# A batch's connection to the mail server is cut this long after its claim, whatever it is doing:
+# smtplib's timeout bounds each read, and a server that trickles its replies (a tarpit) never
+# reaches it. So a mail under way ends before its claim does (no other worker sends it meanwhile),
+# and the outbox is never held for good. A mail begun within SEND_WITHIN_S has the rest.
+CUT_AFTER_S = CLAIM_LEASE.total_seconds() * 5 / 6
 # At the end of a stop, the mail being sent is waited for this long beyond FINAL_REPLY_S (its
 # wait began before the stop), to record it as sent.
 STOP_MARGIN_S = 5.0
@@ -53,9 +61,10 @@ Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
 
 
 class Sender(Protocol):
-    """Opens a delivery session; the yielded callable sends one message."""
+    """Opens a delivery session that ends by ``deadline`` (``time.monotonic()``); the yielded
+    callable sends one message."""
 
-    def session(self) -> AbstractContextManager[Send]: ...
+    def session(self, deadline: float) -> AbstractContextManager[Send]: ...
 
 
 class SessionLost(smtplib.SMTPServerDisconnected):
@@ -92,46 +101,96 @@ class SmtpSender:
         self._user, self._password, self._timeout_s = user, password, timeout_s
 
     @contextmanager
-    def session(self) -> Iterator[Send]:
-        client = self._open()
+    def session(self, deadline: float) -> Iterator[Send]:
+        with _Cutter(deadline) as cutter:
+            client = cutter.open(self)
 
-        def send(message: EmailMessage, recipient: str) -> None:
-            nonlocal client
-            if client.sock is None:  # closed after the last mail's failure
+            def send(message: EmailMessage, recipient: str) -> None:
+                nonlocal client
+                if client.sock is None:  # closed after the last mail's failure
+                    try:
+                        client = cutter.open(self)
+                    except (OSError, smtplib.SMTPException) as exc:
+                        raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
                 try:
-                    client = self._open()
-                except (OSError, smtplib.SMTPException) as exc:
-                    raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
-            try:
-                # The envelope names the stored address itself, never what the To header decodes to.
-                client.send_message(message, to_addrs=[recipient])
-            except BaseException:
-                _reset(client)
-                raise
+                    # The envelope names the stored address itself, never what the To header decodes to.
+                    client.send_message(message, to_addrs=[recipient])
+                except Unconfirmed:
+                    raise  # this mail's outcome, whether the wait ended by time-out or by the cut
+                except BaseException:
+                    _reset(client)
+                    cutter.check()
+                    raise
 
-        try:
-            yield send
-        finally:
             try:
-                client.quit()
-            except (OSError, smtplib.SMTPException):
-                client.close()
+                yield send
+            finally:
+                try:
+                    client.quit()
+                except (OSError, smtplib.SMTPException):
+                    client.close()
 
-    def _open(self) -> smtplib.SMTP:
-        context = ssl.create_default_context()
+    def new_client(self) -> _PatientSmtp | _PatientSmtpSsl:
+        """A client not yet connected (``connect`` reads the greeting): its socket can then be cut
+        while the server greets it."""
         if self._security == "ssl":
-            client: smtplib.SMTP = _PatientSmtpSsl(self._host, self._port, timeout=self._timeout_s, context=context)
+            client: _PatientSmtp | _PatientSmtpSsl = _PatientSmtpSsl(
+                timeout=self._timeout_s, context=ssl.create_default_context()
+            )
         else:
-            client = _PatientSmtp(self._host, self._port, timeout=self._timeout_s)
+            client = _PatientSmtp(timeout=self._timeout_s)
+        client._host = self._host  # the name TLS checks: smtplib sets it only in a constructor that connects
+        return client
+
+    def greet(self, client: smtplib.SMTP) -> None:
+        client.connect(self._host, self._port)
+        if self._security == "starttls":
+            client.starttls(context=ssl.create_default_context())
+        if self._user:
+            client.login(self._user, self._password or "")
+
+
+class _Cutter:
+    """Cuts a session's connection at its deadline (``CUT_AFTER_S``), whatever it is doing."""
+
+    def __init__(self, deadline: float) -> None:
+        self.cut = False
+        self._client: _PatientReply | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Cutter:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def open(self, sender: SmtpSender) -> _PatientSmtp | _PatientSmtpSsl:
+        """A client of ``sender``'s, connected and its session set up, or the reason why not."""
+        client = sender.new_client()
+        with self._lock:
+            self._client = client
         try:
-            if self._security == "starttls":
-                client.starttls(context=context)
-            if self._user:
-                client.login(self._user, self._password or "")
+            sender.greet(client)
         except BaseException:
             client.close()
+            self.check()
             raise
         return client
+
+    def check(self) -> None:
+        """After a failure: if the cut caused it, say so."""
+        if self.cut:
+            raise SessionLost("the mail server was too slow: the connection was cut at the batch's deadline")
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.cut = True
+            client = self._client
+        if client is not None:
+            client.cut()
 
 
 class _PatientReply:
@@ -141,12 +200,22 @@ class _PatientReply:
     timeout: float
     sock: Any
     _data_sent = False
+    _cut_off = False
+
+    def cut(self) -> None:
+        """From another thread: the reply awaited now, or any later, ends at once."""
+        self._cut_off = True
+        with contextlib.suppress(OSError, AttributeError):  # not connected yet, or closed meanwhile
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, s: bytes | str) -> None:
         super().send(s)  # type: ignore[misc]
         self._data_sent = isinstance(s, bytes) and s.endswith(b"\r\n.\r\n")  # smtplib sends the data so
 
     def getreply(self) -> tuple[int, bytes]:
+        if self._cut_off:  # cut while it connected, before its socket could be shut
+            self.close()
+            raise smtplib.SMTPServerDisconnected("the connection was cut")
         if not self._data_sent or self.sock is None:
             return super().getreply()  # type: ignore[misc]
         self._data_sent = False
@@ -154,6 +223,8 @@ class _PatientReply:
         try:
             return super().getreply()  # type: ignore[misc]
         except smtplib.SMTPServerDisconnected as exc:
+            if self._cut_off:
+                raise Unconfirmed("no reply to the message's data by the batch's deadline") from exc
             if isinstance(exc.__context__, TimeoutError):  # smtplib's own raise, from the timeout
                 raise Unconfirmed(str(exc)) from exc
             raise
@@ -177,7 +248,7 @@ class FolderSender:
         self._folder = folder
 
     @contextmanager
-    def session(self) -> Iterator[Send]:
+    def session(self, deadline: float) -> Iterator[Send]:
         self._folder.mkdir(parents=True, exist_ok=True)
         yield self._write
 
@@ -261,7 +332,10 @@ class Outbox:
         self._loop.stop()
 
     def close(self) -> None:
-        self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S)
+        if not self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S):
+            log.warning(
+                "Stopping while a mail is still being sent (a slow mail server): it is sent again once its claim ends"
+            )
         if self._unrecorded:  # the database failed after their delivery, and is not back yet
             log.warning(
                 "Mail(s) %s delivered but not recorded as sent (the database failed): they will be "
@@ -273,9 +347,10 @@ class Outbox:
         self._settle()
         if self._loop.stopping:
             return 0.0
+        claimed_at = time.monotonic()  # no later than the claim's own time
         due = self._store.claim_due_mails(CLAIM_BATCH, self._clock())
         if due:
-            self._deliver(due)
+            self._deliver(due, claimed_at)
         if self._on_pending is not None:
             self._on_pending(self._store.pending_mails())
         wait = self._store.seconds_to_next_mail(self._clock())
@@ -298,12 +373,12 @@ class Outbox:
         self._store.mark_sent(mail_id, self._clock())
         self._unrecorded.pop()
 
-    def _deliver(self, due: list[ClaimedMail]) -> None:
+    def _deliver(self, due: list[ClaimedMail], claimed_at: float) -> None:
         done: set[int] = set()  # the mails whose outcome is recorded
         try:
             try:
-                with self._sender.session() as send:
-                    self._send_each(send, due, done)
+                with self._sender.session(claimed_at + CUT_AFTER_S) as send:
+                    self._send_each(send, due, done, claimed_at + SEND_WITHIN_S)
             except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
                 for row in due:
                     if row.id not in done:
@@ -314,10 +389,9 @@ class Outbox:
             self._untried = [row for row in due if row.id not in done]
             raise
 
-    def _send_each(self, send: Send, due: list[ClaimedMail], done: set[int]) -> None:
+    def _send_each(self, send: Send, due: list[ClaimedMail], done: set[int], deadline: float) -> None:
         """Each mail of ``due`` in one session, its outcome recorded (and added to ``done``),
-        while the outbox runs and the claim lasts."""
-        deadline = time.monotonic() + SEND_WITHIN_S
+        while the outbox runs and until ``deadline``, for the rest to end within the claim."""
         for row in due:
             if self._loop.stopping:  # the rest are due again now, for whoever runs next
                 self._store.release_mails([r for r in due if r.id not in done], self._clock())

@@ -4,9 +4,11 @@ purged, and the HTTP headers every answer carries."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import smtplib
+import socket
 import sqlite3
 import threading
 import time
@@ -313,6 +315,70 @@ def test_a_mail_server_that_never_confirms_in_time_gets_the_mail_a_bounded_numbe
     time.sleep(0.5)  # what a further retry would have sent by now
     assert [m["To"] for m in smtp.mailbox.messages] == ["late@example.org"] * 3  # the outbox's attempts
     assert any("taken as delivered" in r.getMessage() for r in caplog.records)
+
+
+class Tarpit:
+    """A mail server that trickles a never-ending greeting, a line every 0.1 s (as spam tarpits
+    do), until it recovers: then it passes each new connection on to the real one."""
+
+    def __init__(self, real_port: int) -> None:
+        self._real_port = real_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.recovered = threading.Event()
+        self._closed = threading.Event()
+
+    def start(self) -> Tarpit:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            if not self.recovered.is_set():
+                while not self._closed.wait(0.1):
+                    conn.sendall(b"220-still here\r\n")
+                return
+            with socket.create_connection(("127.0.0.1", self._real_port)) as real:
+                threading.Thread(target=_pipe, args=(real, conn), daemon=True).start()
+                _pipe(conn, real)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_mail_server_that_trickles_its_replies_is_cut_off_and_gets_the_mail_once_it_recovers(
+    runtime_with, sqlite_url, smtp, monkeypatch, caplog
+):
+    """SMTP_TIMEOUT_SECONDS bounds each read: a server that sent a line every 0.1 s never reached
+    it, and held the outbox's thread for good. No mail went out, even once the server had
+    recovered, and nothing was logged. Now the session is cut at the batch's deadline."""
+    monkeypatch.setattr(mail, "CUT_AFTER_S", 1.0)
+    tarpit = Tarpit(smtp.port).start()
+    try:
+        rt = runtime_with(sqlite_url, smtp_port=tarpit.port, smtp_timeout_s=0.5, mail_retry_min_s=0.2)
+        assert client_of(rt).simulate_post(GENERATION, json={"email": "tarpit@example.org"}).status_code == 200
+        cut = "the connection was cut at the batch's deadline"
+        wait_until(lambda: any(cut in r.getMessage() for r in caplog.records), 10, "the session cut")
+        tarpit.recovered.set()
+        wait_until(partial(sent_mail, rt.store), 10, "the mail delivered once the server recovered")
+        assert [m["To"] for m in smtp.mailbox.messages] == ["tarpit@example.org"]
+    finally:
+        tarpit.close()
 
 
 @pytest.mark.slow
