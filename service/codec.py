@@ -3,14 +3,14 @@ clients need it, and bounded before a request's body is parsed.
 
 A body's size says little about what it costs once parsed. The record route's limit is sized for
 a long recording written with long numbers; within it, "0,0,0…" packs twenty times as many
-values, and "[[[[…]]]]" a list every byte, each costing tens of bytes as Python objects:
-gigabytes for one request. So the commas and the opening brackets are counted first.
+values, "[[[[…]]]]" a list every byte, and an object millions of keys, each costing tens of
+bytes as Python objects: gigabytes for one request. So the commas, the opening brackets and the
+quotes are counted first.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
 from typing import Any
 
@@ -20,7 +20,8 @@ from falcon.media import JSONHandler
 # Bodies up to this many characters are parsed uncounted: whatever they hold costs at most a few
 # MB once parsed, and the counts would be a few passes over every window request's body.
 SMALL_BODY = 1 << 16
-HUGE = 10**400  # stands in for an integer too long to convert (``_integer``)
+HUGE = 10**400  # stands in for every integer with more digits (``_integer``): beyond float64 all
+HUGE_DIGITS = len(str(HUGE))  # JSON integers have no leading zeros: more digits are larger
 
 
 def media_type(content_type: str | None) -> str:
@@ -41,20 +42,27 @@ def loads(text: str | bytes, max_values: int, max_containers: int) -> Any:
     Old clients may send ``NaN``/``Infinity`` literals, and integers beyond 64 bits; they must
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
     ``text``: decoded, or UTF-8 bytes (the stdlib decodes them as the old service did, lone
-    surrogates included, where orjson refuses them).
+    surrogates included, where orjson refuses them; but only in bodies up to ``SMALL_BODY``:
+    that decoding takes over 100 ns a character, holding the GIL, and a recording's body of them
+    held every thread of its worker for seconds).
 
     A body (larger than ``SMALL_BODY``) with ``max_values`` commas or more (so more values), or
-    more than ``max_containers`` arrays and objects, is refused before it is parsed.
+    more than ``max_containers`` arrays and objects, or as many strings (keys included), is
+    refused before it is parsed.
     """
     if len(text) > SMALL_BODY:
-        comma, bracket, brace = (",", "[", "{") if isinstance(text, str) else (b",", b"[", b"{")
+        comma, bracket, brace, quote = (",", "[", "{", '"') if isinstance(text, str) else (b",", b"[", b"{", b'"')
         if text.count(comma) >= max_values:
             raise TooManyValues(max_values, "values")
         if text.count(bracket) + text.count(brace) > max_containers:
             raise TooManyValues(max_containers, "arrays and objects")
+        if text.count(quote) > 2 * max_containers:  # an escaped quote counts too: no body needs one
+            raise TooManyValues(max_containers, "strings")
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
+        if isinstance(text, bytes) and len(text) > SMALL_BODY:
+            text = text.decode()  # strict: a UnicodeDecodeError (a ValueError) if not UTF-8 proper
         try:
             return json.loads(text, parse_int=_integer)
         except RecursionError:  # absurdly deep nesting is just malformed JSON
@@ -68,9 +76,9 @@ def response_handler() -> JSONHandler:
 
 
 def _integer(digits: str) -> int:
-    """An integer too long for Python to convert (a guard against quadratic time) is beyond every
-    limit we have: any one beyond them stands in for it, with its sign."""
-    limit = sys.get_int_max_str_digits()  # 0: no limit
-    if not limit or len(digits) <= limit:
+    """An integer of more digits than ``HUGE`` is beyond every limit we have: ``HUGE`` stands in
+    for it, with its sign, unconverted (the conversion takes time quadratic in the digits, and
+    Python refuses it past 4300)."""
+    if len(digits) <= HUGE_DIGITS:
         return int(digits)
     return -HUGE if digits.startswith("-") else HUGE

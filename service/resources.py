@@ -55,8 +55,10 @@ class JsonBody:
             return None
         encoding = json.detect_encoding(data)
         if encoding != "utf-8":  # orjson parses UTF-8 as it came: a decoded copy would be one more body in memory
+            # Lone surrogates pass as they did for the old service, in small bodies only (``codec.loads``).
+            errors = "surrogatepass" if len(data) <= codec.SMALL_BODY else "strict"
             try:
-                data = data.decode(encoding, "surrogatepass")
+                data = data.decode(encoding, errors)
             except UnicodeDecodeError:
                 return None
         try:

@@ -358,6 +358,13 @@ def test_a_body_of_more_numbers_or_arrays_than_its_route_takes_is_refused_before
     nested = b'{"ecg_signal": [' + b",".join([b"[" * 50 + b"]" * 50] * 700) + b"]}"  # 35000 lists in 70 kB
     bomb = client.simulate_post(URL, body=nested, headers=headers)
     assert bomb.status_code == 413 and bomb.json == {"error": "Request body too large: more than 17 arrays and objects"}
+    keys = {"ecg_signal": [0.5] * 500, "sampling_rate": 1000, **{f"k{n:079}": 0 for n in range(1000)}}
+    key_bomb = post_json(client, key, keys)  # each key a string object, and an entry of a dict
+    assert key_bomb.status_code == 413 and key_bomb.json == {"error": "Request body too large: more than 17 strings"}
+    for encoding, errors in (("utf-16-le", "surrogatepass"), ("utf-8", "surrogatepass")):
+        lone = ('{"ecg_signal": "' + "\ud800" * 40_000 + '"}').encode(encoding, errors)  # past 64 KiB
+        stalled = client.simulate_post(URL, body=lone, headers=headers)  # decoded, it held the GIL for seconds
+        assert stalled.status_code == 400 and stalled.json["error"] == "Missing required field: ecg_signal"
     batch_bomb = client.simulate_post(
         "/api/v1/denoising/batch", body=nested.replace(b"signal", b"signals"), headers=headers
     )
