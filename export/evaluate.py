@@ -24,6 +24,7 @@ from export.families import TRAINED
 from export.metrics import bandpass, scores
 from export.records import evaluate_records, records_table, seam_figure
 from export.windows import family_grid, validation_grid
+from service.contract import WINDOW
 from service.engine import Engine
 
 EVAL_SEED = 7  # differs from training's validation seed: the checkpoint was chosen on those windows
@@ -125,8 +126,8 @@ def _polar(path: Path) -> tuple[np.ndarray, str]:
 
 def denoise_strip(engine: Engine, x: np.ndarray) -> np.ndarray:
     """Denoise a long strip window by window (the tail shorter than a window is dropped)."""
-    n = len(x) // engine.window * engine.window
-    return engine.denoise(x[:n].reshape(-1, engine.window), input_units=True).reshape(-1)
+    n = len(x) // WINDOW * WINDOW
+    return engine.denoise(x[:n].reshape(-1, WINDOW), input_units=True).reshape(-1)
 
 
 def r_peaks(x: np.ndarray, fs: float = 130.0) -> np.ndarray:
@@ -158,7 +159,7 @@ def figures(engine: Engine, corpus: Corpus, data: Path, out_dir: Path) -> dict:
     grid = validation_grid(corpus, 1, seed=EVAL_SEED)
     picks = [("bw", 0), ("em", 6), ("ma", 0), ("mixture", -6)]
     fig, axes = plt.subplots(len(picks), 1, figsize=(12, 2.6 * len(picks)), sharex=True)
-    t = np.arange(engine.window) / 130
+    t = np.arange(WINDOW) / 130
     for ax, key in zip(axes, picks):
         noisy, clean = grid[key]
         ax.plot(t, noisy[0], color="0.7", lw=0.8, label="noisy")
@@ -181,7 +182,7 @@ def figures(engine: Engine, corpus: Corpus, data: Path, out_dir: Path) -> dict:
         raw, unit = _polar(path)
         clean = denoise_strip(engine, raw)
         checks[name] = beat_agreement(r_peaks(raw[: len(clean)]), r_peaks(clean))
-        start = len(clean) // 2 // engine.window * engine.window if name.startswith("cycling") else 0
+        start = len(clean) // 2 // WINDOW * WINDOW if name.startswith("cycling") else 0
         part = slice(start, start + seconds * 130)
         fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
         tt = np.arange(part.stop - part.start) / 130

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, normalize, restore
+from service.contract import INPUT_NAME, OUTPUT_NAME, WINDOW, normalize, restore
 from service.cpus import usable_cpus
 
 OPTIMIZATION_LEVELS = {
@@ -104,7 +105,6 @@ class Engine:
         self._warm_concurrent = warm_concurrent
         self._session: ort.InferenceSession | None = None
         self._lone: ort.InferenceSession | None = None
-        self.window = 0
 
     def start(self) -> Engine:
         """Open the sessions and run each once.
@@ -113,9 +113,9 @@ class Engine:
         request; and the process reaches its working memory at start, not under the first load.
         """
         self._session = self._open(self.threads)
-        self.window = int(self._session.get_inputs()[0].shape[-1])
+        _check_contract(self._session)
         self._lone = self._session if self.lone_threads == self.threads else self._open(self.lone_threads, lone=True)
-        batch = np.zeros((self._warm_batch, 1, self.window), dtype=np.float32)
+        batch = np.zeros((self._warm_batch, 1, WINDOW), dtype=np.float32)
         with ThreadPoolExecutor(self._warm_concurrent) as pool:
             list(pool.map(lambda _: _run(self._session, batch), range(self._warm_concurrent)))
         _run(self._lone, batch[:1])
@@ -142,6 +142,23 @@ class Engine:
         else:
             options = session_options(threads, self._spinning)
         return ort.InferenceSession(str(self.model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def check_model(model_path: Path) -> None:
+    """What ``Engine.start`` refuses, found at a fraction of its cost (no optimization, no runs):
+    a file onnxruntime cannot load, or a model that does not take the contract's windows."""
+    options = session_options(1, level="disable")
+    _check_contract(ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"]))
+
+
+def _check_contract(session: ort.InferenceSession) -> None:
+    """A model loaded with other names or another window answered every request with a 500."""
+    inputs = {tensor.name: tensor.shape for tensor in session.get_inputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in {tensor.name for tensor in session.get_outputs()}:
+        raise ValueError(f"it has no input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+    shape = inputs[INPUT_NAME]
+    if len(shape) != 3 or shape[1:] != [1, WINDOW]:
+        raise ValueError(f"it takes {shape}, not the contract's batches of N×1×{WINDOW} windows")
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

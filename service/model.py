@@ -1,8 +1,7 @@
 """The model a process serves: its file checked against the manifest, which gives the version
 that answers report, and its onnxruntime sessions started with the configured settings. Free of
 the web stack and the database, so that the record command (``service.record``) loads neither;
-and of onnxruntime until an engine starts, so that a start's checks (``service.startup``, which
-the supervisor runs in a process of its own) do not load it either.
+and of onnxruntime until a model is checked or an engine starts.
 """
 
 from __future__ import annotations
@@ -50,4 +49,19 @@ def start_engine(config: Config) -> Engine:
     try:
         return engine.start()
     except Exception as exc:  # onnxruntime's errors share no base class beyond Exception
-        raise StartupError(f"onnxruntime cannot load {config.model_path}: {first_line(exc)}") from None
+        raise _cannot_load(config, exc) from None
+
+
+def check_model(config: Config) -> None:
+    """What ``start_engine`` would refuse, found cheaply, in the start-up checks' process
+    (``service.startup``): a model the workers cannot serve is one sentence before they start."""
+    from service.engine import check_model as check
+
+    try:
+        check(config.model_path)
+    except Exception as exc:
+        raise _cannot_load(config, exc) from None
+
+
+def _cannot_load(config: Config, exc: Exception) -> StartupError:
+    return StartupError(f"onnxruntime cannot load {config.model_path}: {first_line(exc)}")

@@ -15,7 +15,7 @@ import peewee as pw
 from service.config import Config, ConfigError, sqlite_path
 from service.database import DatabaseUnavailable, redact
 from service.logs import first_line
-from service.model import model_version
+from service.model import check_model, model_version
 from service.process import StartupError, configured, refuse
 from service.sealing import secret_beside, split_secrets
 from service.store import Store
@@ -67,6 +67,7 @@ def mail_secrets(config: Config) -> list[str]:
 def check(config: Config) -> None:
     """Everything a start can check before its model loads; ``StartupError`` when one fails."""
     model_version(config)
+    check_model(config)
     # SECRET_KEY is set before anything is written to a shared database, or the local one exists
     # before the workers race for it.
     mail_secrets(config)

@@ -4,6 +4,7 @@ on SQLite and on PostgreSQL: the path a new user takes, a restart, and a mail se
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from functools import partial
 
 import numpy as np
 import pytest
@@ -183,6 +185,18 @@ def start_in_process(monkeypatch, capfd):
     return start
 
 
+def _identity_model(shape: list) -> bytes:
+    """A valid ONNX model with the contract's names, of the given input shape."""
+    import onnx
+    from onnx import helper
+
+    tensor = partial(helper.make_tensor_value_info, elem_type=onnx.TensorProto.FLOAT, shape=shape)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["ecg"], ["denoised"])], "g", [tensor("ecg")], [tensor("denoised")]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 @pytest.mark.parametrize(
     "problem, expected",
     [
@@ -190,6 +204,7 @@ def start_in_process(monkeypatch, capfd):
         ("corrupt", "does not match its manifest"),
         ("unlisted", "has no sha256 for"),
         ("version past an int", "must be from 0 to 2147483647 (got 18446744073709551616)"),  # answers were 500s
+        ("another window", "takes ['n', 1, 1000], not the contract's batches of N×1×1300 windows"),  # ready, then 500s
     ],
 )
 def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path, problem, expected):
@@ -206,6 +221,11 @@ def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path,
     elif problem.startswith("version"):
         model.write_bytes(MODEL.read_bytes())
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "model_version": 2**64}))
+    elif problem == "another window":
+        model.write_bytes(_identity_model(["n", 1, 1000]))
+        entries = json.loads(manifest.read_text())
+        entries["models"][model.name]["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(entries))
     code, output = start_in_process({"MODEL_PATH": str(model), "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
     assert code == 1
     assert "Traceback" not in output
