@@ -8,7 +8,6 @@ whole recording needs; and the gate that judges a large upload by its key before
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import threading
 import time
@@ -251,11 +250,9 @@ class Request(HTTPRequestParser):
             data = data[:CHUNK_SLICE]  # waitress's channel gives the rest in the next call
         try:
             consumed = super().received(data)
-        except OSError as exc:  # the spool file: a full disk, or over a quota
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE):
-                raise
-            log.warning("No room in the temporary directory for a request body: %s", exc.strerror)
-            self._fail(NoRoom(exc.strerror))
+        except OSError as exc:  # the spool file: a full disk, a quota, a directory gone or read-only
+            log.warning("No room in the temporary directory for a request body: %s", exc.strerror or exc)
+            self._fail(NoRoom(exc.strerror or str(exc)))
             return len(data)
         if self.error is None and (error := self._body_problem()):
             self._fail(error)

@@ -200,6 +200,31 @@ def test_an_upload_that_fills_the_disk_gets_its_503_and_gives_its_place_back(sma
     loop.join(10)
 
 
+def test_an_upload_whose_temporary_directory_is_gone_gets_its_503(tmp_path, monkeypatch, caplog):
+    """Only a full disk was answered: a temporary directory removed (or remounted read-only)
+    under the server closed the connection unanswered, with waitress's traceback per request."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(gone))
+    gone.rmdir()
+    server = create_server(
+        app_with({"/large": Echo()}),
+        Config(host="127.0.0.1", port=0),
+        Routes(body_limits={"": 1000, "/large": 200_000}),
+    )
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.sendall(b"POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        with contextlib.suppress(OSError):  # the server may close while the rest is sent
+            client.sendall(b"x" * 100_000)
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert answer.endswith(b'{"error":"The server has no room for this upload now. Try again later."}')
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    server.drain(1)
+    loop.join(10)
+
+
 def test_a_client_that_sends_its_whole_body_before_it_reads_gets_the_refusal():
     """Answered from its head, an upload still arriving was reset by the kernel once the
     connection closed, and a client that sends before it reads (without Expect: 100-continue)
