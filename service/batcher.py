@@ -20,13 +20,15 @@ much per window as single ones on a CPU, so the gain is fewer threads contending
 per-call overhead; a wait only delays lone requests, hence 0 by default. The measurements
 behind these choices are in docs/performance.md.
 
-A long request (a whole recording: hundreds of windows) goes through the queue in chunks of at
-most half a batch of windows, with at most two chunks per worker queued or
-running, so the recording keeps every worker busy (with one chunk per worker, a worker waited for
-the request thread to hand it the next one, and a recording ran at half the engine's rate). The
-queue serves window requests before a recording's chunks, and a window that finds nothing but a
-recording's chunks in its worker runs at once in its own thread, beside them on one core,
-instead of waiting for a chunk under way (which multiplied their latency; docs/performance.md).
+A long request (a whole recording: hundreds of windows; a batch request of more than half a
+batch) goes through the queue in chunks of at most half a batch of windows, with at most two
+chunks per worker queued or running, so the request keeps every worker busy (with one chunk per
+worker, a worker waited for the request thread to hand it the next one, and a recording ran at
+half the engine's rate). The queue serves short requests before long ones' chunks, and a window
+that finds nothing but chunks in its worker runs at once in its own thread, beside them on one
+core, instead of waiting for a chunk under way (which multiplied their latency;
+docs/performance.md). A batch request of 64 windows was one job among the windows: a client that
+kept a few dozen in flight held every other client's window for seconds.
 """
 
 from __future__ import annotations
@@ -60,14 +62,14 @@ class ModelUnavailable(RuntimeError):
 @dataclass
 class _Job:
     batch: np.ndarray  # k×1×L, normalized
-    recording: bool = False  # a chunk of a recording (denoise_many), not a window request
+    chunk: bool = False  # a chunk of a long request (denoise_many), not a short one
     result: Future = field(default_factory=Future)
 
 
 _STOP = object()
-# Queue priorities: window requests first, then a recording's chunks, then the stop markers
-# (which must come after every job queued before them).
-WINDOWS, RECORDING, STOP = 0, 1, 2
+# Queue priorities: short requests first, then long ones' chunks, then the stop markers (which
+# must come after every job queued before them).
+SHORT, CHUNKS, STOP = 0, 1, 2
 
 # Told of every model run: windows in it, seconds it took, requests still queued (service.metrics).
 RunObserver = Callable[[int, float, int], None]
@@ -90,7 +92,7 @@ class Batcher:
         self._engine = engine
         self._observer = observer or _unobserved
         self._max_size = max_size
-        self._share = max(1, max_size // 2)  # a recording's chunk: half a batch
+        self._share = max(1, max_size // 2)  # a long request's chunk: half a batch
         self._workers = workers
         self._max_wait_s = max_wait_s
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
@@ -99,7 +101,7 @@ class Batcher:
         self._closed = False
         self._occupancy = occupancy or Occupancy()
         self._pending = 0  # jobs queued or running, in workers or request threads (under _lock)
-        self._windows = 0  # those of them that are window requests, not a recording's chunks
+        self._short = 0  # those of them that are short requests, not long ones' chunks
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(workers)]
 
     def start(self) -> Batcher:
@@ -117,18 +119,21 @@ class Batcher:
 
         Normalizing and mapping back happen here, in the request's thread: the workers only
         stack, run and split, so the serial part of each batch stays as short as it can be.
+        More than half a batch of windows go as a long request's chunks (``denoise_many``).
         """
+        if len(windows) > self._share:
+            return self.denoise_many(windows, input_units)
         z, mu, sigma = normalize(windows)
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
             self._check_open()
             self._count(1)
-            self._windows += 1
-            first = self._windows == 1 and self._max_wait_s == 0
+            self._short += 1
+            first = self._short == 1 and self._max_wait_s == 0
             alone = first and self._pending == 1 and self._occupancy.others_idle()
-            beside = first and self._pending > 1  # only a recording's chunks in this worker
+            beside = first and self._pending > 1  # only long requests' chunks in this worker
             if not (alone or beside):
-                self._put(WINDOWS, job)
+                self._put(SHORT, job)
         if alone or beside:
             self._run([job], lone=alone)
         return restore(job.result.result(), mu, sigma, input_units)
@@ -142,11 +147,11 @@ class Batcher:
         for start in range(0, len(z), self._share):
             if len(pending) == 2 * self._workers:
                 self._collect(pending, out)
-            job = _Job(z[start : start + self._share], recording=True)
+            job = _Job(z[start : start + self._share], chunk=True)
             with self._lock:
                 self._check_open()
                 self._count(1)
-                self._put(RECORDING, job)
+                self._put(CHUNKS, job)
             pending.append((start, job))
         while pending:
             self._collect(pending, out)
@@ -219,7 +224,7 @@ class Batcher:
         finally:
             with self._lock:
                 self._count(-len(jobs))
-                self._windows -= sum(not job.recording for job in jobs)
+                self._short -= sum(not job.chunk for job in jobs)
         start = 0
         for job in jobs:
             job.result.set_result(out[start : start + len(job.batch)])

@@ -595,6 +595,34 @@ def test_single_windows_get_through_while_a_recording_runs(engine):
     np.testing.assert_allclose(single, engine.denoise(windows[:1]), atol=1e-5)
 
 
+def test_single_windows_get_through_while_batch_requests_run(engine):
+    """A batch request of 64 windows was one job among the windows, in their order: a client
+    that kept batches in flight held every other client's window behind them for seconds."""
+    batcher = Batcher(engine, max_size=8, max_wait_s=0, workers=1).start()
+    windows = np.random.default_rng(5).standard_normal((64, WINDOW))
+    finished: dict[str, float] = {}
+    answers: dict[str, np.ndarray] = {}
+
+    def batch(name: str) -> None:
+        answers[name] = batcher.denoise(windows)
+        finished[name] = time.monotonic()
+
+    threads = [threading.Thread(target=batch, args=(f"batch{n}",)) for n in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        single = batcher.denoise(windows[:1])
+        finished["single"] = time.monotonic()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        batcher.close()
+    assert finished["single"] < min(finished[f"batch{n}"] for n in range(3))
+    np.testing.assert_allclose(single, engine.denoise(windows[:1]), atol=1e-5)
+    np.testing.assert_allclose(answers["batch0"], engine.denoise(windows), atol=1e-4)
+
+
 def test_a_window_runs_beside_a_recording_instead_of_behind_its_chunk(engine):
     """A window that finds only a recording's chunks in its worker runs at once, in its own
     thread and on one core (the batch session), not after the chunk under way."""
