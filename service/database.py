@@ -138,7 +138,18 @@ def refusal(exc: BaseException) -> str | None:
     if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
         # A schema this version does not know: a column it never fills, after a rollback.
         return "refused a row (is its schema from another version?)"
+    if column_missing(exc):
+        return "lacks a column (is its schema from another version?)"
     return None
+
+
+def column_missing(exc: BaseException) -> bool:
+    """A column the service uses is missing: renamed or dropped by hand, or a schema of another
+    version. A 500 with a traceback on PostgreSQL (42703), and on SQLite an outage that opened
+    and closed the breaker at each request."""
+    driver, name, code = _driver(exc)
+    text = str(driver)
+    return code == "42703" or (name == "SQLITE_ERROR" and ("no such column" in text or "has no column named" in text))
 
 
 def schema_lost(exc: BaseException) -> bool:

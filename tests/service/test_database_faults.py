@@ -331,6 +331,27 @@ def test_a_row_the_schema_refuses_gives_503_not_500(tmp_path, runtime_with, smtp
     assert client.simulate_get("/api/v1/api-keys/verify", params={"token": link.split("token=")[1]}).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_column_renamed_under_the_service_gives_503_not_500(backend, request, tmp_path, runtime_with, caplog):
+    """A 500 with a traceback at every request on PostgreSQL; on SQLite an outage for everyone,
+    the breaker opened and closed again at each request. The rest of the service goes on."""
+    url = f"sqlite:///{tmp_path / 'renamed.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    rt = runtime_with(url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    key = issue_key(rt.store, "kept@example.org")
+    rename = "ALTER TABLE verification_token RENAME COLUMN client TO {}"
+    with rt.store.db.connection_context():
+        rt.store.db.execute_sql(rename.format("client_address"))
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "renamed@example.org"}))
+    assert any("lacks a column" in line for line in outage_lines(caplog))
+    assert not any("unavailable" in line for line in outage_lines(caplog))  # no outage: the breaker stays closed
+    window = {"ecg_signal": [float(i % 50) for i in range(1300)]}
+    assert client.simulate_post("/api/v1/denoising", json=window, headers={"x-api-key": key}).status_code == 200
+    with rt.store.db.connection_context():
+        rt.store.db.execute_sql(rename.format("client").replace("client TO", "client_address TO"))
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "renamed@example.org"}).status_code == 200
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
