@@ -189,8 +189,8 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, para
     string, which may hold a verification token (Falcon's own handler logs the whole URL)."""
     log.error(
         "Unexpected error on %s %s (id=%s)",
-        req.method,
-        loggable(req.path[:200]),
+        loggable(req.method),
+        loggable(req.path),
         getattr(req.context, "request_id", "-"),
         exc_info=exc,
     )

@@ -26,7 +26,7 @@ def log_access(method: str, path: str, status: int, duration_ms: float, request_
     access_log.info(
         "%s %s %s %.1fms id=%s client=%s",
         loggable(method),
-        loggable(path[:200]),
+        loggable(path),
         status,
         duration_ms,
         request_id,
@@ -34,10 +34,11 @@ def log_access(method: str, path: str, status: int, duration_ms: float, request_
     )
 
 
-def loggable(text: str) -> str:
-    """The client's text with control characters (and non-ASCII) escaped: a decoded path may hold
-    a newline that forges a log line of its choosing, or terminal escape sequences."""
-    return text.encode("unicode_escape").decode("ascii")
+def loggable(text: str, limit: int = 200) -> str:
+    """The client's text with control characters (and non-ASCII) escaped, and cut at ``limit``
+    characters: a decoded path may hold a newline that forges a log line of its choosing, or
+    terminal escape sequences, and a method or a path may be kilobytes long."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
 
 
 class QueueDepthSummary(logging.Filter):
@@ -68,7 +69,7 @@ class ClientText(logging.Filter):
     serving …"), already formatted: escaped here as the access log escapes it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = loggable(record.getMessage()[:2000]), ()
+        record.msg, record.args = loggable(record.getMessage(), 2000), ()
         return True
 
 

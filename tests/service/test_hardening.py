@@ -517,6 +517,10 @@ def test_a_path_cannot_forge_log_lines_or_send_terminal_escapes(client, caplog):
         "GET /x\\n2026-11-30 13:00:00,000 ERROR service.mail: Mail 99 given up\\x1b[31m\\x00\\u2028 404 "
     )
     assert line.isprintable()
+    caplog.clear()
+    client.simulate_request("Q" * 10_000, "/healthz")  # a method is any token: it was logged whole
+    [line] = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert line.startswith("Q" * 200 + " /healthz 400 ") and len(line) < 400
 
 
 class BrokenKeys:
