@@ -146,6 +146,13 @@ class Intake:
     gated: bool = False
 
 
+def _codings(head: bytes) -> int:
+    """How many transfer codings the Transfer-Encoding headers of ``head`` list."""
+    lines = head.lower().split(b"\n")
+    values = b",".join(line.partition(b":")[2] for line in lines if line.startswith(b"transfer-encoding:"))
+    return sum(1 for coding in values.split(b",") if coding.strip(b" \t\r"))
+
+
 class Request(HTTPRequestParser):
     """waitress's request parser, with the body limit of the request's route: a body declared
     (or chunked) past it is refused before it is read, as waitress does past its one limit. A
@@ -158,8 +165,8 @@ class Request(HTTPRequestParser):
     parsing, which costs the loop time for every line (docs/security.md); a head with a bare LF
     gets its 400 at once, not a 408 after the header timeout; and, as RFC 9112 requires, a
     request with both Content-Length and Transfer-Encoding (the way requests are smuggled past a
-    front end that reads the other one), an HTTP/1.1 request without a Host, and one with
-    several, get a 400 and their connection is closed.
+    front end that reads the other one), chunked twice, an HTTP/1.1 request without a Host, one
+    with several, and one of another major version, get a 400 and their connection is closed.
     """
 
     needs_place = False  # a body on a route past ``place_above`` (a whole recording)
@@ -189,6 +196,10 @@ class Request(HTTPRequestParser):
             raise ParsingError("both Content-Length and Transfer-Encoding")
         if "TRANSFER_ENCODING" in self.headers:  # left by waitress on HTTP/1.0, which has none
             raise ParsingError("Transfer-Encoding in an HTTP/1.0 request")
+        if _codings(header_plus) > 1:  # chunked twice (waitress refuses every other coding): RFC 9112
+            raise ParsingError("chunked more than once")
+        if self.version and not self.version.startswith("1."):  # waitress served HTTP/2.0 as 1.0
+            raise ParsingError(f"HTTP/{self.version} is not supported")
         if self.version == "1.1" and not self.headers.get("HOST"):
             raise ParsingError("an HTTP/1.1 request needs a Host header")
         if "," in self.headers.get("HOST", ""):  # waitress joins repeated headers with commas

@@ -255,6 +255,15 @@ HEADS = {
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\nContent-Length: 0\r\n\r\n",
         b"400",
     ),
+    "chunked twice": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"400",
+    ),
+    "chunked in two headers": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"400",
+    ),
+    "HTTP/2.0": (b"POST /echo HTTP/2.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"400"),  # was served as 1.0
     "HTTP/1.0 without Host": (b"POST /echo HTTP/1.0\r\nContent-Length: 0\r\n\r\n", b"200"),
     # Answered, and with no "100 Continue": waitress sent one, then waited for the body.
     "Expect: 100-continue and no body": (BASE + b"Expect: 100-continue\r\n\r\n", b"200"),
