@@ -256,6 +256,15 @@ class Channel(HTTPChannel):
         except OSError:  # nothing to read (EAGAIN), or reset
             return False
 
+    def idle(self) -> bool:
+        """Nothing under way: no request served or answered, no body being read; at most the
+        start of a request's headers."""
+        return (
+            self.connected
+            and not (self.will_close or self.close_when_flushed or self.requests or self.total_outbufs_len)
+            and (self.request is None or self.reading_headers())
+        )
+
     def reading_headers(self) -> bool:
         """Part of a request's headers has arrived, and no response is being made."""
         return self.request is not None and not self.request.headers_finished and not self.requests

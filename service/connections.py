@@ -76,6 +76,8 @@ FILES_PER_DATABASE_CONNECTION = 3
 # used the last descriptors: bodies were dropped, and accept() failed in a loop that held
 # health checks.
 FILES_PER_CONNECTION = 3
+# At the connection limit, connections idle this long are closed to make room.
+ROOM_IDLE_S = 1.0
 MIN_CONNECTIONS = 16  # fewer, and a start is refused: health checks and a few clients need room
 # The most connections a stop accepts from the listening socket's queue: more than its backlog.
 SWEEP_MAX = 8192
@@ -158,6 +160,8 @@ class Server(TcpWSGIServer):
 
     channel_class = Channel
     next_log = 0.0  # when the next line about slow clients may be logged
+    next_room_log = 0.0  # when the next line about connections closed to make room may be
+    made_room = 0  # idle connections closed at the connection limit since the last line
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
     draining = False  # the drain has begun in the loop
 
@@ -341,6 +345,8 @@ class Server(TcpWSGIServer):
                 waiting.append(channel)
             self._police(channel, now)
         self._keep_to_budget(waiting)
+        if len(self._map) >= self.adj.connection_limit:
+            self._make_room(now)
         if self.timed_out and now >= self.next_log:
             log.warning(
                 "Closed %d connection(s) whose request headers took longer than %g s, or whose body "
@@ -371,6 +377,24 @@ class Server(TcpWSGIServer):
             self._time_out(channel, self._slow_upload_response)
         elif not channel.requests and now - channel.last_activity > self._idle_limit_s(channel):
             channel.will_close = True
+
+    def _make_room(self, now: float) -> None:
+        """At the connection limit, new connections wait in the listen queue: close those idle for
+        ``ROOM_IDLE_S``, as a server under pressure drops idle keep-alive connections (their
+        clients open new ones). A client that held the limit with silent connections kept
+        everyone else out until the header timeout, and again as it opened them anew: those it
+        opens anew wait in the queue beside everyone else's."""
+        closing = [c for c in self.active_channels.values() if c.idle() and now - c.last_activity >= ROOM_IDLE_S]
+        for channel in closing:
+            channel.will_close = True
+        self.made_room += len(closing)
+        if self.made_room and now >= self.next_room_log:
+            log.warning(
+                "At the connection limit (%d): closed %d idle connection(s) to make room",
+                self.adj.connection_limit,
+                self.made_room,
+            )
+            self.made_room, self.next_room_log = 0, now + 60
 
     def _idle_limit_s(self, channel: Channel) -> float:
         """How long a connection may sit idle: between requests, ``CHANNEL_TIMEOUT_SECONDS``;
