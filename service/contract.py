@@ -28,6 +28,12 @@ def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mu = windows.sum(axis=1, keepdims=True) / n
     centered = windows - mu
     sigma = np.sqrt(np.einsum("ij,ij->i", centered, centered)[:, None] / n)
+    flat = sigma[:, 0] == 0
+    if flat.any():  # or its square underflowed: a row of magnitudes below about 1e-154, scaled first
+        scale = np.abs(centered[flat]).max(axis=1, keepdims=True)
+        scale[scale == 0] = 1.0
+        scaled = centered[flat] / scale
+        sigma[flat] = scale * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)[:, None] / n)
     sigma[sigma == 0] = 1.0
     z = np.empty((len(windows), 1, n), dtype=np.float32)
     np.divide(centered, sigma, out=z[:, 0, :], casting="same_kind")

@@ -65,6 +65,26 @@ def test_single_window_equals_direct_inference(client, key, units, input_units):
     assert not input_units or np.abs(expected).mean() > 100  # input units really are not normalized
 
 
+@pytest.mark.parametrize("scale", [1e-170, 1e-300])
+def test_a_window_of_tiny_values_is_scaled_as_any_other(client, key, scale):
+    """Its variance underflowed to 0, taken for a flat window's: the model saw zeros, and
+    ``units=input`` gave the answer to a flat line. The z-score does not depend on the scale."""
+    window = noisy_windows(1)[0]
+    expected = reference(window[None, :], input_units=False)[0]
+    for units in ("normalized", "input"):
+        result = client.simulate_post(
+            "/api/v1/denoising",
+            json={"ecg_signal": (window * scale).tolist()},
+            params={"units": units},
+            headers={"x-api-key": key},
+        )
+        assert result.status_code == 200
+        got = np.asarray(result.json["denoised_signal"])
+        if units == "input":  # back in the input's units: the normalized answer times σ, plus μ
+            got = (got - window.mean() * scale) / (window.std() * scale)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE * 10)
+
+
 def test_units_given_twice_differently_are_refused_not_the_last_one_taken(client, key):
     window = {"ecg_signal": noisy_windows(1)[0].tolist()}
     twice = client.simulate_post(
@@ -175,7 +195,7 @@ def test_batch_size_one_runs_each_request_alone(engine):
     assert counting.runs == [1, 1, 1]
 
 
-def test_large_request_runs_in_slices_of_max_size(engine):
+def test_a_large_request_runs_in_runs_of_max_size_at_most(engine):
     counting = CountingEngine(engine)
     batcher = Batcher(counting, max_size=4, max_wait_s=0).start()
     windows = noisy_windows(10, seed=5)
@@ -183,7 +203,7 @@ def test_large_request_runs_in_slices_of_max_size(engine):
         out = batcher.denoise(windows, input_units=True)
     finally:
         batcher.close()
-    assert counting.runs == [4, 4, 2]
+    assert max(counting.runs) <= 4 and sum(counting.runs) == 10
     np.testing.assert_allclose(out, reference(windows, True), rtol=0, atol=TOLERANCE)
 
 
