@@ -253,15 +253,19 @@ class KeyService:
         if not token:
             raise NoToken()
         try:
-            kind, email, deactivated = self._verify(token)
-        except KeyConflict:
-            # Two generation tokens of one email verified at once: the unique index on active
-            # keys let one win; running again deactivates the winner's key and issues ours.
-            kind, email, deactivated = self._verify(token)
+            try:
+                kind, email, deactivated = self._verify(token)
+            except KeyConflict:
+                # Two generation tokens of one email verified at once: the unique index on active
+                # keys let one win; running again deactivates the winner's key and issues ours.
+                kind, email, deactivated = self._verify(token)
+        finally:
+            # Even after a failure: a commit whose answer was lost may have queued the mail,
+            # which would otherwise wait for the outbox's next round (up to a minute).
+            self._outbox.wake()
         if deactivated:  # now committed. Only then: a forgotten key loses its outage fallback
             self._active.forget()
             self._siblings.announce_deactivation()
-        self._outbox.wake()
         return kind, email
 
     def _verify(self, token: str) -> tuple[str, str, bool]:
