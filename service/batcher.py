@@ -119,29 +119,36 @@ class Batcher:
 
         Normalizing and mapping back happen here, in the request's thread: the workers only
         stack, run and split, so the serial part of each batch stays as short as it can be.
-        More than half a batch of windows go as a long request's chunks (``denoise_many``).
+        More than half a batch of windows go as a long request's chunks (``denoise_many``),
+        unless they find the whole service idle: then they run alone, as a single window does.
         """
-        if len(windows) > self._share:
-            return self.denoise_many(windows, input_units)
         z, mu, sigma = normalize(windows)
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
             self._check_open()
-            self._count(1)
-            self._short += 1
-            first = self._short == 1 and self._max_wait_s == 0
-            alone = first and self._pending == 1 and self._occupancy.others_idle()
-            beside = first and self._pending > 1  # only long requests' chunks in this worker
-            if not (alone or beside):
-                self._put(SHORT, job)
+            first = self._short == 0 and self._max_wait_s == 0  # no short request ahead of it
+            alone = first and self._pending == 0 and self._occupancy.others_idle()
+            long = len(z) > self._share and not alone
+            beside = first and self._pending > 0 and not long  # only long requests' chunks in this worker
+            if not long:
+                self._count(1)
+                self._short += 1
+                if not (alone or beside):
+                    self._put(SHORT, job)
+        if long:
+            return restore(self._chunked(z), mu, sigma, input_units)
         if alone or beside:
             self._run([job], lone=alone)
         return restore(job.result.result(), mu, sigma, input_units)
 
     def denoise_many(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
-        """``denoise`` for many windows, fed to the queue a chunk of half a batch at a time,
-        with at most two chunks per worker outstanding (see the module's docstring)."""
+        """``denoise`` for many windows, always as chunks (see the module's docstring)."""
         z, mu, sigma = normalize(windows)
+        return restore(self._chunked(z), mu, sigma, input_units)
+
+    def _chunked(self, z: np.ndarray) -> np.ndarray:
+        """The model's rows for ``z``, fed to the queue a chunk of half a batch at a time, with at
+        most two chunks per worker outstanding."""
         out = np.empty_like(z)
         pending: deque[tuple[int, _Job]] = deque()
         for start in range(0, len(z), self._share):
@@ -155,7 +162,7 @@ class Batcher:
             pending.append((start, job))
         while pending:
             self._collect(pending, out)
-        return restore(out, mu, sigma, input_units)
+        return out
 
     @staticmethod
     def _collect(pending: deque[tuple[int, _Job]], out: np.ndarray) -> None:
@@ -211,7 +218,8 @@ class Batcher:
         try:
             batch = np.concatenate([job.batch for job in jobs])
             begin = time.perf_counter()
-            # A batch request larger than max_size runs in slices, bounding the session's memory.
+            # Jobs gathered past max_size, or a long request run alone, run in slices of it,
+            # bounding the session's memory.
             out = np.concatenate(
                 [self._engine.run(batch[i : i + self._max_size], lone) for i in range(0, len(batch), self._max_size)]
             )

@@ -623,6 +623,19 @@ def test_single_windows_get_through_while_batch_requests_run(engine):
     np.testing.assert_allclose(answers["batch0"], engine.denoise(windows), atol=1e-4)
 
 
+def test_a_batch_request_that_finds_the_service_idle_runs_alone_on_every_core(engine):
+    """Chunked, it ran on the batch workers' single threads: twice as slow on 2 cores."""
+    recorded = ThreadRecordingEngine(engine)
+    batcher = Batcher(recorded, max_size=8, max_wait_s=0, workers=1).start()
+    windows = np.random.default_rng(4).standard_normal((20, WINDOW))
+    try:
+        out = batcher.denoise(windows)
+    finally:
+        batcher.close()
+    assert recorded.calls == [(threading.get_ident(), True)] * 3 and recorded.runs == [8, 8, 4]
+    np.testing.assert_allclose(out, engine.denoise(windows), atol=1e-4)
+
+
 def test_a_window_runs_beside_a_recording_instead_of_behind_its_chunk(engine):
     """A window that finds only a recording's chunks in its worker runs at once, in its own
     thread and on one core (the batch session), not after the chunk under way."""
