@@ -251,18 +251,23 @@ class Channel(HTTPChannel):
             return True
         if self.first_request and now - self.opened < FIRST_BYTES_S:
             return True
+        return self._unread()
+
+    def _unread(self) -> bool:
+        """Bytes wait in the socket that the loop has not read yet (b"": the client has closed)."""
         try:
-            return bool(self.socket.recv(1, socket.MSG_PEEK))  # b"": the client has closed it
+            return bool(self.socket.recv(1, socket.MSG_PEEK))
         except OSError:  # nothing to read (EAGAIN), or reset
             return False
 
     def idle(self) -> bool:
-        """Nothing under way: no request served or answered, no body being read; at most the
-        start of a request's headers."""
+        """Nothing under way: no request served or answered, no body being read, none waiting in
+        the socket unread; at most the start of a request's headers."""
         return (
             self.connected
             and not (self.will_close or self.close_when_flushed or self.requests or self.total_outbufs_len)
             and (self.request is None or self.reading_headers())
+            and not self._unread()
         )
 
     def reading_headers(self) -> bool:

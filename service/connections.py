@@ -384,7 +384,7 @@ class Server(TcpWSGIServer):
         clients open new ones). A client that held the limit with silent connections kept
         everyone else out until the header timeout, and again as it opened them anew: those it
         opens anew wait in the queue beside everyone else's."""
-        closing = [c for c in self.active_channels.values() if c.idle() and now - c.last_activity >= ROOM_IDLE_S]
+        closing = [c for c in self.active_channels.values() if _stale(c, now) and c.idle()]
         for channel in closing:
             channel.will_close = True
         self.made_room += len(closing)
@@ -426,6 +426,13 @@ class Server(TcpWSGIServer):
                     UNSENT_BUDGET >> 20,
                 )
                 channel.abort()
+
+
+def _stale(channel: Channel, now: float) -> bool:
+    """Silent for ``ROOM_IDLE_S``, or as long on its headers (which a client sends at once, and a
+    slow one a byte at a time)."""
+    since = channel.request_began if channel.reading_headers() else channel.last_activity
+    return now - since >= ROOM_IDLE_S
 
 
 def create_server(

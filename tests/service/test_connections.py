@@ -519,6 +519,23 @@ def test_at_the_connection_limit_idle_connections_make_room():
     loop.join(10)
 
 
+def test_making_room_spares_a_connection_whose_next_request_waits_unread():
+    """Idle for a second by its parser's state, with its next request already in the socket:
+    closed, it was reset, and a POST its client would not send again was lost."""
+    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
+    try:
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+            server.handle_accept()  # the loop does not run: nothing is read from the connection
+            [channel] = server.active_channels.values()
+            client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            wait_until(lambda: channel.socket.recv(1, socket.MSG_PEEK), 5, "the request in the socket")
+            server.adj.connection_limit = len(server._map)
+            server._make_room(time.time() + 2)
+            assert not channel.will_close
+    finally:
+        server.close()
+
+
 def echoed(client: socket.socket) -> bytes:
     """One answer of ``Echo`` to a body of two bytes, read whole from a kept-alive connection."""
     answer = b""
