@@ -15,6 +15,9 @@ INPUT_NAME = "ecg"
 OUTPUT_NAME = "denoised"
 
 
+TINY_SIGMA = 1e-140
+
+
 def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Z-score each row with its own mean and standard deviation (a deviation of 0 counts as 1).
 
@@ -28,8 +31,10 @@ def normalize(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mu = windows.sum(axis=1, keepdims=True) / n
     centered = windows - mu
     sigma = np.sqrt(np.einsum("ij,ij->i", centered, centered)[:, None] / n)
-    flat = sigma[:, 0] == 0
-    if flat.any():  # or its square underflowed: a row of magnitudes below about 1e-154, scaled first
+    # Below about 1e-150 the squares are subnormal, then zero: σ comes out wrong, then 0, as
+    # for a flat row. Such rows are scaled first.
+    flat = sigma[:, 0] < TINY_SIGMA
+    if flat.any():
         scale = np.abs(centered[flat]).max(axis=1, keepdims=True)
         scale[scale == 0] = 1.0
         scaled = centered[flat] / scale

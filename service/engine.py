@@ -152,13 +152,17 @@ def check_model(model_path: Path) -> None:
 
 
 def _check_contract(session: ort.InferenceSession) -> None:
-    """A model loaded with other names or another window answered every request with a 500."""
-    inputs = {tensor.name: tensor.shape for tensor in session.get_inputs()}
-    if INPUT_NAME not in inputs or OUTPUT_NAME not in {tensor.name for tensor in session.get_outputs()}:
+    """A model loaded with other names, types or windows answered every request with a 500."""
+    inputs = {tensor.name: tensor for tensor in session.get_inputs()}
+    outputs = {tensor.name: tensor for tensor in session.get_outputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
         raise ValueError(f"it has no input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
-    shape = inputs[INPUT_NAME]
-    if len(shape) != 3 or shape[1:] != [1, WINDOW]:
-        raise ValueError(f"it takes {shape}, not the contract's batches of N×1×{WINDOW} windows")
+    for kind, tensor in (("takes", inputs[INPUT_NAME]), ("gives", outputs[OUTPUT_NAME])):
+        shape = tuple(tensor.shape)
+        if tensor.type != "tensor(float)" or len(shape) != 3 or shape[1:] != (1, WINDOW):
+            raise ValueError(
+                f"it {kind} {tensor.type} of shape {list(shape)}, not the contract's float N×1×{WINDOW} windows"
+            )
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

@@ -172,6 +172,8 @@ class _Cutter:
         client = sender.new_client()
         with self._lock:
             self._client = client
+            if self.cut:  # the deadline has passed already: this one is cut from the start
+                client.cut()
         try:
             sender.greet(client)
         except BaseException:
@@ -334,7 +336,8 @@ class Outbox:
     def close(self) -> None:
         if not self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S):
             log.warning(
-                "Stopping while a mail is still being sent (a slow mail server): it is sent again once its claim ends"
+                "Stopping while a mail is still being sent (a slow mail server, or a database that "
+                "does not answer): it is sent again once its claim ends"
             )
         if self._unrecorded:  # the database failed after their delivery, and is not back yet
             log.warning(

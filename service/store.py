@@ -390,7 +390,10 @@ class Store:
         self, since: datetime, mailbox: str | None = None, client: str | None = None
     ) -> tuple[int, datetime | None]:
         """How many tokens were mailed since ``since`` to this mailbox or for this client, and the oldest's time."""
-        where = Token.mailbox == mailbox if mailbox is not None else Token.client == client
+        if mailbox is None:
+            where = Token.client == client
+        else:  # rows written before the mailbox column, by an older version, have only the email
+            where = (Token.mailbox == mailbox) | (Token.mailbox.is_null() & (Token.email == mailbox))
         count, oldest = (
             Token.select(pw.fn.COUNT(Token.id), pw.fn.MIN(Token.created_at))
             .where(where & (Token.created_at > since))

@@ -204,7 +204,7 @@ def _identity_model(shape: list) -> bytes:
         ("corrupt", "does not match its manifest"),
         ("unlisted", "has no sha256 for"),
         ("version past an int", "must be from 0 to 2147483647 (got 18446744073709551616)"),  # answers were 500s
-        ("another window", "takes ['n', 1, 1000], not the contract's batches of N×1×1300 windows"),  # ready, then 500s
+        ("another window", "takes tensor(float) of shape ['n', 1, 1000], not the contract's float N×1×1300 windows"),
     ],
 )
 def test_bad_model_stops_the_start_with_one_sentence(start_in_process, tmp_path, problem, expected):

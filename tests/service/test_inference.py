@@ -65,7 +65,7 @@ def test_single_window_equals_direct_inference(client, key, units, input_units):
     assert not input_units or np.abs(expected).mean() > 100  # input units really are not normalized
 
 
-@pytest.mark.parametrize("scale", [1e-170, 1e-300])
+@pytest.mark.parametrize("scale", [3e-164, 1e-163, 1e-170, 1e-300])
 def test_a_window_of_tiny_values_is_scaled_as_any_other(client, key, scale):
     """Its variance underflowed to 0, taken for a flat window's: the model saw zeros, and
     ``units=input`` gave the answer to a flat line. The z-score does not depend on the scale."""
