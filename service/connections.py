@@ -145,9 +145,9 @@ class Routes:
 
 
 @dataclass(frozen=True)
-class Supervisor:
-    """A worker's parent process, which bound the listening socket and replaces dead workers
-    (``service.workers``)."""
+class Parent:
+    """A worker's supervisor (``service.workers.Supervisor``): the process that bound the
+    listening socket and replaces dead workers."""
 
     pid: int
     stopping: Callable[[], bool] = lambda: False  # tells that it is stopping every worker
@@ -173,7 +173,7 @@ class Server(TcpWSGIServer):
         grace_s: float,
         upload_places: int,
         routes: Routes,
-        supervisor: Supervisor | None = None,
+        supervisor: Parent | None = None,
         cors_origins: str | tuple[str, ...] = (),  # Config.cors_origins
         **kw: Any,
     ) -> None:
@@ -440,7 +440,7 @@ def create_server(
     config: Config,
     routes: Routes = Routes(),
     listener: socket.socket | None = None,
-    supervisor: Supervisor | None = None,
+    supervisor: Parent | None = None,
 ) -> Server:
     """The server for ``app`` on HOST:PORT, or on ``listener`` already bound (a worker's, by its
     ``supervisor``); ``run()`` serves until SystemExit."""

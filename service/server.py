@@ -18,7 +18,7 @@ from contextlib import ExitStack
 
 from service.app import create_app, server_rules
 from service.config import Config, ConfigError
-from service.connections import Supervisor, create_server
+from service.connections import Parent, create_server
 from service.metrics import MetricsPort, exposition_registry
 from service.occupancy import Occupancy
 from service.process import StartupError, cannot_listen, give_back_large_blocks, refuse, stop_signals
@@ -32,12 +32,12 @@ def serve(
     listener: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
     occupancy: Occupancy | None = None,
-    supervisor: int | None = None,
+    parent: Parent | None = None,
 ) -> int:
     """Serve until stopped; 0 after a clean stop, 1 (and one sentence on stderr) if it cannot start.
 
-    ``listener``, ``occupancy``, ``supervisor``: a worker's bound socket, its slot among the
-    workers and its parent's pid; else bind ``config.host:config.port``, alone on the machine.
+    ``listener``, ``occupancy``, ``parent``: a worker's bound socket, its slot among the workers
+    and its supervisor; else bind ``config.host:config.port``, alone on the machine.
     """
     # Where waitress spools large bodies: chosen now, while TMPDIR can be written, not at the first
     # upload, when tempfile would pass over a full TMPDIR for another directory without a word.
@@ -49,9 +49,6 @@ def serve(
         except (ConfigError, StartupError) as exc:
             return refuse(exc)
         try:
-            parent = None
-            if supervisor is not None and occupancy is not None:
-                parent = Supervisor(supervisor, occupancy.stopping, occupancy.beat)
             deps = runtime.deps
             server = create_server(create_app(deps), config, server_rules(deps), listener, parent)
         except OSError as exc:

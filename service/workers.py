@@ -311,9 +311,12 @@ def worker(listen_fd: int, ready_fd: int, occupancy_fd: int, slot: int, supervis
             os.write(ready_fd, b"1")
         os.close(ready_fd)
 
-    from service.server import serve  # here, not at the top: the supervisor never loads onnxruntime
+    # Here, not at the top: the supervisor never loads onnxruntime, nor the web stack.
+    from service.connections import Parent
+    from service.server import serve
 
-    return serve(config, listener, ready, Occupancy(occupancy_fd, slot), supervisor)
+    occupancy = Occupancy(occupancy_fd, slot)
+    return serve(config, listener, ready, occupancy, Parent(supervisor, occupancy.stopping, occupancy.beat))
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ import pytest
 
 from service import channels, connections
 from service.config import Config
-from service.connections import Routes, Supervisor, create_server
+from service.connections import Parent, Routes, create_server
 from service.pace import Pace
 
 from .conftest import fill, wait_until
@@ -91,7 +91,7 @@ def test_a_workers_own_drain_leaves_the_shared_socket_serving():
     listener = socket.create_server(("127.0.0.1", 0))
     others = listener.dup()  # the other workers' hold on the same socket
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=5)
-    server = create_server(falcon.App(), config, listener=listener, supervisor=Supervisor(os.getppid()))
+    server = create_server(falcon.App(), config, listener=listener, supervisor=Parent(os.getppid()))
     loop = started(server)
     server.drain(5)
     loop.join(10)
@@ -133,7 +133,7 @@ def test_connections_queued_when_the_service_stops_are_served_and_later_ones_ref
     config = Config(host="127.0.0.1", port=0, shutdown_grace_s=10)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    parent = Supervisor(os.getppid(), stopping=lambda: True) if worker else None  # None: the socket is its own
+    parent = Parent(os.getppid(), stopping=lambda: True) if worker else None  # None: the socket is its own
     server = create_server(app, config, listener=listener, supervisor=parent)
     clients = [queued_request(port) for _ in range(3)]  # no loop runs yet: nothing accepts them
     server.drain(10)
