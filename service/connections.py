@@ -162,6 +162,7 @@ class Server(TcpWSGIServer):
     next_log = 0.0  # when the next line about slow clients may be logged
     next_room_log = 0.0  # when the next line about connections closed to make room may be
     made_room = 0  # idle connections closed at the connection limit since the last line
+    next_spool_log = 0.0  # when the next line about bodies that could not be spooled may be
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
     draining = False  # the drain has begun in the loop
 
@@ -357,6 +358,13 @@ class Server(TcpWSGIServer):
             )
             self.timed_out = 0
             self.next_log = now + 60
+        if self.intake.unspooled and now >= self.next_spool_log:
+            log.warning(
+                "Answered 503 to %d request(s) whose body could not be written to the temporary directory (%s)",
+                self.intake.unspooled,
+                self.intake.unspooled_why,
+            )
+            self.intake.unspooled, self.next_spool_log = 0, now + 60
 
     def _police(self, channel: Channel, now: float) -> None:
         """Close a connection that outstayed its welcome: its answer sent and lingering over, its

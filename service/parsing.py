@@ -8,7 +8,6 @@ whole recording needs; and the gate that judges a large upload by its key before
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from service.codec import media_type
 from service.pace import Pace
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
-log = logging.getLogger(__name__)
 # A request's head: at most this many lines (HAProxy's default limit is 101 header fields) and
 # bytes (nginx's default buffers hold 32 KiB; waitress's own limit is 256 KiB, and a slow
 # client's unfinished head is held in memory until the header timeout).
@@ -128,7 +126,7 @@ class Allowance:
             self._free += amount
 
 
-@dataclass(frozen=True)
+@dataclass
 class Intake:
     """What the requests of one worker share before the app sees them.
 
@@ -144,6 +142,10 @@ class Intake:
     places: Allowance
     spool_room: Allowance = field(default_factory=lambda: Allowance(SPOOL_ROOM_BYTES))
     gated: bool = False
+    # Bodies that could not be spooled (a full, gone or read-only temporary directory), and why,
+    # since the server's last line about them.
+    unspooled: int = 0
+    unspooled_why: str = ""
 
 
 def _codings(head: bytes) -> int:
@@ -190,6 +192,8 @@ class Request(HTTPRequestParser):
             if "integer string conversion" in str(exc):  # a Content-Length of over 4300 digits
                 raise ParsingError("Content-Length is invalid") from exc
             raise ParsingError("Bad URI") from exc  # urlsplit's on "http://[::1/": waitress closed with no answer
+        if self.version and not self.version.startswith("1."):  # waitress served HTTP/2.0 as 1.0
+            raise ParsingError(f"HTTP/{self.version} is not supported")
         # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
         framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
         if framed_twice:
@@ -198,8 +202,6 @@ class Request(HTTPRequestParser):
             raise ParsingError("Transfer-Encoding in an HTTP/1.0 request")
         if _codings(header_plus) > 1:  # chunked twice (waitress refuses every other coding): RFC 9112
             raise ParsingError("chunked more than once")
-        if self.version and not self.version.startswith("1."):  # waitress served HTTP/2.0 as 1.0
-            raise ParsingError(f"HTTP/{self.version} is not supported")
         if self.version == "1.1" and not self.headers.get("HOST"):
             raise ParsingError("an HTTP/1.1 request needs a Host header")
         if "," in self.headers.get("HOST", ""):  # waitress joins repeated headers with commas
@@ -262,8 +264,9 @@ class Request(HTTPRequestParser):
         try:
             consumed = super().received(data)
         except OSError as exc:  # the spool file: a full disk, a quota, a directory gone or read-only
-            log.warning("No room in the temporary directory for a request body: %s", exc.strerror or exc)
-            self._fail(NoRoom(exc.strerror or str(exc)))
+            self._intake.unspooled += 1
+            self._intake.unspooled_why = exc.strerror or str(exc)
+            self._fail(NoRoom(self._intake.unspooled_why))
             return len(data)
         if self.error is None and (error := self._body_problem()):
             self._fail(error)

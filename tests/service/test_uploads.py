@@ -221,6 +221,8 @@ def test_an_upload_whose_temporary_directory_is_gone_gets_its_503(tmp_path, monk
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert answer.endswith(b'{"error":"The server has no room for this upload now. Try again later."}')
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    said = "Answered 503 to 1 request(s) whose body could not be written to the temporary directory (No such file"
+    wait_until(lambda: any(r.getMessage().startswith(said) for r in caplog.records), 5, "one line, a minute at most")
     server.drain(1)
     loop.join(10)
 
