@@ -29,6 +29,7 @@ from service.middleware import ReleaseConnection, RequestContext, SecurityHeader
 from service.parsing import Refusal, UploadGate
 from service.ratelimit import RateLimited
 from service.resources import (
+    BATCH_WAIT_S,
     BINARY,
     MISSING_KEY,
     Denoising,
@@ -41,7 +42,7 @@ from service.resources import (
     Verification,
 )
 from service.store import Store
-from service.turns import BUSY_RETRY_AFTER_S, Busy, ClientGone
+from service.turns import BUSY_BATCHES, BUSY_RETRY_AFTER_S, Busy, ClientGone, Turns
 from service.validation import ValidationError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
         body,
         partial(validation.ecg_signals, limit=windows),
         lambda out: {"denoised_signals": out},
+        Turns(config.batch_turns, config.batch_turns, BATCH_WAIT_S, BUSY_BATCHES),
     )
     for route, resource in zip(WINDOW_ROUTES, (one, batch), strict=True):
         app.add_route(route, resource)

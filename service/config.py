@@ -313,6 +313,12 @@ class Config:
         return max(1, self.web_threads // 2)
 
     @property
+    def batch_turns(self) -> int:
+        """The most large batch requests a process runs at once, and as many may wait: a quarter
+        of its web threads in all (recordings hold half at most; windows and probes keep the rest)."""
+        return max(1, self.web_threads // 8)
+
+    @property
     def max_record_samples(self) -> int:
         """The most samples a recording may hold: ``MAX_RECORD_SECONDS`` at the highest rate."""
         from service.recording import MAX_RATE_HZ

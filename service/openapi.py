@@ -12,8 +12,8 @@ from service.contract import SAMPLING_RATE_HZ, WINDOW
 from service.keys import EmailTaken, InvalidKey, NoActiveKey
 from service.messages import LINK_TTL
 from service.recording import MAX_RATE_HZ, MIN_RATE_HZ, MIN_SECONDS
-from service.resources import BINARY, MISSING_KEY, RECORD_WAIT_S
-from service.turns import BUSY
+from service.resources import BATCH_WAIT_S, BINARY, MISSING_KEY, RECORD_WAIT_S
+from service.turns import BUSY, BUSY_BATCHES
 from service.validation import EMAIL_PATTERN, MAX_ABS, MAX_EMAIL
 
 _JSON = "application/json"
@@ -309,7 +309,15 @@ def _paths(max_batch_windows: int, max_record_seconds: float, metrics: bool) -> 
                 "security": [{"apiKey": []}],
                 "parameters": [_UNITS],
                 "requestBody": _body("BatchRequest"),
-                "responses": {"200": _response("Denoised windows, in order", "BatchResponse"), **_DENOISE_ERRORS},
+                "responses": {
+                    "200": _response("Denoised windows, in order", "BatchResponse"),
+                    **_DENOISE_ERRORS,
+                    "503": _error(
+                        f"`Model not loaded`; the database does not answer; or `{BUSY_BATCHES}` when a batch "
+                        f"of more than `BATCH_MAX_SIZE` / 2 windows got no turn within {BATCH_WAIT_S:g} s, or at once "
+                        "when as many wait (with `Retry-After`)"
+                    ),
+                },
             }
         },
         "/api/v1/denoising/record": _record(max_record_seconds),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,6 +28,7 @@ SENT = "Verification email sent. Please check your inbox."
 MISSING_KEY = "Missing x-api-key header"
 BINARY = "application/octet-stream"
 RECORD_WAIT_S = 30.0  # how long a recording waits for a turn (RECORD_CONCURRENCY) before its 503
+BATCH_WAIT_S = 10.0  # how long a large batch request waits for a turn before its 503
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,21 @@ def _query(req: falcon.Request, name: str, meaning: Callable[[str], object] = st
     return values[0] if values else None
 
 
+def _client_gone(req: falcon.Request) -> Callable[[], bool]:
+    """Tells whether the client has hung up: waitress's loop reads one request ahead."""
+    return req.env.get("waitress.client_disconnected", lambda: False)
+
+
 def _check_length(req: falcon.Request, limit: int) -> None:
     if (req.content_length or 0) > limit:
         raise falcon.HTTPContentTooLarge(description=f"Request body too large (limit {limit} bytes)")
 
 
 class Denoising:
-    """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher."""
+    """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher. A long
+    batch request (``Batcher.long``) needs one of ``turns``: each holds a web thread for as long
+    as its windows take, and a client that kept dozens in flight held every thread, so that
+    other clients' windows waited seconds for one."""
 
     def __init__(
         self,
@@ -105,6 +115,7 @@ class Denoising:
         body: JsonBody,
         parse: Callable[[Any], np.ndarray],
         render: Callable[[np.ndarray], dict[str, Any]],
+        turns: Turns | None = None,
     ) -> None:
         self._keys = keys
         self._batcher = batcher
@@ -112,12 +123,15 @@ class Denoising:
         self._body = body
         self._parse = parse
         self._render = render
+        self._turns = turns
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
         windows = self._parse(self._body.read(req))
         input_units = validation.input_units(_query(req, "units"))
-        denoised = self._batcher.denoise(windows, input_units)
+        long = self._turns is not None and self._batcher.long(len(windows))
+        with self._turns.turn(_client_gone(req)) if long else nullcontext():
+            denoised = self._batcher.denoise(windows, input_units)
         self._keys.used(key_id)
         resp.media = {"modelVersion": self._model_version, **self._render(denoised)}
 
@@ -141,8 +155,7 @@ class Recording:
         key_id = authenticate(self._keys, req)
         binary = codec.media_type(req.content_type) == BINARY
         _check_length(req, self._limits[binary])  # a refusal that costs nothing waits for no turn
-        # waitress tells whether the client has hung up (its loop reads one request ahead).
-        with self._turns.turn(req.env.get("waitress.client_disconnected", lambda: False)):
+        with self._turns.turn(_client_gone(req)):
             self._denoise(req, resp, key_id, binary)
 
     def _denoise(self, req: falcon.Request, resp: falcon.Response, key_id: int, binary: bool) -> None:

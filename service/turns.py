@@ -1,5 +1,5 @@
-"""Turns at a costly piece of work (a whole recording): a few at a time, a few more waiting in
-line, the rest refused at once.
+"""Turns at a costly piece of work (a whole recording, a large batch request): a few at a time, a
+few more waiting in line, the rest refused at once.
 
 Each turn holds memory, and each waiting request holds a web thread. Without a bound on the
 waiting, requests for recordings could take every thread of a worker, and its health checks,
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 BUSY = "Busy with other recordings. Try again shortly."
+BUSY_BATCHES = "Busy with other batch requests. Try again shortly."
 BUSY_RETRY_AFTER_S = 5  # most recordings take a few seconds
 CHECK_GONE_S = 0.5  # how often a waiter looks whether its client has hung up
 
@@ -30,7 +31,8 @@ class ClientGone(Exception):
 
 
 class Turns:
-    def __init__(self, at_once: int, waiting: int, wait_s: float) -> None:
+    def __init__(self, at_once: int, waiting: int, wait_s: float, busy: str = BUSY) -> None:
+        self._busy = busy  # what the 503 says
         self._changed = threading.Condition()
         self._free = at_once
         self._line: deque[object] = deque()  # one ticket per waiting request, first come first
@@ -46,7 +48,7 @@ class Turns:
             if self._free and not self._line:
                 self._free -= 1
             elif len(self._line) >= self._most_waiting:
-                raise Busy(BUSY)
+                raise Busy(self._busy)
             else:
                 self._wait_in_line(gone)
         try:
@@ -69,7 +71,7 @@ class Turns:
                 if gone():
                     raise ClientGone()
                 if time.monotonic() >= deadline:
-                    raise Busy(BUSY)
+                    raise Busy(self._busy)
             self._free -= 1
         finally:
             self._line.remove(ticket)

@@ -416,6 +416,38 @@ def test_recordings_past_the_workers_turns_wait_then_get_503(tmp_path, engine, s
         assert post_json(client, key, body).status_code == 200  # the turn is free again
 
 
+def test_large_batch_requests_past_their_turns_get_503_and_small_ones_pass(tmp_path, engine, smtp, sqlite_url):
+    """Each large batch request holds a web thread while its windows run: one client's dozens in
+    flight held every thread, and other clients' windows waited seconds for one. A quarter of the
+    threads at most: with 8, one runs and one waits."""
+    gated = GatedEngine(engine)
+    with Runtime(smtp_config(tmp_path, sqlite_url, smtp, web_threads=8), engine=gated) as rt:
+        client = falcon.testing.TestClient(create_app(rt.deps))
+        key = issue_key(rt.store, "batches@example.org")
+        headers = {"x-api-key": key}
+        large = {"ecg_signals": ecg(80, 130).reshape(8, WINDOW).tolist()}  # past half a model batch
+        small = {"ecg_signals": large["ecg_signals"][:4]}
+        answers: list[int] = []
+
+        def post(body: dict) -> None:
+            answers.append(client.simulate_post("/api/v1/denoising/batch", json=body, headers=headers).status_code)
+
+        threads = [threading.Thread(target=post, args=(body,)) for body in (large, large, small)]
+        threads[0].start()
+        assert gated.entered.wait(10)
+        threads[1].start()
+        time.sleep(0.3)  # the second waits for the turn
+        busy = client.simulate_post("/api/v1/denoising/batch", json=large, headers=headers)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert busy.json == {"error": "Busy with other batch requests. Try again shortly."}
+        threads[2].start()  # needs no turn
+        time.sleep(0.3)
+        gated.gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert answers.count(200) == 3
+
+
 def test_a_recording_whose_client_hung_up_leaves_the_line(tmp_path, engine, smtp, sqlite_url, caplog):
     """A real server: one recording runs, one waits in line and its client hangs up, a third
     comes. The second leaves the line without running (logged 499), so the third waits for the
