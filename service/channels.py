@@ -20,7 +20,7 @@ from waitress.task import ErrorTask, WSGITask
 
 from service.logs import CLIENT_GONE, log_access
 from service.pace import Pace
-from service.parsing import GateRefused, Refusal, Request, Unavailable
+from service.parsing import MIN_UPLOAD_BYTES_PER_S, GateRefused, Refusal, Request, Unavailable
 
 # The headers of every JSON error the server answers itself, as the app's error answers carry.
 JSON_ERROR_HEADERS = (
@@ -261,14 +261,25 @@ class Channel(HTTPChannel):
             return False
 
     def idle(self) -> bool:
-        """Nothing under way: no request served or answered, no body being read, none waiting in
-        the socket unread; at most the start of a request's headers."""
+        """Nothing under way: no request served or answered, no large body being read, none
+        waiting in the socket unread; at most the start of a request (``reading_head``)."""
         return (
             self.connected
             and not (self.will_close or self.close_when_flushed or self.requests or self.total_outbufs_len)
-            and (self.request is None or self.reading_headers())
+            and (self.request is None or self.reading_head())
             and not self._unread()
         )
+
+    def reading_head(self) -> bool:
+        """Reading a request's headers, or a body that the least upload rate sends in a second:
+        a larger upload may take its time (within its pace), but a client that sent a body of a
+        few bytes one a second held its connection for as long as the pace allows (30 s)."""
+        request = self.request
+        if request is None or self.requests:
+            return False
+        if not request.headers_finished:
+            return True
+        return not (request.completed or request.chunked) and request.content_length <= MIN_UPLOAD_BYTES_PER_S
 
     def reading_headers(self) -> bool:
         """Part of a request's headers has arrived, and no response is being made."""

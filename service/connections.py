@@ -437,9 +437,9 @@ class Server(TcpWSGIServer):
 
 
 def _stale(channel: Channel, now: float) -> bool:
-    """Silent for ``ROOM_IDLE_S``, or as long on its headers (which a client sends at once, and a
-    slow one a byte at a time)."""
-    since = channel.request_began if channel.reading_headers() else channel.last_activity
+    """Silent for ``ROOM_IDLE_S``, or as long on a request's head (which a client sends at once,
+    and a slow one a byte at a time)."""
+    since = channel.request_began if channel.reading_head() else channel.last_activity
     return now - since >= ROOM_IDLE_S
 
 
