@@ -154,7 +154,8 @@ def mailbox(email: str) -> str:
     subaddress (``me+tag@example.com``) reaches ``me@example.com``'s, so tags do not multiply
     the mails one inbox can be sent."""
     local, _, domain = email.rpartition("@")
-    return f"{local.split('+', 1)[0]}@{domain}"
+    box = local.split("+", 1)[0]
+    return f"{box or local}@{domain}"  # "+alice@": no mailbox before a tag, so no tag
 
 
 @dataclass(frozen=True)

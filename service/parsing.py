@@ -192,8 +192,8 @@ class Request(HTTPRequestParser):
             if "integer string conversion" in str(exc):  # a Content-Length of over 4300 digits
                 raise ParsingError("Content-Length is invalid") from exc
             raise ParsingError("Bad URI") from exc  # urlsplit's on "http://[::1/": waitress closed with no answer
-        if self.version and not self.version.startswith("1."):  # waitress served HTTP/2.0 as 1.0
-            raise ParsingError(f"HTTP/{self.version} is not supported")
+        if not self.version.startswith("1."):  # waitress served HTTP/2.0, and none (0.9), as 1.0
+            raise ParsingError(f"HTTP/{self.version or '0.9'} is not supported")
         # waitress drops Transfer-Encoding from the headers of HTTP/1.1 (an empty one too)
         framed_twice = b"\ntransfer-encoding:" in header_plus.lower() and "CONTENT_LENGTH" in self.headers
         if framed_twice:
@@ -282,6 +282,8 @@ class Request(HTTPRequestParser):
     def _body_problem(self) -> Error | None:
         """What is wrong with the body so far that need not wait for its end."""
         receiver = self.body_rcv if self.chunked else None
+        if receiver is not None and b"\n" in receiver.control_line:  # waitress waits for a CRLF: 408 at the pace's end
+            return BadRequest("chunk size lines must end in CRLF")
         if receiver is not None and max(len(receiver.control_line), len(receiver.trailer)) > MAX_HEADER_BYTES:
             # waitress holds a chunk's size line (and the trailer) in memory until its end, and
             # searches all of it again at every read: megabytes of it held the loop for seconds.
@@ -308,6 +310,9 @@ class Request(HTTPRequestParser):
             return RequestHeaderFieldsTooLarge(f"more than {MAX_HEADER_LINES} header lines")
         if head.count(b"\n") != head.count(b"\r\n"):
             return BadRequest("lines must end in CRLF")
+        if b"\n " in head or b"\n\t" in head:  # RFC 9112 lets a server refuse them: folded, a header
+            # escaped the checks made on the header's own lines (Transfer-Encoding's codings)
+            return BadRequest("folded header lines (obs-fold) are not accepted")
         return None
 
     def close(self) -> None:

@@ -264,6 +264,15 @@ HEADS = {
         b"400",
     ),
     "HTTP/2.0": (b"POST /echo HTTP/2.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"400"),  # was served as 1.0
+    "no version (HTTP/0.9)": (b"POST /echo\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"400"),
+    "a folded header": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"400",
+    ),
+    "a chunk size line without its CR": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\nhi\r\n0\r\n\r\n",
+        b"400",
+    ),
     "HTTP/1.0 without Host": (b"POST /echo HTTP/1.0\r\nContent-Length: 0\r\n\r\n", b"200"),
     # Answered, and with no "100 Continue": waitress sent one, then waited for the body.
     "Expect: 100-continue and no body": (BASE + b"Expect: 100-continue\r\n\r\n", b"200"),
@@ -289,7 +298,7 @@ def test_heads_that_would_hold_the_loop_or_smuggle_a_request_are_refused_and_clo
     assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer) == [status]
     assert status == b"200" or b'{"error":' in answer
     if status != b"200":
-        unparsed = status == b"431" or "LF" in name
+        unparsed = status == b"431" or "LF" in name or "folded" in name
         line = next(r.getMessage() for r in caplog.records if r.name == "service.access")
         assert line.startswith(("- - " if unparsed else "POST /echo ") + status.decode())
     server.drain(1)

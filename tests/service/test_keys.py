@@ -14,7 +14,7 @@ import pytest
 
 from service.app import create_app
 from service.database import DatabaseUnavailable
-from service.keys import ActiveKeys, digest
+from service.keys import ActiveKeys, digest, mailbox
 from service.runtime import Runtime
 from service.store import Store, Token, utcnow
 
@@ -225,3 +225,16 @@ def test_a_generation_request_racing_a_verification_leaves_no_link_beside_the_ne
         with store.db.connection_context():
             left = Token.select().where((Token.email == email) & Token.used_at.is_null()).count()
         assert left == 0, f"round {round_}: a link beside the key issued"
+
+
+@pytest.mark.parametrize(
+    "email, box",
+    [
+        ("me+tag@example.org", "me@example.org"),
+        ("me+a+b@example.org", "me@example.org"),
+        ("me@example.org", "me@example.org"),
+        ("+alice@example.org", "+alice@example.org"),  # no mailbox before the tag: the address is its own
+    ],
+)
+def test_the_mailbox_an_address_reaches(email, box):
+    assert mailbox(email) == box
