@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from service import messages
+from service.clients import limited_as
 from service.database import DatabaseUnavailable
 from service.mail import Outbox
 from service.messages import Mail
@@ -304,6 +305,7 @@ class KeyService:
         as seen under the email's lock: checked before it, a generation request that raced the
         verification of the email's last link mailed a new link beside the key just issued
         (which a mail scanner following it replaced)."""
+        client = limited_as(client)
         if self._request_buckets is not None and (wait := self._request_buckets.take(client)):
             raise RateLimited("Too many key requests from this address. Try again later.", wait, "key_requests")
         token = self._new_secret()
