@@ -41,26 +41,59 @@ def loggable(text: str, limit: int = 200) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")
 
 
-class QueueDepthSummary(logging.Filter):
-    """waitress warns once per request that waits for a free web thread: under steady load that
-    is hundreds of lines a minute. Let one through per ``interval_s``, naming the deepest queue."""
+class _Summary(logging.Filter):
+    """Lets one line of what it summarizes through per ``interval_s``."""
 
     def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self._interval_s = interval_s
         self._clock = clock
         self._last = -math.inf
-        self._deepest = 0
+
+    def _due(self) -> bool:
+        now = self._clock()
+        if now - self._last < self._interval_s:
+            return False
+        self._last = now
+        return True
+
+
+class QueueDepthSummary(_Summary):
+    """waitress warns once per request that waits for a free web thread: under steady load that
+    is hundreds of lines a minute. One line per interval, naming the deepest queue."""
+
+    _deepest = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         depth = record.args[0] if isinstance(record.args, tuple) and record.args else 0
         self._deepest = max(self._deepest, depth)
-        now = self._clock()
-        if now - self._last < self._interval_s:
+        if not self._due():
             return False
         record.msg = "Requests are queuing for a web thread: %d deep at most since the last report (WEB_THREADS)"
-        record.args = (self._deepest,)
-        self._last, self._deepest = now, 0
+        record.args, self._deepest = (self._deepest,), 0
+        return True
+
+
+class ConnectionLimitSummary(_Summary):
+    """waitress warns each time the open connections reach the limit, and tells when they drop
+    below it again: under a flood of connections, dozens of lines a second. One line per
+    interval, with how often it was reached."""
+
+    REACHED = "total open connections reached the connection limit"
+    BELOW = "total open connections dropped below the connection limit"
+    _times = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.msg if isinstance(record.msg, str) else ""
+        if text.startswith(self.BELOW):
+            return False
+        if not text.startswith(self.REACHED):
+            return True
+        self._times += 1
+        if not self._due():
+            return False
+        record.msg = "Open connections reached CONNECTION_LIMIT %d time(s) since the last report: new ones waited"
+        record.args, self._times = (self._times,), 0
         return True
 
 
@@ -75,7 +108,8 @@ class ClientText(logging.Filter):
 
 def configure(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT)
-    for name, kind in (("waitress", ClientText), ("waitress.queue", QueueDepthSummary)):
+    filters = (("waitress", ClientText), ("waitress", ConnectionLimitSummary), ("waitress.queue", QueueDepthSummary))
+    for name, kind in filters:
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):  # once, however often configured
             logger.addFilter(kind())

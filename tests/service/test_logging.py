@@ -42,3 +42,23 @@ def test_a_path_in_waitress_own_lines_cannot_forge_a_line():
         record.getMessage()
         == "Client disconnected while serving /x\\n2026-12-01 09:00:00,000 ERROR service.workers: FORGED\\x1b[31m"
     )
+
+
+def test_one_line_per_interval_when_the_connection_limit_is_reached_again_and_again():
+    """A flood of connections made waitress say 38 lines a second: reached, and below again."""
+    now = [100.0]
+    summary = logs.ConnectionLimitSummary(interval_s=60.0, clock=lambda: now[0])
+
+    def line(text: str) -> logging.LogRecord:
+        return logging.LogRecord("waitress", logging.WARNING, __file__, 1, text, (), None)
+
+    reached = "total open connections reached the connection limit, no longer accepting new connections"
+    below = "total open connections dropped below the connection limit, listening again"
+    assert summary.filter(line(reached)) and not summary.filter(line(below))
+    assert [summary.filter(line(reached)) for _ in range(5)] == [False] * 5
+    now[0] = 160.0
+    later = line(reached)
+    assert summary.filter(later) and later.getMessage().startswith(
+        "Open connections reached CONNECTION_LIMIT 6 time(s)"
+    )
+    assert summary.filter(line("Client disconnected while serving /x"))  # waitress's other lines pass
