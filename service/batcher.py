@@ -114,10 +114,6 @@ class Batcher:
     def ready(self) -> bool:
         return not self._closed and all(thread.is_alive() for thread in self._threads)
 
-    def long(self, windows: int) -> bool:
-        """Whether a request of this many windows is a long one, run as chunks under load."""
-        return windows > self._share
-
     def denoise(self, windows: np.ndarray, input_units: bool = False) -> np.ndarray:
         """Blocks until the rows for ``windows`` (k×L) come back from a batched run.
 
@@ -132,7 +128,7 @@ class Batcher:
             self._check_open()
             first = self._short == 0 and self._max_wait_s == 0  # no short request ahead of it
             alone = first and self._pending == 0 and self._occupancy.others_idle()
-            long = self.long(len(z)) and not alone
+            long = len(z) > self._share and not alone
             beside = first and self._pending > 0 and not long  # only long requests' chunks in this worker
             if not long:
                 self._count(1)

@@ -314,8 +314,9 @@ class Config:
 
     @property
     def batch_turns(self) -> int:
-        """The most large batch requests a process runs at once, and as many may wait: a quarter
-        of its web threads in all (recordings hold half at most; windows and probes keep the rest)."""
+        """The most batch requests of more than one model run (``BATCH_MAX_SIZE`` windows) a
+        process runs at once, and as many may wait: a quarter of its web threads in all
+        (recordings hold half at most; windows and probes keep the rest)."""
         return max(1, self.web_threads // 8)
 
     @property

@@ -102,10 +102,10 @@ def _check_length(req: falcon.Request, limit: int) -> None:
 
 
 class Denoising:
-    """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher. A long
-    batch request (``Batcher.long``) needs one of ``turns``: each holds a web thread for as long
-    as its windows take, and a client that kept dozens in flight held every thread, so that
-    other clients' windows waited seconds for one."""
+    """``POST /api/v1/denoising`` and ``/batch``: key, body, one trip through the batcher. A
+    request of more than ``turn_above`` windows needs one of ``turns``: each holds a web thread
+    for as long as its windows take, and a client that kept dozens of 64-window batches in
+    flight held every thread, so that other clients' windows waited seconds for one."""
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class Denoising:
         parse: Callable[[Any], np.ndarray],
         render: Callable[[np.ndarray], dict[str, Any]],
         turns: Turns | None = None,
+        turn_above: int = 0,
     ) -> None:
         self._keys = keys
         self._batcher = batcher
@@ -124,12 +125,13 @@ class Denoising:
         self._parse = parse
         self._render = render
         self._turns = turns
+        self._turn_above = turn_above
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
         windows = self._parse(self._body.read(req))
         input_units = validation.input_units(_query(req, "units"))
-        long = self._turns is not None and self._batcher.long(len(windows))
+        long = self._turns is not None and len(windows) > self._turn_above
         with self._turns.turn(_client_gone(req)) if long else nullcontext():
             denoised = self._batcher.denoise(windows, input_units)
         self._keys.used(key_id)

@@ -425,8 +425,8 @@ def test_large_batch_requests_past_their_turns_get_503_and_small_ones_pass(tmp_p
         client = falcon.testing.TestClient(create_app(rt.deps))
         key = issue_key(rt.store, "batches@example.org")
         headers = {"x-api-key": key}
-        large = {"ecg_signals": ecg(80, 130).reshape(8, WINDOW).tolist()}  # past half a model batch
-        small = {"ecg_signals": large["ecg_signals"][:4]}
+        large = {"ecg_signals": ecg(90, 130).reshape(9, WINDOW).tolist()}  # more than one model run
+        small = {"ecg_signals": large["ecg_signals"][:8]}
         answers: list[int] = []
 
         def post(body: dict) -> None:
