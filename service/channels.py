@@ -271,15 +271,17 @@ class Channel(HTTPChannel):
         )
 
     def reading_head(self) -> bool:
-        """Reading a request's headers, or a body that the least upload rate sends in a second:
-        a larger upload may take its time (within its pace), but a client that sent a body of a
-        few bytes one a second held its connection for as long as the pace allows (30 s)."""
+        """Reading a request's headers, or a body that the least upload rate sends in a second
+        (once it may come: not while its "100 Continue" is owed): a larger upload may take its
+        time (within its pace), but a client that sent a body of a few bytes one a second held
+        its connection for as long as the pace allows (30 s)."""
         request = self.request
         if request is None or self.requests:
             return False
         if not request.headers_finished:
             return True
-        return not (request.completed or request.chunked) and request.content_length <= MIN_UPLOAD_BYTES_PER_S
+        small = not (request.completed or request.chunked) and request.content_length <= MIN_UPLOAD_BYTES_PER_S
+        return small and not request.expect_continue
 
     def reading_headers(self) -> bool:
         """Part of a request's headers has arrived, and no response is being made."""

@@ -437,10 +437,14 @@ class Server(TcpWSGIServer):
 
 
 def _stale(channel: Channel, now: float) -> bool:
-    """Silent for ``ROOM_IDLE_S``, or as long on a request's head (which a client sends at once,
-    and a slow one a byte at a time)."""
-    since = channel.request_began if channel.reading_head() else channel.last_activity
-    return now - since >= ROOM_IDLE_S
+    """Silent for ``ROOM_IDLE_S``; or as long on a request's headers, or twice as long on its
+    small body once it may come (which a client sends at once, and a slow one a byte at a time)."""
+    if not channel.reading_head():
+        return now - channel.last_activity >= ROOM_IDLE_S
+    request = channel.request
+    if request.headers_finished:
+        return now - request.body_since >= 2 * ROOM_IDLE_S
+    return now - channel.request_began >= ROOM_IDLE_S
 
 
 def create_server(

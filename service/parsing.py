@@ -177,6 +177,7 @@ class Request(HTTPRequestParser):
     holds_room = 0  # the bytes of spool room it holds
     # Its body's rate, from when it may come (a gate's verdict may come later than its head).
     upload_pace: Pace | None = None
+    body_since = 0.0  # time.time() from when its body may come (its "100 Continue", if it asked)
     made_up_head = False  # refused before its head was parsed: its method and path are unknown
     judging = False  # a large upload waiting for the gate's verdict: its body is not read meanwhile
     held_continue = False  # its client expects "100 Continue", which waits for the verdict
@@ -243,8 +244,9 @@ class Request(HTTPRequestParser):
         return self.error is None
 
     def begin_pace(self) -> None:
+        self.body_since = time.time()
         self.upload_pace = Pace(UPLOAD_WINDOW_S, MIN_UPLOAD_BYTES_PER_S)
-        self.upload_pace.begin(time.time(), self.body_bytes_received)
+        self.upload_pace.begin(self.body_since, self.body_bytes_received)
 
     @property
     def api_key(self) -> str | None:

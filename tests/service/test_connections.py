@@ -548,6 +548,27 @@ def test_making_room_spares_a_connection_whose_next_request_waits_unread():
         server.close()
 
 
+def test_making_room_gives_a_small_body_its_time_from_the_100_continue():
+    """Timed from the head's first byte, a body asked for late (its "100 Continue" sent after a
+    pipelined request ahead of it) was a second old, and closed, before its client could send it."""
+    server = create_server(app_with({"/echo": Echo()}), Config(host="127.0.0.1", port=0))
+    try:
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+            server.handle_accept()  # the loop does not run: the test reads for it
+            [channel] = server.active_channels.values()
+            client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            wait_until(lambda: channel.socket.recv(1, socket.MSG_PEEK), 5, "the head in the socket")
+            channel.handle_read()
+            server.adj.connection_limit = len(server._map)
+            began = channel.request.body_since
+            server._make_room(began + 1.5)  # a second and a half after the head: its body may come
+            assert not channel.will_close
+            server._make_room(began + 2.5)  # it never came
+            assert channel.will_close
+    finally:
+        server.close()
+
+
 def echoed(client: socket.socket) -> bytes:
     """One answer of ``Echo`` to a body of two bytes, read whole from a kept-alive connection."""
     answer = b""
