@@ -170,7 +170,7 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
         partial(validation.ecg_signals, limit=windows),
         lambda out: {"denoised_signals": out},
         Turns(config.batch_turns, config.batch_turns, BATCH_WAIT_S, BUSY_BATCHES),
-        turn_above=config.batch_max_size,  # more than one model run
+        turn_above=max(8, config.batch_max_size),  # more than one model run, and than a few windows
     )
     for route, resource in zip(WINDOW_ROUTES, (one, batch), strict=True):
         app.add_route(route, resource)

@@ -126,15 +126,17 @@ class Batcher:
         job = _Job(z)
         with self._lock:  # no job may slip in behind the stop marker
             self._check_open()
-            first = self._short == 0 and self._max_wait_s == 0  # no short request ahead of it
-            alone = first and self._pending == 0 and self._occupancy.others_idle()
+            self._count(1)  # before it looks at the other workers (see the module's docstring)
+            self._short += 1
+            first = self._short == 1 and self._max_wait_s == 0  # no short request ahead of it
+            alone = first and self._pending == 1 and self._occupancy.others_idle()
             long = len(z) > self._share and not alone
-            beside = first and self._pending > 0 and not long  # only long requests' chunks in this worker
-            if not long:
-                self._count(1)
-                self._short += 1
-                if not (alone or beside):
-                    self._put(SHORT, job)
+            beside = first and self._pending > 1 and not long  # only long requests' chunks in this worker
+            if long:  # it goes as chunks, counted one by one
+                self._count(-1)
+                self._short -= 1
+            elif not (alone or beside):
+                self._put(SHORT, job)
         if long:
             return restore(self._chunked(z), mu, sigma, input_units)
         if alone or beside:

@@ -18,6 +18,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask, WSGITask
 
+from service.clients import canonical
 from service.logs import CLIENT_GONE, log_access
 from service.pace import Pace
 from service.parsing import MIN_UPLOAD_BYTES_PER_S, GateRefused, Refusal, Request, Unavailable
@@ -218,8 +219,8 @@ class Channel(HTTPChannel):
         method = path = "-"
         if request is not None:
             method, path = (getattr(request, name, None) or "-" for name in ("command", "path"))
-        peer = self.addr[0] if isinstance(self.addr, tuple) else "-"
-        log_access(method, path, status, (time.time() - self.request_began) * 1000, "-", str(peer))
+        peer = canonical(str(self.addr[0])) if isinstance(self.addr, tuple) else "-"
+        log_access(method, path, status, (time.time() - self.request_began) * 1000, "-", peer)
         self.server.refused(status)
 
     def send_continue(self) -> None:

@@ -8,19 +8,32 @@ from collections.abc import Iterable
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4 addresses written as IPv6 ones
+
+
 def parse_networks(text: str) -> tuple[Network, ...]:
-    """``TRUSTED_PROXIES``: comma-separated addresses or CIDR blocks; ValueError names a bad one."""
-    networks = []
+    """``TRUSTED_PROXIES``: comma-separated addresses or CIDR blocks; ValueError names a bad one.
+    A block of IPv4 addresses written as IPv6 (``::ffff:10.0.0.0/104``) is taken as the IPv4
+    block, as the addresses are (``_address``)."""
+    networks: list[Network] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(item) from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(MAPPED):
+            network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address in its one form (an IPv4 address mapped into IPv6 is the IPv4 one), or None."""
+    """An address in its one form (an IPv4 address mapped into IPv6 is the IPv4 one), or None.
+    A port some proxies add is dropped: ``1.2.3.4:5678``, ``[2001:db8::1]:443``."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -40,15 +53,16 @@ def client_address(peer: str, forwarded_for: str | None, proxies: tuple[Network,
     ``::ffff:10.0.0.1`` and ``10.0.0.1``, were five clients to the rate limits; and not an
     address at all, the proxy's word is not taken."""
     if not proxies or not forwarded_for or not _trusted(peer, proxies):
-        return _canonical(peer)
+        return canonical(peer)
     hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _trusted(hop, proxies):
-            return _canonical(hop) if _address(hop) else _canonical(peer)
-    return _canonical(hops[0]) if hops else _canonical(peer)
+            return canonical(hop) if _address(hop) else canonical(peer)
+    return canonical(hops[0]) if hops else canonical(peer)
 
 
-def _canonical(address: str) -> str:
+def canonical(address: str) -> str:
+    """``address`` in its one form (``_address``), or as it is if it is none."""
     ip = _address(address)
     return address if ip is None else str(ip)
 

@@ -314,10 +314,10 @@ class Config:
 
     @property
     def batch_turns(self) -> int:
-        """The most batch requests of more than one model run (``BATCH_MAX_SIZE`` windows) a
-        process runs at once, and as many may wait: a quarter of its web threads in all
-        (recordings hold half at most; windows and probes keep the rest)."""
-        return max(1, self.web_threads // 8)
+        """The most batch requests of more than one model run (``BATCH_MAX_SIZE`` windows, 8 at
+        least) a process runs at once, and as many may wait: a quarter of its web threads in all
+        (recordings hold half at most; windows and probes keep the rest), two at least."""
+        return max(2, self.web_threads // 8)
 
     @property
     def max_record_samples(self) -> int:

@@ -159,7 +159,9 @@ def _check_contract(session: ort.InferenceSession) -> None:
         raise ValueError(f"it has no input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
     for kind, tensor in (("takes", inputs[INPUT_NAME]), ("gives", outputs[OUTPUT_NAME])):
         shape = tuple(tensor.shape)
-        if tensor.type != "tensor(float)" or len(shape) != 3 or shape[1:] != (1, WINDOW):
+        # A dimension the model names (or leaves unknown) takes what it is given.
+        fits = len(shape) == 3 and all(not isinstance(d, int) or d == want for d, want in zip(shape[1:], (1, WINDOW)))
+        if tensor.type != "tensor(float)" or not fits:
             raise ValueError(
                 f"it {kind} {tensor.type} of shape {list(shape)}, not the contract's float N×1×{WINDOW} windows"
             )

@@ -155,8 +155,7 @@ def mailbox(email: str) -> str:
     subaddress (``me+tag@example.com``) reaches ``me@example.com``'s, so tags do not multiply
     the mails one inbox can be sent."""
     local, _, domain = email.rpartition("@")
-    box = local.split("+", 1)[0]
-    return f"{box or local}@{domain}"  # "+alice@": no mailbox before a tag, so no tag
+    return f"{local[:1]}{local[1:].split('+', 1)[0]}@{domain}"  # "+alice+x@" is "+alice@"
 
 
 @dataclass(frozen=True)

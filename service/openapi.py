@@ -314,7 +314,7 @@ def _paths(max_batch_windows: int, max_record_seconds: float, metrics: bool) -> 
                     **_DENOISE_ERRORS,
                     "503": _error(
                         f"`Model not loaded`; the database does not answer; or `{BUSY_BATCHES}` when a batch "
-                        f"of more than `BATCH_MAX_SIZE` windows got no turn within {BATCH_WAIT_S:g} s, or at once "
+                        f"of more than `BATCH_MAX_SIZE` windows (8 at least) got no turn within {BATCH_WAIT_S:g} s, or at once "
                         "when as many wait (with `Retry-After`)"
                     ),
                 },

@@ -20,6 +20,7 @@ import pytest
 
 from service import mail
 from service.app import create_app
+from service.clients import parse_networks
 from service.connections import create_server
 from service.housekeeping import Housekeeping
 from service.keys import KeyService, digest
@@ -142,12 +143,14 @@ def test_key_requests_per_client_are_limited_whatever_their_answer(runtime_with,
         ["2001:db8::1", "2001:0db8:0000::0001", "2001:db8::2"],  # one address twice, then its /64's next
         ["10.9.9.9", "::ffff:10.9.9.9", "10.9.9.9"],  # IPv4, and the same mapped into IPv6
         ["not an address", "also not", "again"],  # the proxy's word is not taken: its own address counts
+        ["1.2.3.4:5678", "1.2.3.4", "[::ffff:1.2.3.4]:443"],  # the ports some proxies add
     ],
 )
 def test_the_per_client_limits_count_one_client_however_its_address_is_written(runtime_with, sqlite_url, spellings):
     """Each spelling of an address, each address of an IPv6 /64 (one subscriber's), and each
     string a proxy passed on was a client of its own, with limits of its own."""
-    rt = runtime_with(sqlite_url, key_requests_per_min=2, trusted_proxies=(_net("127.0.0.1"),))
+    # The proxy written as an IPv6 block of IPv4 addresses, as a dual-stack listener sees it.
+    rt = runtime_with(sqlite_url, key_requests_per_min=2, trusted_proxies=parse_networks("::ffff:127.0.0.0/104"))
     client = client_of(rt)
     answers = [
         client.simulate_post(DEACTIVATION, json={"email": "nobody@example.org"}, headers={"X-Forwarded-For": who})

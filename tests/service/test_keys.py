@@ -233,7 +233,8 @@ def test_a_generation_request_racing_a_verification_leaves_no_link_beside_the_ne
         ("me+tag@example.org", "me@example.org"),
         ("me+a+b@example.org", "me@example.org"),
         ("me@example.org", "me@example.org"),
-        ("+alice@example.org", "+alice@example.org"),  # no mailbox before the tag: the address is its own
+        ("+alice@example.org", "+alice@example.org"),  # no mailbox before the first +: it is part of the name
+        ("+alice+x@example.org", "+alice@example.org"),
     ],
 )
 def test_the_mailbox_an_address_reaches(email, box):
