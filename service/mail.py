@@ -61,10 +61,13 @@ Send = Callable[[EmailMessage, str], None]  # the message and its one recipient
 
 
 class Sender(Protocol):
-    """Opens a delivery session that ends by ``deadline`` (``time.monotonic()``); the yielded
-    callable sends one message."""
+    """Opens a delivery session, whose connections ``cutter`` may cut; the yielded callable sends
+    one message."""
 
-    def session(self, deadline: float) -> AbstractContextManager[Send]: ...
+    # The longest the end of one mail may take: the wait for the reply to its data, and a step.
+    mail_wait_s: float
+
+    def session(self, cutter: Cutter) -> AbstractContextManager[Send]: ...
 
 
 class SessionLost(smtplib.SMTPServerDisconnected):
@@ -99,36 +102,36 @@ class SmtpSender:
     ) -> None:
         self._host, self._port, self._security = host, port, security
         self._user, self._password, self._timeout_s = user, password, timeout_s
+        self.mail_wait_s = max(timeout_s, FINAL_REPLY_S) + timeout_s
 
     @contextmanager
-    def session(self, deadline: float) -> Iterator[Send]:
-        with _Cutter(deadline) as cutter:
-            client = cutter.open(self)
+    def session(self, cutter: Cutter) -> Iterator[Send]:
+        client = cutter.open(self)
 
-            def send(message: EmailMessage, recipient: str) -> None:
-                nonlocal client
-                if client.sock is None:  # closed after the last mail's failure
-                    try:
-                        client = cutter.open(self)
-                    except (OSError, smtplib.SMTPException) as exc:
-                        raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
+        def send(message: EmailMessage, recipient: str) -> None:
+            nonlocal client
+            if client.sock is None:  # closed after the last mail's failure
                 try:
-                    # The envelope names the stored address itself, never what the To header decodes to.
-                    client.send_message(message, to_addrs=[recipient])
-                except Unconfirmed:
-                    raise  # this mail's outcome, whether the wait ended by time-out or by the cut
-                except BaseException:
-                    _reset(client)
-                    cutter.check()
-                    raise
-
+                    client = cutter.open(self)
+                except (OSError, smtplib.SMTPException) as exc:
+                    raise SessionLost(f"the mail server cannot be reached again ({exc})") from exc
             try:
-                yield send
-            finally:
-                try:
-                    client.quit()
-                except (OSError, smtplib.SMTPException):
-                    client.close()
+                # The envelope names the stored address itself, never what the To header decodes to.
+                client.send_message(message, to_addrs=[recipient])
+            except Unconfirmed:
+                raise  # this mail's outcome, whether the wait ended by time-out or by the cut
+            except BaseException:
+                _reset(client)
+                cutter.check()
+                raise
+
+        try:
+            yield send
+        finally:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
 
     def new_client(self) -> _PatientSmtp | _PatientSmtpSsl:
         """A client not yet connected (``connect`` reads the greeting): its socket can then be cut
@@ -150,29 +153,41 @@ class SmtpSender:
             client.login(self._user, self._password or "")
 
 
-class _Cutter:
-    """Cuts a session's connection at its deadline (``CUT_AFTER_S``), whatever it is doing."""
+class Cutter:
+    """Cuts a batch's connection to the mail server at its deadline (``CUT_AFTER_S``), whatever it
+    is doing, or when the outbox stops (``cut``)."""
 
     def __init__(self, deadline: float) -> None:
-        self.cut = False
+        self.done = False
         self._client: _PatientReply | None = None
         self._lock = threading.Lock()
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.cut)
         self._timer.daemon = True
 
-    def __enter__(self) -> _Cutter:
+    def __enter__(self) -> Cutter:
         self._timer.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._timer.cancel()
 
+    def cut(self, unless_confirming: bool = False) -> None:
+        """Cut now; ``unless_confirming``: not while the server's reply to a message's data is
+        awaited (the server has the mail: a stop waits for its word, ``FINAL_REPLY_S``)."""
+        with self._lock:
+            client = self._client
+            if unless_confirming and client is not None and client.confirming:
+                return
+            self.done = True
+        if client is not None:
+            client.cut()
+
     def open(self, sender: SmtpSender) -> _PatientSmtp | _PatientSmtpSsl:
         """A client of ``sender``'s, connected and its session set up, or the reason why not."""
         client = sender.new_client()
         with self._lock:
             self._client = client
-            if self.cut:  # the deadline has passed already: this one is cut from the start
+            if self.done:  # cut already: this one is cut from the start
                 client.cut()
         try:
             sender.greet(client)
@@ -184,15 +199,8 @@ class _Cutter:
 
     def check(self) -> None:
         """After a failure: if the cut caused it, say so."""
-        if self.cut:
-            raise SessionLost("the mail server was too slow: the connection was cut at the batch's deadline")
-
-    def _cut(self) -> None:
-        with self._lock:
-            self.cut = True
-            client = self._client
-        if client is not None:
-            client.cut()
+        if self.done:
+            raise SessionLost("the connection was cut (the mail server too slow by the batch's deadline, or a stop)")
 
 
 class _PatientReply:
@@ -203,6 +211,7 @@ class _PatientReply:
     sock: Any
     _data_sent = False
     _cut_off = False
+    confirming = False  # its reply to a message's data is awaited
 
     def cut(self) -> None:
         """From another thread: the reply awaited now, or any later, ends at once."""
@@ -222,6 +231,7 @@ class _PatientReply:
             return super().getreply()  # type: ignore[misc]
         self._data_sent = False
         self.sock.settimeout(max(self.timeout, FINAL_REPLY_S))
+        self.confirming = True
         try:
             return super().getreply()  # type: ignore[misc]
         except smtplib.SMTPServerDisconnected as exc:
@@ -231,6 +241,7 @@ class _PatientReply:
                 raise Unconfirmed(str(exc)) from exc
             raise
         finally:
+            self.confirming = False
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
 
@@ -249,8 +260,10 @@ class FolderSender:
     def __init__(self, folder: Path) -> None:
         self._folder = folder
 
+    mail_wait_s = 0.0
+
     @contextmanager
-    def session(self, deadline: float) -> Iterator[Send]:
+    def session(self, cutter: Cutter) -> Iterator[Send]:
         self._folder.mkdir(parents=True, exist_ok=True)
         yield self._write
 
@@ -316,6 +329,7 @@ class Outbox:
         # not yet recorded as sent, and mails claimed but not tried.
         self._unrecorded: list[int] = []
         self._untried: list[ClaimedMail] = []
+        self._cutter: Cutter | None = None  # the batch under way's
         self._loop = Loop("mail-outbox", self._step, error_delay_s=retry_min_s, quiet=QUIET_ERRORS)
 
     def start(self) -> Outbox:
@@ -323,15 +337,20 @@ class Outbox:
         return self
 
     def wake(self) -> None:
-        """Called after a transaction that queued a mail commits: deliver it now."""
+        """Called after a transaction that queued a mail commits: deliver it now (and say that
+        it waits: the outbox may be busy with a slow server for a while)."""
         self._loop.wake()
+        self._publish_pending()
 
     def stop(self) -> None:
-        """Sends no other mail: the one being sent ends (a server may take ``FINAL_REPLY_S`` to
-        confirm it), the rest of its batch is given back. Called when a stop begins, so that the
-        mail has the drain's time to end in (given up sooner, it stayed claimed, and went again
-        after the restart)."""
+        """Sends no other mail, and gives the rest of the batch back. A mail whose data the server
+        has ends (a server may take ``FINAL_REPLY_S`` to confirm it); any other step is cut. Called
+        when a stop begins, so that the mail has the drain's time to end in (given up sooner, it
+        stayed claimed, and went again after the restart)."""
         self._loop.stop()
+        cutter = self._cutter
+        if cutter is not None:
+            cutter.cut(unless_confirming=True)
 
     def close(self) -> None:
         if not self._loop.close(FINAL_REPLY_S + STOP_MARGIN_S):
@@ -354,10 +373,16 @@ class Outbox:
         due = self._store.claim_due_mails(CLAIM_BATCH, self._clock())
         if due:
             self._deliver(due, claimed_at)
-        if self._on_pending is not None:
-            self._on_pending(self._store.pending_mails())
+        self._publish_pending()
         wait = self._store.seconds_to_next_mail(self._clock())
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
+
+    def _publish_pending(self) -> None:
+        """How many mails wait, for ``heartify_outbox_pending``; quietly nothing when the
+        database does not answer (its own lines say so)."""
+        if self._on_pending is not None:
+            with contextlib.suppress(QUIET_ERRORS):
+                self._on_pending(self._store.pending_mails())
 
     def _settle(self) -> None:
         """Once the database answers again after it failed in the middle of a batch: record what
@@ -378,56 +403,81 @@ class Outbox:
 
     def _deliver(self, due: list[ClaimedMail], claimed_at: float) -> None:
         done: set[int] = set()  # the mails whose outcome is recorded
+        cut_at = claimed_at + CUT_AFTER_S
+        # A mail is begun while its end fits before the cut, and within SEND_WITHIN_S.
+        begin_by = min(claimed_at + SEND_WITHIN_S, cut_at - self._sender.mail_wait_s)
         try:
-            try:
-                with self._sender.session(claimed_at + CUT_AFTER_S) as send:
-                    self._send_each(send, due, done, claimed_at + SEND_WITHIN_S)
-            except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
-                for row in due:
-                    if row.id not in done:
-                        self._failed(row, exc, permanent=False)
-                        done.add(row.id)
+            with Cutter(cut_at) as cutter:
+                self._cutter = cutter
+                if self._loop.stopping:  # stopped as the batch began
+                    cutter.cut()
+                try:
+                    with self._sender.session(cutter) as send:
+                        lost = self._send_each(send, due, done, begin_by)
+                except (OSError, smtplib.SMTPException) as exc:  # no session, or it broke when closing
+                    untried = [row for row in due if row.id not in done]
+                    if cutter.done:  # cut before a mail was tried: due again at once, no attempt spent
+                        log.warning("Mail server: %s; %d mail(s) due again", exc, len(untried))
+                        self._store.release_mails(untried, self._clock())
+                    else:
+                        for row in untried:
+                            self._failed(row, exc, permanent=False)
+                    done.update(row.id for row in untried)
+                    return
+            if lost:  # the session broke on a mail: the ones after it were not tried
+                self._store.release_mails([row for row in due if row.id not in done], self._clock())
         except Exception:  # the database failed: the batch stops, and _settle mends it (a mail
             # delivered but not recorded is recorded first, and then not given back)
             self._untried = [row for row in due if row.id not in done]
             raise
+        finally:
+            self._cutter = None
 
-    def _send_each(self, send: Send, due: list[ClaimedMail], done: set[int], deadline: float) -> None:
+    def _send_each(self, send: Send, due: list[ClaimedMail], done: set[int], begin_by: float) -> bool:
         """Each mail of ``due`` in one session, its outcome recorded (and added to ``done``),
-        while the outbox runs and until ``deadline``, for the rest to end within the claim."""
+        while the outbox runs, the session lasts and until ``begin_by``; True if the session was
+        lost (cut, or the server gone) on a mail."""
         for row in due:
             if self._loop.stopping:  # the rest are due again now, for whoever runs next
                 self._store.release_mails([r for r in due if r.id not in done], self._clock())
-                return
-            if time.monotonic() > deadline:
+                return False
+            if time.monotonic() > begin_by:
                 log.warning("Mail server slow: %d mail(s) left until their claim ends", len(due) - len(done))
-                return
-            self._send(send, row)
+                return False
+            lost = not self._send(send, row)
             done.add(row.id)
+            if lost:
+                return True
+        return False
 
-    def _send(self, send: Send, row: ClaimedMail) -> None:
-        """One mail sent and its outcome recorded; ``SessionLost`` fails it with the rest."""
+    def _send(self, send: Send, row: ClaimedMail) -> bool:
+        """One mail sent and its outcome recorded; False if the session was lost on it."""
         try:
             mail = self._sealer.open(row.mail)
             send(compose(mail, self._from), mail.recipient)
-        except SessionLost:
-            raise
+        except SessionLost as exc:  # the batch ends after this mail
+            self._failed(row, exc, permanent=False)
+            return False
         except Exception as exc:  # whatever one mail raises must not hold back the others
             self._failed(row, exc, permanent(exc))
         else:
             self._record_sent(row.id)
             log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
+        return True
 
     def _failed(self, row: ClaimedMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
+        # Only attempts whose data the server took count toward taking a mail as delivered: a
+        # mail cut twice in the greeting, then once unconfirmed, was taken as delivered unsent.
+        unconfirmed = row.unconfirmed + isinstance(exc, Unconfirmed)
         error = f"{type(exc).__name__}: {exc}"
         self._on_failure("permanent" if permanent else "transient")
-        if isinstance(exc, Unconfirmed) and attempts >= self._max_attempts:
+        if isinstance(exc, Unconfirmed) and unconfirmed >= self._max_attempts:
             log.error(
                 "Mail %d to %s taken as delivered: the server took it whole %d times without confirming (%s)",
                 row.id,
                 row.mail.recipient,
-                attempts,
+                unconfirmed,
                 error,
             )
             self._record_sent(row.id)
@@ -446,4 +496,4 @@ class Outbox:
             error,
             delay,
         )
-        self._store.retry_mail(row.id, attempts, delay, error, self._clock())
+        self._store.retry_mail(row.id, attempts, delay, error, self._clock(), unconfirmed)

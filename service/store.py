@@ -75,6 +75,7 @@ class ClaimedMail:
     mail: Mail
     attempts: int  # made before this claim
     claimed_until: datetime  # the claim's end as written: ``release_mails`` gives back only this claim
+    unconfirmed: int = 0  # attempts whose data the server took without confirming it
 
 
 class KeyConflict(Exception):
@@ -148,13 +149,15 @@ class OutboxMail(_Model):
     sent_at = pw.DateTimeField(null=True)
     failed_at = pw.DateTimeField(null=True)  # given up: refused permanently, or cannot be opened
     last_error = pw.TextField(null=True)
+    # Of the attempts, those whose data the server took without confirming it (None: none).
+    unconfirmed = pw.IntegerField(null=True)
 
     class Meta:
         table_name = "outbox_mail"
 
     def claimed(self, until: datetime) -> ClaimedMail:
         mail = Mail(self.recipient, self.subject, self.text_body or "", self.html_body or "")
-        return ClaimedMail(self.id, mail, self.attempts, until)
+        return ClaimedMail(self.id, mail, self.attempts, until, self.unconfirmed or 0)
 
 
 MODELS = (ApiKey, Token, OutboxMail)
@@ -483,10 +486,13 @@ class Store:
                     & OutboxMail.failed_at.is_null()
                 ).execute()
 
-    def retry_mail(self, mail_id: int, attempts: int, delay_s: float, error: str, now: datetime) -> None:
+    def retry_mail(
+        self, mail_id: int, attempts: int, delay_s: float, error: str, now: datetime, unconfirmed: int = 0
+    ) -> None:
         with self.db.connection_context():
             OutboxMail.update(
                 attempts=attempts,
+                unconfirmed=unconfirmed,
                 next_attempt_at=self._outbox_time(now) + timedelta(seconds=delay_s),
                 last_error=error[:1000],
             ).where(OutboxMail.id == mail_id).execute()

@@ -353,6 +353,7 @@ class Tarpit:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.recovered = threading.Event()
+        self.connections = 0
         self._closed = threading.Event()
 
     def start(self) -> Tarpit:
@@ -367,6 +368,7 @@ class Tarpit:
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = self._listener.accept()
+                self.connections += 1
                 threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -394,16 +396,63 @@ def test_a_mail_server_that_trickles_its_replies_is_cut_off_and_gets_the_mail_on
     """SMTP_TIMEOUT_SECONDS bounds each read: a server that sent a line every 0.1 s never reached
     it, and held the outbox's thread for good. No mail went out, even once the server had
     recovered, and nothing was logged. Now the session is cut at the batch's deadline."""
-    monkeypatch.setattr(mail, "CUT_AFTER_S", 1.0)
+    monkeypatch.setattr(mail, "CUT_AFTER_S", 2.0)
+    monkeypatch.setattr(mail, "FINAL_REPLY_S", 0.2)  # a mail is begun while its end fits before the cut
     tarpit = Tarpit(smtp.port).start()
     try:
         rt = runtime_with(sqlite_url, smtp_port=tarpit.port, smtp_timeout_s=0.5, mail_retry_min_s=0.2)
         assert client_of(rt).simulate_post(GENERATION, json={"email": "tarpit@example.org"}).status_code == 200
-        cut = "the connection was cut at the batch's deadline"
+        cut = "the connection was cut"
         wait_until(lambda: any(cut in r.getMessage() for r in caplog.records), 10, "the session cut")
         tarpit.recovered.set()
         wait_until(partial(sent_mail, rt.store), 10, "the mail delivered once the server recovered")
         assert [m["To"] for m in smtp.mailbox.messages] == ["tarpit@example.org"]
+    finally:
+        tarpit.close()
+
+
+def test_only_unconfirmed_attempts_count_toward_taking_a_mail_as_delivered(
+    runtime_with, sqlite_url, smtp, monkeypatch, caplog
+):
+    """Two attempts that never reached the server (cut in its greeting, say), then one whose data
+    it took without confirming: the mail was taken as delivered, though the server had it once
+    and was about to refuse it."""
+    monkeypatch.setattr(mail, "FINAL_REPLY_S", 0.3)
+    smtp.mailbox.confirm_after_s = 1.0
+    rt = runtime_with(sqlite_url, smtp_timeout_s=0.2, mail_retry_min_s=60, mail_retry_max_s=60)
+    store = rt.store
+    with store.db.connection_context(), store.transaction():
+        store.enqueue_mail(rt.sealer.seal(Mail("twice@example.org", "Key", "text", "<p>html</p>")), utcnow())
+        OutboxMail.update(attempts=2).execute()  # as two failures before the server was reached
+    rt.outbox.wake()
+    smtp.mailbox.wait_for(1)
+
+    def retried() -> OutboxMail | None:
+        with store.db.connection_context():
+            return OutboxMail.get_or_none(OutboxMail.last_error.is_null(False))
+
+    row = wait_until(retried, 10, "the attempt recorded")
+    assert (row.attempts, row.unconfirmed, row.sent_at) == (3, 1, None)  # due again, in a minute
+    assert not any("taken as delivered" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stop_cuts_a_mail_server_that_trickles_and_gives_the_batch_back(runtime_with, sqlite_url, smtp):
+    """A stop waited 35 s for a server that trickled its greeting, and left the batch claimed:
+    the next process sent it two minutes later (a worker was killed first)."""
+    tarpit = Tarpit(smtp.port).start()
+    try:
+        rt = runtime_with(sqlite_url, smtp_port=tarpit.port, smtp_timeout_s=0.5)
+        store = rt.store
+        with store.db.connection_context(), store.transaction():
+            for n in range(3):
+                store.enqueue_mail(rt.sealer.seal(Mail(f"held{n}@example.org", "Key", "text", "<p>html</p>")), utcnow())
+        rt.outbox.wake()
+        wait_until(lambda: tarpit.connections, 10, "the outbox connected")
+        rt.outbox.stop()  # as SIGTERM does
+        rt.outbox.close()
+        with store.db.connection_context():
+            rows = list(OutboxMail.select())
+        assert [(r.attempts, r.sent_at, r.next_attempt_at <= utcnow()) for r in rows] == [(0, None, True)] * 3
     finally:
         tarpit.close()
 
