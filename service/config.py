@@ -161,7 +161,9 @@ class Config:
     smtp_user: str | None = field(default=None, metadata=_env("SMTP_USER"))
     smtp_password: str | None = field(default=None, repr=False, metadata=_env("SMTP_PASSWORD"))
     smtp_security: str = field(default="starttls", metadata=_env("SMTP_SECURITY", str.lower))
-    smtp_timeout_s: float = field(default=10.0, metadata=_env("SMTP_TIMEOUT_SECONDS", _number, 0.1))
+    # At most 30: a mail is begun only while its end (the wait for the reply to its data, 30 s or
+    # this if longer, and one more step) fits in the batch's 100 s (service.mail); past 50, none was.
+    smtp_timeout_s: float = field(default=10.0, metadata=_env("SMTP_TIMEOUT_SECONDS", _number, 0.1, 30))
     sender_email: str = field(default="Heartify <no-reply@heartify.local>", metadata=_env("SENDER_EMAIL"))
     outbox_dir: Path = field(default=Path("outbox"), metadata=_env("OUTBOX_DIR", Path))
     mail_retry_min_s: float = field(default=5.0, metadata=_env("MAIL_RETRY_MIN_SECONDS", _number, 0.01))
