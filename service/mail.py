@@ -129,7 +129,10 @@ class SmtpSender:
             yield send
         finally:
             try:
-                client.quit()
+                if cutter.done:  # a QUIT to a server that trickles would hold a stop again
+                    client.close()
+                else:
+                    client.quit()
             except (OSError, smtplib.SMTPException):
                 client.close()
 
@@ -159,8 +162,9 @@ class Cutter:
 
     def __init__(self, deadline: float) -> None:
         self.done = False
+        self._after_confirmation = False  # a stop waits for the server's word on a mail's data
         self._client: _PatientReply | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a second SIGTERM may arrive while the first cuts
         self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.cut)
         self._timer.daemon = True
 
@@ -172,19 +176,31 @@ class Cutter:
         self._timer.cancel()
 
     def cut(self, unless_confirming: bool = False) -> None:
-        """Cut now; ``unless_confirming``: not while the server's reply to a message's data is
-        awaited (the server has the mail: a stop waits for its word, ``FINAL_REPLY_S``)."""
+        """Cut now; ``unless_confirming``: once the server's reply to a message's data has come,
+        if it is awaited (the server has the mail: a stop waits for its word, ``FINAL_REPLY_S``)."""
         with self._lock:
             client = self._client
             if unless_confirming and client is not None and client.confirming:
+                self._after_confirmation = True
                 return
             self.done = True
         if client is not None:
             client.cut()
 
+    def confirming(self, client: _PatientReply, awaited: bool) -> None:
+        """``client`` begins (``awaited``) or ends the wait for the reply to a message's data; a
+        cut held off meanwhile is made when it ends."""
+        with self._lock:
+            client.confirming = awaited
+            held_off = not awaited and self._after_confirmation and not self.done
+            self.done = self.done or held_off
+        if held_off:
+            client.cut()
+
     def open(self, sender: SmtpSender) -> _PatientSmtp | _PatientSmtpSsl:
         """A client of ``sender``'s, connected and its session set up, or the reason why not."""
         client = sender.new_client()
+        client.cutter = self
         with self._lock:
             self._client = client
             if self.done:  # cut already: this one is cut from the start
@@ -211,7 +227,8 @@ class _PatientReply:
     sock: Any
     _data_sent = False
     _cut_off = False
-    confirming = False  # its reply to a message's data is awaited
+    confirming = False  # its reply to a message's data is awaited (set by its cutter)
+    cutter: Cutter | None = None
 
     def cut(self) -> None:
         """From another thread: the reply awaited now, or any later, ends at once."""
@@ -220,18 +237,35 @@ class _PatientReply:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, s: bytes | str) -> None:
-        super().send(s)  # type: ignore[misc]
-        self._data_sent = isinstance(s, bytes) and s.endswith(b"\r\n.\r\n")  # smtplib sends the data so
+        final = isinstance(s, bytes) and s.endswith(b"\r\n.\r\n")  # smtplib sends a message's data so
+        if final:  # before its last bytes go: a stop from now on waits for the server's word
+            self._confirming(True)
+        try:
+            super().send(s)  # type: ignore[misc]
+        except BaseException:
+            if final:
+                self._confirming(False)
+            raise
+        self._data_sent = final
+
+    def _confirming(self, awaited: bool) -> None:
+        if self.cutter is None:
+            self.confirming = awaited
+        else:
+            self.cutter.confirming(self, awaited)
 
     def getreply(self) -> tuple[int, bytes]:
-        if self._cut_off:  # cut while it connected, before its socket could be shut
+        if self._cut_off:  # cut before this read began (while it connected, or right after its data)
+            data_sent, self._data_sent = self._data_sent, False
             self.close()
+            if data_sent:  # the server may have it whole
+                self._confirming(False)
+                raise Unconfirmed("the connection was cut right after the message's data")
             raise smtplib.SMTPServerDisconnected("the connection was cut")
         if not self._data_sent or self.sock is None:
             return super().getreply()  # type: ignore[misc]
         self._data_sent = False
         self.sock.settimeout(max(self.timeout, FINAL_REPLY_S))
-        self.confirming = True
         try:
             return super().getreply()  # type: ignore[misc]
         except smtplib.SMTPServerDisconnected as exc:
@@ -241,7 +275,7 @@ class _PatientReply:
                 raise Unconfirmed(str(exc)) from exc
             raise
         finally:
-            self.confirming = False
+            self._confirming(False)
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
 
@@ -337,10 +371,8 @@ class Outbox:
         return self
 
     def wake(self) -> None:
-        """Called after a transaction that queued a mail commits: deliver it now (and say that
-        it waits: the outbox may be busy with a slow server for a while)."""
+        """Called after a transaction that queued a mail commits: deliver it now."""
         self._loop.wake()
-        self._publish_pending()
 
     def stop(self) -> None:
         """Sends no other mail, and gives the rest of the batch back. A mail whose data the server
@@ -371,9 +403,10 @@ class Outbox:
             return 0.0
         claimed_at = time.monotonic()  # no later than the claim's own time
         due = self._store.claim_due_mails(CLAIM_BATCH, self._clock())
+        self._publish_pending()  # before the batch too: a slow mail server may hold it 100 s
         if due:
             self._deliver(due, claimed_at)
-        self._publish_pending()
+            self._publish_pending()
         wait = self._store.seconds_to_next_mail(self._clock())
         return IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S)
 
@@ -409,8 +442,9 @@ class Outbox:
         try:
             with Cutter(cut_at) as cutter:
                 self._cutter = cutter
-                if self._loop.stopping:  # stopped as the batch began
-                    cutter.cut()
+                if self._loop.stopping:  # stopped as the batch was claimed: given back untried
+                    self._store.release_mails(due, self._clock())
+                    return
                 try:
                     with self._sender.session(cutter) as send:
                         lost = self._send_each(send, due, done, begin_by)
