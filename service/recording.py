@@ -132,8 +132,9 @@ def denoise(samples: np.ndarray, rate: float, run: Runner) -> np.ndarray:
     windows = cut(x)
     # A flat window (a lead off, a clipped stretch) holds no ECG: its z-score is all zeros with
     # σ taken as 1, and the model's small answer to zeros, scaled by the recording's magnitude
-    # (its offset included), would come back as an invented signal. It comes back flat.
-    flat = ~windows.any(axis=1, keepdims=True)
+    # (its offset included), would come back as an invented signal. It comes back flat. Flat by
+    # its range: centred, it is not quite zero when its level's mean is off in the last bit.
+    flat = np.ptp(windows, axis=1, keepdims=True) == 0
     clean = stitch(np.where(flat, 0.0, run(windows)), n)
     return np.ldexp(resample(clean, SAMPLING_RATE_HZ, rate, len(samples)), exponent)
 

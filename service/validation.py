@@ -243,13 +243,14 @@ def _duration(samples: int, rate: float, max_seconds: float) -> None:
     if seconds < MIN_SECONDS:
         need = int(np.ceil(MIN_SECONDS * rate))
         raise ValidationError(
-            f"ecg_signal must hold at least {MIN_SECONDS:g} seconds: {need} values at {rate:g} Hz (got {samples})"
+            f"ecg_signal must hold at least {MIN_SECONDS:g} seconds: {need} values at {as_written(rate)} Hz "
+            f"(got {samples})"
         )
     if seconds > max_seconds:
         shown = f"{seconds:.1f}"
-        if float(shown) <= max_seconds:  # 600.001 s must not read as the 600.0 it exceeds
-            shown = f"{seconds:.9g}"
-        raise TooLong(f"Recording too long: at most {max_seconds:g} seconds (got {shown} s at {rate:g} Hz)")
+        if float(shown) <= max_seconds:  # 600.001 s must not read as the 600.0 it exceeds: every digit
+            shown = repr(seconds)
+        raise TooLong(f"Recording too long: at most {max_seconds:g} seconds (got {shown} s at {as_written(rate)} Hz)")
 
 
 def _window(value: Any, label: str) -> np.ndarray:

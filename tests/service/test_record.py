@@ -176,7 +176,9 @@ def test_a_flat_stretch_comes_back_flat_whatever_the_offset(client, key):
     x = ecg(60, 130, seed=8, offset=0)
     x[10 * 130 : 40 * 130] = 0.0
     answers = {}
-    for offset in (0.0, 2048.0, 1e6):
+    # 512.3 and 1.7: levels whose mean is off in its last bit, so that a flat window centred on
+    # it was not quite zero (1e-16), and came back as an invented signal 60 times the beats.
+    for offset in (0.0, 2048.0, 1e6, 512.3, 1.7):
         answers[offset] = np.array(
             post_json(client, key, {"ecg_signal": (x + offset).tolist()}).json["denoised_signal"]
         )
@@ -186,6 +188,7 @@ def test_a_flat_stretch_comes_back_flat_whatever_the_offset(client, key):
     assert np.abs(answers[0.0][: 10 * 130]).max() > 100  # the beats are still there
     np.testing.assert_allclose(answers[2048.0], answers[0.0], atol=1e-3)
     np.testing.assert_allclose(answers[1e6], answers[0.0], atol=0.5)
+    np.testing.assert_allclose(answers[512.3], answers[0.0], atol=1e-3)
 
 
 def test_a_json_recording_takes_its_rate_from_the_query_too_and_never_ignores_it(client, key):
@@ -779,3 +782,14 @@ def test_a_byte_order_mark_is_not_taken_for_a_header(tmp_path: Path):
     (tmp_path / "bom.csv").write_text("\n".join(f"{v:.6f}" for v in x), encoding="utf-8-sig")
     samples, header = record.read(tmp_path / "bom.csv")
     assert header is None and len(samples) == len(x) and samples[0] == pytest.approx(x[0], abs=1e-6)
+
+
+def test_a_rate_near_a_bound_is_told_as_written():
+    """{rate:g} wrote 50.0000001 Hz as 50, and 3600.00000036 s at 999.9999999 Hz as "3600 s at
+    1000 Hz", in a refusal for being too long."""
+    from service import validation
+
+    with pytest.raises(validation.ValidationError, match=r"101 values at 50\.0000001 Hz \(got 100\)"):
+        validation.binary_record(np.ones(100, "<f4").tobytes(), "50.0000001", 3600)
+    with pytest.raises(validation.TooLong, match=r"got 3600\.00000036 s at 999\.9999999 Hz"):
+        validation.binary_record(np.ones(3_600_000, "<f4").tobytes(), "999.9999999", 3600)
