@@ -223,20 +223,37 @@ def _cut(request: socket.socket) -> None:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # The answers the handler gives itself (a head too large, a bad request line) in the JSON of
+    # the API's, not as an HTML page.
+    error_message_format = '{"error":"%(code)d %(message)s"}'
+    error_content_type = "application/json"
+
     def log_message(self, format: str, *args: object) -> None:
         """No line per scrape."""
+
+    def end_headers(self) -> None:
+        """For the handler's own answers (the app's get theirs in ``_only_metrics``)."""
+        self.send_header("X-Content-Type-Options", "nosniff")
+        super().end_headers()
 
 
 def _only_metrics(app: Callable) -> Callable:
     """prometheus-client's app answers every path, and other methods than GET in plain text; the
-    port serves ``GET /metrics``, and the rest get the JSON 404 or 405 of the API."""
+    port serves ``GET /metrics`` (and HEAD, as the API's probes do), and the rest get the JSON
+    404 or 405 of the API. Every answer is ``nosniff``, as the API's are."""
 
     def only(environ: dict, start_response: Callable) -> list[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
             return _json_error(start_response, "404 Not Found")
-        if environ.get("REQUEST_METHOD") not in ("GET", "OPTIONS"):
-            return _json_error(start_response, "405 Method Not Allowed", (("Allow", "GET, OPTIONS"),))
-        return app(environ, start_response)
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            return _json_error(start_response, "405 Method Not Allowed", (("Allow", "GET, HEAD, OPTIONS"),))
+
+        def nosniff(status: str, headers: list[tuple[str, str]], *exc_info: object) -> Callable:
+            return start_response(status, [*headers, ("X-Content-Type-Options", "nosniff")], *exc_info)
+
+        body = app({**environ, "REQUEST_METHOD": "GET"} if method == "HEAD" else environ, nosniff)
+        return [] if method == "HEAD" else body
 
     return only
 
