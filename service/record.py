@@ -45,6 +45,12 @@ def read(path: Path) -> tuple[np.ndarray, str | None]:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's byte-order mark goes
             if lines and not _is_number(lines[0].split(",")[-1]):
                 header, lines = lines[0], lines[1:]
+            while lines and not lines[-1].strip():  # a file may end in blank lines
+                lines.pop()
+            blank = next((n for n, line in enumerate(lines) if not line.strip()), None)
+            if blank is not None:  # a gap in time: dropped silently, the rows after it came back shifted
+                row = blank + 1 + (header is not None)
+                raise BadFile(f"{path} has an empty row (line {row}): a sample is missing there.")
             with warnings.catch_warnings():  # an empty file: said below, in one sentence
                 warnings.simplefilter("ignore")
                 samples = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)

@@ -721,6 +721,13 @@ def test_the_command_refuses_a_bad_file_in_one_line(tmp_path: Path, capsys):
     assert record.main([str(tmp_path / "good.csv"), str(tmp_path / "missing" / "out.csv")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("heartify: ") and "missing is not a folder" in err and len(err.splitlines()) == 1
+    values = list(map(str, ecg(3, 130)))
+    (tmp_path / "gap.csv").write_text("ecg\n" + "\n".join(values[:100] + [""] + values[100:]) + "\n\n")
+    assert record.main([str(tmp_path / "gap.csv"), str(tmp_path / "out.csv")]) == 1  # it was read without the gap
+    err = capsys.readouterr().err
+    assert "has an empty row (line 102)" in err and len(err.splitlines()) == 1
+    (tmp_path / "ends.csv").write_text("ecg\n" + "\n".join(values) + "\n\n\n")  # blank lines at the end: fine
+    assert record.main([str(tmp_path / "ends.csv"), str(tmp_path / "out.csv")]) == 0
 
 
 def odd_npy(path: Path, kind: str) -> None:
