@@ -105,8 +105,10 @@ def crowded(exc: BaseException) -> bool:
 
 
 # What a live server answers a statement that waited too long for a lock, or ran past
-# statement_timeout: query_canceled, lock_not_available, deadlock_detected, serialization_failure.
-_BUSY_CODES = ("57014", "55P03", "40P01", "40001")
+# statement_timeout: query_canceled, lock_not_available, deadlock_detected, serialization_failure;
+# and a session it ended for idling in a transaction (idle_in_transaction_session_timeout, set
+# low on the server: each one opened and closed the breaker for everyone).
+_BUSY_CODES = ("57014", "55P03", "40P01", "40001", "25P03")
 
 
 def busy(exc: BaseException) -> bool:
@@ -126,6 +128,16 @@ def duplicate(exc: BaseException) -> bool:
     return name == "SQLITE_CONSTRAINT_UNIQUE" or code == "23505"
 
 
+# The one unique index a request may meet by design: two verifications of one email at once
+# (``Store.add_key``, ``KeyService.verify``). PostgreSQL names the index, SQLite its column.
+_ACTIVE_KEY = ("api_key_one_active_per_email", "api_key.email")
+
+
+def active_key_conflict(exc: BaseException) -> bool:
+    """Another transaction activated a key for the same email first."""
+    return duplicate(exc) and any(name in str(_driver(exc)[0]) for name in _ACTIVE_KEY)
+
+
 def refusal(exc: BaseException) -> str | None:
     """What the database refuses when it answers, but not this statement or connection: the
     request gets its 503, the others go on, and the log says so once a minute. None otherwise."""
@@ -135,9 +147,10 @@ def refusal(exc: BaseException) -> str | None:
         return "has no connection to spare"
     if busy(exc):
         return "is busy (a lock held, or a statement past its timeout)"
-    if isinstance(exc, pw.IntegrityError) and not duplicate(exc):
-        # A schema this version does not know: a column it never fills, after a rollback.
-        return "refused a row (is its schema from another version?)"
+    if isinstance(exc, pw.IntegrityError) and not active_key_conflict(exc):
+        # A schema this version does not know (a column it never fills), or an id sequence behind
+        # its table (data restored or copied without it): after a rollback. A 500 each, before.
+        return "refused a row (is its schema from another version, or an id sequence behind its table?)"
     if column_missing(exc):
         return "lacks a column (is its schema from another version?)"
     return None

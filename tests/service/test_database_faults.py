@@ -352,6 +352,24 @@ def test_a_column_renamed_under_the_service_gives_503_not_500(backend, request, 
     assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "renamed@example.org"}).status_code == 200
 
 
+def test_an_id_sequence_behind_its_table_gives_503_not_500(postgres_url, runtime_with, caplog):
+    """Data restored or copied without its sequences (pg_restore into a database the service had
+    written, a logical replica after a failover): each insert met a duplicate primary key, and
+    answered 500 with a traceback, one per row already there."""
+    rt = runtime_with(postgres_url)
+    client = falcon.testing.TestClient(create_app(rt.deps))
+    assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "first@example.org"}).status_code == 200
+    with rt.store.db.connection_context():
+        for table in ("verification_token", "outbox_mail"):
+            rt.store.db.execute_sql(f"ALTER SEQUENCE {table}_id_seq RESTART WITH 1")
+    assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "second@example.org"}))
+    assert any("id sequence behind its table" in line for line in outage_lines(caplog))
+    again = [
+        client.simulate_post("/api/v1/api-keys/generation", json={"email": "second@example.org"}) for _ in range(2)
+    ]
+    assert [answer.status_code for answer in again] == [503, 200]  # each failed insert moved a sequence on
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
