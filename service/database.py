@@ -105,10 +105,11 @@ def crowded(exc: BaseException) -> bool:
 
 
 # What a live server answers a statement that waited too long for a lock, or ran past
-# statement_timeout: query_canceled, lock_not_available, deadlock_detected, serialization_failure;
-# and a session it ended for idling in a transaction (idle_in_transaction_session_timeout, set
-# low on the server: each one opened and closed the breaker for everyone).
-_BUSY_CODES = ("57014", "55P03", "40P01", "40001", "25P03")
+# statement_timeout: query_canceled, lock_not_available, deadlock_detected, serialization_failure.
+_BUSY_CODES = ("57014", "55P03", "40P01", "40001")
+# And a session it ended for idling in a transaction (idle_in_transaction_session_timeout set low
+# on the server: each one opened and closed the breaker for everyone); libpq gives it no SQLSTATE.
+_IDLE_IN_TRANSACTION = "terminating connection due to idle-in-transaction timeout"
 
 
 def busy(exc: BaseException) -> bool:
@@ -118,8 +119,9 @@ def busy(exc: BaseException) -> bool:
     timed out opened and closed it again, two log lines each."""
     if not isinstance(exc, pw.OperationalError):
         return False
-    _, name, code = _driver(exc)
-    return code in _BUSY_CODES or name.startswith("SQLITE_BUSY")  # extended names too
+    driver, name, code = _driver(exc)
+    # SQLite's extended names too (SQLITE_BUSY_SNAPSHOT…)
+    return code in _BUSY_CODES or name.startswith("SQLITE_BUSY") or _IDLE_IN_TRANSACTION in str(driver)
 
 
 def duplicate(exc: BaseException) -> bool:
@@ -374,6 +376,15 @@ class GuardedSqlite(_Guarded, PooledSqliteDatabase):
 
 class GuardedPostgres(_Guarded, PooledPostgresqlDatabase):
     _raw_connect = pw.PostgresqlDatabase._connect
+
+    def rollback(self) -> None:
+        """A connection the server closed (ending its session rolled the transaction back) has
+        nothing to roll back: the ROLLBACK peewee sends fails ("connection already closed"), and
+        its error, taken for an outage, replaced the one that said what happened."""
+        conn = self._state.conn
+        if conn is not None and conn.closed:
+            return
+        super().rollback()
 
     def _is_closed(self, conn: object) -> bool:
         """Without a round trip: peewee's own check sends ``SELECT 1`` for every checkout, under

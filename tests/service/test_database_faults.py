@@ -370,6 +370,22 @@ def test_an_id_sequence_behind_its_table_gives_503_not_500(postgres_url, runtime
     assert [answer.status_code for answer in again] == [503, 200]  # each failed insert moved a sequence on
 
 
+def test_a_session_the_server_ends_for_idling_in_a_transaction_is_no_outage(postgres_url):
+    """With idle_in_transaction_session_timeout set low on the server, each such end opened the
+    breaker for everyone (and a ROLLBACK on the closed connection took its place in the log)."""
+    options = "options=-c%20idle_in_transaction_session_timeout%3D100%20-c%20search_path"
+    store = Store(postgres_url.replace("options=-c%20search_path", options), max_connections=2).start()
+    try:
+        with pytest.raises(database.DatabaseUnavailable), store.db.connection_context(), store.db.atomic():
+            store.db.execute_sql("SELECT 1")
+            time.sleep(0.4)  # the server ends the session
+            store.db.execute_sql("SELECT 1")
+        assert store.health.available  # this request's 503 only
+        assert store.ping()
+    finally:
+        store.close()
+
+
 def test_database_file_is_private(tmp_path, runtime_with):
     runtime_with(f"sqlite:///{tmp_path / 'private.db'}")
     assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
