@@ -339,16 +339,25 @@ def test_a_column_renamed_under_the_service_gives_503_not_500(backend, request, 
     rt = runtime_with(url)
     client = falcon.testing.TestClient(create_app(rt.deps))
     key = issue_key(rt.store, "kept@example.org")
-    rename = "ALTER TABLE verification_token RENAME COLUMN client TO {}"
-    with rt.store.db.connection_context():
-        rt.store.db.execute_sql(rename.format("client_address"))
+    rename = "ALTER TABLE verification_token RENAME COLUMN {} TO {}"
+
+    def by_hand(sql: str) -> None:  # as an operator would, on a connection of their own
+        if backend == "sqlite":
+            with closing(sqlite3.connect(tmp_path / "renamed.db")) as db:
+                db.execute(sql)
+                db.commit()
+        else:
+            with closing(psycopg2.connect(url)) as db, db.cursor() as cur:
+                cur.execute(sql)
+                db.commit()
+
+    by_hand(rename.format("client", "client_address"))
     assert_unavailable(client.simulate_post("/api/v1/api-keys/generation", json={"email": "renamed@example.org"}))
     assert any("lacks a column" in line for line in outage_lines(caplog))
     assert not any("unavailable" in line for line in outage_lines(caplog))  # no outage: the breaker stays closed
     window = {"ecg_signal": [float(i % 50) for i in range(1300)]}
     assert client.simulate_post("/api/v1/denoising", json=window, headers={"x-api-key": key}).status_code == 200
-    with rt.store.db.connection_context():
-        rt.store.db.execute_sql(rename.format("client").replace("client TO", "client_address TO"))
+    by_hand(rename.format("client_address", "client"))
     assert client.simulate_post("/api/v1/api-keys/generation", json={"email": "renamed@example.org"}).status_code == 200
 
 
