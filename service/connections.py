@@ -62,6 +62,7 @@ from waitress.task import ThreadedTaskDispatcher
 from service import parsing
 from service.channels import JSON_ERROR_HEADERS, Channel
 from service.config import Config, ConfigError
+from service.logs import Tally
 from service.parsing import MAX_HEADER_BYTES, SPOOL_BYTES, Allowance, Intake, Request, UploadGate
 
 log = logging.getLogger("service.connections")
@@ -159,10 +160,6 @@ class Server(TcpWSGIServer):
     each second in ``maintenance``), the upload gate and the drain."""
 
     channel_class = Channel
-    next_log = 0.0  # when the next line about slow clients may be logged
-    next_room_log = 0.0  # when the next line about connections closed to make room may be
-    made_room = 0  # idle connections closed at the connection limit since the last line
-    next_spool_log = 0.0  # when the next line about bodies that could not be spooled may be
     drain_until: float | None = None  # set by drain: the loop ends then at the latest
     draining = False  # the drain has begun in the loop
 
@@ -191,14 +188,15 @@ class Server(TcpWSGIServer):
         self.sweep_ended = False  # close_door can accept no more (the socket shut, no descriptor left)
         self.grace_s = grace_s
         self.channel_timeout_s = channel_timeout_s
-        self.timed_out = 0  # connections closed for slow headers or uploads since the last log line
+        self.timed_out = Tally()  # connections closed for slow headers or uploads
+        self.made_room = Tally()  # idle connections closed at the connection limit
         self._timeout_response = _timeout_response(f"Request headers not received within {header_timeout_s:g} seconds")
         self._slow_upload_response = _timeout_response(
             f"Request body too slow: uploads must average {parsing.MIN_UPLOAD_BYTES_PER_S >> 10} KiB/s"
         )
         super().__init__(app, **kw)
         limits = {}  # by path: the adjustments with that route's limit
-        for path, limit in {"": self.adj.max_request_body_size - 1, **routes.body_limits}.items():
+        for path, limit in routes.body_limits.items():  # "" among them (create_server)
             limits[path] = copy.copy(self.adj)
             limits[path].max_request_body_size = limit + 1  # waitress refuses from the limit on
         self.intake = Intake(
@@ -348,23 +346,20 @@ class Server(TcpWSGIServer):
         self._keep_to_budget(waiting)
         if len(self._map) >= self.adj.connection_limit:
             self._make_room(now)
-        if self.timed_out and now >= self.next_log:
+        if timed_out := self.timed_out.due(now):
             log.warning(
                 "Closed %d connection(s) whose request headers took longer than %g s, or whose body "
                 "came at under %d KiB/s (slow clients)",
-                self.timed_out,
+                timed_out,
                 self.header_timeout_s,
                 parsing.MIN_UPLOAD_BYTES_PER_S >> 10,
             )
-            self.timed_out = 0
-            self.next_log = now + 60
-        if self.intake.unspooled and now >= self.next_spool_log:
+        if unspooled := self.intake.unspooled.due(now):
             log.warning(
                 "Answered 503 to %d request(s) whose body could not be written to the temporary directory (%s)",
-                self.intake.unspooled,
+                unspooled,
                 self.intake.unspooled_why,
             )
-            self.intake.unspooled, self.next_spool_log = 0, now + 60
 
     def _police(self, channel: Channel, now: float) -> None:
         """Close a connection that outstayed its welcome: its answer sent and lingering over, its
@@ -395,14 +390,13 @@ class Server(TcpWSGIServer):
         closing = [c for c in self.active_channels.values() if _stale(c, now) and c.idle()]
         for channel in closing:
             channel.will_close = True
-        self.made_room += len(closing)
-        if self.made_room and now >= self.next_room_log:
+        self.made_room.add(len(closing))
+        if made_room := self.made_room.due(now):
             log.warning(
                 "At the connection limit (%d): closed %d idle connection(s) to make room",
                 self.adj.connection_limit,
-                self.made_room,
+                made_room,
             )
-            self.made_room, self.next_room_log = 0, now + 60
 
     def _idle_limit_s(self, channel: Channel) -> float:
         """How long a connection may sit idle: between requests, ``CHANNEL_TIMEOUT_SECONDS``;
@@ -415,7 +409,7 @@ class Server(TcpWSGIServer):
 
     def _time_out(self, channel: Channel, response: bytes) -> None:
         channel.time_out(response)
-        self.timed_out += 1
+        self.timed_out.add()
         self.refused(408)
 
     def _keep_to_budget(self, waiting: list[Channel]) -> None:

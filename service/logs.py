@@ -41,6 +41,27 @@ def loggable(text: str, limit: int = 200) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")
 
 
+class Tally:
+    """Counts what happened between the lines that say how often: one line per ``interval_s``
+    at most, however often it happens."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self._interval_s = interval_s
+        self._next = -math.inf
+        self.count = 0
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+
+    def due(self, now: float) -> int:
+        """The count since the last line, if there is one and a line is due now (the count then
+        starts anew); else 0."""
+        if not self.count or now < self._next:
+            return 0
+        count, self.count, self._next = self.count, 0, now + self._interval_s
+        return count
+
+
 class _Summary(logging.Filter):
     """Lets one line of what it summarizes through per ``interval_s``."""
 

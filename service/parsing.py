@@ -19,6 +19,7 @@ from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.utilities import BadRequest, Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
 from service.codec import media_type
+from service.logs import Tally
 from service.pace import Pace
 from service.turns import BUSY, BUSY_RETRY_AFTER_S
 
@@ -144,7 +145,7 @@ class Intake:
     gated: bool = False
     # Bodies that could not be spooled (a full, gone or read-only temporary directory), and why,
     # since the server's last line about them.
-    unspooled: int = 0
+    unspooled: Tally = field(default_factory=Tally)
     unspooled_why: str = ""
 
 
@@ -266,7 +267,7 @@ class Request(HTTPRequestParser):
         try:
             consumed = super().received(data)
         except OSError as exc:  # the spool file: a full disk, a quota, a directory gone or read-only
-            self._intake.unspooled += 1
+            self._intake.unspooled.add()
             self._intake.unspooled_why = exc.strerror or str(exc)
             self._fail(NoRoom(self._intake.unspooled_why))
             return len(data)
