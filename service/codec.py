@@ -11,6 +11,7 @@ quotes are counted first.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -44,7 +45,10 @@ def loads(text: str | bytes, max_values: int, max_containers: int) -> Any:
     ``text``: decoded, or UTF-8 bytes (the stdlib decodes them as the old service did, lone
     surrogates included, where orjson refuses them; but only in bodies up to ``SMALL_BODY``:
     that decoding takes over 100 ns a character, holding the GIL, and a recording's body of them
-    held every thread of its worker for seconds).
+    held every thread of its worker for seconds). In larger bodies the stdlib hands each number
+    to a Python function, which lets other threads run between numbers: its scanner holds the
+    GIL otherwise, and one recording with a ``NaN`` in it froze its worker, health checks
+    included, for the whole parse.
 
     A body (larger than ``SMALL_BODY``) with ``max_values`` commas or more (so more values), or
     more than ``max_containers`` arrays and objects, or as many strings (keys included), is
@@ -61,10 +65,13 @@ def loads(text: str | bytes, max_values: int, max_containers: int) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        if isinstance(text, bytes) and len(text) > SMALL_BODY:
-            text = text.decode()  # strict: a UnicodeDecodeError (a ValueError) if not UTF-8 proper
+        hooks: dict[str, Callable[[str], Any]] = {"parse_int": _integer}
+        if len(text) > SMALL_BODY:
+            if isinstance(text, bytes):
+                text = text.decode()  # strict: a UnicodeDecodeError (a ValueError) if not UTF-8 proper
+            hooks["parse_float"] = _yielding_float
         try:
-            return json.loads(text, parse_int=_integer)
+            return json.loads(text, **hooks)
         except RecursionError:  # absurdly deep nesting is just malformed JSON
             raise ValueError("JSON nested too deeply") from None
 
@@ -73,6 +80,12 @@ def response_handler() -> JSONHandler:
     """Falcon's JSON media handler for answers; NumPy arrays serialize as lists. (Requests are
     read by each route with its own limits: ``resources.JsonBody``.)"""
     return JSONHandler(dumps=partial(orjson.dumps, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _yielding_float(digits: str) -> float:
+    """``float``, as a Python function: the interpreter can switch threads on each call, where
+    the builtin, called from the scanner's C code, never gives the GIL up."""
+    return float(digits)
 
 
 def _integer(digits: str) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service import record, recording, resources
+from service import codec, record, recording, resources
 from service.app import create_app, server_rules
 from service.batcher import Batcher
 from service.connections import create_server
@@ -380,6 +380,31 @@ def test_a_body_of_more_numbers_or_arrays_than_its_route_takes_is_refused_before
     too_many = {"ecg_signals": [[0.123456789] * WINDOW] * 65}  # one window over the batch limit, 1 MB
     over = client.simulate_post("/api/v1/denoising/batch", json=too_many, headers=headers)
     assert over.status_code == 400 and over.json == {"error": "ecg_signals must hold 1 to 64 windows (got 65)"}
+
+
+def test_a_large_body_the_stdlib_must_parse_lets_the_other_threads_run():
+    """orjson refuses ``NaN`` (and numbers beyond float64), and the stdlib's scanner, which reads
+    them as the old service did, held the GIL through the whole body: one recording froze its
+    worker's other threads, health checks included, for seconds."""
+    body = b'{"ecg_signal": [NaN,' + b"0.25," * 1_000_000 + b'0.5], "sampling_rate": 1000}'
+    turns, stop = [0], threading.Event()
+
+    def other_thread() -> None:
+        while not stop.is_set():
+            turns[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        before = turns[0]
+        parsed = codec.loads(body, 2_000_000, 16)
+        during = turns[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    assert np.isnan(parsed["ecg_signal"][0]) and len(parsed["ecg_signal"]) == 1_000_002
+    assert during >= 20, during  # held throughout, it ran a few times at most
 
 
 class GatedEngine(CountingEngine):
