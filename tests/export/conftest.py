@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,10 @@ from export.data import Corpus, load_corpus
 from export.model import AttentionUNet
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# One thread per test process, in the commands they start too: the suite runs more processes
+# than there are cores, and torch's threads spin while they wait for each other.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

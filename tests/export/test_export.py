@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +21,9 @@ from .conftest import export_main, random_state_dict
 
 pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 
-ROOT = Path(__file__).resolve().parents[2]
 # Tests whose subject is not the parity figure itself compare fewer windows than the default.
 FEW = 8
 FEW_ARGS = ["--parity-windows", str(FEW)]
-
-
-def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
 
 
 def assert_one_sentence(stderr: str, *words: str) -> None:
@@ -41,11 +32,6 @@ def assert_one_sentence(stderr: str, *words: str) -> None:
     assert last.startswith("error: ")
     for word in words:
         assert word in last
-
-
-def assert_one_sentence_failure(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 1
-    assert_one_sentence(result.stderr, *words)
 
 
 @pytest.mark.parametrize("nesting", [None, "state_dict", "model_state_dict"])
@@ -159,9 +145,9 @@ def test_bad_checkpoints_fail_with_one_sentence_and_write_nothing(tmp_path, caps
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
-def test_missing_checkpoint_is_one_sentence(tmp_path):
-    result = run_export("--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "m.onnx"))
-    assert_one_sentence_failure(result, "checkpoint not found")
+def test_missing_checkpoint_is_one_sentence(tmp_path, capsys):
+    assert export_main(["--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert_one_sentence(capsys.readouterr().err, "checkpoint not found")
 
 
 def test_the_shipped_layout_runs_its_convolutions_as_2d(exported):

@@ -346,6 +346,7 @@ class ServiceProcess:
             "ORT_LONE_THREADS": "1",
             "BATCH_WORKERS": "1",
             "SECRET_KEY": "test-secret",
+            "MODEL_PATH": str(INT8),  # the subject of these tests is not the model (those choose theirs)
             **env,
         }
         self._log_path = log_path

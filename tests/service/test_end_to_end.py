@@ -274,8 +274,8 @@ def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, t
 def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process, tmp_path):
     """A single process drains: an hour's recording (longer to denoise than waitress's own 5 s
     wait) is answered in full, while the connections that come after SIGTERM are refused."""
-    # One batch thread: the hour then takes longer than waitress's own 5 s wait on this machine.
-    env = {"WEB_WORKERS": "1", "BATCH_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0"}
+    # One batch thread and the fp32 model: the hour then takes longer than waitress's own 5 s wait.
+    env = {"WEB_WORKERS": "1", "BATCH_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0", "MODEL_PATH": str(MODEL)}
     server, key = service_with_key(service_process, tmp_path, env)
     samples = (np.sin(np.arange(130 * 3600) / 20) * 100).astype("<f4")  # an hour: several seconds of work
     answers: list[tuple[int, np.ndarray]] = []

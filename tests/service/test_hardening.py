@@ -584,6 +584,7 @@ def test_the_app_takes_its_clock_and_request_ids_from_its_dependencies(runtime, 
     assert line.startswith("GET /healthz 200 250.0ms id=req-1 ")
 
 
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # the point: a method of 10 000 characters
 def test_a_path_cannot_forge_log_lines_or_send_terminal_escapes(client, caplog):
     caplog.set_level(logging.INFO, logger="service.access")
     forged = "/x\n2026-11-30 13:00:00,000 ERROR service.mail: Mail 99 given up\x1b[31m\x00\u2028"

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.service.conftest import INT8, service_with_key
+from tests.service.conftest import service_with_key
 
 CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"
 CONFIG = """
@@ -37,16 +37,14 @@ EXAMPLES = 20  # per operation: about 130 cases, derandomized
 @pytest.mark.slow
 def test_schemathesis_finds_no_disagreement(service_process, tmp_path):
     # Small batches: the document follows MAX_BATCH_WINDOWS, and each window generated costs time.
-    # Limits off: the fuzzer sends many requests from one client with one key, by design. The int8
-    # model: the document is the same.
+    # Limits off: the fuzzer sends many requests from one client with one key, by design.
     limits_off = {
         "MAIL_LIMIT_PER_EMAIL": "0",
         "MAIL_LIMIT_PER_CLIENT": "0",
         "KEY_REQUESTS_PER_MINUTE": "0",
         "DENOISE_RATE_PER_SECOND": "0",
     }
-    int8 = {"MODEL_PATH": str(INT8)}
-    service, key = service_with_key(service_process, tmp_path, {"MAX_BATCH_WINDOWS": "2", **limits_off, **int8})
+    service, key = service_with_key(service_process, tmp_path, {"MAX_BATCH_WINDOWS": "2", **limits_off})
     (tmp_path / "schemathesis.toml").write_text(CONFIG)
     report = tmp_path / "report.json"
     # A window near the largest accepted value, in input units: outputs beyond it must be described.

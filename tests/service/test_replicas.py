@@ -28,7 +28,7 @@ from tests import haproxy, pgcluster
 from tests.haproxy import HaProxy
 from tests.pgcluster import PgCluster
 
-from .conftest import INT8, ServiceProcess, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
+from .conftest import ServiceProcess, SmtpServer, free_port, http, key_in, smtp_env, verify_link, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "MAIL_LIMIT_PER_CLIENT": "0",
             "KEY_REQUESTS_PER_MINUTE": "0",
             "DENOISE_RATE_PER_SECOND": "0",
-            "MODEL_PATH": str(INT8),
             **smtp_env(smtp.port),
         }
         replicas = [ServiceProcess(env, folder / f"replica-{n}.log") for n in range(1, REPLICAS + 1)]

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.store import Store
 
-from .conftest import INT8, free_port, http, issue_key, smtp_env, verify_link, wait_until
+from .conftest import free_port, http, issue_key, smtp_env, verify_link, wait_until
 
 WINDOWS = np.sin(np.arange(1300) / 20)[None, :].repeat(64, axis=0).tolist()
 
@@ -58,7 +58,6 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
             "DATABASE_URL": database,
             "WEB_WORKERS": "2",
             "METRICS_PORT": str(metrics_port),
-            "MODEL_PATH": str(INT8),
             **smtp_env(smtp.port),
         }
     )
