@@ -15,12 +15,18 @@ import torch
 from export.__main__ import main as export_main
 from export.data import Corpus, load_corpus
 from export.model import AttentionUNet
+from service.engine import Engine
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # One thread per test process, in the commands they start too: the suite runs more processes
 # than there are cores, and torch's threads spin while they wait for each other.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+def one_thread_engine(path: Path) -> Engine:
+    """The service's engine on one thread, for the same reason."""
+    return Engine(path, threads=1, lone_threads=1).start()
 
 
 def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ import pytest
 
 from export.evaluate import beat_agreement, evaluate, evaluate_families, family_table, figures, main, table
 from export.synth import synthetic_corpus
-from service.engine import Engine
+
+from .conftest import one_thread_engine
 
 pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "attention_unet.int8.onnx"
@@ -21,7 +22,7 @@ def test_evaluation_covers_16_cases_for_model_and_baseline(tmp_path):
     """The shipped model (not a random export: the tests that read one share it, and a process
     here would wait for the other's export) beats the band-pass filter in every case."""
     corpus = synthetic_corpus(np.random.default_rng(0))
-    engine = Engine(SHIPPED).start()
+    engine = one_thread_engine(SHIPPED)
     result = evaluate(engine, corpus, per_case=2)
     assert len(result["cases"]) == 16
     assert {"model", "bandpass"} <= result["cases"][0].keys()
@@ -34,7 +35,7 @@ def test_evaluation_covers_16_cases_for_model_and_baseline(tmp_path):
 
 def test_family_evaluation_scores_trained_and_held_out_families_apart():
     corpus = synthetic_corpus(np.random.default_rng(0))
-    result = evaluate_families(Engine(SHIPPED).start(), corpus, per_case=2)
+    result = evaluate_families(one_thread_engine(SHIPPED), corpus, per_case=2)
     held_out = {c["noise"] for c in result["cases"] if c["held_out"]}
     assert held_out == {"cadence", "spikes", "respiration", "em reversed"}
     assert result["summary"]["held_out"]["cases"] == 16 and result["summary"]["trained"]["cases"] == 12

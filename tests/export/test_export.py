@@ -15,9 +15,8 @@ from export.__main__ import recorded_version
 from export.checkpoint import CheckpointError, load_model
 from export.manifest import update as update_manifest
 from export.onnx_export import ParityError, check_parity, parity_windows
-from service.engine import Engine
 
-from .conftest import export_main, random_state_dict
+from .conftest import export_main, one_thread_engine, random_state_dict
 
 pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 
@@ -82,12 +81,12 @@ def test_a_re_export_keeps_the_manifest_version_unless_given_one(exported, tmp_p
 
 def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported, checkpoint):
     model = load_model(checkpoint)
-    windows = parity_windows(64, seed=5)
+    windows = parity_windows(32, seed=5)
     with torch.no_grad():
         expected = model(torch.from_numpy(windows)).numpy()
-    engine = Engine(exported).start()
-    for size in (1, 3, 64):
-        got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, 64, size)])
+    engine = one_thread_engine(exported)
+    for size in (1, 3, 32):
+        got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, 32, size)])
         assert np.abs(got - expected).max() <= 1e-4
 
 
@@ -171,4 +170,4 @@ def test_upsampling_as_conv_computes_the_same_function(exported, tmp_path):
     path = tmp_path / "rewritten.onnx"
     onnx.save(rewritten, str(path))
     windows = parity_windows(16, seed=2)
-    assert np.abs(Engine(path).start().run(windows) - Engine(exported).start().run(windows)).max() <= 1e-5
+    assert np.abs(one_thread_engine(path).run(windows) - one_thread_engine(exported).run(windows)).max() <= 1e-5

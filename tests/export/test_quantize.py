@@ -8,7 +8,8 @@ import pytest
 
 from export.onnx_export import parity_windows
 from export.quantize import quality_gate, quantize
-from service.engine import Engine
+
+from .conftest import one_thread_engine
 
 pytestmark = pytest.mark.slow  # exports, evaluates or trains a model
 
@@ -28,7 +29,7 @@ def test_quantized_model_is_qdq_per_channel_and_close_to_fp32(exported, tmp_path
     ]
     assert per_channel  # weight scales are vectors: one per output channel
     windows = parity_windows(16, seed=4)
-    fp32, int8 = Engine(exported).start().run(windows), Engine(out).start().run(windows)
+    fp32, int8 = one_thread_engine(exported).run(windows), one_thread_engine(out).run(windows)
     assert int8.shape == fp32.shape
     assert np.abs(int8 - fp32).mean() < 0.1 * np.abs(fp32).mean() + 1e-3
 
