@@ -255,7 +255,7 @@ def _rate_limited(
     metrics: Metrics | None, req: falcon.Request, resp: falcon.Response, exc: RateLimited, params: dict
 ) -> None:
     if metrics is not None:
-        metrics.rate_limited.labels(limit=exc.limit).inc()
+        metrics.limited(exc.limit)
     resp.status = falcon.HTTP_429
     resp.set_header("Retry-After", str(exc.retry_after_s))
     resp.media = {"error": str(exc)}

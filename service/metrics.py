@@ -10,6 +10,7 @@ so that each process makes them after that variable is known and tests can make 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -33,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.logs import Tally
+
 if TYPE_CHECKING:  # the supervisor imports this module, and never loads Falcon
     import falcon
 
@@ -42,6 +45,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"  # the route label of every path no route matches: raw paths would be unbounded
 REFUSED = "refused"  # the route label of answers the server gives from a request's headers, before any route
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+UNAVAILABLE = "Metrics unavailable: their folder was removed; the service makes it again"
 # Connections METRICS_PORT serves at once: scrapers come one or two at a time. Within the
 # descriptors the API's connection limit leaves free (connections.RESERVED_FILES).
 METRICS_CONNECTIONS = 8
@@ -54,6 +58,8 @@ def multiprocess_dir() -> str | None:
 def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
     """What a scrape reports: every process's files in multiprocess mode, else ``own``'s metrics."""
     folder = multiprocess_dir()
+    if folder is not None and not os.path.isdir(folder):
+        raise MetricsUnavailable(f"the metrics folder {folder} is missing")
     return own if folder is None else merged_registry(folder)
 
 
@@ -74,8 +80,14 @@ class _SizedFiles(MultiProcessCollector):
         super().__init__(registry, path=folder)
 
     def collect(self) -> Iterable[Metric]:
+        if not os.path.isdir(self._folder):  # an empty answer would read as every series gone
+            raise MetricsUnavailable(f"the metrics folder {self._folder} is missing")
         files = [path for path in glob.glob(os.path.join(self._folder, "*.db")) if _sized(path)]
         return self.merge(files, accumulate=True)
+
+
+class MetricsUnavailable(Exception):
+    """A scrape that cannot be answered truthfully: a 503, not a 200 with every series gone."""
 
 
 def _sized(path: str) -> bool:
@@ -85,10 +97,34 @@ def _sized(path: str) -> bool:
         return False
 
 
+def _never_fails(write: Callable[..., None]) -> Callable[..., None]:
+    """A value that cannot be written is lost, never the answer, mail or model run it counts.
+    In multiprocess mode prometheus-client opens a file in the folder at the first value of each
+    kind in a process: with the folder removed (systemd-logind's ``RemoveIPC`` empties
+    ``/dev/shm`` at logout) that raised in the middle of an answer, health checks included."""
+
+    @functools.wraps(write)
+    def guarded(self: Metrics, *args: object) -> None:
+        try:
+            write(self, *args)
+        except OSError as exc:
+            self._lost.add()
+            if count := self._lost.due(time.monotonic()):
+                log.error("%d metric value(s) could not be written (%s); the answers go on without them", count, exc)
+
+    return guarded
+
+
 class Metrics:
-    """The service's metrics, registered in a registry of their own."""
+    """The service's metrics, registered in a registry of their own. Every write goes through a
+    method here, which never raises (``_never_fails``)."""
 
     def __init__(self) -> None:
+        self._lost = Tally()
+        folder = multiprocess_dir()
+        if folder is not None and not os.path.isdir(folder):  # removed under the service: made again
+            log.error("The metrics folder %s was missing: made again, the counts start afresh", folder)
+            os.makedirs(folder, exist_ok=True)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -124,16 +160,33 @@ class Metrics:
         self.mail_failures = Counter("heartify_mail_failures", "Mails that failed to send", ["kind"], registry=r)
         self.worker_start_time.set_to_current_time()
 
+    @_never_fails
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+
+    @_never_fails
     def refused(self, status: int) -> None:
         """An answer the server gave itself (``connections.Server``), before any route."""
         self.requests.labels(REFUSED, str(status)).inc()
 
+    @_never_fails
+    def limited(self, limit: str) -> None:
+        self.rate_limited.labels(limit=limit).inc()
+
+    @_never_fails
     def mail_failure(self, kind: str) -> None:
         self.mail_failures.labels(kind=kind).inc()
 
+    @_never_fails
+    def pending_mails(self, count: int) -> None:
+        self.outbox_pending.set(count)
+
+    @_never_fails
     def model(self, version: int, precision: str, sha256: str) -> None:
         self.model_info.labels(str(version), precision, sha256).set(1)
 
+    @_never_fails
     def inference(self, windows: int, seconds: float, queued: int) -> None:
         """The batcher's observer: one model run of ``windows``, ``queued`` requests still waiting."""
         self.batch_size.observe(windows)
@@ -156,9 +209,7 @@ class RequestMetrics:
     ) -> None:
         route = req.uri_template if resource is not None and req.uri_template else UNMATCHED
         now = self._clock()
-        elapsed = now - req.context.get("metrics_start", now)
-        self._metrics.requests.labels(route, str(resp.status_code)).inc()
-        self._metrics.request_duration.labels(route).observe(elapsed)
+        self._metrics.answered(route, resp.status_code, now - req.context.get("metrics_start", now))
 
 
 class Exposition:
@@ -168,8 +219,14 @@ class Exposition:
         self._metrics = metrics
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            data = generate_latest(exposition_registry(self._metrics.registry))
+        except MetricsUnavailable as exc:
+            log.error("A scrape got 503: %s", exc)
+            resp.status, resp.media = 503, {"error": UNAVAILABLE}
+            return
         resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(exposition_registry(self._metrics.registry))
+        resp.data = data
 
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
@@ -252,13 +309,19 @@ def _only_metrics(app: Callable) -> Callable:
         def nosniff(status: str, headers: list[tuple[str, str]], *exc_info: object) -> Callable:
             return start_response(status, [*headers, ("X-Content-Type-Options", "nosniff")], *exc_info)
 
-        body = app({**environ, "REQUEST_METHOD": "GET"} if method == "HEAD" else environ, nosniff)
+        try:
+            body = app({**environ, "REQUEST_METHOD": "GET"} if method == "HEAD" else environ, nosniff)
+        except MetricsUnavailable as exc:
+            log.error("A scrape got 503: %s", exc)
+            return _json_error(start_response, "503 Service Unavailable", message=UNAVAILABLE)
         return [] if method == "HEAD" else body
 
     return only
 
 
-def _json_error(start_response: Callable, status: str, headers: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
+def _json_error(
+    start_response: Callable, status: str, headers: tuple[tuple[str, str], ...] = (), message: str | None = None
+) -> list[bytes]:
     start_response(
         status,
         [
@@ -268,7 +331,7 @@ def _json_error(start_response: Callable, status: str, headers: tuple[tuple[str,
             *headers,
         ],
     )
-    return [b'{"error":"%s"}' % status.encode()]
+    return [b'{"error":"%s"}' % (message or status).encode()]
 
 
 class MetricsPort:

@@ -88,7 +88,7 @@ def outbox(config: Config, store: Store, sealer: Sealer, metrics: Metrics | None
         config.mail_retry_min_s,
         config.mail_retry_max_s,
         config.mail_max_attempts,
-        on_pending=metrics.outbox_pending.set if metrics else None,
+        on_pending=metrics.pending_mails if metrics else None,
         on_failure=metrics.mail_failure if metrics else None,
     )
 

@@ -105,6 +105,7 @@ class Supervisor:
         self._delay_s = RESTART_DELAY_S[0]
         self._restart_at: list[tuple[float, int]] = []  # when, and the slot of the worker that died
         self._last_check = time.monotonic()  # of hung workers (_kill_hung)
+        self._folder_lost = False  # the metrics folder was removed, and could not be made again
 
     def run(self) -> int:
         for signum in (signal.SIGINT, *stop_signals()):
@@ -131,6 +132,7 @@ class Supervisor:
         while not self._stopping:
             self._kill_hung()
             self._replace_dead()
+            self._keep_metrics_folder()
             time.sleep(POLL_S)
         return self._reap_all()
 
@@ -216,6 +218,27 @@ class Supervisor:
                 self._delay_s = self._longer_delay()
                 log.error("Cannot start a worker (%s); trying again in %.1f s", exc, self._delay_s)
                 self._restart_at.append((now + self._delay_s, due[1]))
+
+    def _keep_metrics_folder(self) -> None:
+        """Makes the metrics folder again if it was removed (systemd-logind's ``RemoveIPC``
+        empties ``/dev/shm`` when the service's user logs out): scrapes answer again, and new
+        workers count there. The running workers keep writing to their removed files."""
+        folder = self._env.get(MULTIPROC_ENV)
+        if folder is None or os.path.isdir(folder):
+            return
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            if not self._folder_lost:
+                log.error("The metrics folder %s was removed and cannot be made again (%s)", folder, exc)
+            self._folder_lost = True
+            return
+        self._folder_lost = False
+        log.error(
+            "The metrics folder %s was removed: made again. The counts start afresh; the running "
+            "workers' show again once they are restarted (restart the service)",
+            folder,
+        )
 
     def _longer_delay(self) -> float:
         return min(RESTART_DELAY_S[1], self._delay_s * 2)

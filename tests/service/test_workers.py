@@ -12,9 +12,11 @@ finds the port free and removes what the killed one left in the temporary folder
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from http.client import HTTPConnection
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -44,7 +46,7 @@ def worker_pids(metrics_url: str) -> set[int]:
     (its metrics file half written: Prometheus would simply scrape again)."""
     try:
         samples = scrape(metrics_url)
-    except OSError:
+    except (OSError, AssertionError):  # or a 503, while the metrics folder is missing
         return set()
     return {int(dict(labels)["pid"]) for labels in samples.get("heartify_worker_start_time_seconds", {})}
 
@@ -134,3 +136,31 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
     # Each worker drains, although the supervisor shuts the socket they share.
     log = server.log()
     assert log[before:].count("Draining") == 2 and "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_a_removed_metrics_folder_fails_no_answer_and_no_worker_start(service_process, tmp_path):
+    """systemd-logind's ``RemoveIPC`` empties ``/dev/shm`` at logout. Then each worker that had not
+    counted yet answered every request with a 500, health checks included, and each worker
+    started in its place died at its start."""
+    metrics_port = free_port()
+    server = service_process(
+        {"DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}", "WEB_WORKERS": "2", "METRICS_PORT": str(metrics_port)}
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    wait_until(lambda: "with 2 workers" in server.log(), 30, "both workers ready")
+    first = wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and p, 30, "both workers")
+    environ = (Path("/proc") / str(min(first)) / "environ").read_bytes().split(b"\0")
+    folder = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+    shutil.rmtree(folder)  # before either worker has answered a request: neither has counted one
+
+    assert [http("GET", f"{server.url}/healthz")[0] for _ in range(20)] == [200] * 20  # new connections
+    wait_until(folder.is_dir, 10, "the folder made again")
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    # The worker started in its place counts in the new folder, where a scrape finds it.
+    wait_until(lambda: worker_pids(metrics_url) - first, 30, "a new worker, counted")
+    assert [http("GET", f"{server.url}/healthz")[0] for _ in range(10)] == [200] * 10
+    log = server.log()
+    assert "was removed: made again" in log and "Traceback" not in log
+    assert f"Worker {victim} exited with -9" in log and "exited with 1" not in log
