@@ -19,7 +19,7 @@ $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.full: requirements.txt requirements-export.txt requirements-dev.txt | $(BIN)/python
-	@echo "Installing the development environment into $(VENV) (torch CPU, onnx, pytest, ruff): about a minute the first time"
+	@echo "Installing the development environment into $(VENV) (torch CPU, onnx, pytest, ruff): 1–2 minutes the first time"
 	$(BIN)/pip install --progress-bar off -r requirements.txt -r requirements-export.txt -r requirements-dev.txt | grep -E '^(Collecting|Successfully)' || true
 	touch $@ $(VENV)/.runtime
 

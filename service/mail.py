@@ -289,7 +289,7 @@ class _PatientSmtpSsl(_PatientReply, smtplib.SMTP_SSL):
 
 
 class FolderSender:
-    """No mail server configured: each mail goes to the log and to ``<folder>/<id>.eml``."""
+    """No mail server configured: each mail goes to the log and to ``<folder>/<time>-<random>.eml``."""
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder

@@ -1,5 +1,6 @@
 """What each layer needs to import: the contract, the configuration, the store and the
-supervisor neither torch nor onnxruntime; the app no torch; the data side of the export stage no
+supervisor neither torch nor onnxruntime; the store and the engine no web framework; the app no
+torch; the data side of the export stage no
 torch; the record command neither the web stack nor the database. A fresh interpreter imports
 each list in its order and checks after each module, so a module that pulled in a runtime is
 named."""
@@ -16,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("service.contract", ("torch", "onnxruntime")),
     ("service.config", ("torch", "onnxruntime")),
-    ("service.store", ("torch", "onnxruntime")),
+    ("service.store", ("torch", "onnxruntime", "falcon")),  # the store talks SQL, not HTTP
     ("service.workers", ("torch", "onnxruntime")),  # the supervisor leaves the model to its workers
     ("service.startup", ("torch", "onnxruntime")),  # so do the checks it runs before its workers start
+    ("service.engine", ("torch", "falcon")),  # the engine talks tensors, not HTTP
     ("service.app", ("torch",)),
     ("export.data", ("torch",)),
     ("export.synth", ("torch",)),
