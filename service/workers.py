@@ -203,11 +203,14 @@ class Supervisor:
             # SIGTERM on its own) is simply replaced.
             young = now - worker.started < YOUNG_S and worker.process.returncode != 0
             self._delay_s = self._longer_delay() if young else RESTART_DELAY_S[0]
-            log.warning(
-                "Worker %d exited with %s; starting another in %.1f s",
+            serving = any(w.process.poll() is None and w.poll_ready() for w in self._workers)
+            log.log(
+                logging.WARNING if serving else logging.ERROR,
+                "Worker %d exited with %s; starting another in %.1f s%s",
                 worker.process.pid,
                 worker.process.returncode,
                 self._delay_s,
+                "" if serving else " (no worker serves meanwhile: connections wait in the socket)",
             )
             self._restart_at.append((now + self._delay_s, worker.slot))
         for due in [d for d in self._restart_at if d[0] <= now]:

@@ -230,6 +230,7 @@ def test_workers_replaced_while_postgres_is_down_serve_the_outage_answers(pg_clu
         os.kill(pid, signal.SIGKILL)
     # The supervisor's line, the first two workers', then the replacements'.
     wait_until(lambda: service.log().count("Serving on") == 5, 60, "both replacements serving")
+    assert "ERROR service.workers: Worker" in service.log() and "no worker serves meanwhile" in service.log()
     assert http("GET", f"{service.url}/healthz") == (200, {"status": "ok"})
     assert http("GET", f"{service.url}/readyz")[0] == 503
     window = {"ecg_signal": [0.0] * 1300}
