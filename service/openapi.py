@@ -97,6 +97,7 @@ def _record(max_seconds: float) -> dict[str, Any]:
                     f"Longer than {max_seconds:g} s, a body over the limit that follows from it, or more "
                     "numbers (or arrays and objects) than a recording that long can hold"
                 ),
+                "415": _error("A `Content-Encoding` other than `identity`: the body must come uncompressed"),
                 "429": _DENOISE_ERRORS["429"],
                 "503": _error(
                     f"`Model not loaded`; the database does not answer; or `{BUSY}` when no turn came within "

@@ -155,6 +155,7 @@ class Recording:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         key_id = authenticate(self._keys, req)
+        validation.identity_encoding(req.get_header("Content-Encoding"))
         binary = codec.media_type(req.content_type) == BINARY
         _check_length(req, self._limits[binary])  # a refusal that costs nothing waits for no turn
         with self._turns.turn(_client_gone(req)):

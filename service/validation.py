@@ -44,6 +44,20 @@ class TooLong(ValidationError):
     status = 413
 
 
+class Encoded(ValidationError):
+    """A body sent compressed (RFC 9110's 415): read as float32 samples, a gzip stream would be
+    denoised as noise, silently."""
+
+    status = 415
+
+
+def identity_encoding(content_encoding: str | None) -> None:
+    """Refuses a ``Content-Encoding`` other than ``identity``: the service decodes none."""
+    coding = (content_encoding or "identity").strip().lower()
+    if coding != "identity":
+        raise Encoded(f"Content-Encoding {quoted(coding)} is not supported: send the body uncompressed")
+
+
 def ecg_signal(body: Any) -> np.ndarray:
     """``{"ecg_signal": [1300 numbers]}`` → a 1×1300 float64 array."""
     value = _field(body, "ecg_signal", "array of 1300 float values (10 seconds @ 130Hz)")

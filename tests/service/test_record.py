@@ -6,6 +6,7 @@ Synthetic signals always; the real recordings of ``../shared/data`` where they a
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import falcon.testing
@@ -303,6 +305,22 @@ def test_bad_binary_gets_400_naming_the_fault(client, key, data, rate, message):
         headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
     )
     assert result.status_code == 400 and result.json["error"] == message
+
+
+def test_a_compressed_body_gets_415_rather_than_being_denoised_as_samples(client, key):
+    """A gzip stream read as float32 samples came back 200, denoised noise, or a 400 about its bytes."""
+    samples = (0.8 * np.sin(np.arange(1300) / 20)).astype("<f4").tobytes()
+    for coding, body, kind in (
+        ("gzip", gzip.compress(samples), "application/octet-stream"),
+        ("GZIP, identity", gzip.compress(samples), "application/octet-stream"),
+        ("deflate", zlib.compress(b'{"ecg_signal": [0.5]}'), "application/json"),
+    ):
+        headers = {"x-api-key": key, "Content-Type": kind, "Content-Encoding": coding}
+        result = client.simulate_post(URL, body=body, params={"sampling_rate": "130"}, headers=headers)
+        expected = f"Content-Encoding {coding.lower()!r} is not supported: send the body uncompressed"
+        assert result.status_code == 415 and result.json == {"error": expected}
+    headers = {"x-api-key": key, "Content-Type": "application/octet-stream", "Content-Encoding": "identity"}
+    assert client.simulate_post(URL, body=samples, params={"sampling_rate": "130"}, headers=headers).status_code == 200
 
 
 def test_a_rate_of_many_digits_is_refused_rather_than_hanging():
