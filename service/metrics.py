@@ -228,6 +228,8 @@ class Exposition:
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = data
 
+    on_head = on_get  # as on METRICS_PORT and the health checks; Falcon drops the body
+
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
     """prometheus-client's threaded server, bounded: at most ``connections`` at once (more are

@@ -129,17 +129,6 @@ def _key_request(summary: str, conflict: tuple[str, str]) -> dict[str, Any]:
     }
 
 
-_METRICS = {
-    "get": {
-        "summary": "Prometheus metrics of every worker, no API key",
-        "tags": ["Operations"],
-        "responses": {
-            "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
-        },
-    }
-}
-
-
 def _get_and_head(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
     """GET, and HEAD with the same status and no body (health checks, this document)."""
     return {
@@ -150,6 +139,15 @@ def _get_and_head(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
             "responses": {status: {"description": r["description"]} for status, r in responses.items()},
         },
     }
+
+
+_METRICS = _get_and_head(
+    "Prometheus metrics of every worker, no API key",
+    {
+        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        "503": _error("The metrics folder was removed; the service makes it again"),
+    },
+)
 
 
 def document(max_batch_windows: int, max_record_seconds: float, metrics: bool = False) -> dict[str, Any]:

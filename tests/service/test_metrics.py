@@ -68,6 +68,8 @@ def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
 
     families = {f.name for f in text_string_to_metric_families(client.simulate_get("/metrics").text)}
     assert set(NAMES) <= families
+    head = client.simulate_head("/metrics")  # as on METRICS_PORT, and as the health checks answer it
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/plain")
     samples = scrape(client)
     count = lambda route, status: samples.get(("heartify_requests_total", (("route", route), ("status", status))))
     assert count("/api/v1/denoising", "200") == 1
