@@ -86,6 +86,22 @@ def scratch_folder(prefix: str, root: Path | None = None) -> Iterator[tuple[Path
         os.close(fd)
 
 
+def remade_folder(folder: Path) -> int:
+    """Makes ``folder`` again after it was removed, as ``scratch_folder`` makes one (private,
+    locked before it gets its name, so no start beside this one takes it for abandoned); the
+    descriptor that holds its lock."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        hidden.rename(folder)
+    except OSError:
+        os.close(fd)
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    return fd
+
+
 def _remove_if_abandoned(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,18 +49,21 @@ class Tally:
     def __init__(self, interval_s: float = 60.0) -> None:
         self._interval_s = interval_s
         self._next = -math.inf
+        self._lock = threading.Lock()  # metrics count from every thread
         self.count = 0
 
     def add(self, n: int = 1) -> None:
-        self.count += n
+        with self._lock:
+            self.count += n
 
     def due(self, now: float) -> int:
         """The count since the last line, if there is one and a line is due now (the count then
         starts anew); else 0."""
-        if not self.count or now < self._next:
-            return 0
-        count, self.count, self._next = self.count, 0, now + self._interval_s
-        return count
+        with self._lock:
+            if not self.count or now < self._next:
+                return 0
+            count, self.count, self._next = self.count, 0, now + self._interval_s
+            return count
 
 
 class _Summary(logging.Filter):

@@ -58,9 +58,12 @@ def multiprocess_dir() -> str | None:
 def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
     """What a scrape reports: every process's files in multiprocess mode, else ``own``'s metrics."""
     folder = multiprocess_dir()
-    if folder is not None and not os.path.isdir(folder):
-        raise MetricsUnavailable(f"the metrics folder {folder} is missing")
-    return own if folder is None else merged_registry(folder)
+    if folder is None:
+        return own
+    try:
+        return merged_registry(folder)
+    except ValueError:  # prometheus-client's word for a folder that is not there
+        raise MetricsUnavailable(f"the metrics folder {folder} is missing") from None
 
 
 def merged_registry(folder: str) -> CollectorRegistry:
@@ -83,7 +86,10 @@ class _SizedFiles(MultiProcessCollector):
         if not os.path.isdir(self._folder):  # an empty answer would read as every series gone
             raise MetricsUnavailable(f"the metrics folder {self._folder} is missing")
         files = [path for path in glob.glob(os.path.join(self._folder, "*.db")) if _sized(path)]
-        return self.merge(files, accumulate=True)
+        try:
+            return self.merge(files, accumulate=True)
+        except FileNotFoundError:  # the folder removed during the scrape
+            raise MetricsUnavailable(f"the metrics folder {self._folder} is missing") from None
 
 
 class MetricsUnavailable(Exception):
@@ -121,10 +127,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lost = Tally()
-        folder = multiprocess_dir()
-        if folder is not None and not os.path.isdir(folder):  # removed under the service: made again
-            log.error("The metrics folder %s was missing: made again, the counts start afresh", folder)
-            os.makedirs(folder, exist_ok=True)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -315,7 +317,8 @@ def _only_metrics(app: Callable) -> Callable:
             body = app({**environ, "REQUEST_METHOD": "GET"} if method == "HEAD" else environ, nosniff)
         except MetricsUnavailable as exc:
             log.error("A scrape got 503: %s", exc)
-            return _json_error(start_response, "503 Service Unavailable", message=UNAVAILABLE)
+            body = _json_error(start_response, "503 Service Unavailable", message=UNAVAILABLE)
+            return [] if method == "HEAD" else body
         return [] if method == "HEAD" else body
 
     return only

@@ -41,11 +41,12 @@ import sys
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Config
-from service.files import memory_root, scratch_folder
+from service.files import memory_root, remade_folder, scratch_folder
 from service.metrics import MULTIPROC_ENV, MetricsPort, merged_registry
 from service.occupancy import Occupancy, announce_stopping, clear_slot, create_file, last_beat
 from service.process import cannot_listen, configured, refuse, stop_signals
@@ -131,8 +132,8 @@ class Supervisor:
             )
         while not self._stopping:
             self._kill_hung()
+            self._keep_metrics_folder()  # before a replacement starts and counts there
             self._replace_dead()
-            self._keep_metrics_folder()
             time.sleep(POLL_S)
         return self._reap_all()
 
@@ -224,22 +225,24 @@ class Supervisor:
 
     def _keep_metrics_folder(self) -> None:
         """Makes the metrics folder again if it was removed (systemd-logind's ``RemoveIPC``
-        empties ``/dev/shm`` when the service's user logs out): scrapes answer again, and new
-        workers count there. The running workers keep writing to their removed files."""
+        empties ``/dev/shm`` when the service's user logs out): scrapes answer again, and workers
+        started from then on count there. The running workers' values already counted are lost,
+        and most of what they count until they are restarted (their open files are gone)."""
         folder = self._env.get(MULTIPROC_ENV)
         if folder is None or os.path.isdir(folder):
             return
         try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
+            lock_fd = remade_folder(Path(folder))
+        except OSError as exc:  # the name taken meanwhile, or no room
             if not self._folder_lost:
                 log.error("The metrics folder %s was removed and cannot be made again (%s)", folder, exc)
             self._folder_lost = True
             return
-        self._folder_lost = False
+        # The old descriptor stays open: scratch_folder closes it at exit, and it locks nothing now.
+        self._lock_fd, self._folder_lost = lock_fd, False
         log.error(
-            "The metrics folder %s was removed: made again. The counts start afresh; the running "
-            "workers' show again once they are restarted (restart the service)",
+            "The metrics folder %s was removed: made again. The counts start afresh, and the running "
+            "workers' count fully again once they are restarted (restart the service)",
             folder,
         )
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("service.contract", ("torch", "onnxruntime")),
     ("service.config", ("torch", "onnxruntime")),
     ("service.store", ("torch", "onnxruntime", "falcon")),  # the store talks SQL, not HTTP
-    ("service.workers", ("torch", "onnxruntime")),  # the supervisor leaves the model to its workers
+    ("service.workers", ("torch", "onnxruntime", "falcon")),  # the supervisor leaves the model to its workers
     ("service.startup", ("torch", "onnxruntime")),  # so do the checks it runs before its workers start
     ("service.engine", ("torch", "falcon")),  # the engine talks tensors, not HTTP
     ("service.app", ("torch",)),

@@ -18,8 +18,9 @@ from export.model import AttentionUNet
 from service.engine import Engine
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-# One thread per test process, in the commands they start too: the suite runs more processes
-# than there are cores, and torch's threads spin while they wait for each other.
+# One thread per test process (every process collects this file), in the commands they start
+# too: the suite runs more processes than there are cores, and torch's threads spin while they
+# wait for each other.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 

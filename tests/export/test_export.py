@@ -81,12 +81,12 @@ def test_a_re_export_keeps_the_manifest_version_unless_given_one(exported, tmp_p
 
 def test_onnxruntime_matches_pytorch_at_several_batch_sizes(exported, checkpoint):
     model = load_model(checkpoint)
-    windows = parity_windows(32, seed=5)
+    windows = parity_windows(64, seed=5)
     with torch.no_grad():
         expected = model(torch.from_numpy(windows)).numpy()
     engine = one_thread_engine(exported)
-    for size in (1, 3, 32):
-        got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, 32, size)])
+    for size in (1, 3, 64):  # 64: the largest batch the service runs by default
+        got = np.concatenate([engine.run(windows[i : i + size]) for i in range(0, 64, size)])
         assert np.abs(got - expected).max() <= 1e-4
 
 

@@ -330,9 +330,12 @@ class ThreadRecordingEngine(CountingEngine):
 
 # -- the service as a process --------------------------------------------------------------------
 class ServiceProcess:
-    """``python -m service`` with a given environment; ``start`` returns once /readyz is 200."""
+    """``python -m service`` with a given environment (a None value leaves that variable out);
+    ``start`` returns once /readyz is 200."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, python: str = sys.executable, cwd: Path = REPO) -> None:
+    def __init__(
+        self, env: dict[str, str | None], log_path: Path, python: str = sys.executable, cwd: Path = REPO
+    ) -> None:
         self.port = int(env.get("PORT") or free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {
@@ -349,6 +352,7 @@ class ServiceProcess:
             "MODEL_PATH": str(INT8),  # the subject of these tests is not the model (those choose theirs)
             **env,
         }
+        self._env = {name: value for name, value in self._env.items() if value is not None}
         self._log_path = log_path
         self._python = python
         self._cwd = cwd

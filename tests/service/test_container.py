@@ -53,7 +53,8 @@ def test_fresh_venv_with_runtime_requirements_serves(tmp_path, service_process):
     data = app / "data"
     data.mkdir()
     server = service_process(
-        {"DATABASE_URL": f"sqlite:///{data / 'heartify.db'}", "OUTBOX_DIR": str(data / "outbox")},
+        # No MODEL_PATH, as in the image: the copied artifacts, found where the service looks.
+        {"DATABASE_URL": f"sqlite:///{data / 'heartify.db'}", "OUTBOX_DIR": str(data / "outbox"), "MODEL_PATH": None},
         python=python,
         cwd=app,
     )

@@ -141,8 +141,8 @@ def test_two_workers_share_the_socket_restart_and_drain(service_process, tmp_pat
 @pytest.mark.slow
 def test_a_removed_metrics_folder_fails_no_answer_and_no_worker_start(service_process, tmp_path):
     """systemd-logind's ``RemoveIPC`` empties ``/dev/shm`` at logout. Then each worker that had not
-    counted yet answered every request with a 500, health checks included, and each worker
-    started in its place died at its start."""
+    counted a request yet answered every request with a 500, health checks included, and each
+    worker started in its place died at its start."""
     metrics_port = free_port()
     server = service_process(
         {"DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}", "WEB_WORKERS": "2", "METRICS_PORT": str(metrics_port)}
@@ -152,7 +152,7 @@ def test_a_removed_metrics_folder_fails_no_answer_and_no_worker_start(service_pr
     first = wait_until(lambda: len(p := worker_pids(metrics_url)) == 2 and p, 30, "both workers")
     environ = (Path("/proc") / str(min(first)) / "environ").read_bytes().split(b"\0")
     folder = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
-    shutil.rmtree(folder)  # before either worker has answered a request: neither has counted one
+    shutil.rmtree(folder)  # before the workers have answered more than the readiness check
 
     assert [http("GET", f"{server.url}/healthz")[0] for _ in range(20)] == [200] * 20  # new connections
     wait_until(folder.is_dir, 10, "the folder made again")
