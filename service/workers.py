@@ -66,6 +66,7 @@ YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
 CLOSE_S = 5.0
 # A supervisor loop that comes round this late (it sleeps POLL_S) was paused with the machine.
 PAUSED_S = 2.0
+START_TIMEOUTS = 2  # a starting worker has this many WORKER_TIMEOUT_SECONDS to be ready
 
 
 @dataclass
@@ -158,10 +159,15 @@ class Supervisor:
     def _first_start_failure(self) -> str | None:
         """Wait until every worker serves; what went wrong if one exited before it did. (Its
         own sentence, such as a database refusal, is already on stderr; a kill left none.)"""
+        start_s = START_TIMEOUTS * self._config.worker_timeout_s
         while not self._stopping:
             failed = next((w for w in self._workers if w.process.poll() is not None and not w.poll_ready()), None)
             if failed is not None:
                 return f"worker {failed.process.pid} exited with {failed.process.returncode} before it was ready."
+            stuck = next((w for w in self._workers if start_s and time.monotonic() - w.started > start_s), None)
+            if stuck is not None and not stuck.poll_ready():
+                stuck.process.kill()
+                return f"worker {stuck.process.pid} was not ready {start_s:g} s after its start (frozen or hung)."
             if all(w.poll_ready() for w in self._workers):
                 return None
             time.sleep(POLL_S / 4)
@@ -170,19 +176,30 @@ class Supervisor:
     def _kill_hung(self) -> None:
         """Kill a serving worker whose loop has shown no sign of life for WORKER_TIMEOUT_SECONDS:
         frozen (SIGSTOP) or hung, it holds its connections and serves none of them; killed, its
-        clients' connections fail at once and ``_replace_dead`` starts another."""
+        clients' connections fail at once and ``_replace_dead`` starts another. A starting worker
+        gets twice as long to be ready (``START_TIMEOUTS``): one stuck on its way (a name lookup
+        that never ends) was a worker less, for good, and said nothing."""
         timeout_s = self._config.worker_timeout_s
         if not timeout_s:
             return
         now, last = time.monotonic(), self._last_check
         self._last_check = now
         if now - last > PAUSED_S:  # the whole machine stood still (docker pause, a VM suspended):
-            for worker in self._workers:
-                if worker.ready:  # its silence counts from now, not from before the pause
-                    worker.ready_since = now
+            for worker in self._workers:  # its silence, or its start, counts from now
+                worker.ready_since, worker.started = (now, worker.started) if worker.ready else (0.0, now)
             return
         for worker in self._workers:
-            if worker.killed or not worker.poll_ready() or worker.process.poll() is not None:
+            if worker.killed or worker.process.poll() is not None:
+                continue
+            if not worker.poll_ready():
+                if now - worker.started > START_TIMEOUTS * timeout_s:
+                    log.error(
+                        "Worker %d is not ready %g s after its start (frozen or hung); killing it",
+                        worker.process.pid,
+                        START_TIMEOUTS * timeout_s,
+                    )
+                    worker.process.kill()
+                    worker.killed = True
                 continue
             if now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s:
                 log.error(

@@ -111,7 +111,7 @@ def test_a_service_started_with_nohup_keeps_ignoring_sighup():
 def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_the_grace(service_process, tmp_path):
     """A worker frozen while it serves (SIGSTOP here; a hung loop alike) keeps the connections
     it holds, and nothing else serves them: after WORKER_TIMEOUT_SECONDS without a sign of life
-    it is killed and replaced. When the service stops, a frozen worker (or a request longer than
+    it is killed and replaced; one frozen before it is ready, after twice as long. When the service stops, a frozen worker (or a request longer than
     the grace) held every stop for a fixed 30 s, whatever SHUTDOWN_GRACE_SECONDS said: longer
     than docker waits, and shorter than a grace set above it."""
     env = {
@@ -127,9 +127,14 @@ def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_
     os.kill(hung, signal.SIGSTOP)
     wait_until(lambda: not alive(hung), 20, "the frozen worker killed")
     assert f"Worker {hung} has shown no sign of life for over 5 s (frozen or hung); killing it" in service.log()
-    wait_until(lambda: len(children(service.pid)) == 2 and hung not in children(service.pid), 20, "a replacement")
+    # A replacement frozen on its way to ready (a start takes most of a second): twice the timeout.
+    stuck = wait_until(lambda: next(iter(set(children(service.pid)) - {hung, other}), None), 20, "a replacement")
+    os.kill(stuck, signal.SIGSTOP)
+    assert service.log().count("Serving on") == 3  # the supervisor's, the first two workers': not its
+    wait_until(lambda: not alive(stuck), 30, "the replacement that never got ready killed")
+    assert f"Worker {stuck} is not ready 10 s after its start (frozen or hung); killing it" in service.log()
+    wait_until(lambda: len(children(service.pid)) == 2 and stuck not in children(service.pid), 20, "another")
     replacement = next(pid for pid in children(service.pid) if pid != other)
-    # The supervisor's line, the first two workers', then the replacement's.
     wait_until(lambda: service.log().count("Serving on") == 4, 30, "the replacement serving")
     assert alive(other)  # its loop kept beating
     frozen = replacement
