@@ -7,8 +7,9 @@ Every expected start-up failure (model, manifest, database) becomes a ``StartupE
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack, closing
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
 from service.app import Deps
@@ -17,7 +18,7 @@ from service.config import Config
 from service.database import DatabaseProbe, redact
 from service.engine import Engine
 from service.housekeeping import Housekeeping
-from service.keys import KeyService, MailLimits
+from service.keys import KeyService, MailLimits, new_secret
 from service.mail import FolderSender, Outbox, Sender, SmtpSender
 from service.manifest import model_labels
 from service.metrics import Metrics
@@ -27,10 +28,11 @@ from service.occupancy import Occupancy
 from service.ratelimit import TokenBuckets
 from service.sealing import Sealer
 from service.startup import mail_secrets, start_store
-from service.store import KEYS_CHANNEL, Store
+from service.store import KEYS_CHANNEL, Store, utcnow
 from service.usage import LastUsed
 
 log = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
 
 
 def start_metrics(config: Config, version: int) -> Metrics:
@@ -79,7 +81,7 @@ def batcher(config: Config, engine: Engine, occupancy: Occupancy, metrics: Metri
     )
 
 
-def outbox(config: Config, store: Store, sealer: Sealer, metrics: Metrics | None) -> Outbox:
+def outbox(config: Config, store: Store, sealer: Sealer, metrics: Metrics | None, clock: Clock) -> Outbox:
     return Outbox(
         store,
         mail_sender(config),
@@ -90,11 +92,19 @@ def outbox(config: Config, store: Store, sealer: Sealer, metrics: Metrics | None
         config.mail_max_attempts,
         on_pending=metrics.pending_mails if metrics else None,
         on_failure=metrics.mail_failure if metrics else None,
+        clock=clock,
     )
 
 
 def key_service(
-    config: Config, store: Store, outbox: Outbox, usage: LastUsed, sealer: Sealer, siblings: Occupancy
+    config: Config,
+    store: Store,
+    outbox: Outbox,
+    usage: LastUsed,
+    sealer: Sealer,
+    siblings: Occupancy,
+    clock: Clock,
+    new_secret: Callable[[], str],
 ) -> KeyService:
     return KeyService(
         store,
@@ -106,6 +116,8 @@ def key_service(
         MailLimits(config.mail_limit_per_email, config.mail_limit_per_client),
         TokenBuckets(config.denoise_rate_per_s, config.denoise_burst) if config.denoise_rate_per_s else None,
         _per_minute(config.key_requests_per_min),
+        clock=clock,
+        new_secret=new_secret,
         siblings=siblings,
     )
 
@@ -120,15 +132,25 @@ class Runtime:
     them in reverse; a start that fails stops what had already started.
 
     ``engine`` may be given already started (the tests share one per model file); the runtime
-    then neither starts nor closes it. ``occupancy``: a worker's slot among the worker processes
+    then neither starts nor closes it. ``clock`` (the database's time: tokens, mails, last use,
+    retention) and ``new_secret`` (keys and tokens) go to every collaborator that needs them. ``occupancy``: a worker's slot among the worker processes
     (``service.workers``); without one the process is alone on the machine. A worker starts with
     the database away (``Store.start``): its supervisor checked it at the service's start, and
     a worker replaced during an outage must serve the outage's answers, not leave its
     connections unanswered.
     """
 
-    def __init__(self, config: Config, engine: Engine | None = None, occupancy: Occupancy | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine | None = None,
+        occupancy: Occupancy | None = None,
+        clock: Clock = utcnow,
+        new_secret: Callable[[], str] = new_secret,
+    ) -> None:
         self.config = config
+        self._clock = clock
+        self._new_secret = new_secret
         self._engine = engine
         self._worker = occupancy is not None
         self._occupancy = occupancy or Occupancy()
@@ -152,10 +174,13 @@ class Runtime:
             _run(stack, DatabaseProbe(lambda: self.store.db, self.store.health))
             metrics = start_metrics(config, version) if config.metrics else None
             self.batcher = _run(stack, batcher(config, engine, self._occupancy, metrics))
-            self.outbox = _run(stack, outbox(config, self.store, self.sealer, metrics))
-            self.usage = _run(stack, LastUsed(self.store, config.last_used_flush_s))
-            self.housekeeping = _run(stack, Housekeeping(self.store, timedelta(days=config.retention_days)))
-            keys = key_service(config, self.store, self.outbox, self.usage, self.sealer, self._occupancy)
+            self.outbox = _run(stack, outbox(config, self.store, self.sealer, metrics, self._clock))
+            self.usage = _run(stack, LastUsed(self.store, config.last_used_flush_s, self._clock))
+            retention = timedelta(days=config.retention_days)
+            self.housekeeping = _run(stack, Housekeeping(self.store, retention, self._clock))
+            keys = key_service(
+                config, self.store, self.outbox, self.usage, self.sealer, self._occupancy, self._clock, self._new_secret
+            )
             if self.store.is_postgres:  # other processes hear of deactivations at once
                 listener = Listener(
                     lambda: self.store.listen(KEYS_CHANNEL),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import timedelta
 
 import falcon.testing
 import numpy as np
@@ -12,10 +11,12 @@ import pytest
 
 from service.app import create_app
 from service.batcher import Batcher
-from service.store import OutboxMail, Token, utcnow
+from service.messages import LINK_TTL
+from service.runtime import Runtime
+from service.store import OutboxMail, utcnow
 from service.validation import MAX_ABS
 
-from .conftest import SHIPPED_VERSION, issue_key, key_in, obtain_key, verify_link
+from .conftest import SHIPPED_VERSION, issue_key, key_in, obtain_key, smtp_config, verify_link
 
 EXPECTED_FORMAT = {"ecg_signal": "array of 1300 float values (10 seconds @ 130Hz)"}
 DENOISE = "/api/v1/denoising"
@@ -380,11 +381,14 @@ def test_verify_used_token(client, smtp):
     assert len(smtp.mailbox.wait_for(2)) == 2  # one key only
 
 
-def test_verify_expired_token(client, smtp):
-    client.simulate_post("/api/v1/api-keys/generation", json={"email": "late@example.org"})
-    path = verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", "")
-    Token.update(expires_at=utcnow() - timedelta(seconds=1)).execute()
-    result = client.simulate_get(path)
+def test_verify_expired_token(tmp_path, engine, smtp, sqlite_url):
+    now = [utcnow()]  # the runtime's clock, which every collaborator reads
+    with Runtime(smtp_config(tmp_path, sqlite_url, smtp), engine=engine, clock=lambda: now[0]) as runtime:
+        client = falcon.testing.TestClient(create_app(runtime.deps))
+        client.simulate_post("/api/v1/api-keys/generation", json={"email": "late@example.org"})
+        path = verify_link(smtp.mailbox.wait_for(1)[0]).replace("http://testserver", "")
+        now[0] += LINK_TTL
+        result = client.simulate_get(path)
     assert result.status_code == 400
     assert result.json == {"error": "Token has expired"}
 
