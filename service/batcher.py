@@ -23,8 +23,8 @@ behind these choices are in docs/performance.md.
 A long request (a whole recording: hundreds of windows; a batch request of more than half a
 batch) goes through the queue in chunks of at most half a batch of windows, with at most two
 chunks per worker queued or running, so the request keeps every worker busy (with one chunk per
-worker, a worker waited for the request thread to hand it the next one, and a recording ran at
-half the engine's rate). The queue serves short requests before long ones' chunks, and a window
+worker, a worker waited for the request thread to hand it the next one, and a recording ran
+well below the engine's rate). The queue serves short requests before long ones' chunks, and a window
 that finds nothing but chunks in its worker runs at once in its own thread, beside them on one
 core, instead of waiting for a chunk under way (which multiplied their latency;
 docs/performance.md). A batch request of 64 windows was one job among the windows: a client that

@@ -44,8 +44,8 @@ def loads(text: str | bytes, max_values: int, max_containers: int) -> Any:
     reach validation and get the 400 that names the value's index, not the "not JSON" 400.
     ``text``: decoded, or UTF-8 bytes (the stdlib decodes them as the old service did, lone
     surrogates included, where orjson refuses them; but only in bodies up to ``SMALL_BODY``:
-    that decoding takes over 100 ns a character, holding the GIL, and a recording's body of them
-    held every thread of its worker for seconds). In larger bodies the stdlib hands each number
+    that decoding is slow and holds the GIL, and a recording's body of them held every thread of
+    its worker for seconds). In larger bodies the stdlib hands each number
     to a Python function, which lets other threads run between numbers: its scanner holds the
     GIL otherwise, and one recording with a ``NaN`` in it froze its worker, health checks
     included, for the whole parse.
