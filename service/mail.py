@@ -318,7 +318,7 @@ class FolderSender:
 
 def permanent(exc: Exception) -> bool:
     """Whether sending this mail again cannot help: the server refused it with a 5xx reply, or
-    the mail itself is at fault (it cannot be opened, composed or addressed). A lost connection
+    the mail itself is at fault (it cannot be composed or addressed). A lost connection
     or a 4xx reply is transient, and so is a refused sender: "530 Authentication required" or
     "550 sender not allowed" is the service's settings at fault, not the mail, and giving up
     would drop every mail queued until they are mended."""
@@ -488,6 +488,10 @@ class Outbox:
         """One mail sent and its outcome recorded; False if the session was lost on it."""
         try:
             mail = self._sealer.open(row.mail)
+        except CannotOpen as exc:
+            self._leave(row, exc)
+            return True
+        try:
             send(compose(mail, self._from), mail.recipient)
         except SessionLost as exc:  # the batch ends after this mail
             self._failed(row, exc, permanent=False)
@@ -498,6 +502,22 @@ class Outbox:
             self._record_sent(row.id)
             log.info("Mail %d to %s delivered", row.id, row.mail.recipient)
         return True
+
+    def _leave(self, row: ClaimedMail, exc: CannotOpen) -> None:
+        """A mail this process cannot open is left, whole and with no attempt spent, for one
+        whose ``SECRET_KEY`` opens it: a replica set up with another secret, or rotated the wrong
+        way round, gave up the other replicas' mails on its first try and wiped them, keys
+        included. It is due again after the longest retry delay, so the others find it first."""
+        log.warning(
+            "Mail %d to %s left for a process whose SECRET_KEY opens it (%s); due again in %.3g s",
+            row.id,
+            row.mail.recipient,
+            exc,
+            self._retry_max_s,
+        )
+        self._store.retry_mail(
+            row.id, row.attempts, self._retry_max_s, f"CannotOpen: {exc}", self._clock(), row.unconfirmed
+        )
 
     def _failed(self, row: ClaimedMail, exc: Exception, permanent: bool) -> None:
         attempts = row.attempts + 1
@@ -516,7 +536,7 @@ class Outbox:
             )
             self._record_sent(row.id)
             return
-        if permanent and (attempts >= self._max_attempts or isinstance(exc, CannotOpen)):
+        if permanent and attempts >= self._max_attempts:
             self._on_failure("given_up")
             log.error("Mail %d to %s given up after %d attempts: %s", row.id, row.mail.recipient, attempts, error)
             self._store.give_up_mail(row.id, attempts, error, self._clock())
