@@ -1,6 +1,7 @@
 """HAProxy in front of service replicas for the replica tests: Debian's ``haproxy`` binary, run in
 the foreground from a generated configuration on a free loopback port, with HTTP health checks on
-``/readyz`` and a stats socket that tells which servers it considers up.
+``/readyz`` (and, as deploy/haproxy.cfg, on ``/healthz`` for when none is ready) and a stats
+socket that tells which servers it considers up.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ defaults
 frontend api
     bind 127.0.0.1:{port}
     http-request set-header X-Forwarded-For %[src]
+    use_backend alive if {{ nbsrv(replicas) eq 0 }}
     default_backend replicas
 
 backend replicas
     balance roundrobin
+{servers}
+
+backend alive
+    balance roundrobin
+    option httpchk GET /healthz
 {servers}
 """
 
@@ -115,7 +122,7 @@ class HaProxy:
         except OSError:
             return None
         rows = csv.DictReader(b"".join(chunks).decode().lstrip("# ").splitlines())
-        return [row for row in rows if row["svname"] in self._servers]
+        return [row for row in rows if row["pxname"] == "replicas" and row["svname"] in self._servers]
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

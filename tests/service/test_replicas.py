@@ -161,6 +161,22 @@ def test_60_key_requests_spread_over_the_replicas_give_exactly_60_mails(deployme
     assert sum(by_replica) == 60
 
 
+def test_a_database_outage_leaves_the_replicas_serving_the_keys_they_cached(deployment):
+    """Every replica's /readyz says 503 while the database is away, and the balancer took them all
+    out: clients got HAProxy's HTML 503 even for keys that every replica had cached."""
+    key = obtain_key(deployment, deployment.balancer.url, "outage@example.org")
+    assert [denoise(r.url, key) for r in deployment.replicas] == [200] * REPLICAS  # cached on each
+    deployment.db.stop()
+    try:
+        wait_until(lambda: all(s.startswith("DOWN") for s in deployment.balancer.states().values()), 10, "all out")
+        assert [denoise(deployment.balancer.url, key) for _ in range(6)] == [200] * 6
+        status, body = http("POST", f"{deployment.balancer.url}/api/v1/api-keys/generation", {"email": "o@example.org"})
+        assert status == 503 and "error" in body  # the API's JSON answer, not the balancer's page
+    finally:
+        deployment.db.start()
+    deployment.balancer.wait_until_up(30)
+
+
 def test_kill_9_of_a_replica_under_load_fails_only_the_requests_it_was_serving(deployment):
     key = obtain_key(deployment, deployment.balancer.url, "load@example.org")
     victim = deployment.replicas[-1]
