@@ -31,7 +31,7 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
 include-path = "/api/v1/denoising/record"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "413", "429"]
 """
-EXAMPLES = 12  # per operation: about 80 cases, derandomized
+EXAMPLES = 20  # per operation: about 130 cases, derandomized
 
 
 @pytest.mark.slow
