@@ -314,11 +314,15 @@ class Channel(HTTPChannel):
 
     def reading_slowly(self, now: float) -> bool:
         """Its answers wait on it and went out slower than the least rate over the last window
-        (one that reads a few bytes a minute would otherwise hold a recording's answer in memory)."""
-        if not self.total_outbufs_len:
+        (one that reads a few bytes a minute would otherwise hold a recording's answer in memory).
+        They may wait in the kernel alone: an answer that fitted in its send buffer left nothing
+        here, and a client that read none of it kept the connection for good (the idle close
+        waits for a write that a full socket never allows)."""
+        unread = self._unread_in_kernel()
+        if not (self.total_outbufs_len or unread):
             self.download_pace.stop()
             return False
-        return self.download_pace.slow(now, self.sent_bytes - self._unread_in_kernel())
+        return self.download_pace.slow(now, self.sent_bytes - unread)
 
     def _unread_in_kernel(self) -> int:
         """What the kernel holds of what was sent, not yet acknowledged by the client: a buffer of

@@ -400,6 +400,25 @@ def test_an_answer_read_too_slowly_is_closed(monkeypatch):
     loop.join(10)
 
 
+def test_an_answer_the_kernel_holds_unread_is_closed_too(monkeypatch):
+    """An answer that fits in the kernel's send buffer left nothing in the server's: the pace
+    stopped as if the client had read it, and the connection idled out on a close that waited
+    for a write the full socket never allowed, for good."""
+    monkeypatch.setattr(channels, "DOWNLOAD_WINDOW_S", 0.5)
+    monkeypatch.setattr(channels, "MIN_DOWNLOAD_BYTES_PER_S", 64 << 10)
+    server = create_server(app_with({"/long": Long(3 << 20)}), Config(host="127.0.0.1", port=0, channel_timeout_s=1))
+    loop = started(server)
+    with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        wait_until(lambda: server.active_channels, 5, "the connection")
+        channel = next(iter(server.active_channels.values()))
+        wait_until(lambda: not channel.total_outbufs_len, 10, "the answer handed to the kernel")
+        wait_until(lambda: not server.active_channels, 10, "the connection closed")
+    server.drain(1)
+    loop.join(10)
+
+
 def test_an_answer_read_steadily_faster_than_the_least_rate_is_not_closed(monkeypatch):
     """The rate was taken from what the kernel took: its send buffer of megabytes is reported
     writable only once a good part has gone, and clients reading four times the least rate were
