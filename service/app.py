@@ -184,7 +184,7 @@ def _add_routes(app: falcon.App, deps: Deps) -> None:
     document = openapi.document(config.max_batch_windows, config.max_record_seconds, metrics_here)
     app.add_route("/openapi.json", Document(document))
     if metrics_here:
-        app.add_route("/metrics", Exposition(deps.metrics))
+        app.add_route("/metrics", Exposition(deps.metrics, deps.clock))
 
 
 def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict) -> None:

@@ -215,14 +215,29 @@ class RequestMetrics:
 
 
 class Exposition:
-    """``GET /metrics``: the Prometheus text format, no API key."""
+    """``GET /metrics``: the Prometheus text format, no API key.
 
-    def __init__(self, metrics: Metrics) -> None:
+    A page is served for up to ``max_age_s`` to every scrape: it reads and merges every process's
+    files, and a client that asked for it from many connections (no key needed) slowed everyone
+    else's windows; scrapers come seconds apart, and one at a time makes the page meanwhile."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic, max_age_s: float = 1.0) -> None:
         self._metrics = metrics
+        self._clock = clock
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._page: tuple[float, bytes] | None = None  # when it was made, and the page
+
+    def _latest(self) -> bytes:
+        with self._lock:
+            now = self._clock()
+            if self._page is None or now - self._page[0] >= self._max_age_s:
+                self._page = (now, generate_latest(exposition_registry(self._metrics.registry)))
+            return self._page[1]
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
-            data = generate_latest(exposition_registry(self._metrics.registry))
+            data = self._latest()
         except MetricsUnavailable as exc:
             log.error("A scrape got 503: %s", exc)
             resp.status, resp.media = 503, {"error": UNAVAILABLE}

@@ -3,6 +3,7 @@ batcher's and the outbox's figures, and METRICS=off."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -85,6 +86,19 @@ def test_metrics_name_routes_by_template_and_count_model_runs(client, runtime):
     assert dict(info)["precision"] == "fp32" and dict(info)["version"] == str(runtime.deps.model_version)
     assert len(dict(info)["sha256"]) == 64
     assert samples[("heartify_outbox_pending", ())] == 0
+
+
+def test_one_page_serves_every_scrape_for_a_second(runtime):
+    """Each scrape read and merged every process's files: a client that asked from many
+    connections (no key is needed) slowed everyone else's windows."""
+    now = [100.0]
+    client = falcon.testing.TestClient(create_app(dataclasses.replace(runtime.deps, clock=lambda: now[0])))
+    first = client.simulate_get("/metrics").text
+    assert client.simulate_get("/healthz").status_code == 200
+    now[0] += 0.9
+    assert client.simulate_get("/metrics").text == first  # not made again
+    now[0] += 0.1
+    assert 'route="/healthz"' in client.simulate_get("/metrics").text and 'route="/healthz"' not in first
 
 
 def test_metrics_off_has_no_route(runtime_with, sqlite_url):
