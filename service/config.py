@@ -205,6 +205,9 @@ class Config:
     # With several workers: one whose serving loop has shown no sign of life for this long
     # (frozen, or hung) is killed and replaced (service.workers); 0: never.
     worker_timeout_s: float = field(default=30.0, metadata=_env("WORKER_TIMEOUT_SECONDS", _number, 0))
+    # With several workers: one not ready this long after its start (frozen, or stuck on its way)
+    # is killed and replaced, or at the first start the start is refused; 0: never.
+    worker_start_timeout_s: float = field(default=60.0, metadata=_env("WORKER_START_TIMEOUT_SECONDS", _number, 0))
 
     def __post_init__(self) -> None:
         if not 1 <= self.web_workers <= MAX_WORKERS:
@@ -219,10 +222,12 @@ class Config:
             raise ConfigError(f"MAIL_MAX_ATTEMPTS must be at most 5 (got {self.mail_max_attempts}).")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r}).")
-        if 0 < self.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
-            raise ConfigError(
-                f"WORKER_TIMEOUT_SECONDS must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} (got {self.worker_timeout_s:g})."
-            )
+        for name, value in (
+            ("WORKER_TIMEOUT_SECONDS", self.worker_timeout_s),
+            ("WORKER_START_TIMEOUT_SECONDS", self.worker_start_timeout_s),
+        ):
+            if 0 < value < MIN_WORKER_TIMEOUT_S:
+                raise ConfigError(f"{name} must be 0 (off) or at least {MIN_WORKER_TIMEOUT_S:g} (got {value:g}).")
         if self.record_concurrency > self.recording_threads:
             raise ConfigError(
                 f"RECORD_CONCURRENCY must be at most half of WEB_THREADS, {self.recording_threads} "

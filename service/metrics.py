@@ -230,9 +230,9 @@ class Exposition:
 
     def _latest(self) -> bytes:
         with self._lock:
-            now = self._clock()
-            if self._page is None or now - self._page[0] >= self._max_age_s:
-                self._page = (now, generate_latest(exposition_registry(self._metrics.registry)))
+            if self._page is None or self._clock() - self._page[0] >= self._max_age_s:
+                page = generate_latest(exposition_registry(self._metrics.registry))
+                self._page = (self._clock(), page)  # from when it is made: scrapes queued meanwhile take it
             return self._page[1]
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

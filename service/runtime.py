@@ -132,8 +132,9 @@ class Runtime:
     them in reverse; a start that fails stops what had already started.
 
     ``engine`` may be given already started (the tests share one per model file); the runtime
-    then neither starts nor closes it. ``clock`` (the database's time: tokens, mails, last use,
-    retention) and ``new_secret`` (keys and tokens) go to every collaborator that needs them. ``occupancy``: a worker's slot among the worker processes
+    then neither starts nor closes it. ``clock`` (the time tokens, mails, last use and retention are
+    stamped with; on PostgreSQL the outbox's due times are the server's) and ``new_secret`` (keys
+    and tokens) go to every collaborator that needs them. ``occupancy``: a worker's slot among the worker processes
     (``service.workers``); without one the process is alone on the machine. A worker starts with
     the database away (``Store.start``): its supervisor checked it at the service's start, and
     a worker replaced during an outage must serve the outage's answers, not leave its

@@ -147,7 +147,7 @@ class OutboxMail(_Model):
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(default=utcnow, index=True)
     sent_at = pw.DateTimeField(null=True)
-    failed_at = pw.DateTimeField(null=True)  # given up: refused permanently, or cannot be opened
+    failed_at = pw.DateTimeField(null=True)  # given up: refused permanently
     last_error = pw.TextField(null=True)
     # Of the attempts, those whose data the server took without confirming it (None: none).
     unconfirmed = pw.IntegerField(null=True)

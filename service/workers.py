@@ -19,7 +19,7 @@ stops the service the same way; one that dies later is started again, after a de
 doubles while workers keep failing young (so a worker that cannot start does not spin; one that
 drained and exited 0 is replaced after the shortest delay). A serving worker whose loop shows no
 sign of life for ``WORKER_TIMEOUT_SECONDS`` (``occupancy`` heartbeats: frozen, or hung) is killed,
-and so replaced. SIGTERM, SIGHUP or Ctrl-C: the
+and so replaced, as is one not ready ``WORKER_START_TIMEOUT_SECONDS`` after its start. SIGTERM, SIGHUP or Ctrl-C: the
 parent marks the service as stopping in the occupancy file and sends SIGTERM to every worker;
 each drains as a single process does, the first closing the shared socket's door, and the
 parent exits 0 when they all have.
@@ -66,7 +66,6 @@ YOUNG_S = 30.0  # a worker that dies younger than this doubles the next delay
 CLOSE_S = 5.0
 # A supervisor loop that comes round this late (it sleeps POLL_S) was paused with the machine.
 PAUSED_S = 2.0
-START_TIMEOUTS = 2  # a starting worker has this many WORKER_TIMEOUT_SECONDS to be ready
 
 
 @dataclass
@@ -159,13 +158,16 @@ class Supervisor:
     def _first_start_failure(self) -> str | None:
         """Wait until every worker serves; what went wrong if one exited before it did. (Its
         own sentence, such as a database refusal, is already on stderr; a kill left none.)"""
-        start_s = START_TIMEOUTS * self._config.worker_timeout_s
+        start_s = self._config.worker_start_timeout_s
         while not self._stopping:
             failed = next((w for w in self._workers if w.process.poll() is not None and not w.poll_ready()), None)
             if failed is not None:
                 return f"worker {failed.process.pid} exited with {failed.process.returncode} before it was ready."
-            stuck = next((w for w in self._workers if start_s and time.monotonic() - w.started > start_s), None)
-            if stuck is not None and not stuck.poll_ready():
+            now = time.monotonic()
+            stuck = next(
+                (w for w in self._workers if start_s and now - w.started > start_s and not w.poll_ready()), None
+            )
+            if stuck is not None:
                 stuck.process.kill()
                 return f"worker {stuck.process.pid} was not ready {start_s:g} s after its start (frozen or hung)."
             if all(w.poll_ready() for w in self._workers):
@@ -176,11 +178,11 @@ class Supervisor:
     def _kill_hung(self) -> None:
         """Kill a serving worker whose loop has shown no sign of life for WORKER_TIMEOUT_SECONDS:
         frozen (SIGSTOP) or hung, it holds its connections and serves none of them; killed, its
-        clients' connections fail at once and ``_replace_dead`` starts another. A starting worker
-        gets twice as long to be ready (``START_TIMEOUTS``): one stuck on its way (a name lookup
-        that never ends) was a worker less, for good, and said nothing."""
-        timeout_s = self._config.worker_timeout_s
-        if not timeout_s:
+        clients' connections fail at once and ``_replace_dead`` starts another. So is a starting
+        worker not ready WORKER_START_TIMEOUT_SECONDS after its start: one stuck on its way (a
+        name lookup that never ends) was a worker less, for good, and said nothing."""
+        timeout_s, start_s = self._config.worker_timeout_s, self._config.worker_start_timeout_s
+        if not (timeout_s or start_s):
             return
         now, last = time.monotonic(), self._last_check
         self._last_check = now
@@ -192,16 +194,16 @@ class Supervisor:
             if worker.killed or worker.process.poll() is not None:
                 continue
             if not worker.poll_ready():
-                if now - worker.started > START_TIMEOUTS * timeout_s:
+                if start_s and now - worker.started > start_s:
                     log.error(
                         "Worker %d is not ready %g s after its start (frozen or hung); killing it",
                         worker.process.pid,
-                        START_TIMEOUTS * timeout_s,
+                        start_s,
                     )
                     worker.process.kill()
                     worker.killed = True
                 continue
-            if now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s:
+            if timeout_s and now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s:
                 log.error(
                     "Worker %d has shown no sign of life for over %g s (frozen or hung); killing it",
                     worker.process.pid,

@@ -47,6 +47,7 @@ backend replicas
 backend alive
     balance roundrobin
     option httpchk GET /healthz
+    http-check expect status 200
 {servers}
 """
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_a_service_started_with_nohup_keeps_ignoring_sighup():
 def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_the_grace(service_process, tmp_path):
     """A worker frozen while it serves (SIGSTOP here; a hung loop alike) keeps the connections
     it holds, and nothing else serves them: after WORKER_TIMEOUT_SECONDS without a sign of life
-    it is killed and replaced; one frozen before it is ready, after twice as long. When the service stops, a frozen worker (or a request longer than
+    it is killed and replaced; one frozen before it is ready, WORKER_START_TIMEOUT_SECONDS after its start. When the service stops, a frozen worker (or a request longer than
     the grace) held every stop for a fixed 30 s, whatever SHUTDOWN_GRACE_SECONDS said: longer
     than docker waits, and shorter than a grace set above it."""
     env = {
@@ -120,6 +121,7 @@ def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_
         "WEB_WORKERS": "2",
         "SHUTDOWN_GRACE_SECONDS": "0",
         "WORKER_TIMEOUT_SECONDS": "5",
+        "WORKER_START_TIMEOUT_SECONDS": "5",
     }
     service = service_process(env)
     wait_until(lambda: "with 2 workers" in service.log(), 30, "both workers ready")
@@ -127,12 +129,12 @@ def test_a_frozen_worker_is_replaced_and_one_that_does_not_stop_is_killed_after_
     os.kill(hung, signal.SIGSTOP)
     wait_until(lambda: not alive(hung), 20, "the frozen worker killed")
     assert f"Worker {hung} has shown no sign of life for over 5 s (frozen or hung); killing it" in service.log()
-    # A replacement frozen on its way to ready (a start takes most of a second): twice the timeout.
+    # A replacement frozen on its way to ready (a start takes most of a second).
     stuck = wait_until(lambda: next(iter(set(children(service.pid)) - {hung, other}), None), 20, "a replacement")
     os.kill(stuck, signal.SIGSTOP)
     assert service.log().count("Serving on") == 3  # the supervisor's, the first two workers': not its
     wait_until(lambda: not alive(stuck), 30, "the replacement that never got ready killed")
-    assert f"Worker {stuck} is not ready 10 s after its start (frozen or hung); killing it" in service.log()
+    assert f"Worker {stuck} is not ready 5 s after its start (frozen or hung); killing it" in service.log()
     wait_until(lambda: len(children(service.pid)) == 2 and stuck not in children(service.pid), 20, "another")
     replacement = next(pid for pid in children(service.pid) if pid != other)
     wait_until(lambda: service.log().count("Serving on") == 4, 30, "the replacement serving")
@@ -219,6 +221,34 @@ def test_a_pause_of_the_whole_machine_kills_no_worker(tmp_path):
             process.kill()
             process.wait()
             worker.close()
+
+
+def test_a_first_start_refuses_a_worker_that_is_not_ready_in_time_whichever_it_is():
+    """Only the first worker was looked at: with it ready, a second one stuck on its way held
+    the start for good."""
+    with create_file(2) as occupancy, socket.socket() as listener:
+        supervisor = Supervisor(Config(worker_start_timeout_s=5), listener, {}, occupancy.fileno(), None)
+        processes = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+        pipes = [os.pipe() for _ in processes]
+        for _, write_fd in pipes:
+            os.close(write_fd)
+        ready, stuck = (
+            _Worker(process, read_fd, slot, started=time.monotonic() - 10, ready=slot == 0)
+            for slot, (process, (read_fd, _)) in enumerate(zip(processes, pipes))
+        )
+        supervisor._workers += [ready, stuck]
+        gives_up = threading.Timer(5, setattr, (supervisor, "_stopping", True))  # else it waited for good
+        gives_up.start()
+        try:
+            problem = supervisor._first_start_failure()
+            assert problem == f"worker {stuck.process.pid} was not ready 5 s after its start (frozen or hung)."
+            assert stuck.process.wait(10) == -signal.SIGKILL and ready.process.poll() is None
+        finally:
+            gives_up.cancel()
+            for worker in (ready, stuck):
+                worker.process.kill()
+                worker.process.wait()
+                worker.close()
 
 
 @pytest.mark.slow
