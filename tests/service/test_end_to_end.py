@@ -13,9 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from functools import partial
 
 import numpy as np
@@ -37,6 +35,7 @@ from .conftest import (
     verify_link,
     wait_until,
 )
+from .inprocess import read_all
 
 WINDOW = (np.sin(np.arange(1300) / 20) + 0.1 * np.cos(np.arange(1300) * 3)).tolist()
 
@@ -272,31 +271,29 @@ def test_bad_configuration_stops_the_start_with_one_sentence(start_in_process, t
 
 @pytest.mark.slow
 def test_sigterm_lets_a_long_request_finish_and_refuses_new_ones(service_process, tmp_path):
-    """A single process drains: an hour's recording (longer to denoise than waitress's own 5 s
-    wait) is answered in full, while the connections that come after SIGTERM are refused."""
-    # One batch thread and the fp32 model: the hour then takes longer than waitress's own 5 s wait.
-    env = {"WEB_WORKERS": "1", "BATCH_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0", "MODEL_PATH": str(MODEL)}
-    server, key = service_with_key(service_process, tmp_path, env)
-    samples = (np.sin(np.arange(130 * 3600) / 20) * 100).astype("<f4")  # an hour: several seconds of work
-    answers: list[tuple[int, np.ndarray]] = []
-
-    def record() -> None:
-        request = urllib.request.Request(
-            f"{server.url}/api/v1/denoising/record?sampling_rate=130",
-            data=samples.tobytes(),
-            headers={"x-api-key": key, "Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answers.append((response.status, np.frombuffer(response.read(), dtype="<f4")))
-
-    thread = threading.Thread(target=record)
-    thread.start()
-    time.sleep(1.0)  # the body is in and the model runs
-    server.signal(signal.SIGTERM)
-    wait_until(lambda: http_refused(server.url), 5, "new connections refused")
-    thread.join(60)
-    ((status, out),) = answers  # an hour, the longest default recording, through HTTP and the model
-    assert status == 200 and len(out) == len(samples) and np.all(np.isfinite(out))
+    """A single process drains: a recording whose upload ends after waitress's own 5 s wait (which
+    then tore the runtime down under the request) is answered in full, while the connections
+    that come after SIGTERM are refused."""
+    server, key = service_with_key(service_process, tmp_path, {"WEB_WORKERS": "1", "DENOISE_RATE_PER_SECOND": "0"})
+    samples = (np.sin(np.arange(130 * 60) / 20) * 100).astype("<f4")  # a minute
+    body = samples.tobytes()
+    head = (
+        "POST /api/v1/denoising/record?sampling_rate=130 HTTP/1.1\r\nHost: x\r\n"
+        f"x-api-key: {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as client:
+        client.sendall(head + body[:1000])
+        time.sleep(0.5)  # the request under way
+        server.signal(signal.SIGTERM)
+        wait_until(lambda: http_refused(server.url), 5, "new connections refused")
+        rest = body[1000:]
+        for n in range(12):  # over 6 s, past waitress's 5 (at a pace the upload rules allow)
+            client.sendall(rest[n * len(rest) // 12 : (n + 1) * len(rest) // 12])
+            time.sleep(0.5)
+        answer = read_all(client)
+    status, _, data = answer.partition(b"\r\n\r\n")
+    out = np.frombuffer(data, dtype="<f4")
+    assert status.startswith(b"HTTP/1.1 200 ") and len(out) == len(samples) and np.all(np.isfinite(out))
     assert np.corrcoef(out, samples)[0, 1] > 0.9
     assert server.wait() == 0
     assert "Draining" in server.log() and "Traceback" not in server.log()
