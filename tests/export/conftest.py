@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,15 +17,12 @@ from export.model import AttentionUNet
 from service.engine import Engine
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-# One thread per test process (every process collects this file), in the commands they start
-# too: the suite runs more processes than there are cores, and torch's threads spin while they
-# wait for each other.
-os.environ["OMP_NUM_THREADS"] = "1"
-torch.set_num_threads(1)
 
 
 def one_thread_engine(path: Path) -> Engine:
-    """The service's engine on one thread, for the same reason."""
+    """The service's engine on one thread: the suite runs more processes than there are cores
+    (torch's threads are one per process already: tests/conftest.py), and an engine's default
+    threads spin while they wait for each other."""
     return Engine(path, threads=1, lone_threads=1).start()
 
 
