@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -217,57 +219,47 @@ def test_a_pause_of_the_whole_machine_kills_no_worker(tmp_path):
             worker.close()
 
 
-def test_a_worker_not_ready_in_time_is_killed_and_one_starting_within_it_is_not():
-    """A replacement stuck on its way to ready (a name lookup that never ends) was a worker less,
-    for good, and said nothing."""
-    with create_file(2) as occupancy, socket.socket() as listener:
+@contextmanager
+def supervising(*workers: tuple[float, bool]) -> Iterator[tuple[Supervisor, list[_Worker]]]:
+    """A supervisor (start timeout 5 s) of stand-in workers, one per (age in seconds, ready):
+    processes that sleep, killed at the end."""
+    with create_file(len(workers)) as occupancy, socket.socket() as listener:
         supervisor = Supervisor(Config(worker_start_timeout_s=5), listener, {}, occupancy.fileno(), None)
-        processes = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
-        pipes = [os.pipe() for _ in processes]
-        for _, write_fd in pipes:
+        for slot, (age, ready) in enumerate(workers):
+            read_fd, write_fd = os.pipe()
             os.close(write_fd)
-        starting, stuck = (
-            _Worker(process, read_fd, slot, started=time.monotonic() - age)
-            for slot, (process, (read_fd, _), age) in enumerate(zip(processes, pipes, (4, 6)))
-        )
-        supervisor._workers += [starting, stuck]
+            process = subprocess.Popen(["sleep", "60"])
+            supervisor._workers.append(_Worker(process, read_fd, slot, started=time.monotonic() - age, ready=ready))
         try:
-            supervisor._kill_hung()
-            assert stuck.process.wait(10) == -signal.SIGKILL and stuck.killed
-            assert starting.process.poll() is None and not starting.killed
+            yield supervisor, list(supervisor._workers)
         finally:
-            for worker in (starting, stuck):
+            for worker in supervisor._workers:
                 worker.process.kill()
                 worker.process.wait()
                 worker.close()
+
+
+def test_a_worker_not_ready_in_time_is_killed_and_one_starting_within_it_is_not():
+    """A replacement stuck on its way to ready (a name lookup that never ends) was a worker less,
+    for good, and said nothing."""
+    with supervising((4, False), (6, False)) as (supervisor, (starting, stuck)):
+        supervisor._kill_hung()
+        assert stuck.process.wait(10) == -signal.SIGKILL and stuck.killed
+        assert starting.process.poll() is None and not starting.killed
 
 
 def test_a_first_start_refuses_a_worker_that_is_not_ready_in_time_whichever_it_is():
     """Only the first worker was looked at: with it ready, a second one stuck on its way held
     the start for good."""
-    with create_file(2) as occupancy, socket.socket() as listener:
-        supervisor = Supervisor(Config(worker_start_timeout_s=5), listener, {}, occupancy.fileno(), None)
-        processes = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
-        pipes = [os.pipe() for _ in processes]
-        for _, write_fd in pipes:
-            os.close(write_fd)
-        ready, stuck = (
-            _Worker(process, read_fd, slot, started=time.monotonic() - 10, ready=slot == 0)
-            for slot, (process, (read_fd, _)) in enumerate(zip(processes, pipes))
-        )
-        supervisor._workers += [ready, stuck]
+    with supervising((10, True), (10, False)) as (supervisor, (ready, stuck)):
         gives_up = threading.Timer(5, setattr, (supervisor, "_stopping", True))  # else it waited for good
         gives_up.start()
         try:
             problem = supervisor._first_start_failure()
-            assert problem == f"worker {stuck.process.pid} was not ready 5 s after its start (frozen or hung)."
-            assert stuck.process.wait(10) == -signal.SIGKILL and ready.process.poll() is None
         finally:
             gives_up.cancel()
-            for worker in (ready, stuck):
-                worker.process.kill()
-                worker.process.wait()
-                worker.close()
+        assert problem == f"worker {stuck.process.pid} was not ready 5 s after its start (frozen or hung)."
+        assert stuck.process.wait(10) == -signal.SIGKILL and ready.process.poll() is None
 
 
 @pytest.mark.slow
