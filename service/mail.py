@@ -507,7 +507,8 @@ class Outbox:
         """A mail this process cannot open is left, whole and with no attempt spent, for one
         whose ``SECRET_KEY`` opens it: a replica set up with another secret, or rotated the wrong
         way round, gave up the other replicas' mails on its first try and wiped them, keys
-        included. It is due again after the longest retry delay, so the others find it first."""
+        included. It is due again after the longest retry delay, so that the processes that cannot
+        open it try it seldom, whichever claims it next."""
         log.warning(
             "Mail %d to %s left for a process whose SECRET_KEY opens it (%s); due again in %.3g s",
             row.id,
