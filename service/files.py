@@ -75,14 +75,12 @@ def scratch_folder(prefix: str, root: Path | None = None) -> Iterator[tuple[Path
     for old in {*root.glob(f"{prefix}*"), *temporary.glob(f"{prefix}*")}:  # earlier versions used the latter
         _remove_if_abandoned(old)
     hidden = Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=root))
-    fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
     folder = root / hidden.name[1:]
+    fd = _locked_as(hidden, folder)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        hidden.rename(folder)
         yield folder, fd
     finally:
-        shutil.rmtree(folder if folder.exists() else hidden, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         os.close(fd)
 
 
@@ -90,12 +88,17 @@ def remade_folder(folder: Path) -> int:
     """Makes ``folder`` again after it was removed, as ``scratch_folder`` makes one (private,
     locked before it gets its name, so no start beside this one takes it for abandoned); the
     descriptor that holds its lock."""
-    hidden = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    return _locked_as(Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)), folder)
+
+
+def _locked_as(hidden: Path, folder: Path) -> int:
+    """``hidden``, a new folder, locked and then renamed ``folder``; the descriptor that holds
+    its lock. If it cannot be, it is removed."""
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         hidden.rename(folder)
-    except OSError:
+    except BaseException:
         os.close(fd)
         shutil.rmtree(hidden, ignore_errors=True)
         raise

@@ -66,47 +66,40 @@ class Tally:
             return count
 
 
-class _Summary(logging.Filter):
-    """Lets one line of what it summarizes through per ``interval_s``."""
+class QueueDepthSummary(logging.Filter):
+    """waitress warns once per request that waits for a free web thread: under steady load that
+    is hundreds of lines a minute. One line per ``interval_s``, naming the deepest queue."""
 
     def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self._interval_s = interval_s
         self._clock = clock
         self._last = -math.inf
-
-    def _due(self) -> bool:
-        now = self._clock()
-        if now - self._last < self._interval_s:
-            return False
-        self._last = now
-        return True
-
-
-class QueueDepthSummary(_Summary):
-    """waitress warns once per request that waits for a free web thread: under steady load that
-    is hundreds of lines a minute. One line per interval, naming the deepest queue."""
-
-    _deepest = 0
+        self._deepest = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         depth = record.args[0] if isinstance(record.args, tuple) and record.args else 0
         self._deepest = max(self._deepest, depth)
-        if not self._due():
+        now = self._clock()
+        if now - self._last < self._interval_s:
             return False
         record.msg = "Requests are queuing for a web thread: %d deep at most since the last report (WEB_THREADS)"
-        record.args, self._deepest = (self._deepest,), 0
+        record.args, self._last, self._deepest = (self._deepest,), now, 0
         return True
 
 
-class ConnectionLimitSummary(_Summary):
+class ConnectionLimitSummary(logging.Filter):
     """waitress warns each time the open connections reach the limit, and tells when they drop
     below it again: under a flood of connections, dozens of lines a second. One line per
-    interval, with how often it was reached."""
+    ``interval_s``, with how often it was reached."""
 
     REACHED = "total open connections reached the connection limit"
     BELOW = "total open connections dropped below the connection limit"
-    _times = 0
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._reached = Tally(interval_s)
+        self._clock = clock
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.msg if isinstance(record.msg, str) else ""
@@ -114,11 +107,12 @@ class ConnectionLimitSummary(_Summary):
             return False
         if not text.startswith(self.REACHED):
             return True
-        self._times += 1
-        if not self._due():
+        self._reached.add()
+        times = self._reached.due(self._clock())
+        if not times:
             return False
         record.msg = "Open connections reached CONNECTION_LIMIT %d time(s) since the last report: new ones waited"
-        record.args, self._times = (self._times,), 0
+        record.args = (times,)
         return True
 
 

@@ -63,7 +63,7 @@ def exposition_registry(own: CollectorRegistry) -> CollectorRegistry:
     try:
         return merged_registry(folder)
     except ValueError:  # prometheus-client's word for a folder that is not there
-        raise MetricsUnavailable(f"the metrics folder {folder} is missing") from None
+        raise MetricsUnavailable(folder) from None
 
 
 def merged_registry(folder: str) -> CollectorRegistry:
@@ -84,16 +84,19 @@ class _SizedFiles(MultiProcessCollector):
 
     def collect(self) -> Iterable[Metric]:
         if not os.path.isdir(self._folder):  # an empty answer would read as every series gone
-            raise MetricsUnavailable(f"the metrics folder {self._folder} is missing")
+            raise MetricsUnavailable(self._folder)
         files = [path for path in glob.glob(os.path.join(self._folder, "*.db")) if _sized(path)]
         try:
             return self.merge(files, accumulate=True)
         except FileNotFoundError:  # the folder removed during the scrape
-            raise MetricsUnavailable(f"the metrics folder {self._folder} is missing") from None
+            raise MetricsUnavailable(self._folder) from None
 
 
 class MetricsUnavailable(Exception):
     """A scrape that cannot be answered truthfully: a 503, not a 200 with every series gone."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(f"the metrics folder {folder} is missing")
 
 
 def _sized(path: str) -> bool:
@@ -333,7 +336,6 @@ def _only_metrics(app: Callable) -> Callable:
         except MetricsUnavailable as exc:
             log.error("A scrape got 503: %s", exc)
             body = _json_error(start_response, "503 Service Unavailable", message=UNAVAILABLE)
-            return [] if method == "HEAD" else body
         return [] if method == "HEAD" else body
 
     return only

@@ -180,7 +180,14 @@ class Runtime:
             retention = timedelta(days=config.retention_days)
             self.housekeeping = _run(stack, Housekeeping(self.store, retention, self._clock))
             keys = key_service(
-                config, self.store, self.outbox, self.usage, self.sealer, self._occupancy, self._clock, self._new_secret
+                config,
+                self.store,
+                self.outbox,
+                self.usage,
+                self.sealer,
+                self._occupancy,
+                clock=self._clock,
+                new_secret=self._new_secret,
             )
             if self.store.is_postgres:  # other processes hear of deactivations at once
                 listener = Listener(

@@ -78,6 +78,10 @@ class _Worker:
     ready_since: float = 0.0  # when the supervisor saw it ready (time.monotonic)
     killed: bool = False  # by the supervisor, as hung
 
+    def late(self, now: float, start_s: float) -> bool:
+        """Not ready ``start_s`` after its start (``WORKER_START_TIMEOUT_SECONDS``; 0: never)."""
+        return bool(start_s) and now - self.started > start_s and not self.poll_ready()
+
     def poll_ready(self) -> bool:
         if not self.ready:
             with suppress(BlockingIOError):
@@ -164,9 +168,7 @@ class Supervisor:
             if failed is not None:
                 return f"worker {failed.process.pid} exited with {failed.process.returncode} before it was ready."
             now = time.monotonic()
-            stuck = next(
-                (w for w in self._workers if start_s and now - w.started > start_s and not w.poll_ready()), None
-            )
+            stuck = next((w for w in self._workers if w.late(now, start_s)), None)
             if stuck is not None:
                 stuck.process.kill()
                 return f"worker {stuck.process.pid} was not ready {start_s:g} s after its start (frozen or hung)."
@@ -193,24 +195,19 @@ class Supervisor:
         for worker in self._workers:
             if worker.killed or worker.process.poll() is not None:
                 continue
-            if not worker.poll_ready():
-                if start_s and now - worker.started > start_s:
-                    log.error(
-                        "Worker %d is not ready %g s after its start (frozen or hung); killing it",
-                        worker.process.pid,
-                        start_s,
-                    )
-                    worker.process.kill()
-                    worker.killed = True
+            if worker.late(now, start_s):
+                why = f"is not ready {start_s:g} s after its start"
+            elif (
+                timeout_s
+                and worker.poll_ready()
+                and now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s
+            ):
+                why = f"has shown no sign of life for over {timeout_s:g} s"
+            else:
                 continue
-            if timeout_s and now - max(worker.ready_since, last_beat(self._occupancy_fd, worker.slot)) > timeout_s:
-                log.error(
-                    "Worker %d has shown no sign of life for over %g s (frozen or hung); killing it",
-                    worker.process.pid,
-                    timeout_s,
-                )
-                worker.process.kill()
-                worker.killed = True
+            log.error("Worker %d %s (frozen or hung); killing it", worker.process.pid, why)
+            worker.process.kill()
+            worker.killed = True
 
     def _replace_dead(self) -> None:
         now = time.monotonic()
